@@ -1,0 +1,359 @@
+"""One conversion, end to end: load, export, quantize, validate, package.
+
+Nothing is written until every step has passed (or, without ``strict``, been recorded);
+the package is written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import edgekit
+from edgekit import metrics as M
+from edgekit.artifact import golden_to_npz, sha256_file, write_package
+from edgekit.data import Dataset, load_npz
+from edgekit.errors import DataError, ModelError, UsageError, ValidationError
+from edgekit.manifest import Manifest, TensorSpec
+from edgekit.runtimes import RuntimeOptions, Session, backend_for
+from edgekit.timing import measure
+
+from ._registry import (
+    LoadedSource,
+    SourceRef,
+    TargetResult,
+    find_loader,
+    target_backends,
+)
+from .options import ConvertOptions
+
+__all__ = ["ConversionResult", "convert", "load_source", "run_batches"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ConversionResult:
+    """The package written and the evidence gathered on the way."""
+
+    path: Path | None
+    manifest: Manifest
+    report: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("parity", {}).get("passed", True))
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def make_ref(source: Any, *, weights: str | os.PathLike[str] | None = None) -> SourceRef:
+    """Turn what the user passed (path, ``module:factory``, object) into a :class:`SourceRef`."""
+    if isinstance(source, SourceRef):
+        return source
+    w = Path(weights) if weights else None
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if ":" in text and not Path(text).exists() and not text.startswith("/"):
+            return SourceRef(factory=text, weights=w)
+        p = Path(text)
+        if not p.exists():
+            raise ModelError(f"model {p} not found", hint="check the path")
+        return SourceRef(path=p, weights=w)
+    return SourceRef(obj=source, weights=w)
+
+
+def load_source(source: Any, opts: ConvertOptions, *, weights: Any = None,
+                example: dict[str, np.ndarray] | None = None) -> LoadedSource:
+    """Find the loader for ``source`` and load it."""
+    ref = make_ref(source, weights=weights)
+    if example is not None:
+        ref.example = example
+    return find_loader(ref).load(ref, opts)
+
+
+def run_batches(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                data: Dataset, batch: int = 64) -> dict[str, np.ndarray]:
+    """Run a predict function over a dataset in batches; concatenate outputs by name."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for feeds in data.batches(batch):
+        for name, arr in fn(feeds).items():
+            parts.setdefault(name, []).append(np.asarray(arr))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _example_from(data: Dataset | None, opts: ConvertOptions) -> dict[str, np.ndarray] | None:
+    if opts.input_shapes:
+        return {
+            name: np.zeros(shape, dtype=opts.input_dtypes.get(name, "float32"))
+            for name, shape in opts.input_shapes.items()
+        }
+    if data is not None:
+        return {k: v[:1] for k, v in data.inputs.items()}
+    return None
+
+
+def _infer_task(opts: ConvertOptions, outputs: list[TensorSpec], labels: np.ndarray | None) -> str:
+    if opts.task != "auto":
+        return opts.task
+    if labels is not None:
+        if np.issubdtype(labels.dtype, np.integer):
+            return "classification"
+        return "regression"
+    first = outputs[0]
+    if len(first.shape) == 2 and isinstance(first.shape[1], int) and first.shape[1] > 1:
+        return "classification"
+    return "regression"
+
+
+def _tool_versions(extra: dict[str, str]) -> dict[str, str]:
+    tools = {"edgekit": edgekit.__version__, "python": platform.python_version(),
+             "numpy": np.__version__}
+    for dist in ("onnxruntime", "onnx", "torch", "tensorflow", "tensorflow-cpu", "keras",
+                 "ai-edge-litert", "litert-torch", "tf2onnx"):
+        try:
+            tools[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    tools.update(extra)
+    return tools
+
+
+def convert(
+    source: Any,
+    opts: ConvertOptions | None = None,
+    *,
+    output: str | os.PathLike[str] | None,
+    calibration: str | os.PathLike[str] | Dataset | None = None,
+    eval_data: str | os.PathLike[str] | Dataset | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
+    progress: Progress = _quiet,
+    extra_manifest: dict[str, Any] | None = None,
+) -> ConversionResult:
+    """Convert a model into a ``.edgepkg`` (or, with ``output=None``, only measure it).
+
+    ``source`` is a path (.pt2, TorchScript .pt, .keras, SavedModel folder, .onnx), a
+    ``package.module:factory`` string, or an in-memory ``nn.Module`` / ``keras.Model``.
+
+    Raises:
+        ModelError: the source cannot be loaded.
+        DataError: calibration or evaluation data do not fit the model.
+        ConversionError: export or quantization failed.
+        ValidationError: parity is outside the tolerances and ``opts.strict`` is set.
+        OutputWriteError: the package could not be written (nothing partial is left).
+    """
+    opts = (opts or ConvertOptions()).validate()
+    backends = target_backends()
+    if opts.target not in backends:
+        raise UsageError(f"target {opts.target!r} is not available (have: {sorted(backends)})")
+    backend = backends[opts.target]
+    if opts.quantize not in backend.QUANT_MODES:
+        raise UsageError(
+            f"--quantize {opts.quantize} is not supported for --to {opts.target}"
+            f" (supported: {', '.join(sorted(backend.QUANT_MODES))})"
+        )
+    if output is not None and not Path(output).parent.exists():
+        raise UsageError(f"output folder {Path(output).parent} does not exist")
+
+    raw_calib = calibration if isinstance(calibration, Dataset) else (
+        load_npz(calibration) if calibration is not None else None)
+    raw_eval = eval_data if isinstance(eval_data, Dataset) else (
+        load_npz(eval_data) if eval_data is not None else None)
+
+    progress("loading source model")
+    ref = make_ref(source, weights=weights)
+    ref.example = ref.example or _example_from(raw_calib or raw_eval, opts)
+    loaded = find_loader(ref).load(ref, opts)
+    if loaded.framework not in backend.SOURCES:
+        raise UsageError(
+            f"{loaded.framework} models cannot be converted to {opts.target}"
+            f" (this target takes: {', '.join(sorted(backend.SOURCES))})"
+        )
+
+    calib = _fit(raw_calib, loaded.inputs, "calibration data")
+    evald = _fit(raw_eval, loaded.inputs, "evaluation data")
+    if opts.quantize == "int8" and calib is None:
+        calib = evald
+        if calib is None:
+            raise DataError(
+                "--quantize int8 needs calibration data",
+                hint="pass --calibration calib.npz (a few hundred representative samples)",
+            )
+
+    progress(f"converting to {opts.target} ({opts.quantize})")
+    result = backend.convert(loaded, opts, calib, progress)
+
+    progress("validating the artifact")
+    session = backend_for(backend.FORMAT).load(
+        result.model, result.inputs, result.outputs, RuntimeOptions(threads=opts.threads))
+    check = evald or calib
+    if check is None:
+        if ref.example is None:
+            raise DataError("no data to validate the artifact against",
+                            hint="pass --eval or --calibration data, or --input-shape")
+        rng = np.random.default_rng(0)
+        check = Dataset({k: _random_like(v, rng, 16) for k, v in ref.example.items()}, None,
+                        "random inputs")
+    report, task = _validate(loaded, session, result, check, opts)
+    report["latency"] = _latency(loaded, session, check, opts)
+
+    name = opts.name or _default_name(ref)
+    version = opts.version or _dt.datetime.now(_dt.UTC).strftime("%Y.%m%d.%H%M%S")
+    golden_in = {k: v[: opts.golden_count] for k, v in check.inputs.items()}
+    golden_out = session.run(golden_in)
+    members = {backend.MODEL_FILE: result.model, "golden.npz": golden_to_npz(golden_in, golden_out)}
+    report["size"] = {"artifact_model_bytes": len(result.model)}
+    src_size = _source_size(ref)
+    if src_size:
+        report["size"]["source_bytes"] = src_size
+        report["size"]["ratio"] = len(result.model) / src_size
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        task=task,
+        labels=opts.labels,
+        source={
+            "framework": loaded.framework,
+            "reference": ref.describe(),
+            "sha256": loaded.sha256,
+            **loaded.framework_version(),
+        },
+        target={"format": backend.FORMAT, "model_file": backend.MODEL_FILE,
+                "runtime": backend_for(backend.FORMAT).KEY, **result.runtime},
+        inputs=result.inputs,
+        outputs=result.outputs,
+        recipe=result.recipe,
+        tools=_tool_versions(result.tools),
+        metrics=report,
+        golden={"count": int(next(iter(golden_in.values())).shape[0]),
+                "atol": opts.golden_atol, "rtol": opts.golden_rtol, "file": "golden.npz"},
+        extra=extra_manifest or {},
+    )
+    warnings = list(result.notes)
+    if not report["parity"]["passed"]:
+        msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
+        if opts.strict:
+            raise ValidationError(msg, hint="loosen the tolerances or pick another --quantize mode;"
+                                  " nothing was written")
+        warnings.append(msg)
+    path = None
+    if output is not None:
+        progress("writing package")
+        write_package(output, manifest, members, sign_key=sign_key)
+        path = Path(output)
+    return ConversionResult(path, manifest, report, warnings)
+
+
+def _fit(data: Dataset | None, specs: list[TensorSpec], what: str) -> Dataset | None:
+    from edgekit.data import check_inputs
+
+    if data is None:
+        return None
+    inputs = check_inputs(data.inputs, specs, f"{what} {data.source}")
+    return Dataset(inputs, data.labels, data.source)
+
+
+def _random_like(arr: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    shape = (n, *arr.shape[1:])
+    if np.issubdtype(arr.dtype, np.integer):
+        return rng.integers(0, 100, size=shape).astype(arr.dtype)
+    return rng.standard_normal(shape).astype(arr.dtype)
+
+
+def _validate(loaded: LoadedSource, session: Session, result: TargetResult, data: Dataset,
+              opts: ConvertOptions) -> tuple[dict[str, Any], str]:
+    ref_out = run_batches(loaded.predict, data)
+    art_out = run_batches(session.run, data)
+    ref_names = [o.name for o in loaded.outputs]
+    first_ref = ref_out[ref_names[0]] if ref_names[0] in ref_out else next(iter(ref_out.values()))
+    first_art = art_out[result.outputs[0].name]
+    task = _infer_task(opts, result.outputs, data.labels)
+    par = M.parity(first_ref, first_art, classifier=task == "classification")
+    failures = []
+    quantized = opts.quantize != "none"
+    if not quantized and par.max_abs_error > opts.atol:
+        failures.append(f"max abs error {par.max_abs_error:.3g} > atol {opts.atol:g}")
+    if par.mean_cosine < opts.min_cosine:
+        failures.append(f"mean cosine {par.mean_cosine:.4f} < {opts.min_cosine:g}")
+    if par.top1_agreement is not None and par.top1_agreement < opts.min_top1:
+        failures.append(f"top-1 agreement {par.top1_agreement:.4f} < {opts.min_top1:g}")
+    report: dict[str, Any] = {
+        "parity": {**par.to_dict(), "samples": len(data), "data": data.source,
+                   "passed": not failures, "failures": failures,
+                   "tolerances": {"atol": None if quantized else opts.atol,
+                                  "min_cosine": opts.min_cosine, "min_top1": opts.min_top1}},
+    }
+    if data.labels is not None and task == "classification":
+        n = int(first_ref.shape[1]) if first_ref.ndim == 2 else None
+        src = M.classification_report(data.labels, first_ref.argmax(axis=1), n, opts.labels)
+        art = M.classification_report(data.labels, first_art.argmax(axis=1), n, opts.labels)
+        report["accuracy"] = {
+            "data": data.source,
+            "samples": len(data),
+            "source": _headline(src),
+            "artifact": _headline(art),
+            "drop": src.accuracy - art.accuracy,
+            "f1_drop": src.f1 - art.f1,
+        }
+    elif data.labels is not None and task == "regression":
+        src_r = M.regression_report(data.labels, first_ref)
+        art_r = M.regression_report(data.labels, first_art)
+        report["regression"] = {"source": src_r.to_dict(), "artifact": art_r.to_dict()}
+    return report, task
+
+
+def _headline(rep: M.ClassificationReport) -> dict[str, float]:
+    return {"accuracy": rep.accuracy, "precision": rep.precision, "recall": rep.recall,
+            "f1": rep.f1}
+
+
+def _latency(loaded: LoadedSource, session: Session, data: Dataset,
+             opts: ConvertOptions) -> dict[str, Any]:
+    one = {k: v[:1] for k, v in data.inputs.items()}
+    art = measure(lambda: session.run(one), runs=opts.latency_runs)
+    src = measure(lambda: loaded.predict(one), runs=opts.latency_runs)
+    return {"batch": 1, "threads": opts.threads, "artifact": art.to_dict(),
+            "source": src.to_dict(), "ratio_p50": art.p50_ms / src.p50_ms if src.p50_ms else None}
+
+
+def _default_name(ref: SourceRef) -> str:
+    if ref.path is not None:
+        return ref.path.stem if ref.path.is_file() else ref.path.name
+    if ref.factory is not None:
+        return ref.factory.rsplit(":", 1)[-1]
+    return type(ref.obj).__name__.lower()
+
+
+def _source_size(ref: SourceRef) -> int | None:
+    if ref.path is None:
+        return None
+    if ref.path.is_file():
+        return ref.path.stat().st_size
+    return sum(p.stat().st_size for p in ref.path.rglob("*") if p.is_file()) or None
+
+
+def source_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, sorted)."""
+    if path.is_file():
+        return sha256_file(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        digest.update(str(p.relative_to(path)).encode())
+        digest.update(sha256_file(p).encode())
+    return digest.hexdigest()

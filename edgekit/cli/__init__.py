@@ -1,0 +1,14 @@
+"""The ``edgekit`` command line: one click group, one small module per command family.
+
+Exit codes: 0 success, 1 failure, 2 usage error. An :class:`~edgekit.errors.EdgekitError`
+is printed once, as ``error: <message>`` with its hint, and mapped to its exit code.
+"""
+
+from __future__ import annotations
+
+from ._app import cli, main
+from . import _convert as _convert_cmds  # noqa: F401  (registers commands)
+from . import _doctor as _doctor_cmds  # noqa: F401
+from . import _keys as _keys_cmds  # noqa: F401
+
+__all__ = ["cli", "main"]

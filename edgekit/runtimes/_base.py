@@ -1,0 +1,162 @@
+"""The runtime interface and registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import InputError, RuntimeBackendError
+from ..manifest import Manifest, TensorSpec
+
+__all__ = [
+    "BackendInfo",
+    "RuntimeBackend",
+    "RuntimeOptions",
+    "Session",
+    "availability",
+    "backend_for",
+    "load_session",
+    "register",
+]
+
+
+@dataclass
+class RuntimeOptions:
+    """How a model is run: thread count and, for onnxruntime, execution providers."""
+
+    threads: int = 0
+    providers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BackendInfo:
+    key: str
+    format: str
+    available: bool
+    version: str | None
+    detail: str
+
+
+class Session(ABC):
+    """A loaded model. ``run`` takes and returns float (or the manifest's) arrays by name;
+    int8 input/output quantization from the manifest is applied here."""
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run on arrays already in the model's own dtypes."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch.
+
+        Raises:
+            InputError: a required input is missing.
+            RuntimeBackendError: the runtime failed on the inputs.
+        """
+        prepared: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"input '{spec.name}' is missing")
+            arr = np.asarray(feeds[spec.name])
+            if spec.quantization is not None and arr.dtype != np.dtype(spec.dtype):
+                q = spec.quantization
+                info = np.iinfo(np.dtype(spec.dtype))
+                arr = np.clip(np.round(arr / q.scale + q.zero_point), info.min, info.max)
+            prepared[spec.name] = arr.astype(spec.dtype, copy=False)
+        try:
+            raw = self._run(prepared)
+        except Exception as exc:  # runtimes raise their own exception types
+            raise RuntimeBackendError(f"inference failed: {exc}") from exc
+        result: dict[str, np.ndarray] = {}
+        for spec, arr in zip(self.outputs, raw):
+            if spec.quantization is not None:
+                q = spec.quantization
+                arr = (arr.astype(np.float32) - q.zero_point) * np.float32(q.scale)
+            result[spec.name] = arr
+        return result
+
+
+class RuntimeBackend(ABC):
+    """One runtime: loads model bytes of one format into a :class:`Session`."""
+
+    KEY: ClassVar[str]
+    FORMAT: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def info(cls) -> BackendInfo:
+        """Whether the SDK imports, its version, and a note."""
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls, model: bytes, inputs: list[TensorSpec], outputs: list[TensorSpec],
+        options: RuntimeOptions,
+    ) -> Session:
+        """Load a model.
+
+        Raises:
+            RuntimeBackendError: the SDK is missing or the model does not load.
+        """
+
+
+_BACKENDS: dict[str, type[RuntimeBackend]] = {}
+
+
+def register(cls: type[RuntimeBackend]) -> type[RuntimeBackend]:
+    """Class decorator: make a backend available under its ``KEY``."""
+    _BACKENDS[cls.KEY] = cls
+    return cls
+
+
+def availability() -> list[BackendInfo]:
+    return [cls.info() for cls in _BACKENDS.values()]
+
+
+def backend_for(fmt: str) -> type[RuntimeBackend]:
+    """The first available backend for a model format.
+
+    Raises:
+        RuntimeBackendError: no backend for the format is installed.
+    """
+    notes = []
+    for cls in _BACKENDS.values():
+        if cls.FORMAT != fmt:
+            continue
+        info = cls.info()
+        if info.available:
+            return cls
+        notes.append(f"{cls.KEY}: {info.detail}")
+    raise RuntimeBackendError(
+        f"no runtime for {fmt} models is available ({'; '.join(notes) or 'none registered'})",
+        hint="install the agent extra: pip install 'edgekit[agent]'",
+    )
+
+
+def load_session(
+    manifest: Manifest, model: bytes, options: RuntimeOptions | None = None
+) -> Session:
+    """Load a package's model with the runtime for its format."""
+    return backend_for(manifest.format.value).load(
+        model, manifest.inputs, manifest.outputs, options or RuntimeOptions()
+    )
+
+
+def optional_import(name: str) -> tuple[Any, str]:
+    """Import a module; return (module or None, note)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name), "ok"
+    except Exception as exc:  # broken native libraries raise more than ImportError
+        return None, f"{name} not importable ({type(exc).__name__}: {exc})"
+
+
+Loader = Callable[[bytes], Any]
