@@ -184,6 +184,8 @@ class OnnxExport:
     exporter: str
     notes: list[str] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """Entries for the artifact's recipe (what was compared and why this export won)."""
 
 
 _ONNX_EXPORTERS: dict[str, OnnxExporter] = {}

@@ -13,6 +13,7 @@ The tree::
     │   └── ValidationError     parity or accuracy outside the tolerances (``--strict``)
     ├── RuntimeBackendError     an inference runtime is missing or cannot load a model
     ├── InputError              a request whose inputs do not match the manifest
+    ├── ProtocolError           an MQTT payload that is not JSON or does not fit its schema
     └── OutputWriteError        the output could not be written (full disk, permissions)
 
 Every error carries a message that says what is wrong and, where it helps, a ``hint`` that
@@ -30,6 +31,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputWriteError",
+    "ProtocolError",
     "RuntimeBackendError",
     "SignatureError",
     "UsageError",
@@ -97,6 +99,10 @@ class RuntimeBackendError(EdgekitError):
 
 class InputError(EdgekitError):
     """Inputs of a request do not match the model's manifest."""
+
+
+class ProtocolError(EdgekitError):
+    """An MQTT payload that is not valid JSON, or does not fit its schema (see docs/protocol.md)."""
 
 
 class OutputWriteError(EdgekitError):

@@ -10,5 +10,7 @@ from ._app import cli, main
 from . import _convert as _convert_cmds  # noqa: F401  (registers commands)
 from . import _doctor as _doctor_cmds  # noqa: F401
 from . import _keys as _keys_cmds  # noqa: F401
+from . import _optimize as _optimize_cmds  # noqa: F401
+from . import _registry as _registry_cmds  # noqa: F401
 
 __all__ = ["cli", "main"]

@@ -39,6 +39,7 @@ class BackendInfo:
     available: bool
     version: str | None
     detail: str
+    providers: list[str] = field(default_factory=list)  # execution providers, where they exist
 
 
 class Session(ABC):

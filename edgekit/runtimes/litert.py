@@ -29,41 +29,72 @@ def _interpreter_module() -> tuple[Any, str, str]:
     return None, "", "; ".join(notes)
 
 
+def _tensor_indices(interp: Any, names: list[str], details: list[dict[str, Any]],
+                    side: str) -> list[int]:
+    """Interpreter tensor indices for the manifest's names, on one side (inputs/outputs).
+
+    TFLite renames tensors after the serving signature (``serving_default_x:0``), so names
+    are matched to tensor names, else to the keys of the model's only signature, else the
+    manifest's order is taken as the model's own (the converter lists them that way).
+    """
+    by_name = {d["name"]: d["index"] for d in details}
+    if all(n in by_name for n in names):
+        return [by_name[n] for n in names]
+    signatures = interp.get_signature_list()
+    if len(signatures) == 1:
+        runner = interp.get_signature_runner(next(iter(signatures)))
+        sig = runner.get_input_details() if side == "inputs" else runner.get_output_details()
+        if all(n in sig for n in names):
+            return [int(sig[n]["index"]) for n in names]
+    if len(names) != len(details):
+        raise RuntimeBackendError(
+            f"the manifest names {len(names)} {side} but the model has {len(details)}")
+    return [d["index"] for d in details]
+
+
 class LiteRTSession(Session):
     def __init__(self, interp: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
         super().__init__(inputs, outputs)
         self._interp = interp
         self._lock = threading.Lock()
         details = interp.get_input_details()
-        by_name = {d["name"]: d for d in details}
-        # TFLite renames inputs (serving_default_x:0); fall back to the declared order.
-        self._in_index = [
-            by_name[s.name]["index"] if s.name in by_name else details[i]["index"]
-            for i, s in enumerate(inputs)
-        ]
-        out_details = interp.get_output_details()
-        out_by_name = {d["name"]: d for d in out_details}
-        self._out_index = [
-            out_by_name[s.name]["index"] if s.name in out_by_name else out_details[i]["index"]
-            for i, s in enumerate(outputs)
-        ]
+        self._in_index = _tensor_indices(interp, [s.name for s in inputs], details, "inputs")
+        self._out_index = _tensor_indices(interp, [s.name for s in outputs],
+                                          interp.get_output_details(), "outputs")
         self._shapes = {d["index"]: tuple(d["shape"]) for d in details}
+        # A model exported with a fixed batch (litert-torch exports batch 1) cannot be
+        # resized; larger batches run in slices of the fixed size.
+        fixed = [int(d["shape_signature"][0]) for d in details
+                 if len(d["shape_signature"]) and d["shape_signature"][0] != -1]
+        self._fixed_batch = fixed[0] if fixed and len(fixed) == len(details) else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:  # a TFLite interpreter is not re-entrant
-            resized = False
-            for spec, idx in zip(self.inputs, self._in_index):
-                shape = tuple(feeds[spec.name].shape)
-                if self._shapes.get(idx) != shape:
-                    self._interp.resize_tensor_input(idx, shape, strict=False)
-                    self._shapes[idx] = shape
-                    resized = True
-            if resized:
-                self._interp.allocate_tensors()
-            for spec, idx in zip(self.inputs, self._in_index):
-                self._interp.set_tensor(idx, np.ascontiguousarray(feeds[spec.name]))
-            self._interp.invoke()
-            return [np.array(self._interp.get_tensor(idx)) for idx in self._out_index]
+            step = self._fixed_batch
+            batch = next(iter(feeds.values())).shape[0] if feeds else 0
+            if step is None or batch == step:
+                return self._invoke(feeds)
+            if batch % step:
+                raise RuntimeBackendError(
+                    f"the model takes batches of {step}; got a batch of {batch}")
+            parts = [self._invoke({k: v[i : i + step] for k, v in feeds.items()})
+                     for i in range(0, batch, step)]
+            return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
+
+    def _invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        resized = False
+        for spec, idx in zip(self.inputs, self._in_index, strict=True):
+            shape = tuple(feeds[spec.name].shape)
+            if self._shapes.get(idx) != shape:
+                self._interp.resize_tensor_input(idx, shape, strict=False)
+                self._shapes[idx] = shape
+                resized = True
+        if resized:
+            self._interp.allocate_tensors()
+        for spec, idx in zip(self.inputs, self._in_index, strict=True):
+            self._interp.set_tensor(idx, np.ascontiguousarray(feeds[spec.name]))
+        self._interp.invoke()
+        return [np.array(self._interp.get_tensor(idx)) for idx in self._out_index]
 
 
 @register

@@ -16,9 +16,22 @@ class OnnxSession(Session):
         super().__init__(inputs, outputs)
         self._sess = sess
         self._output_names = [o.name for o in outputs]
+        # A graph with a fixed batch (a torch.export program traced at batch 1) runs larger
+        # batches in slices of that size, as the LiteRT session does.
+        graph_inputs = sess.get_inputs()
+        fixed = [int(i.shape[0]) for i in graph_inputs if i.shape and isinstance(i.shape[0], int)]
+        self._fixed_batch = fixed[0] if fixed and len(fixed) == len(graph_inputs) else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._sess.run(self._output_names, feeds))
+        step = self._fixed_batch
+        batch = next(iter(feeds.values())).shape[0] if feeds else 0
+        if step is None or batch == step or not step:
+            return list(self._sess.run(self._output_names, feeds))
+        if batch % step:
+            raise RuntimeBackendError(f"the model takes batches of {step}; got a batch of {batch}")
+        parts = [self._sess.run(self._output_names, {k: v[i : i + step] for k, v in feeds.items()})
+                 for i in range(0, batch, step)]
+        return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
 
 
 @register
@@ -31,8 +44,9 @@ class OnnxRuntimeBackend(RuntimeBackend):
         ort, note = optional_import("onnxruntime")
         if ort is None:
             return BackendInfo(cls.KEY, cls.FORMAT, False, None, note)
-        providers = ", ".join(ort.get_available_providers())
-        return BackendInfo(cls.KEY, cls.FORMAT, True, ort.__version__, f"providers: {providers}")
+        providers = list(ort.get_available_providers())
+        return BackendInfo(cls.KEY, cls.FORMAT, True, ort.__version__,
+                           f"providers: {', '.join(providers)}", providers)
 
     @classmethod
     def load(

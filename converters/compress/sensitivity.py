@@ -1,0 +1,136 @@
+"""Keep just enough sensitive nodes in float to bring static int8 within the budget.
+
+Method: start from the best static (QDQ) int8 candidate. For each quantizable node (or, in
+a large graph, each run of consecutive nodes), convert with only that node quantized and
+every other one in float, and score it on a small evaluation subset: the loss against the
+source is that node's own damage, even when it only shows together with a neighbour (a
+quantized output feeding a quantized input). Then keep the most damaging nodes in float,
+taking the shortest prefix of that ranking that meets the budget on the full evaluation
+data (found by doubling, then bisecting, so a graph with many nodes costs few conversions).
+Every probe and step is recorded for the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from edgekit.artifact import open_package
+
+from .candidates import Recipe
+
+__all__ = ["keep_sensitive_in_float"]
+
+METHOD = ("quantize one node (or run of nodes) at a time, all others in float, on the first"
+          " samples of the evaluation data; rank by the loss; keep the shortest top-ranked"
+          " prefix in float that meets the budget on the full evaluation data")
+
+
+def _ordered_nodes(path: Any) -> list[str]:
+    """The quantizable nodes the converter reported, in graph order."""
+    import onnx
+
+    pkg = open_package(path)
+    reported = pkg.manifest.recipe.get("quantizable_nodes") or {}
+    names = [n for group in reported.values() for n in group]
+    graph = onnx.load_from_string(pkg.model_bytes()).graph
+    order = {node.name: i for i, node in enumerate(graph.node)}
+    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+
+
+def _chunks(names: list[str], count: int) -> list[list[str]]:
+    size, extra = divmod(len(names), count)
+    out, start = [], 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        out.append(names[start:stop])
+        start = stop
+    return [c for c in out if c]
+
+
+def keep_sensitive_in_float(runner: Any, base_row: dict[str, Any], base: Recipe, *,
+                            samples: int, max_probes: int,
+                            progress: Callable[[str], None]
+                            ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Probe the nodes of ``base``, then search the smallest set to keep in float.
+
+    Returns the mixed-precision candidate's row (None when there is nothing to probe) and
+    the record of what was measured.
+    """
+    metric = runner.metric
+    record: dict[str, Any] = {"base": base.name, "base_metric": base_row["metric"],
+                              "metric": metric, "method": METHOD, "probes": [], "steps": [],
+                              "kept_in_float": []}
+    names = _ordered_nodes(runner.packages[base.name])
+    record["nodes"] = names
+    if not names:
+        record["outcome"] = "the quantizer reported no nodes that could stay in float"
+        return None, record
+    groups = _chunks(names, max(1, min(max_probes, len(names))))
+    subset = min(samples, len(runner.eval_set))
+    record["probe_samples"] = subset
+    progress(f"no int8 candidate meets the budget: probing {len(names)} nodes of {base.name}"
+             f" in {len(groups)} probe(s) on {subset} samples")
+    losses: list[float] = []
+    for i, group in enumerate(groups, 1):
+        others = [n for n in names if n not in group]
+        row = runner.run(base.with_float_nodes(others, "probe"), subset=subset, keep=False)
+        # A probe that fails to convert is treated as most sensitive: safe to keep in float.
+        loss = row["drop"] if row["status"] == "ok" else float("inf")
+        losses.append(loss)
+        record["probes"].append({"int8_nodes": group, "metric": row["metric"],
+                                 "loss": row["drop"], "status": row["status"],
+                                 "error": row["error"]})
+        shown = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
+        progress(f"  probe {i}/{len(groups)}: only {shown} in int8 -> "
+                 + (f"{metric} {row['metric']:.4f} (loss {row['drop']:+.4f})"
+                    if row["status"] == "ok" else f"failed ({row['error']})"))
+    ranked = sorted(range(len(groups)), key=lambda i: losses[i], reverse=True)
+    record["ranking"] = [groups[i] for i in ranked]
+    order = {n: i for i, n in enumerate(names)}
+    tried: dict[int, dict[str, Any]] = {}
+
+    def attempt(k: int) -> dict[str, Any]:
+        if k not in tried:
+            kept = sorted((n for i in ranked[:k] for n in groups[i]), key=order.__getitem__)
+            row = runner.run(base.with_float_nodes(kept, f"{base.label}+float({len(kept)})"))
+            tried[k] = row
+            record["steps"].append({"kept_in_float": kept, "metric": row["metric"],
+                                    "drop": row["drop"], "meets_budget": row["meets_budget"],
+                                    "status": row["status"]})
+            progress(f"  {len(kept)} node(s) in float: "
+                     + (f"{metric} {row['metric']:.4f} (drop {row['drop']:+.4f})"
+                        if row["status"] == "ok" else f"failed ({row['error']})"))
+        return tried[k]
+
+    # Doubling finds a passing prefix length; bisection then finds the shortest one.
+    lo, hi, k = 0, None, 1
+    while hi is None:
+        k = min(k, len(groups))
+        if attempt(k)["meets_budget"]:
+            hi = k
+        elif k == len(groups):
+            break
+        else:
+            lo, k = k, k * 2
+    if hi is None:
+        record["outcome"] = (f"even with all {len(names)} nodes in float the budget is not"
+                             " met: the loss comes from elsewhere (inputs, other operators)")
+        final = tried[len(groups)]
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if attempt(mid)["meets_budget"]:
+                hi = mid
+            else:
+                lo = mid
+        final = tried[hi]
+        record["kept_in_float"] = final["nodes_in_float"]
+        record["outcome"] = (f"{len(final['nodes_in_float'])} of {len(names)} nodes kept in"
+                             " float meet the budget")
+    for row in tried.values():
+        if row is not final:
+            path = runner.packages.pop(row["name"], None)
+            if path is not None:
+                path.unlink(missing_ok=True)
+    return final, record

@@ -1,0 +1,227 @@
+"""Quantization of float ONNX models with onnxruntime's tools: fp16, dynamic and static int8.
+
+Static int8 writes QDQ (QuantizeLinear / DequantizeLinear pairs around float ops), the
+format onnxruntime recommends: the graph stays portable and each device's onnxruntime fuses
+the pairs into the int8 kernels its CPU has.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.data import Dataset
+from edgekit.errors import ConversionError, DataError, UsageError
+
+__all__ = [
+    "PreprocessResult",
+    "check_nodes_to_exclude",
+    "preprocess",
+    "quantizable_nodes",
+    "quantize_dynamic_int8",
+    "quantize_fp16",
+    "quantize_static_int8",
+]
+
+# Ops whose weights quantization changes; the names of these nodes are what
+# ``nodes_to_exclude`` usually lists (the sensitive layers kept in float).
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "LSTM")
+_CALIBRATION_BATCH = 32
+
+
+@dataclass
+class PreprocessResult:
+    """The model after onnxruntime's quantization pre-processing, and what was applied."""
+
+    model: bytes
+    outcome: str
+    detail: str | None = None
+
+
+def preprocess(model: bytes) -> PreprocessResult:
+    """Run ``quant_pre_process`` (graph optimization and shape inference) before quantizing.
+
+    Symbolic shape inference fails on some graphs with dynamic dimensions (transformer
+    exports); then it is skipped, and if pre-processing still fails, the model goes to the
+    quantizer as it is. The outcome says which: ``full``, ``skip_symbolic_shape`` or ``none``.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    errors = []
+    with tempfile.TemporaryDirectory(prefix="edgekit-pre-") as tmp:
+        src = Path(tmp) / "in.onnx"
+        dst = Path(tmp) / "out.onnx"
+        src.write_bytes(model)
+        for outcome, skip_symbolic in (("full", False), ("skip_symbolic_shape", True)):
+            try:
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+                detail = "; ".join(errors) if errors else None
+                return PreprocessResult(dst.read_bytes(), outcome, detail)
+            except Exception as exc:  # shape inference raises bare Exception
+                errors.append(f"{outcome}: {_first_line(exc)}")
+    return PreprocessResult(model, "none", "; ".join(errors))
+
+
+def quantizable_nodes(model: bytes) -> dict[str, list[str]]:
+    """Names of the nodes that carry float weights, by op type (candidates to exclude)."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    weights = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    found: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type in _WEIGHT_OPS and any(i in weights for i in node.input):
+            found.setdefault(node.op_type, []).append(node.name)
+    return found
+
+
+def check_nodes_to_exclude(model: bytes, names: list[str]) -> None:
+    """Every name in ``nodes_to_exclude`` must be a node of the graph that is quantized.
+
+    Raises:
+        UsageError: names the unknown nodes and lists some that exist.
+    """
+    import onnx
+
+    if not names:
+        return
+    present = {n.name for n in onnx.load_from_string(model).graph.node}
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        known = [n for group in quantizable_nodes(model).values() for n in group]
+        raise UsageError(
+            f"nodes_to_exclude: {', '.join(unknown)} not in the graph being quantized",
+            hint="use names from the recipe's quantizable_nodes of a conversion with the same"
+                 f" exporter, for example: {', '.join(known[:6]) or '(none)'}",
+        )
+
+
+def quantize_fp16(model: bytes) -> bytes:
+    """Weights and compute in float16; inputs and outputs stay float32.
+
+    Raises:
+        ConversionError: the converter failed on the graph.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        converted = convert_float_to_float16(onnx.load_from_string(model), keep_io_types=True)
+    except Exception as exc:  # the converter raises on graphs it cannot type
+        raise ConversionError(f"float16 conversion failed: {_first_line(exc)}",
+                              hint="try --quantize dynamic, or keep --quantize none") from exc
+    return bytes(converted.SerializeToString())
+
+
+def quantize_dynamic_int8(model: bytes, *, per_channel: bool,
+                          nodes_to_exclude: list[str]) -> bytes:
+    """int8 weights, activations quantized at run time per batch.
+
+    Raises:
+        ConversionError: the quantizer failed.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-dyn-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        src.write_bytes(model)
+        try:
+            quantize_dynamic(str(src), str(dst), per_channel=per_channel,
+                             weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(nodes_to_exclude) or None,
+                             # Ops from other domains have no inferred type; they are float.
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        except Exception as exc:  # the quantizer raises anything
+            raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}",
+                                  hint="try --quantize int8 with --calibration, or fp16") from exc
+        return dst.read_bytes()
+
+
+def quantize_static_int8(model: bytes, calibration: Dataset, *, method: str,
+                         per_channel: bool, nodes_to_exclude: list[str]) -> tuple[bytes, dict[str, Any]]:
+    """int8 weights and activations in QDQ format, activation ranges from the calibration set.
+
+    Returns the model and the recipe entries (calibration method, samples, types).
+
+    Raises:
+        ConversionError: calibration or quantization failed.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    batch = _calibration_batch(model, len(calibration))
+    # Only full batches: a graph with a fixed batch takes no other, and the histogram
+    # calibrators (entropy, percentile) cannot stack batches of different sizes.
+    used = len(calibration) // batch * batch
+
+    class Reader(CalibrationDataReader):
+        """Feeds the calibration set to the calibrator in batches."""
+
+        def __init__(self) -> None:
+            self._batches: Iterator[dict[str, np.ndarray]] = iter(
+                calibration.take(used).batches(batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    reader = Reader()
+    with tempfile.TemporaryDirectory(prefix="edgekit-int8-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        src.write_bytes(model)
+        try:
+            quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(nodes_to_exclude) or None,
+                            calibrate_method=methods[method],
+                            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        except Exception as exc:  # calibration and quantization raise anything
+            raise ConversionError(
+                f"static int8 quantization ({method} calibration) failed: {_first_line(exc)}",
+                hint="try another --calibration-method, or --quantize dynamic") from exc
+        data = dst.read_bytes()
+    recipe = {"calibration_samples": used, "calibration_batch": batch,
+              "activation_type": "int8", "weight_type": "int8", "quant_format": "QDQ"}
+    return data, recipe
+
+
+def _calibration_batch(model: bytes, samples: int) -> int:
+    """The batch to calibrate with: the graph's fixed batch, else a moderate one.
+
+    Raises:
+        DataError: fewer calibration samples than the graph's fixed batch.
+    """
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    inits = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            fixed = int(dims[0].dim_value)
+            if samples < fixed:
+                raise DataError(f"the graph takes batches of {fixed}; the calibration set has"
+                                f" only {samples} samples")
+            return fixed
+    return min(_CALIBRATION_BATCH, samples)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

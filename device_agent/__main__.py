@@ -1,0 +1,7 @@
+"""``python -m device_agent`` is ``edgekit-agent``."""
+
+from __future__ import annotations
+
+from .cli import main
+
+main()

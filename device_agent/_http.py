@@ -1,0 +1,268 @@
+"""The local HTTP API (stdlib ``http.server``; docs/agent-http.md describes it).
+
+    POST /predict    JSON {"inputs": {...}}, or a raw .npy / .npz body
+    POST /feedback   JSON {"prediction_id": ..., "label": ...}
+    GET  /health     200 while a model serves, 503 otherwise
+    GET  /metrics    Prometheus text
+
+A refused request gets a JSON error body with the protocol's error code and a 4xx status;
+an exception inside a handler becomes a 500 and the server goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from edgekit.errors import ProtocolError, UsageError
+from edgekit.protocol import ErrorCode, Schema, encode
+
+from ._inputs import inputs_from_json, inputs_from_npy, inputs_from_npz
+from ._replies import prediction_reply
+from ._telemetry import prometheus_text
+from .errors import RequestError, describe
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+
+__all__ = ["HttpApi"]
+
+log = logging.getLogger("device_agent.http")
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    agent: Agent
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "edgekit-agent"
+    timeout = 30  # a client that stops sending does not hold a thread for ever
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # ------------------------------------------------------------------ routing
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._health()
+        elif path == "/metrics":
+            self._metrics()
+        elif path in ("/predict", "/feedback"):
+            self._error(ErrorCode.BAD_REQUEST, f"{path} takes POST", HTTPStatus.METHOD_NOT_ALLOWED)
+        else:
+            self._error(ErrorCode.BAD_REQUEST, f"no such endpoint {path}", HTTPStatus.NOT_FOUND)
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path not in ("/predict", "/feedback"):
+            status = HTTPStatus.METHOD_NOT_ALLOWED if path in ("/health", "/metrics") else \
+                HTTPStatus.NOT_FOUND
+            self._drain()
+            self._error(ErrorCode.BAD_REQUEST, f"no POST endpoint {path}", status)
+            return
+        body = self._body()
+        if body is None:
+            return
+        try:
+            if path == "/predict":
+                self._predict(body)
+            else:
+                self._feedback(body)
+        except Exception as exc:
+            code, status_code, message = describe(exc)
+            if code == ErrorCode.INTERNAL and not isinstance(exc, RequestError):
+                log.exception("HTTP %s failed", path)
+            if path == "/predict" and code in (ErrorCode.BAD_REQUEST, ErrorCode.INTERNAL):
+                # InputError and no_model are counted by Agent.predict itself.
+                self.server.agent.stats.error("http", code.value)
+            self._error(code, message, HTTPStatus(status_code))
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _predict(self, body: bytes) -> None:
+        agent = self.server.agent
+        model = agent.model
+        query = parse_qs(urlsplit(self.path).query)
+        mode = query.get("outputs", ["lists"])[0]
+        kind = self._content_kind(body)
+        if kind == "npy":
+            if model is None:
+                raise RequestError(ErrorCode.NO_MODEL, "no model is active on this device")
+            feeds = inputs_from_npy(body, model.manifest.inputs)
+        elif kind == "npz":
+            feeds = inputs_from_npz(body, agent.config.http.max_body_bytes * 8)
+        else:
+            doc = _json(body)
+            if "schema" in doc and doc["schema"] != Schema.PREDICT_REQUEST.value:
+                raise ProtocolError(f"schema {doc['schema']!r} is not"
+                                    f" {Schema.PREDICT_REQUEST.value!r}")
+            mode = str(doc.get("outputs", mode))
+            feeds = inputs_from_json(doc)
+        if mode not in ("lists", "encoded", "none"):
+            raise ProtocolError(f"outputs={mode!r}: use lists, encoded or none")
+        prediction = agent.predict(feeds, channel="http")
+        if "application/x-npz" in self.headers.get("Accept", ""):
+            buf = io.BytesIO()
+            np.savez(buf, **prediction.outputs)  # type: ignore[arg-type]
+            self._send(HTTPStatus.OK, buf.getvalue(), "application/x-npz",
+                       {"X-Prediction-Id": prediction.id,
+                        "X-Model": f"{prediction.model.name} {prediction.model.version}"})
+            return
+        reply = prediction_reply(prediction, self.headers.get("X-Request-Id", ""), mode)
+        self._send(HTTPStatus.OK, encode(reply), "application/json")
+
+    def _feedback(self, body: bytes) -> None:
+        doc = _json(body)
+        if "schema" in doc and doc["schema"] != Schema.FEEDBACK.value:
+            raise ProtocolError(f"schema {doc['schema']!r} is not {Schema.FEEDBACK.value!r}")
+        count = self.server.agent.feedback(doc.get("prediction_id"),  # type: ignore[arg-type]
+                                           label=doc.get("label"), labels=doc.get("labels"))
+        self._send(HTTPStatus.OK, encode({"ok": True, "labelled": count}), "application/json")
+
+    def _health(self) -> None:
+        agent = self.server.agent
+        model = agent.model
+        doc = {
+            "status": "ok" if model is not None else ErrorCode.NO_MODEL.value,
+            "model": model.ref if model is not None else None,
+            "mqtt": None if agent.link is None else ("connected" if agent.link.connected
+                                                     else "disconnected"),
+            "uptime_s": round(time.time() - agent.started, 3),
+            "version": agent.version,
+        }
+        status = HTTPStatus.OK if model is not None else HTTPStatus.SERVICE_UNAVAILABLE
+        self._send(status, encode(doc), "application/json")
+
+    def _metrics(self) -> None:
+        agent = self.server.agent
+        last = agent.last_metrics if agent.config.telemetry.interval_s > 0 else agent.tick()
+        text = prometheus_text(agent, last)
+        self._send(HTTPStatus.OK, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _content_kind(self, body: bytes) -> str:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype in ("application/x-npy", "application/npy") or (
+                ctype in ("", "application/octet-stream") and body.startswith(_NPY_MAGIC)):
+            return "npy"
+        if ctype in ("application/x-npz", "application/npz", "application/zip") or (
+                ctype in ("", "application/octet-stream") and body.startswith(_ZIP_MAGIC)):
+            return "npz"
+        return "json"
+
+    def _body(self) -> bytes | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._error(ErrorCode.BAD_REQUEST, "chunked bodies are not accepted; send"
+                        " Content-Length", HTTPStatus.LENGTH_REQUIRED)
+            return None
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._error(ErrorCode.BAD_REQUEST, "Content-Length is missing or invalid",
+                        HTTPStatus.LENGTH_REQUIRED)
+            return None
+        limit = self.server.agent.config.http.max_body_bytes
+        if length > limit:
+            self.close_connection = True  # the body is not read, so the connection is done
+            self._error(ErrorCode.BAD_REQUEST, f"the body is {length} bytes, over the limit of"
+                        f" {limit} (http.max_body_bytes)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return None
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return None
+        return body
+
+    def _drain(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if 0 < length <= self.server.agent.config.http.max_body_bytes:
+            self.rfile.read(length)
+        elif length:
+            self.close_connection = True
+
+    def _error(self, code: ErrorCode, message: str, status: HTTPStatus) -> None:
+        body = encode({"ok": False, "error": {"code": code.value, "message": message}})
+        self._send(status, body, "application/json")
+
+    def _send(self, status: HTTPStatus, body: bytes, ctype: str,
+              headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the body is not valid JSON: {exc}",
+                            hint="send Content-Type application/json, or a .npy/.npz body") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the body is a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
+class HttpApi:
+    """The server bound to ``listen``; :meth:`serve` runs it (in a thread)."""
+
+    def __init__(self, agent: Agent, listen: tuple[str, int]) -> None:
+        """Raises: UsageError: the address cannot be bound (in use, no permission)."""
+        host, port = listen
+        server_cls = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_cls((host, port), _Handler)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             hint="choose another http.listen address") from exc
+        self._server.agent = agent
+        bound_host, bound_port = self._server.server_address[:2]
+        host_text = bound_host.decode() if isinstance(bound_host, bytes) else str(bound_host)
+        shown = f"[{host_text}]" if ":" in host_text else host_text
+        self.address = f"{shown}:{bound_port}"
+
+    def serve(self) -> None:
+        self._server.serve_forever(poll_interval=0.5)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,213 @@
+"""Inputs of a request: decoded from JSON, .npy or .npz, then checked against the manifest.
+
+The check runs on every request, so it is written for the common case: an array that
+already has the right dtype and shape costs a few attribute reads and no copy.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import InputError, ProtocolError
+from edgekit.manifest import TensorSpec
+from edgekit.protocol import decode_array
+
+__all__ = ["InputValidator", "inputs_from_json", "inputs_from_npy", "inputs_from_npz"]
+
+SINGLE_INPUT_ALIAS = "x"
+
+
+class InputValidator:
+    """Checks request arrays against a model's input specs and casts them to its dtypes.
+
+    Names must match (``x`` stands for the only input of a single-input model), every fixed
+    dimension must match (the batch one too), a symbolic dimension (``batch``) must have the
+    same size wherever it appears, rows may not exceed ``max_batch``, and float values must be
+    finite. An int8/uint8 input with quantization parameters takes real values (the runtime
+    quantizes them) or already-quantized integers.
+    """
+
+    def __init__(self, specs: list[TensorSpec], max_batch: int, where: str = "model") -> None:
+        self.specs = specs
+        self.max_batch = max_batch
+        self.where = where
+        self._names = [s.name for s in specs]
+        self._plans = [(s.name, np.dtype(s.dtype), s.quantization is not None, tuple(s.shape))
+                       for s in specs]
+
+    def check(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Return the feeds in the model's dtypes.
+
+        Raises:
+            InputError: lists every problem found (missing or unknown names, dtypes, shapes,
+                batch size, non-finite values).
+        """
+        if type(feeds) is not dict and not isinstance(feeds, Mapping):
+            raise InputError(f"inputs must map input names to arrays, found {type(feeds).__name__}",
+                             hint=f"send {{{', '.join(repr(n) for n in self._names)}: ...}}")
+        if (len(self._plans) == 1 and SINGLE_INPUT_ALIAS in feeds
+                and self._names[0] not in feeds and len(feeds) == 1):
+            feeds = {self._names[0]: feeds[SINGLE_INPUT_ALIAS]}
+        problems: list[str] = []
+        out: dict[str, np.ndarray] = {}
+        symbols: dict[str, tuple[int, str]] = {}
+        for name, dtype, quantized, shape in self._plans:
+            if name not in feeds:
+                problems.append(f"input '{name}' is missing (shape {_fmt(shape)}, {dtype.name})")
+                continue
+            arr = _as_array(feeds[name], name, problems)
+            if arr is None:
+                continue
+            arr = _cast(arr, name, dtype, quantized, problems)
+            if arr is None:
+                continue
+            if not self._shape_ok(arr, name, shape, symbols, problems):
+                continue
+            out[name] = arr
+        extra = [k for k in feeds if k not in self._names]
+        if extra:
+            problems.append(f"unknown input(s) {', '.join(map(repr, sorted(map(str, extra))))}"
+                            f" (the model's inputs: {', '.join(self._names)})")
+        if problems:
+            raise InputError(f"inputs do not fit {self.where}: " + "; ".join(problems))
+        return out
+
+    def _shape_ok(self, arr: np.ndarray, name: str, shape: tuple[int | str, ...],
+                  symbols: dict[str, tuple[int, str]], problems: list[str]) -> bool:
+        if arr.ndim != len(shape):
+            problems.append(f"input '{name}' has shape {_fmt(arr.shape)}, expected {_fmt(shape)}")
+            return False
+        ok = True
+        for axis, (want, got) in enumerate(zip(shape, arr.shape, strict=True)):
+            if isinstance(want, str):
+                seen = symbols.setdefault(want, (got, name))
+                if seen[0] != got:
+                    problems.append(f"input '{name}' has {want}={got} but input '{seen[1]}' has"
+                                    f" {want}={seen[0]}")
+                    ok = False
+            elif want > 0 and want != got:
+                problems.append(f"input '{name}' has shape {_fmt(arr.shape)}, expected"
+                                f" {_fmt(shape)} (axis {axis} must be {want})")
+                ok = False
+        if ok and arr.ndim:
+            if arr.shape[0] == 0:
+                problems.append(f"input '{name}' holds no rows")
+                ok = False
+            elif arr.shape[0] > self.max_batch:
+                problems.append(f"input '{name}' holds {arr.shape[0]} rows, more than the limit"
+                                f" of {self.max_batch} per request")
+                ok = False
+        if ok and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            problems.append(f"input '{name}' holds NaN or infinite values")
+            ok = False
+        return ok
+
+
+def _as_array(value: Any, name: str, problems: list[str]) -> np.ndarray | None:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        problems.append(f"input '{name}' is not a rectangular array ({exc})")
+        return None
+    if arr.dtype.kind not in "biuf":
+        problems.append(f"input '{name}' holds {arr.dtype} values, expected numbers")
+        return None
+    return arr
+
+
+def _cast(arr: np.ndarray, name: str, dtype: np.dtype[Any], quantized: bool,
+          problems: list[str]) -> np.ndarray | None:
+    have = arr.dtype
+    if have == dtype:
+        return arr
+    kind = have.kind
+    if kind not in "biuf":
+        problems.append(f"input '{name}' has dtype {have}, expected {dtype.name}")
+        return None
+    if quantized and kind in "iuf":
+        # Real values; the runtime session quantizes them with the manifest's scale.
+        return arr.astype(np.float32)
+    if dtype.kind == "f" and kind in "iuf":
+        return arr.astype(dtype)
+    if dtype.kind in "iu" and kind in "iuf":
+        if kind == "f" and not np.all(np.mod(arr, 1) == 0):
+            problems.append(f"input '{name}' holds fractions, expected whole numbers ({dtype.name})")
+            return None
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            problems.append(f"input '{name}' holds values outside the range of {dtype.name}")
+            return None
+        return arr.astype(dtype)
+    if dtype.kind == "b" and kind in "iu" and np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    problems.append(f"input '{name}' has dtype {have}, expected {dtype.name}")
+    return None
+
+
+def _fmt(shape: Any) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def inputs_from_json(doc: Any) -> dict[str, Any]:
+    """The ``inputs`` object of a JSON request: nested lists, or encoded arrays.
+
+    Raises:
+        ProtocolError: no ``inputs`` object, or an encoded array is malformed.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
+        raise ProtocolError("the request has no 'inputs' object",
+                            hint='send {"inputs": {"<input name>": [[...]]}}')
+    feeds: dict[str, Any] = {}
+    for name, value in doc["inputs"].items():
+        if isinstance(value, dict):
+            feeds[name] = decode_array(value, f"inputs.{name}")
+        else:
+            feeds[name] = value
+    return feeds
+
+
+def inputs_from_npy(body: bytes, specs: list[TensorSpec]) -> dict[str, Any]:
+    """A ``.npy`` body: the array of a single-input model.
+
+    Raises:
+        ProtocolError: not a .npy file, or the model has more than one input.
+    """
+    if len(specs) != 1:
+        raise ProtocolError(
+            f"a .npy body carries one array but the model has {len(specs)} inputs",
+            hint="send an .npz with one array per input name",
+        )
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ProtocolError(f"the body is not a readable .npy file ({exc})") from exc
+    if not isinstance(arr, np.ndarray):
+        raise ProtocolError("the body is not a .npy array")
+    return {specs[0].name: arr}
+
+
+def inputs_from_npz(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """An ``.npz`` body: one array per input name (``x`` for a single input).
+
+    Raises:
+        ProtocolError: not an .npz file, or its arrays decompress past ``max_bytes``.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            total = sum(info.file_size for info in zf.infolist())
+        if total > max_bytes:
+            raise ProtocolError(f"the .npz body unpacks to {total} bytes, over the limit of"
+                                f" {max_bytes}")
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except ProtocolError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ProtocolError(f"the body is not a readable .npz file ({exc})") from exc

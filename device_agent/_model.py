@@ -1,0 +1,265 @@
+"""A verified model loaded into a runtime, and the slot that holds the one in service.
+
+:func:`load_model` verifies a package (every member's sha256, the signature against the
+trusted keys), loads it with :mod:`edgekit.runtimes` and runs its golden samples, which both
+proves the runtime gives the outputs the converter recorded and warms the session up.
+
+:class:`ModelSlot` holds the :class:`LoadedModel` in service. A request reads the slot once
+and uses that model to the end, so :meth:`ModelSlot.swap` is atomic for requests: each one
+is answered wholly by the old model or wholly by the new one, and none waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgekit.artifact import VerifyReport, open_package, sha256_file, verify_package
+from edgekit.errors import RuntimeBackendError
+from edgekit.manifest import Manifest, Task
+from edgekit.protocol import ModelRef
+from edgekit.runtimes import RuntimeOptions, Session, backend_for, load_session
+from edgekit.signing import load_public_key
+
+from ._inputs import InputValidator
+
+__all__ = ["LoadedModel", "ModelSlot", "Prediction", "TrustPolicy", "load_model"]
+
+log = logging.getLogger("device_agent.model")
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which packages the device accepts: signed by a trusted key, or unsigned when allowed."""
+
+    trusted_keys: tuple[Ed25519PublicKey, ...] = ()
+    allow_unsigned: bool = False
+
+    @classmethod
+    def from_files(cls, paths: list[str], allow_unsigned: bool) -> TrustPolicy:
+        """Raises: UsageError: a key file is missing or not an Ed25519 public key."""
+        return cls(tuple(load_public_key(p) for p in paths), allow_unsigned)
+
+    def verify(self, path: str | Path) -> VerifyReport:
+        """Check every member's sha256 and the signature.
+
+        Raises:
+            ArtifactError: a member is missing or altered.
+            SignatureError: unsigned while signatures are required, an untrusted signer, or a
+                signature that does not match.
+        """
+        return verify_package(path, list(self.trusted_keys),
+                              require_signature=not self.allow_unsigned)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A verified package in a runtime session. Immutable: a new model is a new object."""
+
+    path: Path
+    sha256: str
+    manifest: Manifest
+    session: Session
+    validator: InputValidator
+    runtime: str
+    signed: bool
+    key_id: str | None
+    ref: ModelRef = field(init=False)
+    num_classes: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.manifest
+        object.__setattr__(self, "ref", ModelRef(name=m.name, version=m.version,
+                                                 sha256=self.sha256, format=m.format.value,
+                                                 runtime=self.runtime))
+        object.__setattr__(self, "num_classes", _num_classes(m))
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def primary_output(self) -> str:
+        return self.manifest.outputs[0].name
+
+    def label_name(self, index: int) -> str:
+        labels = self.manifest.labels
+        return labels[index] if labels and 0 <= index < len(labels) else str(index)
+
+    def run_golden(self) -> float | None:
+        """Run the manifest's golden samples; return the largest error over tolerance.
+
+        Returns None when the package holds no golden samples, else the largest
+        ``|out - expected| - (atol + rtol * |expected|)`` (at most 0 when all are within).
+
+        Raises:
+            RuntimeBackendError: the runtime fails on the golden inputs.
+            ArtifactError: the golden member is unreadable.
+        """
+        golden_in, golden_out = open_package(self.path).golden()
+        if not golden_in:
+            return None
+        outputs = self.session.run(golden_in)
+        atol = float(self.manifest.golden.get("atol", 1e-4))
+        rtol = float(self.manifest.golden.get("rtol", 1e-3))
+        worst = -np.inf
+        for name, expected in golden_out.items():
+            got = outputs.get(name)
+            if got is None or got.shape != expected.shape:
+                return float("inf")
+            exp = expected.astype(np.float64)
+            excess = np.abs(got.astype(np.float64) - exp) - (atol + rtol * np.abs(exp))
+            worst = max(worst, float(np.nan_to_num(excess, nan=np.inf).max()))
+        return worst
+
+
+def _num_classes(m: Manifest) -> int | None:
+    if m.task != Task.CLASSIFICATION.value or not m.outputs:
+        return None
+    shape = m.outputs[0].shape
+    if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return shape[1]
+    return len(m.labels) if m.labels else None
+
+
+def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | None = None,
+               *, max_batch: int = 256, check_golden: bool = True) -> LoadedModel:
+    """Verify a package, load it into its runtime and check it against its golden samples.
+
+    Raises:
+        ArtifactError: the package is missing, corrupt or altered.
+        SignatureError: the trust policy refuses it.
+        RuntimeBackendError: no runtime for its format, the runtime cannot load it, or its
+            outputs on the golden samples are outside the manifest's tolerance.
+    """
+    p = Path(path)
+    report = trust.verify(p)
+    pkg = open_package(p)
+    manifest = pkg.manifest
+    session = load_session(manifest, pkg.model_bytes(), options)
+    model = LoadedModel(
+        path=p,
+        sha256=sha256_file(p),
+        manifest=manifest,
+        session=session,
+        validator=InputValidator(manifest.inputs, max_batch, f"{manifest.name} {manifest.version}"),
+        runtime=backend_for(manifest.format.value).KEY,
+        signed=report.signed,
+        key_id=report.key_id,
+    )
+    if check_golden:
+        excess = model.run_golden()
+        if excess is not None and excess > 0:
+            raise RuntimeBackendError(
+                f"{p.name}: outputs on the golden samples differ from the package's by up to"
+                f" {excess:.3g} beyond its tolerance (atol {manifest.golden.get('atol')},"
+                f" rtol {manifest.golden.get('rtol')})",
+                hint="this runtime does not reproduce the converter's results; check the"
+                " runtime version (edgekit-agent doctor) or reconvert",
+            )
+    return model
+
+
+SwapListener = Callable[["LoadedModel | None", "LoadedModel"], None]
+
+
+class ModelSlot:
+    """The model in service. Reading ``current`` is one attribute read; ``swap`` replaces it.
+
+    Listeners run after each swap, in the swapping thread, with (old, new); a listener that
+    raises is logged and does not undo the swap.
+    """
+
+    def __init__(self) -> None:
+        self._current: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._listeners: list[SwapListener] = []
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def on_swap(self, listener: SwapListener) -> None:
+        self._listeners.append(listener)
+
+    def swap(self, new: LoadedModel) -> LoadedModel | None:
+        """Put ``new`` in service and return the model it replaced."""
+        with self._lock:
+            old, self._current = self._current, new
+            for listener in self._listeners:
+                try:
+                    listener(old, new)
+                except Exception:
+                    log.exception("a model-swap listener failed")
+        return old
+
+
+class Prediction:
+    """One answered request. ``outputs`` belong to the caller; ``classes`` and ``confidence``
+    are computed when first read (classifiers only, else None)."""
+
+    # A plain class with slots: it is made on every request, and a frozen dataclass costs
+    # several times more to construct.
+    __slots__ = ("_classes", "_confidence", "id", "latency_ms", "model", "outputs")
+
+    def __init__(self, id: str, outputs: dict[str, np.ndarray], model: LoadedModel,
+                 latency_ms: float) -> None:
+        self.id = id
+        self.outputs = outputs
+        self.model = model
+        self.latency_ms = latency_ms
+        self._classes: np.ndarray | None = None
+        self._confidence: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return f"Prediction(id={self.id!r}, model={self.model.name} {self.model.version})"
+
+    def _scores(self) -> np.ndarray:
+        scores = np.asarray(self.outputs[self.model.primary_output])
+        return scores.reshape(len(scores), -1)
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        if self.model.num_classes is None:
+            return None
+        if self._classes is None:
+            self._classes = self._scores().argmax(axis=1)
+        return self._classes
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        if self.model.num_classes is None:
+            return None
+        if self._confidence is None:
+            self._confidence = probabilities(self._scores()).max(axis=1)
+        return self._confidence
+
+    @property
+    def labels(self) -> list[str] | None:
+        classes = self.classes
+        return None if classes is None else [self.model.label_name(int(c)) for c in classes]
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """Rows that already are probabilities stay; other rows (logits) go through softmax."""
+    rows = np.asarray(scores, dtype=np.float64)
+    sums = rows.sum(axis=1, keepdims=True)
+    is_prob = (rows >= 0).all(axis=1, keepdims=True) & (np.abs(sums - 1.0) < 1e-3)
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    soft = exp / exp.sum(axis=1, keepdims=True)
+    return np.where(is_prob, rows, soft)

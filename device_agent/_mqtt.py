@@ -1,0 +1,227 @@
+"""The agent's MQTT connection: status with birth and last will, subscriptions, and the
+sender that drains the store-and-forward queue.
+
+paho runs the network thread, reconnects with exponential backoff (``mqtt.reconnect_min_s``
+doubling up to ``mqtt.reconnect_max_s``) and retries the first connection too. Before each
+attempt the session number is incremented on disk and the last will is set with it; on
+each successful connect the birth goes out with the same number and every subscription is
+made again. A stale ``offline``/``stopped`` status of an older session (a late will) seen
+on the device's own status topic is answered by publishing the birth again, so the retained
+status always describes the live connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edgekit.errors import ProtocolError
+from edgekit.protocol import DeviceState, Schema, decode
+
+from ._outbox import Outbox
+from .config import AgentConfig, BrokerAddress
+
+__all__ = ["MqttLink"]
+
+log = logging.getLogger("device_agent.mqtt")
+
+Handler = Callable[[str, bytes], None]
+StatusBuilder = Callable[[int, DeviceState, str | None], bytes]
+
+SESSION_COUNTER = "mqtt.session"
+_SEND_WINDOW = 20  # messages in flight from the queue (paho's default in-flight limit)
+_ACK_TIMEOUT_S = 60.0  # a queued message unacknowledged this long on a live link is resent
+
+
+class MqttLink:
+    """One paho client, with the agent's status, subscriptions and queue sender."""
+
+    def __init__(self, cfg: AgentConfig, address: BrokerAddress, outbox: Outbox,
+                 status_topic: str, build_status: StatusBuilder) -> None:
+        self.address = address
+        self.outbox = outbox
+        self.status_topic = status_topic
+        self._build_status = build_status
+        self._handlers: dict[str, Handler] = {}
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._acked: set[int] = set()
+        self._acked_lock = threading.Lock()
+        self.session = outbox.counter(SESSION_COUNTER)
+        self.connections = 0
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+                             protocol=mqtt.MQTTv311, clean_session=True)
+        if address.username:
+            client.username_pw_set(address.username, address.password or None)
+        if address.tls:
+            client.tls_set(ca_certs=cfg.mqtt.ca_file or None, certfile=cfg.mqtt.cert_file or None,
+                           keyfile=cfg.mqtt.key_file or None, cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)  # type: ignore[arg-type]
+        client.on_pre_connect = self._on_pre_connect
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._client = client
+        self._keepalive = cfg.mqtt.keepalive_s
+        self.subscribe(status_topic, self._on_own_status)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Route messages matching ``topic_filter`` to ``handler`` (in paho's thread: keep it
+        short). Subscriptions are made again on every reconnect."""
+        self._handlers[topic_filter] = handler
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def start(self) -> None:
+        self._client.connect_async(self.address.host, self.address.port, self._keepalive)
+        self._client.loop_start()
+        self._sender.start()
+
+    def notify(self) -> None:
+        """Something was queued: wake the sender."""
+        self._wake.set()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1
+                ) -> mqtt.MQTTMessageInfo:
+        """Publish directly (replies, status), not through the queue: lost if the link is down."""
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Publish ``stopped``, give the queue ``timeout`` seconds to drain, disconnect
+        without the will."""
+        deadline = time.monotonic() + timeout
+        if self.connected:
+            info = self.publish(self.status_topic,
+                                self._build_status(self.session, DeviceState.STOPPED, "shutdown"),
+                                retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("the stopped status could not be published")
+            while self.connected and self.outbox.depth and time.monotonic() < deadline:
+                self._wake.set()
+                time.sleep(0.05)
+        self._stopping.set()
+        self._wake.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._sender.join(timeout=2.0)
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: object) -> None:
+        # A new number per connection, so the host can tell this connection's will from a
+        # will of an earlier one that the broker delivers late.
+        self.session = self.outbox.next_value(SESSION_COUNTER)
+        client.will_set(self.status_topic,
+                        self._build_status(self.session, DeviceState.OFFLINE, "connection lost"),
+                        qos=1, retain=True)
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.address.url(), reason_code)
+            return
+        self.connections += 1
+        client.publish(self.status_topic, self._build_status(self.session, DeviceState.ONLINE,
+                                                              None), qos=1, retain=True)
+        for topic_filter in self._handlers:
+            client.subscribe(topic_filter, qos=1)
+        self._connected.set()
+        self._wake.set()
+        log.info("connected to %s (session %d)", self.address.url(), self.session)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        log.warning("cannot reach broker %s; retrying with backoff", self.address.url())
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason_code: mqtt.ReasonCode, properties: object) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stopping.is_set():
+            log.warning("lost the broker connection (%s); telemetry is queued on disk",
+                        reason_code)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason_code: mqtt.ReasonCode, properties: object) -> None:
+        with self._acked_lock:
+            self._acked.add(mid)
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object,
+                    message: mqtt.MQTTMessage) -> None:
+        for topic_filter, handler in list(self._handlers.items()):
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message.topic, bytes(message.payload))
+                except Exception:
+                    # Whatever arrives, the agent logs it and goes on.
+                    log.exception("handler for %s failed on a message", message.topic)
+
+    def _on_own_status(self, topic: str, payload: bytes) -> None:
+        try:
+            doc = decode(payload, Schema.STATUS)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed status message on %s: %s", topic, exc.message)
+            return
+        state, session = doc.get("state"), doc.get("session")
+        if (state != DeviceState.ONLINE.value and session != self.session and self.connected
+                and not self._stopping.is_set()):
+            log.info("a stale %s status (session %s) replaced the birth; publishing it again",
+                     state, session)
+            self.publish(self.status_topic,
+                         self._build_status(self.session, DeviceState.ONLINE, None), retain=True)
+
+    # ------------------------------------------------------------------ queue sender
+
+    def _send_loop(self) -> None:
+        pending: deque[tuple[int, int, float]] = deque()  # (row id, mid, sent at)
+        last_id = 0
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            with self._acked_lock:
+                acked = self._acked
+                self._acked = set()
+            done = []
+            unacked: deque[tuple[int, int, float]] = deque()
+            for row_id, mid, sent in pending:
+                (done.append(row_id) if mid in acked else unacked.append((row_id, mid, sent)))
+            pending = unacked
+            self.outbox.remove(done)
+            if not self.connected:
+                continue
+            if pending and time.monotonic() - pending[0][2] > _ACK_TIMEOUT_S:
+                log.warning("queued telemetry was not acknowledged in %.0f s; resending",
+                            _ACK_TIMEOUT_S)
+                last_id = pending[0][0] - 1
+                pending.clear()
+            room = _SEND_WINDOW - len(pending)
+            if room <= 0:
+                continue
+            for msg in self.outbox.peek(last_id, room):
+                info = self._client.publish(msg.topic, msg.payload, qos=1)
+                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    break
+                pending.append((msg.id, info.mid, time.monotonic()))
+                last_id = msg.id

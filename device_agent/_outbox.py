@@ -1,0 +1,139 @@
+"""Store and forward: telemetry waits in a bounded SQLite queue until the broker has it.
+
+Every metrics, events and samples message is written here first, with its sequence number
+taken in the same transaction, and deleted only when the broker acknowledged it (QoS 1).
+So messages survive a broker outage and an agent restart, and go out in the order they
+were made. At the bound the oldest are deleted and counted; the count is reported in every
+metrics message. The same database keeps the agent's counters (sequence numbers, the MQTT
+session number), so they grow across restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import OutputWriteError
+
+__all__ = ["Outbox", "QueuedMessage"]
+
+DROPPED = "outbox.dropped"
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    id: int
+    topic: str
+    payload: bytes
+
+
+class Outbox:
+    """The queue and the counters. Thread-safe; one connection behind a lock."""
+
+    def __init__(self, path: Path, max_messages: int) -> None:
+        self.path = path
+        self.max_messages = max_messages
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,"
+                " value INTEGER NOT NULL)")
+        except sqlite3.Error as exc:
+            raise OutputWriteError(f"cannot open the telemetry queue {path}: {exc}",
+                                   hint="check that the state folder is writable") from exc
+        self._depth = self._count()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def next_value(self, name: str) -> int:
+        """Increment a persistent counter and return its new value (the first is 1)."""
+        with self._lock:
+            return self._bump(name, 1)
+
+    def counter(self, name: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def put(self, topic: str, make_payload: Callable[[int], bytes], seq_name: str) -> int:
+        """Queue a message whose payload carries the next value of counter ``seq_name``.
+
+        ``make_payload(seq)`` builds the bytes; sequence number and row are written in one
+        transaction, so numbers are contiguous in the queue. Returns the sequence number.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._bump(seq_name, 1)
+                self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
+                                 (topic, make_payload(seq), time.time()))
+                self._depth += 1
+                excess = self._depth - self.max_messages
+                if excess > 0:
+                    self._db.execute(
+                        "DELETE FROM outbox WHERE id IN"
+                        " (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,))
+                    self._bump(DROPPED, excess)
+                    self._depth -= excess
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._depth = self._count_locked()
+                raise
+        return seq
+
+    def peek(self, after_id: int, limit: int) -> list[QueuedMessage]:
+        """The oldest messages with an id above ``after_id``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit)).fetchall()
+        return [QueuedMessage(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    def remove(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            cur = self._db.execute(
+                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
+            self._depth -= max(cur.rowcount, 0)
+
+    def first_id(self) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT MIN(id) FROM outbox").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def dropped(self) -> int:
+        return self.counter(DROPPED)
+
+    def _bump(self, name: str, by: int) -> int:
+        # No RETURNING: older SQLite builds (Debian bullseye ships 3.34) lack it.
+        self._db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name)"
+                         " DO UPDATE SET value = value + excluded.value", (name, by))
+        row = self._db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return int(row[0])
+
+    def _count(self) -> int:
+        with self._lock:
+            return self._count_locked()
+
+    def _count_locked(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])

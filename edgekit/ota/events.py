@@ -1,0 +1,104 @@
+"""The steps of an update, the reason codes of its failures, and the events that report them.
+
+An agent sends one ``events`` payload (:class:`edgekit.protocol.EventPayload`) per step, with
+``kind`` ``update.<step>``, the reason code in ``reason`` when the step is a failure or a
+rollback, and :class:`UpdateEventData` in ``data``. docs/ota.md draws the state machine.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import NotRequired, TypedDict
+
+__all__ = [
+    "EVENT_PREFIX",
+    "FINAL_STEPS",
+    "UpdateEventData",
+    "UpdateModel",
+    "UpdateProgress",
+    "UpdateReason",
+    "UpdateStep",
+    "event_kind",
+    "step_of",
+]
+
+EVENT_PREFIX = "update."
+
+
+class UpdateStep(StrEnum):
+    """One step of an update, in the order an update goes through them."""
+
+    QUEUED = "queued"  # a desired document asks for a model the device does not serve
+    DOWNLOADING = "downloading"  # repeated with progress
+    VERIFYING = "verifying"  # sha256, signature, version, runtime load, inputs and outputs
+    STAGED = "staged"  # golden samples and latency passed in a second session
+    ACTIVATING = "activating"  # on-disk switch, then the in-memory swap
+    PROBATION = "probation"  # serving, watched for errors, non-finite outputs, latency
+    SUCCEEDED = "succeeded"  # committed as the last known good model (or already served)
+    ROLLED_BACK = "rolled_back"  # the new model served and was replaced by the previous one
+    FAILED = "failed"  # refused before serving; the running model never stopped
+
+
+FINAL_STEPS = frozenset({UpdateStep.SUCCEEDED, UpdateStep.ROLLED_BACK, UpdateStep.FAILED})
+
+
+class UpdateReason(StrEnum):
+    """Why an update failed or was rolled back (the event's ``reason``)."""
+
+    INVALID_DESIRED = "invalid_desired"  # the desired document is not JSON or not valid
+    TOO_LARGE = "too_large"  # the artifact is larger than the device accepts
+    NO_SPACE = "no_space"  # not enough free disk space for the download
+    DOWNLOAD_FAILED = "download_failed"  # no server answered, or the transfer kept failing
+    SHA256_MISMATCH = "sha256_mismatch"  # the downloaded file is not the one named
+    UNSIGNED = "unsigned"  # the device requires signatures and the package has none
+    BAD_SIGNATURE = "bad_signature"  # signature wrong, untrusted, or not the key named
+    OLDER_VERSION = "older_version"  # not newer than the running model, without a rollback
+    BAD_ROLLBACK = "bad_rollback"  # a rollback instruction that does not verify or match
+    UNAVAILABLE = "unavailable"  # a rollback to a copy the device does not keep
+    INCOMPATIBLE_IO = "incompatible_io"  # inputs/outputs differ and the change is not allowed
+    LOAD_FAILED = "load_failed"  # corrupt package, or the runtime cannot load the model
+    GOLDEN_MISMATCH = "golden_mismatch"  # outputs on the golden samples out of tolerance
+    NONFINITE_OUTPUT = "nonfinite_output"  # NaN or infinity in outputs
+    SLOW = "slow"  # latency over the stage budget or the probation threshold
+    PROBATION_ERRORS = "probation_errors"  # too many failed requests during probation
+    INTERRUPTED = "interrupted"  # the agent stopped mid-update; it went back on restart
+    SUPERSEDED = "superseded"  # a newer desired document replaced this one
+
+
+class UpdateModel(TypedDict):
+    name: str
+    version: str
+    sha256: str | None
+
+
+class UpdateProgress(TypedDict):
+    bytes: int
+    total: int
+    percent: float
+
+
+class UpdateEventData(TypedDict):
+    """The ``data`` of an ``update.*`` event."""
+
+    deployment: str
+    step: str  # UpdateStep
+    model: UpdateModel  # the model the update is about
+    serving: UpdateModel | None  # the model in service when the event was sent
+    progress: NotRequired[UpdateProgress]  # downloading only
+    source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk)
+    details: NotRequired[dict[str, object]]  # numbers behind a decision (latency, rates)
+
+
+def event_kind(step: UpdateStep) -> str:
+    """The event ``kind`` of a step, e.g. ``update.downloading``."""
+    return EVENT_PREFIX + step.value
+
+
+def step_of(kind: object) -> UpdateStep | None:
+    """The step an event ``kind`` reports; None for an event that is not about an update."""
+    if not isinstance(kind, str) or not kind.startswith(EVENT_PREFIX):
+        return None
+    try:
+        return UpdateStep(kind[len(EVENT_PREFIX):])
+    except ValueError:
+        return None

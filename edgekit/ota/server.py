@@ -1,0 +1,147 @@
+"""Serving packages to devices: in chunks over MQTT, and over HTTP(S) with Range requests.
+
+:class:`ArtifactServer` answers chunk requests (:mod:`edgekit.ota.chunks`) for the packages
+of an :class:`~edgekit.ota.store.ArtifactStore`, on a :class:`~edgekit.ota.client.HostClient`
+it may share with other parts (the controller's own connection, ``edgekit deploy``'s). It
+subscribes once per (fleet, artifact), through a shared subscription by default, so several
+servers of one fleet split the requests between them and a request reaches only servers
+holding the artifact. :class:`ArtifactHttpServer` serves the same store at
+``/artifacts/<sha256>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from ..errors import ArtifactError, ProtocolError
+from ..protocol import check_id
+from ._http import ArtifactHttpServer
+from .chunks import ChunkErrorCode, encode_chunk, encode_chunk_error, parse_request
+from .client import HostClient
+from .store import ArtifactInfo, ArtifactStore
+from .topics import DEFAULT_SHARE_GROUP, artifact_subscription
+
+__all__ = ["DEFAULT_MAX_CHUNK", "ArtifactHttpServer", "ArtifactServer", "ServerStats"]
+
+log = logging.getLogger("edgekit.ota.server")
+
+DEFAULT_MAX_CHUNK = 1024 * 1024
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    errors: int = 0
+
+
+class ArtifactServer:
+    """Answers chunk requests for the artifacts in ``store``, for the given fleets.
+
+    ``fleets`` may hold ``"+"`` to serve every fleet on the broker. ``share_group`` None makes
+    plain subscriptions (for brokers without shared subscriptions, such as amqtt); with one
+    server per fleet that changes nothing, with several every server would answer.
+    """
+
+    def __init__(self, client: HostClient, store: ArtifactStore | None = None, *,
+                 fleets: Iterable[str], share_group: str | None = DEFAULT_SHARE_GROUP,
+                 max_chunk: int = DEFAULT_MAX_CHUNK) -> None:
+        self.client = client
+        self.store = store or ArtifactStore()
+        self.share_group = share_group
+        self.max_chunk = max_chunk
+        self.stats = ServerStats()
+        self._fleets: set[str] = set()
+        self._lock = threading.Lock()
+        for fleet in fleets:
+            self.add_fleet(fleet)
+
+    def add_fleet(self, fleet: str) -> None:
+        """Serve every registered artifact to ``fleet`` too.
+
+        Raises:
+            UsageError: ``fleet`` is not a valid fleet id (or ``+``).
+        """
+        if fleet != "+":
+            check_id(fleet, "fleet")
+        with self._lock:
+            self._fleets.add(fleet)
+        for info in self.store.infos():
+            self.client.subscribe(artifact_subscription(fleet, info.sha256, self.share_group),
+                                  self._handle, qos=1)
+
+    def serve(self, path: str | os.PathLike[str]) -> ArtifactInfo:
+        """Register a package and start answering requests for it.
+
+        Raises:
+            ArtifactError: the file is missing or is not an edgekit package.
+        """
+        info = self.store.add(path)
+        self._subscribe(info.sha256)
+        log.info("serving %s %s (%s, %d bytes)", info.name, info.version, info.sha256[:12],
+                 info.size)
+        return info
+
+    def withdraw(self, sha256: str) -> None:
+        """Stop serving one artifact."""
+        with self._lock:
+            fleets = list(self._fleets)
+        for fleet in fleets:
+            self.client.unsubscribe(artifact_subscription(fleet, sha256, self.share_group))
+        self.store.remove(sha256)
+
+    def _subscribe(self, sha256: str) -> None:
+        with self._lock:
+            fleets = list(self._fleets)
+        for fleet in fleets:
+            self.client.subscribe(artifact_subscription(fleet, sha256, self.share_group),
+                                  self._handle, qos=1)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+        self.stats.requests += 1
+        try:
+            request = parse_request(bytes(msg.payload))
+        except ProtocolError as exc:
+            # Without a valid request there may be no reply topic to explain it on.
+            self.stats.errors += 1
+            log.warning("ignoring a chunk request on %s: %s", msg.topic, exc.message)
+            return
+        reply_to = request["reply_to"]
+        if not msg.topic.endswith("/" + request["sha256"]):
+            self._error(reply_to, request["request_id"], request["sha256"],
+                        request["offset"], ChunkErrorCode.BAD_REQUEST,
+                        "the request's sha256 is not the one of the topic it was sent to")
+            return
+        length = min(request["length"], self.max_chunk)
+        try:
+            info, data = self.store.read(request["sha256"], request["offset"], length)
+        except KeyError:
+            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+                        ChunkErrorCode.NOT_FOUND, "this server does not hold the artifact")
+            return
+        except ArtifactError as exc:
+            log.error("cannot serve %s: %s", request["sha256"][:12], exc.message)
+            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+                        ChunkErrorCode.INTERNAL, exc.message)
+            return
+        if request["offset"] >= info.size:
+            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+                        ChunkErrorCode.OUT_OF_RANGE,
+                        f"offset {request['offset']} is past the end ({info.size} bytes)")
+            return
+        self.client.publish(reply_to, encode_chunk(request, data, info.size), qos=1)
+        self.stats.chunks += 1
+        self.stats.bytes += len(data)
+
+    def _error(self, reply_to: str, request_id: str, sha256: str, offset: int,
+               code: ChunkErrorCode, message: str) -> None:
+        self.stats.errors += 1
+        self.client.publish(reply_to, encode_chunk_error(request_id, sha256, offset, code,
+                                                         message), qos=1)

@@ -1,0 +1,1 @@
+"""Tiny models and data for the evaluation, optimize, prune and distill tests."""
