@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +46,10 @@ from ._telemetry import build_metrics, build_status
 from .config import AgentConfig, broker_address, http_address
 from .errors import RequestError
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "Observer"]
+
+Observer = Callable[[LoadedModel, float, "dict[str, np.ndarray] | None", "Exception | None"],
+                    None]
 
 log = logging.getLogger("device_agent")
 
@@ -89,6 +92,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._lock_handle = _lock_state_dir(config.state_dir)
         self._tick_lock = threading.Lock()
+        self._observers: list[Observer] = []
         self.outbox: Outbox | None = None
         self.link: Any = None
         self.http: Any = None
@@ -131,8 +135,10 @@ class Agent:
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
-        except RuntimeBackendError:
+        except RuntimeBackendError as exc:
             self.stats.error(channel, ErrorCode.INTERNAL.value)
+            for observer in self._observers:
+                observer(model, time.perf_counter() - t0, None, exc)
             raise
         latency = time.perf_counter() - t0
         pid = self._id_prefix + str(next(self._ids))
@@ -144,7 +150,17 @@ class Agent:
                 kept = {k: np.array(v, copy=True) for k, v in feeds.items()}
             self.predictions.add(pid, LoggedPrediction(model.sha256, scores, kept))
         self.stats.record(channel, latency, scores)
+        for observer in self._observers:
+            observer(model, latency, outputs, None)
         return Prediction(pid, outputs, model, latency * 1000.0)
+
+    def observe(self, observer: Observer) -> None:
+        """Call ``observer(model, latency_s, outputs, error)`` after every request the model
+        ran: ``outputs`` on success, ``error`` when the runtime failed (inputs refused by the
+        manifest check never reach the model and are not reported). It runs on the request
+        path, in the requesting thread: keep it short and do not raise. An update's
+        probation watches the new model this way."""
+        self._observers.append(observer)
 
     def feedback(self, prediction_id: str, label: int | str | None = None,
                  labels: list[int | str] | None = None) -> int:

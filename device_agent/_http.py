@@ -234,8 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
 def _json(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"the body is not valid JSON: {exc}",
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"the body is not valid JSON: {str(exc)[:200]}",
                             hint="send Content-Type application/json, or a .npy/.npz body") from exc
     if not isinstance(doc, dict):
         raise ProtocolError(f"the body is a JSON {type(doc).__name__}, expected an object")

@@ -37,7 +37,7 @@ class InputValidator:
         self.max_batch = max_batch
         self.where = where
         self._names = [s.name for s in specs]
-        self._plans = [(s.name, np.dtype(s.dtype), s.quantization is not None, tuple(s.shape))
+        self._plans = [(s.name, np.dtype(s.dtype), _real_range(s), tuple(s.shape))
                        for s in specs]
 
     def check(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -56,14 +56,14 @@ class InputValidator:
         problems: list[str] = []
         out: dict[str, np.ndarray] = {}
         symbols: dict[str, tuple[int, str]] = {}
-        for name, dtype, quantized, shape in self._plans:
+        for name, dtype, real_range, shape in self._plans:
             if name not in feeds:
                 problems.append(f"input '{name}' is missing (shape {_fmt(shape)}, {dtype.name})")
                 continue
             arr = _as_array(feeds[name], name, problems)
             if arr is None:
                 continue
-            arr = _cast(arr, name, dtype, quantized, problems)
+            arr = _cast(arr, name, dtype, real_range, problems)
             if arr is None:
                 continue
             if not self._shape_ok(arr, name, shape, symbols, problems):
@@ -122,8 +122,18 @@ def _as_array(value: Any, name: str, problems: list[str]) -> np.ndarray | None:
     return arr
 
 
-def _cast(arr: np.ndarray, name: str, dtype: np.dtype[Any], quantized: bool,
-          problems: list[str]) -> np.ndarray | None:
+def _real_range(spec: TensorSpec) -> tuple[float, float] | None:
+    """The real values a quantized input can represent (one step of slack each side)."""
+    q = spec.quantization
+    if q is None:
+        return None
+    info = np.iinfo(np.dtype(spec.dtype))
+    low, high = q.scale * (info.min - q.zero_point), q.scale * (info.max - q.zero_point)
+    return min(low, high) - abs(q.scale), max(low, high) + abs(q.scale)
+
+
+def _cast(arr: np.ndarray, name: str, dtype: np.dtype[Any],
+          real_range: tuple[float, float] | None, problems: list[str]) -> np.ndarray | None:
     have = arr.dtype
     if have == dtype:
         return arr
@@ -131,9 +141,16 @@ def _cast(arr: np.ndarray, name: str, dtype: np.dtype[Any], quantized: bool,
     if kind not in "biuf":
         problems.append(f"input '{name}' has dtype {have}, expected {dtype.name}")
         return None
-    if quantized and kind in "iuf":
-        # Real values; the runtime session quantizes them with the manifest's scale.
-        return arr.astype(np.float32)
+    if real_range is not None and kind in "iuf":
+        # Real values; the runtime session quantizes them with the manifest's scale. Values
+        # the quantization cannot represent would be clipped silently, so they are refused.
+        real = arr.astype(np.float32)
+        if real.size and (real.min() < real_range[0] or real.max() > real_range[1]):
+            problems.append(f"input '{name}' holds values outside {real_range[0]:.4g} ..."
+                            f" {real_range[1]:.4g}, the range its {dtype.name} quantization"
+                            " represents")
+            return None
+        return real
     if dtype.kind == "f" and kind in "iuf":
         return arr.astype(dtype)
     if dtype.kind in "iu" and kind in "iuf":

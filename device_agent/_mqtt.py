@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -152,7 +153,10 @@ class MqttLink:
         log.info("connected to %s (session %d)", self.address.url(), self.session)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        log.warning("cannot reach broker %s; retrying with backoff", self.address.url())
+        # paho calls this from inside its ``except OSError`` block: the cause is at hand.
+        cause = sys.exc_info()[1]
+        log.warning("cannot reach broker %s (%s); retrying with backoff", self.address.url(),
+                    cause or "connection failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason_code: mqtt.ReasonCode, properties: object) -> None:
@@ -185,8 +189,9 @@ class MqttLink:
             log.warning("ignored a malformed status message on %s: %s", topic, exc.message)
             return
         state, session = doc.get("state"), doc.get("session")
-        if (state != DeviceState.ONLINE.value and session != self.session and self.connected
-                and not self._stopping.is_set()):
+        stale = (state in (DeviceState.OFFLINE.value, DeviceState.STOPPED.value)
+                 and isinstance(session, int) and session < self.session)
+        if stale and self.connected and not self._stopping.is_set():
             log.info("a stale %s status (session %s) replaced the birth; publishing it again",
                      state, session)
             self.publish(self.status_topic,

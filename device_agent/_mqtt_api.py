@@ -192,8 +192,8 @@ class MqttApi:
         """
         try:
             doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._unanswerable(topic, f"not valid JSON ({exc})"), "", None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return self._unanswerable(topic, f"not valid JSON ({str(exc)[:200]})"), "", None
         if not isinstance(doc, dict):
             return self._unanswerable(topic, f"a JSON {type(doc).__name__}, not an object"), "", None
         request_id = doc.get("request_id", "")
@@ -222,7 +222,7 @@ class MqttApi:
             doc = json.loads(payload)
             reply_to = check_reply_topic(doc.get("reply_to"))
             request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else ""
-        except (ValueError, UnicodeDecodeError, AttributeError, ProtocolError):
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, ProtocolError):
             self._log.warn(topic, "dropped a message on %s while busy", topic)
             return
         self.link.publish(reply_to, encode(error_reply(str(request_id)[:_MAX_ID], exc)))

@@ -40,7 +40,9 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
         agent_version=agent.version,
         runtimes=agent.runtimes,
         hardware=agent.hardware,
-        model=model.ref if model is not None else None,
+        # The will is set before the connection and published after it died, when nothing
+        # serves: it names no model (the last online status of the session does).
+        model=model.ref if model is not None and state != DeviceState.OFFLINE else None,
         http=agent.http_address,
         started=agent.started,
     )

@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "EDGEKIT_"
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number",
+               "bool": "true or false", "list": "a list of strings"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -283,7 +285,8 @@ def _from_text(raw: str, key: ConfigKey, where: str) -> Any:
         if key.type == "float":
             return float(text)
     except ValueError as exc:
-        raise ConfigError(f"config {key.dotted} (from {where}): {raw!r} is not a {key.type}") from exc
+        raise ConfigError(f"config {key.dotted} (from {where}): {raw!r} is not"
+                          f" {_TYPE_WORDS[key.type]}") from exc
     if key.type == "list":
         return [item.strip() for item in text.split(",") if item.strip()]
     return raw
@@ -299,9 +302,8 @@ def _set(cfg: AgentConfig, key: ConfigKey, value: Any, sources: dict[str, str], 
         "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[key.type]
     if not ok:
-        expected = "a list of strings" if key.type == "list" else f"a {key.type}"
         raise ConfigError(
-            f"config {key.dotted} (from {where}): expected {expected}, found"
+            f"config {key.dotted} (from {where}): expected {_TYPE_WORDS[key.type]}, found"
             f" {type(value).__name__} {value!r}"
         )
     if key.type == "float":
@@ -393,7 +395,7 @@ def _default_device_id() -> str:
 
 def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
     def fail(dotted: str, problem: str, hint: str | None = None) -> ConfigError:
-        where = sources.get(dotted, "the default")
+        where = sources.get(dotted.split("[")[0], "the default")
         return ConfigError(f"config {dotted} (from {where}): {problem}", hint=hint)
 
     if not cfg.device.id:

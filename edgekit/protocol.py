@@ -234,7 +234,7 @@ class StatusPayload(TypedDict):
     agent_version: str
     runtimes: list[RuntimeInfo]
     hardware: HardwareInfo
-    model: ModelRef | None
+    model: ModelRef | None  # serving now; null in the last will (nothing serves then)
     http: str | None  # HOST:PORT of the local HTTP API, when it runs
     started: float  # when the agent process started
     reason: NotRequired[str]  # why it went offline or stopped
@@ -409,8 +409,8 @@ def decode(data: bytes | str, schema: Schema) -> dict[str, Any]:
     """
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"payload is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"payload is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict):
         raise ProtocolError(f"payload is a JSON {type(doc).__name__}, expected an object")
     found = doc.get("schema")

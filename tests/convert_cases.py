@@ -122,7 +122,7 @@ def onnx_digits(tmp: Path) -> CaseModel:
     return CaseModel(path, calib, evald)
 
 
-def export_digits_onnx(path: Path) -> Path:
+def export_digits_onnx(path: Path, opset: int = 17) -> Path:
     """Write the trained CNN as a float ONNX file with a symbolic batch."""
     import io
     import warnings
@@ -136,7 +136,7 @@ def export_digits_onnx(path: Path) -> Path:
         torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), buf, dynamo=False,
                           input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17)
+                          opset_version=opset)
     path.write_bytes(buf.getvalue())
     return path
 

@@ -5,10 +5,11 @@ Use it from any test folder::
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
     from mqtt_broker import MqttBroker, make_tls_files
 
-    with MqttBroker(tmp_path, tls=make_tls_files(tmp_path / "tls")) as broker:
+    with MqttBroker(tmp_path, tls=make_tls_files(tmp_path / "tls"), persistence=True) as broker:
         broker.url        # mqtt://127.0.0.1:PORT
         broker.tls_url    # mqtts://127.0.0.1:PORT (mosquitto only; client cert required)
-        broker.stop(); broker.start()   # same ports: an outage and a recovery
+        broker.stop(); broker.start()   # same ports: an outage and a recovery; with
+                                        # persistence, sessions and queued messages survive
 
 ``EDGEKIT_TEST_BROKER=amqtt`` forces the embedded broker (it runs MQTT 3.1.1, no TLS
 here). The mosquitto binary is looked up on PATH and in /usr/sbin; `.ci/run` installs
@@ -132,15 +133,16 @@ class MqttBroker:
     """A broker process on free ports of 127.0.0.1, restartable on the same ports."""
 
     def __init__(self, workdir: Path, *, tls: TlsFiles | None = None,
-                 kind: str | None = None) -> None:
+                 kind: str | None = None, persistence: bool = False) -> None:
         self.kind = kind or broker_kind()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = free_port()
         self.tls = tls
-        if tls is not None and self.kind != "mosquitto":
-            raise RuntimeError("the TLS listener needs mosquitto")
+        self.persistence = persistence
+        if (tls is not None or persistence) and self.kind != "mosquitto":
+            raise RuntimeError("TLS and persistence need mosquitto")
         self.tls_port = free_port() if tls is not None else None
         self.log_path = self.workdir / f"{self.kind}.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -164,7 +166,8 @@ class MqttBroker:
             lines = [
                 f"listener {self.port} {self.host}",
                 "allow_anonymous true",
-                "persistence false",
+                f"persistence {'true' if self.persistence else 'false'}",
+                f"persistence_location {self.workdir}/",
                 "max_queued_messages 100000",
                 f"log_dest file {self.log_path}",
                 "log_type error", "log_type warning", "log_type notice",

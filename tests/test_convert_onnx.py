@@ -20,7 +20,6 @@ from converters import ConvertOptions, convert, run_batches
 from edgekit.artifact import open_package, sha256_file
 from edgekit.cli import cli
 from edgekit.data import Dataset, check_inputs, save_npz
-from edgekit.errors import UsageError
 from edgekit.runtimes import load_session
 
 FACTORY_MODULE = "edgekit_test_digits_factory"
@@ -178,12 +177,8 @@ def test_onnx_file_with_external_data_is_folded_in(work: dict[str, Path], tmp_pa
     assert m.metrics["accuracy"]["drop"] == pytest.approx(0.0, abs=1 / 397)
 
 
-def test_onnx_source_below_opset_17_is_converted(work: dict[str, Path], tmp_path: Path) -> None:
-    import onnx
-
-    old = onnx.version_converter.convert_version(onnx.load(str(work["onnx"])), 13)
-    path = tmp_path / "old.onnx"
-    onnx.save(old, str(path))
+def test_onnx_source_below_opset_17_is_converted(tmp_path: Path) -> None:
+    path = export_digits_onnx(tmp_path / "old.onnx", opset=13)
     # No offline optimization: extended fusions would raise the minimum runtime on purpose.
     res = convert(path, ConvertOptions(latency_runs=5, optimize_graph=False),
                   output=tmp_path / "old.edgepkg",

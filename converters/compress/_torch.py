@@ -54,16 +54,20 @@ class ModelFigures:
 
 
 def load_torch_source(source: Any, *, weights: str | os.PathLike[str] | None,
-                      data: Dataset | None) -> tuple[Any, tuple[Any, ...], list[str]]:
+                      data: Dataset | None, example: dict[str, np.ndarray] | None = None
+                      ) -> tuple[Any, tuple[Any, ...], list[str]]:
     """Load a PyTorch source the way ``edgekit convert`` does: module, example args, names.
 
+    The example input comes from ``example``, else the first sample of ``data``.
+
     Raises:
-        ModelError: the source cannot be loaded.
+        ModelError: the source cannot be loaded, or there is no example input.
         UsageError: the source is not a PyTorch model.
     """
     from converters import ConvertOptions, load_source
 
-    example = {k: v[:1] for k, v in data.inputs.items()} if data is not None else None
+    if example is None and data is not None:
+        example = {k: v[:1] for k, v in data.inputs.items()}
     loaded = load_source(source, ConvertOptions(), weights=weights, example=example)
     if loaded.framework != "pytorch":
         raise UsageError(

@@ -80,10 +80,11 @@ QUICK = ("onnx:fp32", "onnx:fp16", "onnx:dynamic-per-channel", "onnx:int8-per-ch
 """A small set for fast runs: float, fp16 and the usually best int8 recipe of each kind."""
 
 
-def select_recipes(targets: tuple[str, ...], names: list[str] | None) -> list[Recipe]:
+def select_recipes(targets: tuple[str, ...], names: list[str | Recipe] | None) -> list[Recipe]:
     """The recipes to try: all for the targets, the quick set, or the named ones.
 
-    Names may omit the target when only one target is chosen (``int8-per-tensor-minmax``).
+    Names may omit the target when only one target is chosen (``int8-per-tensor-minmax``);
+    a :class:`Recipe` given instead of a name is tried as it is.
 
     Raises:
         UsageError: an unknown name (the message lists the known ones).
@@ -94,7 +95,10 @@ def select_recipes(targets: tuple[str, ...], names: list[str] | None) -> list[Re
     by_name = {r.name: r for r in available}
     wanted: list[str] = []
     for name in names:
-        if name == "quick":
+        if isinstance(name, Recipe):
+            by_name[name.name] = name
+            wanted.append(name.name)
+        elif name == "quick":
             wanted += [n for n in QUICK if n in by_name]
         elif name in by_name:
             wanted.append(name)

@@ -87,8 +87,7 @@ class Runner:
 
     def __init__(self, source: Any, base: ConvertOptions, *, weights: Any,
                  calibration: Dataset | None, eval_set: Dataset, reference: np.ndarray,
-                 metric: str, baseline: float, max_drop: float, workdir: Path,
-                 progress: Progress) -> None:
+                 metric: str, baseline: float, max_drop: float, workdir: Path) -> None:
         self.source = source
         self.base = base
         self.weights = weights
@@ -99,7 +98,6 @@ class Runner:
         self.baseline = baseline
         self.max_drop = max_drop
         self.workdir = workdir
-        self.progress = progress
         self.packages: dict[str, Path] = {}
         self.exporter: str | None = None
         self._count = 0
@@ -227,7 +225,7 @@ def optimize(
     max_drop: float = 0.01,
     targets: tuple[str, ...] = ("onnx",),
     objective: str = "latency",
-    candidates: list[str] | None = None,
+    candidates: list[str | Recipe] | None = None,
     weights: str | os.PathLike[str] | None = None,
     options: ConvertOptions | None = None,
     latency_runs: int = 50,
@@ -250,9 +248,11 @@ def optimize(
         ValidationError: no candidate meets the budget (nothing is written).
         OutputWriteError: the package or plot cannot be written.
     """
-    from converters import load_source
+    from converters import load_source, target_backends
 
     _check(metric, max_drop, objective, targets, latency_runs)
+    if sensitivity_samples < 1 or max_probes < 1:
+        raise UsageError("--sensitivity-samples and --max-probes must be 1 or more")
     recipes = select_recipes(targets, candidates)
     if output is not None and not Path(output).resolve().parent.is_dir():
         raise UsageError(f"output folder {Path(output).parent} does not exist")
@@ -273,8 +273,6 @@ def optimize(
     ev = Dataset(check_inputs(ev.inputs, loaded.inputs, f"evaluation data {ev.source}"),
                  ev.labels, ev.source)
     for recipe in list(recipes):
-        from converters import target_backends
-
         backend = target_backends().get(recipe.target)
         if backend is None or loaded.framework not in backend.SOURCES:
             recipes.remove(recipe)
@@ -296,7 +294,7 @@ def optimize(
     with tempfile.TemporaryDirectory(prefix="edgekit-optimize-") as tmp:
         runner = Runner(source, base, weights=weights, calibration=calib, eval_set=ev,
                         reference=reference, metric=metric, baseline=baseline,
-                        max_drop=max_drop, workdir=Path(tmp), progress=progress)
+                        max_drop=max_drop, workdir=Path(tmp))
         rows = []
         for i, recipe in enumerate(recipes, 1):
             progress(f"[{i}/{len(recipes)}] {recipe.name}: converting")
@@ -307,11 +305,12 @@ def optimize(
             notes.append(f"ONNX candidates share the {runner.exporter} exporter (chosen for"
                          " the first ONNX candidate), so node names match across them")
         fallback = None
+        int8_tried = any(rec.int8 for rec in recipes)
         int8_ok = any(r["status"] == "ok" and r["meets_budget"] and r["quantize"]
                       in ("dynamic", "int8") for r in rows)
         static = [(r, rec) for r, rec in zip(rows, recipes, strict=True) if rec.static_onnx
                   and r["status"] == "ok"]
-        if not int8_ok and static:
+        if int8_tried and not int8_ok and static:
             from .sensitivity import keep_sensitive_in_float
 
             base_row, base_recipe = max(static, key=lambda p: p[0]["metric"])
@@ -320,7 +319,7 @@ def optimize(
                 max_probes=max_probes, progress=progress)
             if mixed is not None:
                 rows.append(mixed)
-        elif not int8_ok:
+        elif int8_tried and not int8_ok:
             notes.append("no int8 candidate met the budget and no static ONNX int8 candidate"
                          " converted, so no nodes could be kept in float")
 
@@ -346,7 +345,7 @@ def optimize(
                     "latency": {"batch": 1, "runs": latency_runs, "method": "interleaved"}}
         if chosen is None:
             raise ValidationError(
-                f"{reason}\n{table}",
+                "\n".join([reason, *(f"note: {n}" for n in notes), table]),
                 hint="raise --max-drop, add candidates, or improve the model; nothing was"
                      " written")
         result = OptimizeResult(chosen=chosen, reason=reason, rows=rows, source=src,

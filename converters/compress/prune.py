@@ -146,9 +146,13 @@ def prune(
     batch: int = 64,
     seed: int = 0,
     threads: int = 1,
+    example: dict[str, Any] | None = None,
     progress: Progress = _quiet,
 ) -> PruneReport:
     """Prune a PyTorch model and write it as a ``.pt2`` program that ``convert`` takes.
+
+    The example input for export is ``example`` (arrays by input name), else the first
+    sample of the evaluation or fine-tuning data.
 
     Raises:
         UsageError: sparsity outside (0, 1), --epochs without --finetune (or the reverse),
@@ -164,11 +168,11 @@ def prune(
     train_set = _dataset(finetune)
     eval_set = _dataset(eval_data)
     progress("loading the model")
-    module, example, names = T.load_torch_source(source, weights=weights,
-                                                 data=eval_set or train_set)
-    program, notes = T.export_program(module, example)
+    module, args, names = T.load_torch_source(source, weights=weights,
+                                              data=eval_set or train_set, example=example)
+    program, notes = T.export_program(module, args)
     gm = program.module()
-    before = T.figures(gm, example, names, program=program, eval_data=eval_set,
+    before = T.figures(gm, args, names, program=program, eval_data=eval_set,
                        thread_count=threads)
     before_zip = len(zlib.compress(T.program_bytes(program), 6))
     progress(f"pruning {'channels' if structured else 'weights'} at sparsity {sparsity:g}")
@@ -188,8 +192,8 @@ def prune(
                           after_step=reapply if masks else None, progress=progress)
         tuned = {"data": train_set.source, "epochs": epochs, "loss": history, "seed": seed}
     progress("exporting the pruned model")
-    pruned, more = T.export_program(gm, example)
-    after = T.figures(gm, example, names, program=pruned, eval_data=eval_set,
+    pruned, more = T.export_program(gm, args)
+    after = T.figures(gm, args, names, program=pruned, eval_data=eval_set,
                       thread_count=threads)
     data = T.program_bytes(pruned)
     report = PruneReport(

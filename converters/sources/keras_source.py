@@ -170,10 +170,13 @@ class KerasSource(LoadedSource):
 
 
 def _weights_sha256(model: Any) -> str:
+    """Digest of the weights in order, by shape, dtype and value (not by variable name: Keras
+    numbers layer names per process, so names differ between equal models)."""
     digest = hashlib.sha256()
     for w in model.weights:
-        digest.update(str(w.path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(w)).tobytes())
+        arr = np.ascontiguousarray(np.asarray(w))
+        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+        digest.update(arr.tobytes())
     return digest.hexdigest()
 
 

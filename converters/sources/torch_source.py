@@ -52,8 +52,9 @@ class TorchSource(LoadedSource):
 
     framework: ClassVar[str] = "pytorch"
 
-    def __init__(self, ref: SourceRef, *, module: Any, reference: Any, example_args: tuple[Any, ...],
-                 input_names: list[str], kind: str, dynamic_batch: bool,
+    def __init__(self, ref: SourceRef, *, module: Any, reference: Any,
+                 example_args: tuple[Any, ...], input_names: list[str], kind: str,
+                 dynamic_batch: bool,
                  sha256: str | None, program: Any = None, scripted: Any = None,
                  fixed_batch: int | None = None, notes: list[str] | None = None) -> None:
         import torch
@@ -140,7 +141,8 @@ class TorchExportLoader(SourceLoader):
             raise ModelError(
                 f"{path} is not a readable torch.export program ({type(exc).__name__}: "
                 f"{_first_line(exc)})",
-                hint="save it with torch.export.save(torch.export.export(model, args), 'model.pt2')",
+                hint="save it with torch.export.save(torch.export.export(model, args),"
+                     " 'model.pt2')",
             ) from exc
         names = list(program.graph_signature.user_inputs)
         example = _example_args(ref, names, opts)
@@ -183,7 +185,7 @@ class TorchScriptLoader(SourceLoader):
         scripted.eval()
         names = _script_input_names(scripted, ref.example)
         example = _example_args(ref, names, opts)
-        module, notes = _traceable(scripted, example, opts)
+        module, notes = _traceable(scripted, example)
         return TorchSource(ref, module=module, reference=scripted, example_args=example,
                            input_names=names, kind="torchscript",
                            dynamic_batch=opts.dynamic_batch, sha256=sha256_file(path),
@@ -221,7 +223,8 @@ class TorchFactoryLoader(SourceLoader):
         except Exception as exc:  # user code
             raise ModelError(f"{ref.factory}() failed: {exc}") from exc
         if not isinstance(model, torch.nn.Module):
-            raise ModelError(f"{ref.factory}() returned {type(model).__name__}, not a torch.nn.Module")
+            raise ModelError(
+                f"{ref.factory}() returned {type(model).__name__}, not a torch.nn.Module")
         digest = None
         if ref.weights is not None:
             _load_weights(model, ref.weights)
@@ -248,7 +251,8 @@ class TorchModuleLoader(SourceLoader):
         return _from_module(ref, ref.obj, opts, None)
 
 
-def _from_module(ref: SourceRef, model: Any, opts: ConvertOptions, digest: str | None) -> TorchSource:
+def _from_module(ref: SourceRef, model: Any, opts: ConvertOptions,
+                 digest: str | None) -> TorchSource:
     model.eval()
     names = _forward_input_names(model.forward, ref.example)
     example = _example_args(ref, names, opts)
@@ -370,7 +374,7 @@ def _example_args(ref: SourceRef, names: list[str], opts: ConvertOptions) -> tup
     return tuple(tensors)
 
 
-def _traceable(scripted: Any, example: tuple[Any, ...], opts: ConvertOptions) -> tuple[Any, list[str]]:
+def _traceable(scripted: Any, example: tuple[Any, ...]) -> tuple[Any, list[str]]:
     """A ``torch.export``-traceable module for a ScriptModule, when torch can convert it."""
     try:
         from torch._export.converter import TS2EPConverter
@@ -406,9 +410,10 @@ def _flatten_outputs(out: Any) -> tuple[list[Any], list[str]]:
 
     if isinstance(out, torch.Tensor):
         return [out], ["output"]
-    if isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values() if v is not None):
+    if isinstance(out, dict):
         items = [(str(k), v) for k, v in out.items() if v is not None]
-        return [v for _, v in items], [k for k, _ in items]
+        if items and all(isinstance(v, torch.Tensor) for _, v in items):
+            return [v for _, v in items], [k for k, _ in items]
     flat: list[Any] = []
 
     def walk(obj: Any) -> None:

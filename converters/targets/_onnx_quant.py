@@ -7,6 +7,8 @@ the pairs into the int8 kernels its CPU has.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,14 +54,15 @@ def preprocess(model: bytes) -> PreprocessResult:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    errors = []
+    errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgekit-pre-") as tmp:
         src = Path(tmp) / "in.onnx"
         dst = Path(tmp) / "out.onnx"
         src.write_bytes(model)
         for outcome, skip_symbolic in (("full", False), ("skip_symbolic_shape", True)):
             try:
-                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+                with _no_stdout():
+                    quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
                 detail = "; ".join(errors) if errors else None
                 return PreprocessResult(dst.read_bytes(), outcome, detail)
             except Exception as exc:  # shape inference raises bare Exception
@@ -132,71 +135,99 @@ def quantize_dynamic_int8(model: bytes, *, per_channel: bool,
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         src.write_bytes(model)
         try:
-            quantize_dynamic(str(src), str(dst), per_channel=per_channel,
-                             weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(nodes_to_exclude) or None,
-                             # Ops from other domains have no inferred type; they are float.
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            with _no_stdout():
+                quantize_dynamic(str(src), str(dst), per_channel=per_channel,
+                                 weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(nodes_to_exclude) or None,
+                                 # Ops from other domains have no inferred type: float.
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:  # the quantizer raises anything
             raise ConversionError(f"dynamic int8 quantization failed: {_first_line(exc)}",
                                   hint="try --quantize int8 with --calibration, or fp16") from exc
         return dst.read_bytes()
 
 
-def quantize_static_int8(model: bytes, calibration: Dataset, *, method: str,
-                         per_channel: bool, nodes_to_exclude: list[str]) -> tuple[bytes, dict[str, Any]]:
+def quantize_static_int8(model: bytes, calibration: Dataset, *, method: str, per_channel: bool,
+                         nodes_to_exclude: list[str]) -> tuple[bytes, dict[str, Any]]:
     """int8 weights and activations in QDQ format, activation ranges from the calibration set.
+
+    The ranges are computed here and handed to ``quantize_static`` as a calibration cache:
+    ``quantize_static`` gives the entropy calibrator as many histogram bins as quantized
+    bins, which leaves it no threshold to search, so entropy would equal min-max.
 
     Returns the model and the recipe entries (calibration method, samples, types).
 
     Raises:
         ConversionError: calibration or quantization failed.
+        DataError: fewer calibration samples than the graph's fixed batch.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     batch = _calibration_batch(model, len(calibration))
     # Only full batches: a graph with a fixed batch takes no other, and the histogram
     # calibrators (entropy, percentile) cannot stack batches of different sizes.
     used = len(calibration) // batch * batch
-
-    class Reader(CalibrationDataReader):
-        """Feeds the calibration set to the calibrator in batches."""
-
-        def __init__(self) -> None:
-            self._batches: Iterator[dict[str, np.ndarray]] = iter(
-                calibration.take(used).batches(batch))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._batches, None)
-
-    reader = Reader()
     with tempfile.TemporaryDirectory(prefix="edgekit-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        cache = Path(tmp) / "ranges.json"
         src.write_bytes(model)
         try:
-            quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(nodes_to_exclude) or None,
-                            calibrate_method=methods[method],
-                            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            with _no_stdout():
+                ranges = _calibrate(src, Path(tmp), calibration.take(used), batch, method)
+                save_tensors_data(ranges, cache)
+                quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8,
+                                nodes_to_exclude=list(nodes_to_exclude) or None,
+                                calibrate_method=ranges.calibration_method,
+                                calibration_cache_path=str(cache),
+                                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:  # calibration and quantization raise anything
             raise ConversionError(
                 f"static int8 quantization ({method} calibration) failed: {_first_line(exc)}",
                 hint="try another --calibration-method, or --quantize dynamic") from exc
         data = dst.read_bytes()
     recipe = {"calibration_samples": used, "calibration_batch": batch,
+              "calibration_settings": _CALIBRATION_SETTINGS[method],
               "activation_type": "int8", "weight_type": "int8", "quant_format": "QDQ"}
     return data, recipe
+
+
+# Entropy searches clipping thresholds between 128 quantized bins (int8's half range) and
+# the whole 512-bin histogram: a threshold step of 1/256 of the range, and a search that
+# stays quick (its cost grows with the square of the bins).
+_CALIBRATION_SETTINGS: dict[str, dict[str, Any]] = {
+    "minmax": {},
+    "entropy": {"num_bins": 512, "num_quantized_bins": 128},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+}
+
+
+def _calibrate(model: Path, tmp: Path, data: Dataset, batch: int, method: str) -> Any:
+    """Activation ranges of the quantizable ops' tensors over the calibration batches."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    class Reader(CalibrationDataReader):
+        """Feeds the calibration set to the calibrator in batches."""
+
+        def __init__(self) -> None:
+            self._batches: Iterator[dict[str, np.ndarray]] = iter(data.batches(batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    calibrator = create_calibrator(
+        model, sorted(set(QDQRegistry) | set(QLinearOpsRegistry)),
+        augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=methods[method],
+        extra_options=dict(_CALIBRATION_SETTINGS[method]))
+    calibrator.collect_data(Reader())
+    return calibrator.compute_data()
 
 
 def _calibration_batch(model: bytes, samples: int) -> int:
@@ -220,6 +251,14 @@ def _calibration_batch(model: bytes, samples: int) -> int:
                                 f" only {samples} samples")
             return fixed
     return min(_CALIBRATION_BATCH, samples)
+
+
+@contextlib.contextmanager
+def _no_stdout() -> Iterator[None]:
+    """onnxruntime's quantization tools print progress to stdout, which ``--json`` keeps
+    for the report alone."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _first_line(exc: BaseException) -> str:

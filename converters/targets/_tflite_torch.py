@@ -71,7 +71,11 @@ def _named_outputs(source: Any) -> Any:
             flat, _ = _flatten_outputs(self.inner(*args))
             return dict(zip(names, flat, strict=True))
 
-    return NamedOutputs(source.module).eval()
+    wrapper = NamedOutputs(source.module)
+    # Only the wrapper's own flag: the source module is in eval mode already, and the module
+    # of a torch.export program refuses train()/eval() calls.
+    wrapper.training = False
+    return wrapper
 
 
 def _float_model(source: Any, progress: Progress) -> tuple[bytes, dict[str, str]]:
@@ -119,6 +123,13 @@ def _recipe(opts: ConvertOptions) -> tuple[Any, dict[str, Any]]:
         info.update({"recipe": "dynamic_wi8_afp32", "weights": "int8",
                      "per_channel": opts.per_channel,
                      "activations": "float32, quantized at run time"})
+        if not opts.per_channel:
+            # LiteRT's hybrid depthwise kernel reads garbage from per-tensor weights (measured:
+            # accuracy falls to chance); depthwise convolutions keep per-channel scales.
+            manager.add_dynamic_config(regex=".*", operation_name=ops.DEPTHWISE_CONV_2D,
+                                       num_bits=8,
+                                       granularity=qtyping.QuantGranularity.CHANNELWISE)
+            info["per_channel_ops"] = ["DEPTHWISE_CONV_2D"]
     else:
         manager.add_static_config(regex=".*", operation_name=ops.ALL_SUPPORTED,
                                   activation_num_bits=8, weight_num_bits=8,

@@ -100,7 +100,8 @@ def _export_torchscript(source: Any, opts: ConvertOptions) -> bytes:
         warnings.simplefilter("ignore")
         # PRESERVE: the module is already in eval mode, and a torch.export program's
         # module refuses the train()/eval() calls the exporter would otherwise make.
-        torch.onnx.export(model, source.example_args, buf, dynamo=False,
+        # The legacy exporter writes to a file object as well; torch's hint names paths only.
+        torch.onnx.export(model, source.example_args, buf, dynamo=False,  # type: ignore[arg-type]
                           input_names=source.input_names, output_names=source.output_names,
                           dynamic_axes=axes, opset_version=opts.opset, do_constant_folding=True,
                           training=torch.onnx.TrainingMode.PRESERVE)
@@ -127,7 +128,23 @@ def _export_dynamo(source: Any, opts: ConvertOptions) -> bytes:
                                     verbose=False, report=False)
     if program is None:
         raise ConversionError("the dynamo exporter returned no program")
-    return bytes(program.model_proto.SerializeToString())
+    proto = program.model_proto
+    if source.dynamic_batch:
+        _name_batch_dim(proto)
+    return bytes(proto.SerializeToString())
+
+
+def _name_batch_dim(proto: Any) -> None:
+    """Call the batch dimension ``batch``, as the other exporters do (a program's own
+    symbol is a generated name such as ``s77``)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    symbol = dims[0].dim_param if len(dims) else ""
+    if not symbol or symbol == "batch":
+        return
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
 
 
 def _faster(timings: dict[str, float]) -> str:

@@ -230,7 +230,8 @@ def _example_feeds(source: LoadedSource, model: bytes) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _optimize(model: bytes, feeds: dict[str, np.ndarray], threads: int) -> tuple[bytes, dict[str, Any]]:
+def _optimize(model: bytes, feeds: dict[str, np.ndarray],
+              threads: int) -> tuple[bytes, dict[str, Any]]:
     """Save onnxruntime's basic and extended optimizations offline; keep the fastest.
 
     Basic rewrites use standard ONNX operators only and run anywhere; extended fuses into

@@ -183,6 +183,8 @@ def _figures_table(before: dict[str, Any], after: dict[str, Any], labels: tuple[
               help="Fine-tuning epochs (with --finetune).")
 @click.option("--eval", "eval_path", type=_DATA, help="Labelled .npz for accuracy before/after.")
 @click.option("--weights", type=_DATA, help="state_dict for a package.module:factory source.")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="NAME:1x1x8x8[:DTYPE] example input (repeatable); else taken from the data.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -192,14 +194,23 @@ def _figures_table(before: dict[str, Any], after: dict[str, Any], labels: tuple[
               help="Where to write the pruned torch.export program (.pt2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(source: str, sparsity: float, structured: bool, finetune: str | None, epochs: int,
-          eval_path: str | None, weights: str | None, lr: float, batch: int, seed: int,
-          threads: int, output: str, as_json: bool) -> None:
+          eval_path: str | None, weights: str | None, input_shapes: tuple[str, ...],
+          lr: float, batch: int, seed: int, threads: int, output: str, as_json: bool) -> None:
     """Magnitude-prune a PyTorch SOURCE and write a .pt2 that `edgekit convert` takes."""
+    import numpy as np
+
+    from converters import parse_input_shape
     from converters.compress import prune as run_prune
 
+    example = None
+    if input_shapes:
+        example = {}
+        for text in input_shapes:
+            in_name, dims, dtype = parse_input_shape(text)
+            example[in_name] = np.zeros(dims, dtype=dtype or "float32")
     rep = run_prune(source, sparsity=sparsity, structured=structured, output=output,
                     weights=weights, finetune=finetune, epochs=epochs, eval_data=eval_path,
-                    lr=lr, batch=batch, seed=seed, threads=threads,
+                    lr=lr, batch=batch, seed=seed, threads=threads, example=example,
                     progress=progress_printer(as_json))
     if as_json:
         emit_json(rep.to_dict())

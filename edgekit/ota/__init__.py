@@ -30,6 +30,7 @@ from .chunks import (
     encode_request,
     make_request,
     parse_request,
+    peek_request_id,
 )
 from .desired import (
     DEFAULT_PROBATION,
@@ -122,6 +123,7 @@ __all__ = [
     "parse_request",
     "parse_rollback",
     "parse_time",
+    "peek_request_id",
     "shared",
     "sign_rollback",
     "step_of",

@@ -45,6 +45,7 @@ __all__ = [
     "encode_request",
     "make_request",
     "parse_request",
+    "peek_request_id",
 ]
 
 CHUNK_REQUEST_SCHEMA = "edgekit.chunk-request/1"
@@ -215,6 +216,21 @@ def decode_chunk(payload: bytes) -> Chunk:
         raise ProtocolError(f"chunk at offset {header['offset']} does not match its sha256"
                             " (corrupted in transit)")
     return Chunk(header, data)
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """The request id of a reply that :func:`decode_chunk` refused (to ask for it again at
+    once instead of waiting for the request to time out), or None if even that is unreadable.
+    The id is only a hint: nothing else of such a reply is trusted."""
+    try:
+        (header_len,) = _LEN.unpack_from(payload)
+        if header_len > _MAX_HEADER_BYTES:
+            return None
+        doc = json.loads(payload[_LEN.size:_LEN.size + header_len])
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+    rid = doc.get("request_id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 def _frame(header: ChunkHeader, data: bytes) -> bytes:

@@ -8,7 +8,6 @@ The pieces, each usable alone (the fleet controller reuses them):
   and feeds status and ``update.*`` events to a
   :class:`~edgekit.ota.tracker.DeploymentTracker` until every target is done or time is up.
 - :func:`read_retained`: the retained payloads under a filter (desired documents, status).
-- :func:`probe_artifact`: whether some server already answers chunk requests for an artifact.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from ..errors import EdgekitError, ProtocolError
+from ..errors import EdgekitError
 from ..protocol import ROOT, Kind, parse_topic, subscription
-from .chunks import decode_chunk, encode_request, make_request
 from .client import HostClient
 from .desired import DesiredDocument, Probation, encode_desired, make_desired, new_deployment_id
 from .rollback import RollbackInstruction
@@ -35,7 +33,6 @@ from .tracker import DeploymentTracker, DeployResult, DeviceProgress
 __all__ = [
     "Deployer",
     "desired_for_package",
-    "probe_artifact",
     "read_retained",
 ]
 
@@ -83,29 +80,6 @@ def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -
     finally:
         client.unsubscribe(topic_filter)
     return found
-
-
-def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float = 1.0) -> bool:
-    """Whether a server answers chunk requests for ``sha256`` in ``fleet`` within ``timeout``."""
-    nonce = secrets.token_hex(8)
-    reply_to = "/".join([ROOT, fleet, "_host", "probe", nonce])
-    request = make_request(nonce, sha256, 0, 1, reply_to)
-    answered = threading.Event()
-
-    def on_reply(msg: mqtt.MQTTMessage) -> None:
-        try:
-            chunk = decode_chunk(bytes(msg.payload))
-        except ProtocolError:
-            return
-        if chunk.header["request_id"] == nonce and chunk.error is None:
-            answered.set()
-
-    client.subscribe(reply_to, on_reply)
-    try:
-        client.publish(artifact_request_topic(fleet, sha256), encode_request(request), qos=1)
-        return answered.wait(timeout)
-    finally:
-        client.unsubscribe(reply_to)
 
 
 class Deployer:

@@ -80,9 +80,9 @@ class UpdateProgress(TypedDict):
 class UpdateEventData(TypedDict):
     """The ``data`` of an ``update.*`` event."""
 
-    deployment: str
+    deployment: str  # "" for a desired document too broken to name one
     step: str  # UpdateStep
-    model: UpdateModel  # the model the update is about
+    model: UpdateModel | None  # the model the update is about (None: unreadable document)
     serving: UpdateModel | None  # the model in service when the event was sent
     progress: NotRequired[UpdateProgress]  # downloading only
     source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk)

@@ -13,21 +13,31 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
-from ..errors import ArtifactError, ProtocolError
-from ..protocol import check_id
+from ..errors import ArtifactError, EdgekitError, ProtocolError
+from ..protocol import ROOT, check_id
 from ._http import ArtifactHttpServer
-from .chunks import ChunkErrorCode, encode_chunk, encode_chunk_error, parse_request
+from .chunks import (
+    ChunkErrorCode,
+    decode_chunk,
+    encode_chunk,
+    encode_chunk_error,
+    encode_request,
+    make_request,
+    parse_request,
+)
 from .client import HostClient
 from .store import ArtifactInfo, ArtifactStore
-from .topics import DEFAULT_SHARE_GROUP, artifact_subscription
+from .topics import DEFAULT_SHARE_GROUP, artifact_request_topic, artifact_subscription
 
-__all__ = ["DEFAULT_MAX_CHUNK", "ArtifactHttpServer", "ArtifactServer", "ServerStats"]
+__all__ = ["DEFAULT_MAX_CHUNK", "ArtifactHttpServer", "ArtifactServer", "ServerStats",
+           "probe_artifact"]
 
 log = logging.getLogger("edgekit.ota.server")
 
@@ -97,6 +107,45 @@ class ArtifactServer:
             self.client.unsubscribe(artifact_subscription(fleet, sha256, self.share_group))
         self.store.remove(sha256)
 
+    def ensure_reachable(self, fleet: str | None = None, timeout: float = 2.0) -> None:
+        """Check that chunk requests reach this server (a probe for the first artifact, in
+        ``fleet`` or the first fleet served). When the broker does not deliver the share group
+        (amqtt has no shared subscriptions), fall back to plain subscriptions.
+
+        Raises:
+            EdgekitError: requests do not reach the server either way (the broker's ACLs).
+        """
+        infos = self.store.infos()
+        with self._lock:
+            fleets = sorted(self._fleets)
+        if not infos or not fleets:
+            return
+        probe_fleet = fleet or next((f for f in fleets if f != "+"), "probe")
+        if probe_artifact(self.client, probe_fleet, infos[0].sha256, timeout):
+            return
+        if self.share_group is not None:
+            self.set_share_group(None)
+            if probe_artifact(self.client, probe_fleet, infos[0].sha256, timeout):
+                log.warning("the broker does not deliver shared subscriptions; serving with"
+                            " plain ones")
+                return
+        raise EdgekitError("chunk requests do not reach this artifact server",
+                           hint="check that the broker lets this client subscribe to"
+                                " edgekit/v1/<fleet>/_artifacts/#")
+
+    def set_share_group(self, group: str | None) -> None:
+        """Move every subscription to another share group (None: plain subscriptions)."""
+        with self._lock:
+            fleets = list(self._fleets)
+        infos = self.store.infos()
+        for fleet in fleets:
+            for info in infos:
+                self.client.unsubscribe(artifact_subscription(fleet, info.sha256,
+                                                              self.share_group))
+        self.share_group = group
+        for info in infos:
+            self._subscribe(info.sha256)
+
     def _subscribe(self, sha256: str) -> None:
         with self._lock:
             fleets = list(self._fleets)
@@ -145,3 +194,27 @@ class ArtifactServer:
         self.stats.errors += 1
         self.client.publish(reply_to, encode_chunk_error(request_id, sha256, offset, code,
                                                          message), qos=1)
+
+
+def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float = 1.0) -> bool:
+    """Whether some server answers chunk requests for ``sha256`` in ``fleet`` within
+    ``timeout`` seconds (a one-byte request)."""
+    nonce = secrets.token_hex(8)
+    reply_to = "/".join([ROOT, fleet, "_host", "probe", nonce])
+    request = make_request(nonce, sha256, 0, 1, reply_to)
+    answered = threading.Event()
+
+    def on_reply(msg: mqtt.MQTTMessage) -> None:
+        try:
+            chunk = decode_chunk(bytes(msg.payload))
+        except ProtocolError:
+            return
+        if chunk.header["request_id"] == nonce and chunk.error is None:
+            answered.set()
+
+    client.subscribe(reply_to, on_reply)
+    try:
+        client.publish(artifact_request_topic(fleet, sha256), encode_request(request), qos=1)
+        return answered.wait(timeout)
+    finally:
+        client.unsubscribe(reply_to)

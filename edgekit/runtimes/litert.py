@@ -74,11 +74,16 @@ class LiteRTSession(Session):
             batch = next(iter(feeds.values())).shape[0] if feeds else 0
             if step is None or batch == step:
                 return self._invoke(feeds)
-            if batch % step:
-                raise RuntimeBackendError(
-                    f"the model takes batches of {step}; got a batch of {batch}")
-            parts = [self._invoke({k: v[i : i + step] for k, v in feeds.items()})
-                     for i in range(0, batch, step)]
+            parts = []
+            for start in range(0, batch, step):
+                chunk = {k: v[start : start + step] for k, v in feeds.items()}
+                size = len(next(iter(chunk.values())))
+                if size < step:
+                    # Samples are independent at inference: pad the last slice with copies
+                    # of its last sample and keep only the real rows.
+                    chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - size, axis=0)])
+                             for k, v in chunk.items()}
+                parts.append([out[:size] for out in self._invoke(chunk)])
             return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
 
     def _invoke(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -89,14 +89,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
 class Watcher:
     """A plain paho client that records every message on the filters it subscribes to."""
 
-    def __init__(self, url: str, filters: list[str], client_id: str = "") -> None:
+    def __init__(self, url: str, filters: list[str], client_id: str = "",
+                 persistent: bool = False) -> None:
         host, port = url.removeprefix("mqtt://").rsplit(":", 1)
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._filters = filters
+        # A persistent session (fixed id, clean_session off) keeps the subscriptions and the
+        # messages queued for it across a restart of a broker that persists sessions.
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=mqtt.MQTTv311, clean_session=not persistent)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
@@ -122,9 +125,11 @@ class Watcher:
         out = []
         for payload in items:
             try:
-                out.append(json.loads(payload))
-            except ValueError:
+                doc = json.loads(payload)
+            except (ValueError, RecursionError):
                 continue
+            if isinstance(doc, dict):
+                out.append(doc)
         return out
 
     def last(self, topic: str) -> dict[str, Any] | None:
@@ -143,8 +148,9 @@ class Watcher:
 def watcher_factory() -> Iterator[Callable[..., Watcher]]:
     made: list[Watcher] = []
 
-    def make(url: str, filters: list[str]) -> Watcher:
-        w = Watcher(url, filters)
+    def make(url: str, filters: list[str], client_id: str = "",
+             persistent: bool = False) -> Watcher:
+        w = Watcher(url, filters, client_id, persistent)
         made.append(w)
         return w
 

@@ -1,10 +1,12 @@
 """Digits models for the compression tests: a teacher CNN, a small student, and a model
 built so that plain int8 quantization breaks it.
 
-The factories take no arguments, so ``tests.zoo.digits:student`` style specs can name them.
+The factories take no arguments, so ``zoo.digits:student`` style specs can name them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,3 +132,23 @@ def make_outlier_model(x: np.ndarray, y: np.ndarray, *, outlier: float = 30000.0
         model.fc4.weight[:, 17] = -1e-3
         model.fc4.bias.copy_(trained.fc4.bias)
     return model.eval()
+
+
+def write_digits_npz(folder: Path) -> dict[str, Path]:
+    """train.npz, eval.npz (labelled), calib.npz and eval_unlabelled.npz under ``folder``."""
+    xt, yt, xe, ye = digits_split()
+    paths = {name: folder / f"{name}.npz" for name in ("train", "eval", "calib", "unlabelled")}
+    np.savez(paths["train"], x=xt, y=yt)
+    np.savez(paths["eval"], x=xe, y=ye)
+    np.savez(paths["calib"], x=xt[:300])
+    np.savez(paths["unlabelled"], x=xe)
+    return paths
+
+
+def save_pt2(model: nn.Module, path: Path) -> Path:
+    """Save a model as a torch.export program with a dynamic batch dimension."""
+    example = (torch.zeros(2, 1, 8, 8),)
+    program = torch.export.export(model.eval(), example,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    return path

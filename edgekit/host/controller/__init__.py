@@ -1,0 +1,46 @@
+"""The fleet controller: ingest the fleet's telemetry, drive rollouts, keep models good.
+
+:class:`Controller` (``edgekit controller run``) runs the parts on one MQTT connection and one
+database: :class:`~.ingest.Ingest` (status, metrics, events and samples into the database),
+:class:`~.rollout.RolloutEngine` (canary and waves, abort and rollback),
+:class:`~.policy.MaintenancePolicy` (a field quality drop triggers an update) and the OTA
+artifact server. docs/controller.md describes the configuration and the semantics.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigKey, ControllerConfig, config_keys, load_config, to_toml
+from .ingest import Ingest, IngestStats
+from .messages import (
+    PresencePayload,
+    RolloutReply,
+    RolloutRequest,
+    RolloutStatePayload,
+    presence_topic,
+    rollout_request_topic,
+    rollout_state_topic,
+)
+from .policy import MaintenancePolicy, Window
+from .rollout import RolloutEngine
+from .service import Controller
+
+__all__ = [
+    "ConfigKey",
+    "Controller",
+    "ControllerConfig",
+    "Ingest",
+    "IngestStats",
+    "MaintenancePolicy",
+    "PresencePayload",
+    "RolloutEngine",
+    "RolloutReply",
+    "RolloutRequest",
+    "RolloutStatePayload",
+    "Window",
+    "config_keys",
+    "load_config",
+    "presence_topic",
+    "rollout_request_topic",
+    "rollout_state_topic",
+    "to_toml",
+]

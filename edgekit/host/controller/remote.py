@@ -1,0 +1,157 @@
+"""Talking to a running controller over MQTT: find it, ask it for a rollout, follow it.
+
+``edgekit deploy`` uses these when a controller looks after the fleet, so the update goes
+through the controller's rollout engine (canary, waves, abort criteria) instead of being
+published to the whole fleet at once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from ...errors import EdgekitError, ProtocolError
+from ...ota.client import HostClient
+from ...ota.deploy import read_retained
+from ...protocol import ROOT, encode
+from .. import ACTIVE_ROLLOUT_STATES
+from .messages import (
+    ROLLOUT_REPLY_SCHEMA,
+    ROLLOUT_REQUEST_SCHEMA,
+    ROLLOUT_STATE_SCHEMA,
+    PresencePayload,
+    RolloutRequest,
+    RolloutStatePayload,
+    parse_presence,
+    presence_filter,
+    rollout_request_topic,
+    rollout_state_topic,
+    serves_fleet,
+)
+
+__all__ = ["RemoteRolloutError", "find_controllers", "follow_rollout", "request_rollout"]
+
+_ACTIVE = {s.value for s in ACTIVE_ROLLOUT_STATES}
+
+
+class RemoteRolloutError(EdgekitError):
+    """The controller refused a rollout request; ``code`` is its error class name."""
+
+    def __init__(self, message: str, *, code: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+        if code in ("UsageError", "ConfigError"):
+            self.exit_code = 2
+
+
+def find_controllers(client: HostClient, fleet: str,
+                     timeout: float = 5.0) -> list[PresencePayload]:
+    """The running controllers (their retained presence) that look after ``fleet``.
+
+    Raises:
+        EdgekitError: the broker did not answer within ``timeout`` seconds.
+    """
+    found = []
+    for payload in read_retained(client, presence_filter(), timeout).values():
+        try:
+            presence = parse_presence(payload)
+        except ProtocolError:
+            continue
+        if serves_fleet(presence, fleet):
+            found.append(presence)
+    return sorted(found, key=lambda p: p["id"])
+
+
+def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
+                    sha256: str | None = None, package: str | None = None,
+                    devices: list[str] | None = None, plan: dict[str, Any] | None = None,
+                    timeout: float = 30.0) -> dict[str, Any]:
+    """Ask the fleet's controller for a rollout; return the rollout it created
+    (``RolloutRecord.to_dict()`` plus ``targets``).
+
+    Raises:
+        RemoteRolloutError: the controller refused (the model is not registered, another
+            rollout is active, a setting is invalid, ...).
+        EdgekitError: no reply within ``timeout`` seconds.
+    """
+    request_id = secrets.token_hex(8)
+    reply_to = f"{ROOT}/{fleet}/_host/rollout-reply/{request_id}"
+    request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
+                             reply_to=reply_to, name=name, version=version, sha256=sha256,
+                             package=package, devices=devices, plan=plan or {})
+    replies: list[dict[str, Any]] = []
+    got = threading.Event()
+
+    def on_reply(msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("schema") == ROLLOUT_REPLY_SCHEMA and \
+                doc.get("request_id") == request_id:
+            replies.append(doc)
+            got.set()
+
+    client.subscribe(reply_to, on_reply)
+    try:
+        client.publish(rollout_request_topic(fleet), encode(request), qos=1, wait=timeout)
+        if not got.wait(timeout):
+            raise EdgekitError(f"the controller did not answer the rollout request within"
+                               f" {timeout:g} s",
+                               hint="check `edgekit events` and the controller's log")
+    finally:
+        client.unsubscribe(reply_to)
+    reply = replies[0]
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise RemoteRolloutError(f"the controller refused the rollout: {error.get('message')}",
+                                 code=str(error.get("code")), hint=error.get("hint") or None)
+    rollout = reply.get("rollout")
+    if not isinstance(rollout, dict):
+        raise EdgekitError("the controller's reply holds no rollout")
+    return rollout
+
+
+def follow_rollout(client: HostClient, fleet: str, rollout_id: int, timeout: float,
+                   on_change: Callable[[RolloutStatePayload], None] | None = None
+                   ) -> RolloutStatePayload | None:
+    """Follow the rollout's state (retained on the fleet's rollout-state topic) until it
+    finishes or ``timeout`` seconds pass; return the last state seen (None: none)."""
+    latest: list[RolloutStatePayload] = []
+    changed = threading.Event()
+
+    def on_state(msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("schema") == ROLLOUT_STATE_SCHEMA and \
+                doc.get("rollout") == rollout_id:
+            latest.append(doc)  # type: ignore[arg-type]
+            changed.set()
+
+    topic = rollout_state_topic(fleet)
+    client.subscribe(topic, on_state)
+    deadline = time.monotonic() + timeout
+    seen = 0
+    try:
+        while True:
+            while seen < len(latest):
+                if on_change is not None:
+                    on_change(latest[seen])
+                seen += 1
+            if latest and latest[-1]["state"] not in _ACTIVE:
+                return latest[-1]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return latest[-1] if latest else None
+            changed.wait(min(left, 0.5))
+            changed.clear()
+    finally:
+        client.unsubscribe(topic)

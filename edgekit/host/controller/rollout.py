@@ -1,0 +1,555 @@
+"""The rollout engine: canary, then waves growing by a factor, with abort and rollback.
+
+A rollout is a row in the database (:class:`~edgekit.host.Store`); this engine drives the
+rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
+
+1. claim unowned rollouts of its fleets (leases: two controllers never drive one rollout),
+   renew the leases of those it drives, and start pending ones;
+2. for each device asked to update, read its ``update.*`` outcome from the events the
+   ingest stored (the deployment id ``r<id>-<token>`` ties them to the rollout) or time it out;
+3. abort when the install failure rate is too high, or when the canary's field quality with
+   the new model is worse than with the previous one by more than the margin;
+4. when every device of the wave has an outcome (and, if configured, enough labelled
+   predictions), start the next wave, or finish: publish the fleet's desired document and
+   clear the per-device ones.
+
+Devices are asked through retained per-device desired documents (:mod:`edgekit.ota.desired`).
+An abort sends every updated device a signed rollback instruction back to its previous model
+and waits for it to get there. All state is in the database, so a controller that restarts,
+or another one that takes the rollout over, carries on from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ...errors import EdgekitError, UsageError
+from ...ota.client import HostClient
+from ...ota.deploy import desired_for_package
+from ...ota.desired import DesiredDocument, Probation, encode_desired, make_desired
+from ...ota.events import UpdateStep, event_kind
+from ...ota.rollback import sign_rollback
+from ...ota.server import ArtifactServer
+from ...ota.store import ArtifactInfo, ArtifactStore
+from ...ota.topics import desired_topic
+from ...protocol import encode
+from .. import Registry, RolloutRecord, RolloutState, Store, TargetRecord, TargetState, utcnow
+from ..errors import LeaseLostError
+from ._plan import (
+    Figures,
+    baseline_figures,
+    judge_quality,
+    latest_figures,
+    plan_settings,
+    wave_sizes,
+)
+from .config import RolloutSection
+from .messages import ROLLOUT_STATE_SCHEMA, RolloutStatePayload, deployment_id, rollout_state_topic
+
+__all__ = ["RolloutEngine"]
+
+log = logging.getLogger("edgekit.controller.rollout")
+
+_FINAL_KINDS = [event_kind(s) for s in (UpdateStep.SUCCEEDED, UpdateStep.FAILED,
+                                        UpdateStep.ROLLED_BACK)]
+_OUTCOMES = {TargetState.SUCCEEDED, TargetState.FAILED, TargetState.TIMED_OUT}
+_PUBLISH_WAIT_S = 10.0
+
+
+class RolloutEngine:
+    """Creates and drives rollouts; see the module docstring.
+
+    ``server`` (optional) serves the artifacts the rollouts name over MQTT; without it some
+    other server must (``edgekit serve``). ``signing_key`` signs rollback instructions;
+    without it an abort cannot send devices back to an older version.
+    """
+
+    def __init__(self, store: Store, registry: Registry, client: HostClient,
+                 settings: RolloutSection, *, controller_id: str, lease_s: float,
+                 fleets: Iterable[str] = ("+",), server: ArtifactServer | None = None,
+                 signing_key: Ed25519PrivateKey | None = None,
+                 url_for: Callable[[str], str] | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.client = client
+        self.settings = settings
+        self.controller_id = controller_id
+        self.lease_s = lease_s
+        self.fleets = list(fleets)
+        self.server = server
+        self.signing_key = signing_key
+        self.url_for = url_for
+        self._artifacts = server.store if server is not None else ArtifactStore()
+        self._cursors: dict[int, int] = {}  # rollout id -> last device event id read
+        self._driving: set[int] = set()
+
+    # ---------------------------------------------------------------- creating
+
+    def create(self, fleet: str, name: str, version: str, *, devices: list[str] | None = None,
+               overrides: dict[str, Any] | None = None, source: str = "api",
+               request_id: str | None = None, note: str | None = None) -> RolloutRecord:
+        """Create a pending rollout of the registered ``name:version`` to ``fleet``.
+
+        Without ``devices`` the targets are the fleet's online devices (all of its devices
+        with ``include_offline``); devices that join later follow the fleet's desired
+        document once the rollout has succeeded.
+
+        Raises:
+            UsageError: the model is not registered, the fleet has an active rollout, or a
+                listed device is unknown.
+            ConfigError: an override is unknown or invalid.
+            ArtifactError: the registered package file is missing.
+        """
+        record = self.registry.get(name, version)
+        self.registry.artifact_path(name, version)
+        settings = plan_settings(self.settings, overrides)
+        known = {d.device: d for d in self.store.list_devices(fleet)}
+        if devices is not None:
+            unknown = sorted(set(devices) - set(known))
+            if unknown:
+                raise UsageError(f"device(s) {', '.join(unknown)} of fleet {fleet} never"
+                                 " reported to this controller",
+                                 hint="see `edgekit fleet status`")
+            targets = sorted(set(devices))
+        else:
+            targets = sorted(d.device for d in known.values()
+                             if d.online or settings["include_offline"])
+        previous = {d: {"name": known[d].model_name, "version": known[d].model_version,
+                        "sha256": known[d].model_sha256} for d in targets}
+        plan = {**settings, "token": secrets.token_hex(3), "source": source,
+                "request_id": request_id, "note": note,
+                "scope": "devices" if devices is not None else "fleet",
+                "model": {"name": record.name, "version": record.version,
+                          "sha256": record.sha256, "size": record.size},
+                "waves": wave_sizes(len(targets), settings["canary"], settings["wave_factor"]),
+                "previous": previous}
+        rollout = self.store.create_rollout(fleet, name, version, plan, targets=targets)
+        self._event(rollout, "rollout.created",
+                    f"rollout {rollout.id}: {record.ref} to {len(targets)} device(s) of"
+                    f" {fleet}, waves {plan['waves']}",
+                    data={"source": source, "waves": plan["waves"], "targets": targets,
+                          "note": note})
+        return rollout
+
+    def find_request(self, fleet: str, request_id: str) -> RolloutRecord | None:
+        """The rollout a request created already (requests are retried on reconnects)."""
+        for rollout in reversed(self.store.list_rollouts(fleet=fleet)):
+            if rollout.plan.get("request_id") == request_id:
+                return rollout
+        return None
+
+    # ---------------------------------------------------------------- driving
+
+    def tick(self) -> list[RolloutRecord]:
+        """Claim and drive this controller's rollouts once; return the ones it drove."""
+        rollouts = {r.id: r for r in self.store.owned_rollouts(self.controller_id)}
+        for fleet in self.fleets:
+            while (claimed := self.store.claim_rollout(
+                    self.controller_id, self.lease_s,
+                    fleet=None if fleet == "+" else fleet)) is not None:
+                rollouts[claimed.id] = claimed
+        driven = []
+        for rollout in rollouts.values():
+            try:
+                driven.append(self._drive(rollout))
+            except LeaseLostError as exc:
+                log.warning("%s", exc.message)
+                self._forget(rollout.id)
+        return driven
+
+    def release_all(self) -> None:
+        """Give up every rollout this controller drives, so another can take it at once."""
+        for rollout in self.store.owned_rollouts(self.controller_id):
+            self.store.release_rollout(rollout.id, self.controller_id)
+            self._forget(rollout.id)
+
+    def _forget(self, rollout_id: int) -> None:
+        self._driving.discard(rollout_id)
+        self._cursors.pop(rollout_id, None)
+
+    def _drive(self, rollout: RolloutRecord) -> RolloutRecord:
+        if not self.store.renew_rollout(rollout.id, self.controller_id, self.lease_s):
+            raise LeaseLostError(f"controller {self.controller_id} lost rollout {rollout.id}")
+        if rollout.id not in self._driving:
+            self._driving.add(rollout.id)
+            self._take_over(rollout)
+        if rollout.state == RolloutState.PENDING:
+            rollout = self._transition(rollout, RolloutState.RUNNING,
+                                       f"driven by controller {self.controller_id}")
+        if rollout.state == RolloutState.RUNNING:
+            return self._run(rollout)
+        if rollout.state == RolloutState.ABORTING:
+            return self._roll_back(rollout)
+        return rollout
+
+    def _take_over(self, rollout: RolloutRecord) -> None:
+        """Publish again the documents of devices in progress (a controller that stopped
+        between publishing and recording may have left one unpublished)."""
+        self._event(rollout, "rollout.claimed",
+                    f"controller {self.controller_id} drives rollout {rollout.id}",
+                    data={"controller": self.controller_id, "state": rollout.state})
+        assigned = self.store.list_rollout_targets(rollout.id, state=TargetState.ASSIGNED)
+        if assigned and rollout.state == RolloutState.RUNNING:
+            self._ask(rollout, [t.device for t in assigned])
+        rolling = self.store.list_rollout_targets(rollout.id, state=TargetState.ROLLING_BACK)
+        if rolling:
+            self._send_back(rollout, rolling)
+
+    # ---------------------------------------------------------------- running
+
+    def _run(self, rollout: RolloutRecord) -> RolloutRecord:
+        plan = rollout.plan
+        targets = self._observe(rollout, back=False)
+        now = utcnow()
+        for target in targets.values():
+            if target.state == TargetState.ASSIGNED and target.assigned_at is not None and (
+                    now - target.assigned_at).total_seconds() > plan["device_timeout_s"]:
+                targets[target.device] = self._set(
+                    rollout, target.device, TargetState.TIMED_OUT,
+                    reason=f"no outcome within {plan['device_timeout_s']:g} s")
+                self._event(rollout, "rollout.device_timeout",
+                            f"{target.device} did not answer within"
+                            f" {plan['device_timeout_s']:g} s", device=target.device,
+                            level="warning", reason="timeout")
+        current = [t for t in targets.values() if t.wave == rollout.current_wave]
+        wave_done = all(t.state in _OUTCOMES for t in current)
+        problem = self._failure_rate(rollout, list(targets.values()), wave_done)
+        verdict = self._canary_quality(rollout, targets)
+        if problem is None and verdict is not None and verdict.decided and not verdict.passed:
+            problem = ("quality", f"canary quality: {verdict.note}", verdict.to_dict())
+        if problem is not None:
+            return self._abort(rollout, *problem)
+        if not wave_done:
+            return rollout
+        waiting = self._labels_pending(rollout, current, verdict)
+        if waiting is not None:
+            return waiting
+        pending = sorted(t.device for t in targets.values() if t.state == TargetState.PENDING)
+        if not pending:
+            return self._succeed(rollout, targets)
+        started = [t for t in targets.values() if t.wave is not None]
+        wave = rollout.current_wave + 1 if started else 0
+        sizes = plan["waves"]
+        size = sizes[wave] if wave < len(sizes) else len(pending)
+        return self._start_wave(rollout, wave, pending[:size])
+
+    def _observe(self, rollout: RolloutRecord, *, back: bool) -> dict[str, TargetRecord]:
+        """The targets, with the outcomes that devices reported since the last pass applied."""
+        targets = {t.device: t for t in self.store.list_rollout_targets(rollout.id)}
+        wanted = deployment_id(rollout.id, rollout.plan["token"], back=back)
+        waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
+        cursor = self._cursors.get(rollout.id, 0)
+        for event in self.store.list_events(rollout_id=rollout.id, after_id=cursor,
+                                            kinds=_FINAL_KINDS, limit=10_000):
+            cursor = max(cursor, event.id)
+            target = targets.get(event.device or "")
+            if target is None or target.state != waiting or (event.data or {}).get(
+                    "deployment") != wanted:
+                continue
+            succeeded = event.kind == event_kind(UpdateStep.SUCCEEDED)
+            reason = event.reason or event.kind.removeprefix("update.")
+            note: str | None
+            if back:
+                state = TargetState.ROLLED_BACK if succeeded else TargetState.FAILED
+                note = "back on the previous model" if succeeded else \
+                    f"rollback failed: {reason}: {event.message}"
+            else:
+                state = TargetState.SUCCEEDED if succeeded else TargetState.FAILED
+                note = None if succeeded else f"{reason}: {event.message}"
+            targets[target.device] = self._set(rollout, target.device, state, reason=note)
+        self._cursors[rollout.id] = cursor
+        return targets
+
+    def _failure_rate(self, rollout: RolloutRecord, targets: list[TargetRecord],
+                      wave_done: bool) -> tuple[str, str, dict[str, Any]] | None:
+        plan = rollout.plan
+        outcomes = [t for t in targets if t.state in _OUTCOMES]
+        bad = [t for t in outcomes if t.state != TargetState.SUCCEEDED]
+        if not bad:
+            return None
+        rate = len(bad) / len(outcomes)
+        # Mid-wave, a few early failures do not decide; at a wave's end the rate always does,
+        # so a failed canary never leads to a larger wave.
+        if rate <= plan["max_failure_rate"] or (len(outcomes) < plan["min_devices"]
+                                                and not wave_done):
+            return None
+        return ("failure_rate",
+                f"{len(bad)} of {len(outcomes)} devices failed or timed out ({rate:.0%}, more"
+                f" than {plan['max_failure_rate']:.0%})",
+                {"failed": sorted(t.device for t in bad), "outcomes": len(outcomes),
+                 "rate": rate, "max_failure_rate": plan["max_failure_rate"]})
+
+    def _canary_quality(self, rollout: RolloutRecord, targets: dict[str, TargetRecord]) -> Any:
+        canary = [t for t in targets.values() if t.wave == 0]
+        if not canary:
+            return None
+        plan = rollout.plan
+        baselines = self._baselines(rollout)
+        pairs: list[tuple[Figures | None, Figures | None]] = []
+        for target in canary:
+            if target.state != TargetState.SUCCEEDED or target.assigned_at is None:
+                continue
+            new = latest_figures(self.store, rollout.fleet, target.device, target.assigned_at,
+                                 plan["model"]["sha256"])
+            pairs.append((new, baselines.get(target.device)))
+        if not pairs:
+            return None
+        verdict = judge_quality(pairs, metric=plan["quality_metric"],
+                                margin=plan["quality_margin"],
+                                min_labels=plan["quality_min_labels"])
+        if verdict.decided and verdict.passed and not self._has_event(rollout, "rollout.quality"):
+            self._event(rollout, "rollout.quality", f"canary quality passed: {verdict.note}",
+                        reason="passed", data=verdict.to_dict())
+        return verdict
+
+    def _labels_pending(self, rollout: RolloutRecord, wave: list[TargetRecord],
+                        verdict: Any) -> RolloutRecord | None:
+        """The rollout while the finished wave still waits for labels; None when it need not."""
+        plan = rollout.plan
+        need = plan["wave_min_labels"]
+        short = []
+        if need > 0:
+            for target in wave:
+                if target.state != TargetState.SUCCEEDED or target.assigned_at is None:
+                    continue
+                found = latest_figures(self.store, rollout.fleet, target.device,
+                                       target.assigned_at, plan["model"]["sha256"])
+                if found is None or found.labels < need:
+                    short.append(target.device)
+        undecided = rollout.current_wave == 0 and verdict is not None and not verdict.decided
+        if not short and not undecided:
+            return None
+        last = max(t.updated for t in wave)
+        if (utcnow() - last).total_seconds() <= plan["labels_timeout_s"]:
+            return rollout
+        what = (f"devices {', '.join(short)} reported fewer than {need} labels" if short else
+                "the canary's quality could not be judged")
+        message = f"wave {rollout.current_wave}: {what} within {plan['labels_timeout_s']:g} s"
+        if plan["labels_timeout_action"] == "abort":
+            return self._abort(rollout, "labels_timeout", message, {"devices": short})
+        if not self._has_event(rollout, "rollout.labels_timeout", rollout.current_wave):
+            self._event(rollout, "rollout.labels_timeout", message + "; going on",
+                        level="warning", reason="labels_timeout",
+                        data={"wave": rollout.current_wave, "devices": short})
+        return None
+
+    def _start_wave(self, rollout: RolloutRecord, wave: int,
+                    devices: list[str]) -> RolloutRecord:
+        now = utcnow()
+        known = {d.device: d for d in self.store.list_devices(rollout.fleet)}
+        baselines: dict[str, Any] = {}
+        for device in devices:
+            record = known.get(device)
+            figures = baseline_figures(self.store, record, now) if record else None
+            baselines[device] = figures.to_dict() if figures else None
+        self._ask(rollout, devices)
+        for device in devices:
+            record = known.get(device)
+            self._set(rollout, device, TargetState.ASSIGNED, wave=wave,
+                      previous_version=record.model_version if record else None)
+        rollout = self.store.set_rollout_wave(rollout.id, wave, owner=self.controller_id)
+        self._event(rollout, "rollout.wave",
+                    f"wave {wave}: asking {len(devices)} device(s) to run"
+                    f" {rollout.model_name} {rollout.model_version}",
+                    data={"wave": wave, "devices": devices, "baseline": baselines})
+        self._publish_state(rollout)
+        return rollout
+
+    def _succeed(self, rollout: RolloutRecord,
+                 targets: dict[str, TargetRecord]) -> RolloutRecord:
+        if rollout.plan["scope"] == "fleet":
+            info = self._artifact(rollout.model_name, rollout.model_version)
+            doc = self._document(rollout, info, back=False)
+            self.client.publish(desired_topic(rollout.fleet), encode_desired(doc), qos=1,
+                                retain=True, wait=_PUBLISH_WAIT_S)
+            self._clear(rollout, targets)
+        counts = _counts(targets.values())
+        rollout = self._transition(rollout, RolloutState.SUCCEEDED,
+                                   f"{counts.get('succeeded', 0)} of {len(targets)} devices"
+                                   " updated")
+        self._event(rollout, "rollout.succeeded",
+                    f"rollout {rollout.id} succeeded: {rollout.model_name}"
+                    f" {rollout.model_version} is the fleet's model", data={"counts": counts})
+        self._forget(rollout.id)
+        return rollout
+
+    # ---------------------------------------------------------------- aborting
+
+    def _abort(self, rollout: RolloutRecord, reason: str, message: str,
+               data: dict[str, Any]) -> RolloutRecord:
+        rollout = self._transition(rollout, RolloutState.ABORTING, message)
+        self._event(rollout, "rollout.abort", f"aborting rollout {rollout.id}: {message}",
+                    level="error", reason=reason, data=data)
+        targets = self.store.list_rollout_targets(rollout.id)
+        for target in targets:
+            if target.state == TargetState.PENDING:
+                self._set(rollout, target.device, TargetState.SKIPPED,
+                          reason="the rollout was aborted first")
+        updated = [t for t in targets
+                   if t.state in (TargetState.ASSIGNED, TargetState.SUCCEEDED)]
+        back = [self._set(rollout, t.device, TargetState.ROLLING_BACK) for t in updated]
+        self._send_back(rollout, back)
+        return self._roll_back(rollout)
+
+    def _send_back(self, rollout: RolloutRecord, targets: list[TargetRecord]) -> None:
+        for target in targets:
+            try:
+                doc = self._rollback_document(rollout, target)
+            except EdgekitError as exc:
+                self._set(rollout, target.device, TargetState.FAILED,
+                          reason=f"cannot roll back: {exc.message}")
+                self._event(rollout, "rollout.rollback_failed",
+                            f"{target.device} cannot be rolled back: {exc.message}",
+                            device=target.device, level="error", reason="no_rollback")
+                continue
+            self.client.publish(desired_topic(rollout.fleet, target.device),
+                                encode_desired(doc), qos=1, retain=True, wait=_PUBLISH_WAIT_S)
+
+    def _rollback_document(self, rollout: RolloutRecord,
+                           target: TargetRecord) -> DesiredDocument:
+        previous = rollout.plan["previous"].get(target.device) or {}
+        name = previous.get("name")
+        version = previous.get("version") or target.previous_version
+        if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
+            raise UsageError("it ran no model before the rollout")
+        if self.signing_key is None:
+            raise UsageError("no controller.signing_key to sign the rollback instruction",
+                             hint="set controller.signing_key to a key the devices trust")
+        registered = self.store.get_model(name, version)
+        info = None
+        if registered is not None and registered.sha256 == previous.get("sha256"):
+            info = self._artifact(name, version)
+        instruction = sign_rollback(self.signing_key, fleet=rollout.fleet,
+                                    devices=[target.device], name=name, to_version=version,
+                                    sha256=info.sha256 if info else None)
+        deployment = deployment_id(rollout.id, rollout.plan["token"], back=True)
+        if info is not None:
+            return self._document(rollout, info, back=True, rollback=instruction)
+        return make_desired(deployment=deployment, name=name, version=version, sha256=None,
+                            size=None, rollback=instruction, probation=self._probation(rollout))
+
+    def _roll_back(self, rollout: RolloutRecord) -> RolloutRecord:
+        targets = self._observe(rollout, back=True)
+        now = utcnow()
+        timeout = rollout.plan["rollback_timeout_s"]
+        for target in targets.values():
+            if target.state == TargetState.ROLLING_BACK and (
+                    now - target.updated).total_seconds() > timeout:
+                targets[target.device] = self._set(
+                    rollout, target.device, TargetState.TIMED_OUT,
+                    reason=f"not back on the previous model within {timeout:g} s")
+        if any(t.state == TargetState.ROLLING_BACK for t in targets.values()):
+            return rollout
+        if rollout.plan["scope"] == "fleet":
+            self._clear(rollout, targets)
+        counts = _counts(targets.values())
+        rollout = self._transition(rollout, RolloutState.ABORTED, rollout.reason)
+        self._event(rollout, "rollout.aborted",
+                    f"rollout {rollout.id} aborted; {counts.get('rolled_back', 0)} device(s)"
+                    " rolled back", level="warning", data={"counts": counts})
+        self._forget(rollout.id)
+        return rollout
+
+    # ---------------------------------------------------------------- documents
+
+    def _ask(self, rollout: RolloutRecord, devices: list[str]) -> None:
+        info = self._artifact(rollout.model_name, rollout.model_version)
+        payload = encode_desired(self._document(rollout, info, back=False))
+        infos = [self.client.publish(desired_topic(rollout.fleet, d), payload, qos=1,
+                                     retain=True) for d in devices]
+        for device, sent in zip(devices, infos, strict=True):
+            sent.wait_for_publish(_PUBLISH_WAIT_S)
+            if not sent.is_published():
+                raise EdgekitError(f"the broker did not acknowledge the desired document of"
+                                   f" {device} within {_PUBLISH_WAIT_S:g} s")
+
+    def _clear(self, rollout: RolloutRecord, targets: dict[str, TargetRecord]) -> None:
+        """Remove the per-device documents: the devices follow the fleet's document again."""
+        for device in targets:
+            self.client.publish(desired_topic(rollout.fleet, device), b"", qos=1, retain=True)
+
+    def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *, back: bool,
+                  rollback: Any = None) -> DesiredDocument:
+        url = self.url_for(info.sha256) if self.url_for is not None else None
+        return desired_for_package(
+            info, rollout.fleet, url=url, rollback=rollback, probation=self._probation(rollout),
+            deployment=deployment_id(rollout.id, rollout.plan["token"], back=back))
+
+    @staticmethod
+    def _probation(rollout: RolloutRecord) -> Probation:
+        plan = rollout.plan
+        return Probation(requests=int(plan["probation_requests"]),
+                         seconds=float(plan["probation_seconds"]), max_error_rate=0.0,
+                         max_nonfinite_rate=0.0, max_latency_ms=None)
+
+    def _artifact(self, name: str, version: str) -> ArtifactInfo:
+        """The registered package, served by this controller's artifact server."""
+        record = self.registry.get(name, version)
+        known = self._artifacts.get(record.sha256)
+        if known is not None:
+            return known
+        path = self.registry.artifact_path(name, version)
+        if self.server is not None:
+            return self.server.serve(path)
+        return self._artifacts.add(path)
+
+    # ---------------------------------------------------------------- records
+
+    def _set(self, rollout: RolloutRecord, device: str, state: TargetState, *,
+             wave: int | None = None, reason: str | None = None,
+             previous_version: str | None = None) -> TargetRecord:
+        return self.store.set_target_state(rollout.id, device, state, wave=wave, reason=reason,
+                                           previous_version=previous_version,
+                                           owner=self.controller_id)
+
+    def _transition(self, rollout: RolloutRecord, state: RolloutState,
+                    reason: str | None) -> RolloutRecord:
+        rollout = self.store.transition_rollout(rollout.id, state, owner=self.controller_id,
+                                                reason=reason)
+        self._publish_state(rollout)
+        return rollout
+
+    def _publish_state(self, rollout: RolloutRecord) -> None:
+        counts = _counts(self.store.list_rollout_targets(rollout.id))
+        payload = RolloutStatePayload(
+            schema=ROLLOUT_STATE_SCHEMA, rollout=rollout.id, fleet=rollout.fleet,
+            model={"name": rollout.model_name, "version": rollout.model_version},
+            state=rollout.state, wave=rollout.current_wave, counts=counts,
+            reason=rollout.reason, ts=utcnow().timestamp())
+        self.client.publish(rollout_state_topic(rollout.fleet), encode(payload), qos=1,
+                            retain=True)
+
+    def _event(self, rollout: RolloutRecord, kind: str, message: str, *,
+               device: str | None = None, level: str = "info", reason: str | None = None,
+               data: dict[str, Any] | None = None) -> None:
+        log.log(logging.WARNING if level != "info" else logging.INFO, "%s", message)
+        self.store.record_event(rollout.fleet, kind, message, device=device, level=level,
+                                reason=reason, data=data, rollout_id=rollout.id)
+
+    def _has_event(self, rollout: RolloutRecord, kind: str, wave: int | None = None) -> bool:
+        found = self.store.list_events(rollout_id=rollout.id, kinds=[kind], limit=100)
+        return any(wave is None or (e.data or {}).get("wave") == wave for e in found)
+
+    def _baselines(self, rollout: RolloutRecord) -> dict[str, Figures]:
+        """The previous model's figures of each device, as recorded when its wave began."""
+        out: dict[str, Figures] = {}
+        for event in self.store.list_events(rollout_id=rollout.id, kinds=["rollout.wave"],
+                                            limit=10_000):
+            for device, figures in ((event.data or {}).get("baseline") or {}).items():
+                if isinstance(figures, dict):
+                    out[device] = Figures(int(figures["labels"]), figures.get("accuracy"),
+                                          figures.get("f1"))
+        return out
+
+
+def _counts(targets: Iterable[TargetRecord]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for target in targets:
+        counts[target.state] = counts.get(target.state, 0) + 1
+    return counts
+

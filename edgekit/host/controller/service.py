@@ -1,0 +1,346 @@
+"""The running controller: ingest, rollouts, the maintenance policy and artifact serving.
+
+:class:`Controller` ties the parts together on one MQTT connection and one database::
+
+    cfg = load_config("controller.toml")          # or load_config(overrides={...})
+    with Controller(cfg) as controller:           # connects, subscribes, starts its threads
+        controller.wait(stop_event)               # or do other work; leaving the block stops it
+
+Threads: paho's network thread (messages are only queued there), the ingest workers (write
+to the database), the control loop (rollouts each ``controller.tick_s``, the policy each
+``policy.interval_s``, rollout requests, artifact refresh) and, while one runs, the policy's
+maintenance job. :meth:`Controller.stop` releases the rollouts and policy leases this
+controller holds, so another controller (or this one, restarted) carries on at once, and
+clears its retained presence; a controller that dies leaves that to its last will and to
+the leases' expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from ...errors import EdgekitError, ProtocolError, UsageError
+from ...ota.client import HostClient
+from ...ota.server import ArtifactHttpServer, ArtifactServer
+from ...ota.store import ArtifactStore
+from ...ota.topics import shared
+from ...protocol import encode
+from ...signing import load_private_key, load_public_key
+from .. import Registry, Store
+from ..registry import default_store_dir
+from .config import ControllerConfig
+from .ingest import Ingest
+from .messages import (
+    ROLLOUT_REPLY_SCHEMA,
+    RolloutReply,
+    RolloutRequest,
+    make_presence,
+    parse_rollout_request,
+    presence_topic,
+    rollout_request_topic,
+)
+from .policy import MaintenancePolicy
+from .rollout import RolloutEngine
+
+__all__ = ["Controller"]
+
+log = logging.getLogger("edgekit.controller")
+
+_ARTIFACT_REFRESH_S = 5.0
+
+
+class Controller:
+    """One controller process; see the module docstring."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.id = config.controller.id
+        self.started = time.time()
+        self.store: Store | None = None
+        self.client: HostClient | None = None
+        self.ingest: Ingest | None = None
+        self.engine: RolloutEngine | None = None
+        self.policy: MaintenancePolicy | None = None
+        self.server: ArtifactServer | None = None
+        self.http: ArtifactHttpServer | None = None
+        self.errors = 0  # loop passes that failed (logged)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._requests: queue.Queue[tuple[str, RolloutRequest]] = queue.Queue(1000)
+        self.registry: Registry | None = None
+        self.trusted: list[Any] = []
+        self._served_models = -1
+        self._next_refresh = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> Controller:
+        """Open the database, connect to the broker, subscribe and start the threads.
+
+        Raises:
+            ConfigError / StoreError: the database URL is wrong or the database unreachable.
+            EdgekitError: the broker cannot be reached or refused the connection.
+            UsageError: the signing key or a trusted key cannot be read.
+        """
+        cfg = self.config
+        try:
+            self._open(cfg)
+        except BaseException:
+            self._close()
+            raise
+        self._loop = threading.Thread(target=self._run_loop, name="edgekit-controller",
+                                      daemon=True)
+        self._loop.start()
+        log.info("controller %s running for fleets %s", self.id, ", ".join(cfg.controller.fleets))
+        return self
+
+    def _open(self, cfg: ControllerConfig) -> None:
+        c, m = cfg.controller, cfg.mqtt
+        signing_key = load_private_key(c.signing_key) if c.signing_key else None
+        self.trusted = [load_public_key(p) for p in cfg.registry.trusted_keys]
+        self.store = Store(cfg.database.url or None)
+        registry = Registry(self.store, cfg.registry.store or None)
+        self.registry = registry
+        url = m.broker
+        if m.username:
+            scheme, rest = url.split("://", 1)
+            url = f"{scheme}://{m.username}:{m.password}@{rest}"
+        self.client = HostClient(url, client_id=m.client_id or f"edgekit-controller-{self.id}",
+                                 ca_file=m.ca_file or None, cert_file=m.cert_file or None,
+                                 key_file=m.key_file or None, keepalive=m.keepalive_s)
+        # A controller that dies clears its presence: an empty retained will deletes it.
+        self.client.paho.will_set(presence_topic(self.id), None, qos=1, retain=True)
+        self.client.on_connected(self._announce)
+        self.client.connect()
+        fleets = c.fleets
+        if cfg.serve.mqtt:
+            self.server = ArtifactServer(self.client, ArtifactStore(), fleets=fleets,
+                                         share_group=cfg.serve.share_group or None,
+                                         max_chunk=cfg.serve.max_chunk)
+        url_for = None
+        if cfg.serve.http_listen:
+            host, port = cfg.serve.http_listen.rsplit(":", 1)
+            store = self.server.store if self.server is not None else ArtifactStore()
+            self.http = ArtifactHttpServer(store, host, int(port),
+                                           public_url=cfg.serve.http_public_url or None).start()
+            url_for = self.http.url_for
+        self.engine = RolloutEngine(self.store, registry, self.client, cfg.rollout,
+                                    controller_id=self.id, lease_s=c.lease_s, fleets=fleets,
+                                    server=self.server, signing_key=signing_key,
+                                    url_for=url_for)
+        if cfg.policy.enabled:
+            workdir = Path(c.workdir) if c.workdir else \
+                Path(cfg.registry.store or default_store_dir()) / ".controller"
+            self.policy = MaintenancePolicy(self.store, registry, self.engine, cfg.policy,
+                                            controller_id=self.id, fleets=fleets,
+                                            workdir=workdir.expanduser(), lease_s=c.lease_s,
+                                            signing_key=signing_key)
+        self.ingest = Ingest(self.store, self.client, fleets=fleets,
+                             share_group=cfg.share_group, workers=cfg.ingest.workers,
+                             queue_max=cfg.ingest.queue_max, samples=cfg.ingest.samples)
+        self.ingest.listeners.append(self._on_stored)
+        self.ingest.start()
+        for fleet in fleets:
+            self.client.subscribe(shared(rollout_request_topic(fleet), cfg.share_group),
+                                  self._on_request, qos=1)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the loop, write what the ingest holds, release leases, disconnect."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop is not None:
+            self._loop.join(timeout)
+        if self.policy is not None:
+            self.policy.wait_idle(timeout)
+        self._close()
+
+    def _close(self) -> None:
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.store is not None:
+            for release in (self.engine.release_all if self.engine else None,
+                            self.policy.release if self.policy else None):
+                if release is None:
+                    continue
+                try:
+                    release()
+                except EdgekitError as exc:
+                    log.warning("could not release leases: %s", exc.message)
+        if self.http is not None:
+            self.http.stop()
+        if self.client is not None:
+            if self.client.connected.is_set():
+                try:
+                    self.client.publish(presence_topic(self.id), None, qos=1, retain=True,
+                                        wait=5.0)
+                except EdgekitError:
+                    pass  # the last will clears the presence when the broker notices
+            self.client.close()
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, stop: threading.Event | None = None) -> None:
+        """Block until ``stop`` is set (or :meth:`stop` is called from another thread)."""
+        while not self._stop.is_set():
+            if stop is not None and stop.wait(0.5):
+                return
+            if stop is None:
+                self._stop.wait(0.5)
+
+    def wake(self) -> None:
+        """Run the control loop now instead of at the next tick."""
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        """Counters for tests, benchmarks and logs."""
+        return {"id": self.id, "ingest": self.ingest.stats.to_dict() if self.ingest else {},
+                "backlog": self.ingest.backlog if self.ingest else 0, "errors": self.errors,
+                "artifacts": vars(self.server.stats) if self.server else {}}
+
+    # ---------------------------------------------------------------- control loop
+
+    def _run_loop(self) -> None:
+        tick = self.config.controller.tick_s
+        while not self._stop.is_set():
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.step()
+
+    def step(self) -> None:
+        """One pass of the control loop (the loop calls it; tests may too)."""
+        for work in (self._handle_requests, self._refresh_artifacts, self._tick_rollouts,
+                     self._tick_policy):
+            try:
+                work()
+            except EdgekitError as exc:
+                self.errors += 1
+                log.error("%s", exc.format())
+            except Exception:
+                self.errors += 1
+                log.exception("control loop step failed")
+
+    def _tick_rollouts(self) -> None:
+        assert self.engine is not None
+        self.engine.tick()
+
+    def _tick_policy(self) -> None:
+        if self.policy is not None:
+            self.policy.tick()
+
+    def _refresh_artifacts(self) -> None:
+        """Serve every registered package (devices that join later fetch the fleet's model)."""
+        if self.server is None or time.monotonic() < self._next_refresh:
+            return
+        self._next_refresh = time.monotonic() + _ARTIFACT_REFRESH_S
+        assert self.store is not None and self.registry is not None
+        models = self.store.list_models()
+        if len(models) == self._served_models:
+            return
+        for record in models:
+            if self.server.store.get(record.sha256) is None:
+                path = self.registry.path_of(record)
+                if path.is_file():
+                    self.server.serve(path)
+        if self._served_models <= 0 and self.server.store.infos():
+            # Brokers without shared subscriptions (amqtt) need plain ones: find out once.
+            self.server.ensure_reachable()
+        self._served_models = len(models)
+
+    def _on_stored(self, kind: str, fleet: str, device: str, payload: dict[str, Any]) -> None:
+        # An update outcome may let a rollout move on: do not wait for the next tick.
+        if kind == "events" and str(payload.get("kind", "")).startswith("update."):
+            self._wake.set()
+
+    def _announce(self) -> None:
+        assert self.client is not None
+        payload = make_presence(self.id, self.config.controller.fleets, self.started)
+        self.client.publish(presence_topic(self.id), encode(payload), qos=1, retain=True)
+
+    # ---------------------------------------------------------------- rollout requests
+
+    def _on_request(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            request = parse_rollout_request(bytes(msg.payload))
+        except ProtocolError as exc:
+            log.warning("ignoring a rollout request on %s: %s", msg.topic, exc.message)
+            return
+        fleet = msg.topic.split("/")[2]
+        try:
+            self._requests.put_nowait((fleet, request))
+        except queue.Full:
+            self._reply(request, error=UsageError("the controller is busy; try again"))
+            return
+        self._wake.set()
+
+    def _handle_requests(self) -> None:
+        while True:
+            try:
+                fleet, request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                rollout = self.request_rollout(fleet, request)
+            except EdgekitError as exc:
+                self._reply(request, error=exc)
+                continue
+            self._reply(request, rollout=rollout)
+
+    def request_rollout(self, fleet: str, request: RolloutRequest) -> dict[str, Any]:
+        """Create the rollout a request asks for (or find the one it created already) and
+        return it as the reply shows it.
+
+        Raises:
+            UsageError: the model is not registered (and the request names no readable
+                package), its sha256 differs, or the fleet has another active rollout.
+            ArtifactError / SignatureError: the package named cannot be registered.
+        """
+        assert self.engine is not None and self.store is not None and self.registry is not None
+        found = self.engine.find_request(fleet, request["request_id"])
+        if found is None:
+            name, version = request["name"], request["version"]
+            record = self.store.get_model(name, version)
+            package = request.get("package")
+            if record is None and package:
+                record = self.registry.push(package, trusted_keys=self.trusted or None).record
+            if record is None:
+                raise UsageError(f"model {name}:{version} is not in the controller's registry",
+                                 hint="push it with `edgekit registry push` (same --db as the"
+                                      " controller)")
+            sha = request.get("sha256")
+            if sha and sha != record.sha256:
+                raise UsageError(f"{record.ref} is registered with another package (sha256"
+                                 f" {record.sha256[:12]}..., the request names {sha[:12]}...)",
+                                 hint="give the new package a higher version")
+            found = self.engine.create(fleet, name, version, devices=request.get("devices"),
+                                       overrides=request.get("plan"), source="deploy",
+                                       request_id=request["request_id"])
+        targets = self.store.list_rollout_targets(found.id)
+        return {**found.to_dict(), "targets": [t.device for t in targets]}
+
+    def _reply(self, request: RolloutRequest, *, rollout: dict[str, Any] | None = None,
+               error: EdgekitError | None = None) -> None:
+        assert self.client is not None
+        reply = RolloutReply(schema=ROLLOUT_REPLY_SCHEMA, request_id=request["request_id"],
+                             ok=error is None)
+        if rollout is not None:
+            reply["rollout"] = rollout
+        if error is not None:
+            reply["error"] = {"code": type(error).__name__, "message": error.message,
+                              "hint": error.hint or ""}
+        self.client.publish(request["reply_to"], encode(reply), qos=1)

@@ -1,0 +1,390 @@
+"""The shared OTA core: desired documents, signed rollback instructions, chunk framing,
+event kinds, topics, Range parsing and the deployment tracker (no broker needed)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import struct
+from typing import Any
+
+import pytest
+
+import edgekit.ota as ota
+from edgekit.errors import ProtocolError, SignatureError, UsageError
+from edgekit.ota._http import parse_range
+from edgekit.ota.tracker import DeploymentTracker, Outcome
+from edgekit.signing import generate_keypair, load_private_key, load_public_key
+
+SHA = hashlib.sha256(b"package").hexdigest()
+OTHER_SHA = hashlib.sha256(b"other").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("keys")
+    good = generate_keypair(root / "good")
+    bad = generate_keypair(root / "bad")
+    return {"key": load_private_key(good.private_path), "pub": load_public_key(good.public_path),
+            "other_key": load_private_key(bad.private_path),
+            "other_pub": load_public_key(bad.public_path), "key_id": good.key_id}
+
+
+def desired(**overrides: Any) -> dict[str, Any]:
+    doc = dict(ota.make_desired(
+        deployment="d1", name="digits", version="2.0.0", sha256=SHA, size=1000,
+        key_id="0123456789abcdef", request_topic=ota.artifact_request_topic("f1", SHA)))
+    doc.update(overrides)
+    return doc
+
+
+# --------------------------------------------------------------------------- desired
+
+
+def test_desired_round_trip_fills_defaults() -> None:
+    doc = desired()
+    parsed = ota.parse_desired(ota.encode_desired(ota.parse_desired(doc)))
+    assert parsed == doc
+    assert parsed["probation"] == ota.DEFAULT_PROBATION
+    minimal = {k: v for k, v in doc.items() if k not in ("probation", "allow_breaking",
+                                                         "latency_budget_ms", "rollback")}
+    filled = ota.parse_desired(json.dumps(minimal).encode())
+    assert filled["allow_breaking"] is False and filled["rollback"] is None
+    assert filled["probation"]["requests"] == ota.DEFAULT_PROBATION["requests"]
+
+
+def _set(path: str, value: Any) -> Any:
+    def mutate(doc: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        target = doc
+        for key in parents:
+            target = target[key]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+    return mutate
+
+
+_DELETE = object()
+
+BAD_DOCUMENTS = [
+    (_set("schema", "edgekit.desired/2"), "desired.schema"),
+    (_set("deployment", "bad id/with slash"), "desired.deployment"),
+    (_set("deployment", _DELETE), "desired.deployment: missing"),
+    (_set("issued", "yesterday"), "desired.issued"),
+    (_set("issued", "2026-01-01T00:00:00"), "desired.issued"),
+    (_set("model", "digits"), "desired.model: expected an object"),
+    (_set("model.name", ""), "desired.model.name"),
+    (_set("model.version", "v2"), "desired.model.version"),
+    (_set("model.sha256", "ABC"), "desired.model.sha256"),
+    (_set("model.sha256", None), "desired.model.sha256"),
+    (_set("model.size", 0), "desired.model.size"),
+    (_set("model.size", ota.MAX_ARTIFACT_BYTES + 1), "desired.model.size"),
+    (_set("model.size", "1000"), "desired.model.size: expected an integer"),
+    (_set("model.size", True), "desired.model.size: expected an integer"),
+    (_set("model.key_id", "xyz"), "desired.model.key_id"),
+    (_set("sources", {"mqtt": None, "url": None}), "desired.sources"),
+    (_set("sources.url", "ftp://host/x.edgepkg"), "desired.sources.url"),
+    (_set("sources.mqtt", {"request_topic": "edgekit/v1/+/x"}), "desired.sources.mqtt.request_topic"),
+    (_set("sources.mqtt", {"request_topic": "t", "chunk_size": 10}), "desired.sources.mqtt.chunk_size"),
+    (_set("allow_breaking", "yes"), "desired.allow_breaking"),
+    (_set("latency_budget_ms", -1), "desired.latency_budget_ms"),
+    (_set("probation", {"requests": -1}), "desired.probation.requests"),
+    (_set("probation", {"max_error_rate": 1.5}), "desired.probation.max_error_rate"),
+    (_set("probation", {"seconds": float("nan")}), "desired.probation.seconds"),
+    (_set("probation", {"max_latency_ms": "fast"}), "desired.probation.max_latency_ms"),
+    (_set("rollback", {"schema": "x"}), "desired.rollback.schema"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key"), BAD_DOCUMENTS,
+                         ids=[key for _, key in BAD_DOCUMENTS])
+def test_invalid_desired_names_the_key(mutate: Any, key: str) -> None:
+    doc = copy.deepcopy(desired())
+    mutate(doc)
+    with pytest.raises(ProtocolError) as err:
+        ota.parse_desired(json.dumps(doc).encode())
+    assert key in err.value.message
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b"\xff\xfe", b"null", b""])
+def test_desired_that_is_not_a_json_object(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        ota.parse_desired(payload)
+
+
+def test_unknown_keys_are_ignored() -> None:
+    doc = desired()
+    doc["added_later"] = {"x": 1}
+    assert "added_later" not in ota.parse_desired(json.dumps(doc).encode())
+
+
+def test_deployment_ids_are_valid_and_distinct() -> None:
+    ids = {ota.new_deployment_id() for _ in range(50)}
+    assert len(ids) == 50
+    for d in ids:
+        assert ota.parse_desired(json.dumps(desired(deployment=d)))["deployment"] == d
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def _instruction(keys: dict[str, Any], **kw: Any) -> ota.RollbackInstruction:
+    args: dict[str, Any] = {"fleet": "f1", "devices": ["dev-1", "dev-2"], "name": "digits",
+                            "to_version": "1.0.0", "sha256": SHA}
+    args.update(kw)
+    return ota.sign_rollback(keys["key"], **args)
+
+
+def _verify(keys: dict[str, Any], instr: ota.RollbackInstruction, **kw: Any) -> str:
+    args: dict[str, Any] = {"fleet": "f1", "device": "dev-1", "name": "digits",
+                            "version": "1.0.0", "sha256": SHA}
+    args.update(kw)
+    return ota.verify_rollback(instr, [keys["pub"]], **args)
+
+
+def test_rollback_signature_verifies(keys: dict[str, Any]) -> None:
+    instr = _instruction(keys)
+    assert _verify(keys, instr) == keys["key_id"]
+    assert _verify(keys, _instruction(keys, devices=None), device="any-device") == keys["key_id"]
+    # The canonical form ignores the order keys arrive in.
+    reordered = ota.parse_rollback(json.loads(json.dumps(dict(reversed(list(instr.items()))))))
+    assert _verify(keys, reordered) == keys["key_id"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("to_version", "0.9.0"), ("fleet", "f2"),
+                                              ("devices", ["dev-1", "dev-9"]), ("nonce", "00"),
+                                              ("sha256", OTHER_SHA),
+                                              ("issued", "2030-01-01T00:00:00Z")])
+def test_rollback_with_an_altered_field_fails(keys: dict[str, Any], field: str,
+                                              value: Any) -> None:
+    instr = dict(_instruction(keys))
+    instr[field] = value
+    with pytest.raises(SignatureError, match="does not match"):
+        ota.verify_rollback(ota.parse_rollback(instr), [keys["pub"]], fleet="f1",
+                            device="dev-1", name="digits", version=instr["to_version"],
+                            sha256=instr["sha256"])
+
+
+def test_rollback_refusals(keys: dict[str, Any]) -> None:
+    instr = _instruction(keys)
+    with pytest.raises(SignatureError, match="not among the trusted keys"):
+        ota.verify_rollback(instr, [keys["other_pub"]], fleet="f1", device="dev-1",
+                            name="digits", version="1.0.0", sha256=SHA)
+    with pytest.raises(SignatureError, match="needs a trusted key"):
+        ota.verify_rollback(instr, [], fleet="f1", device="dev-1", name="digits",
+                            version="1.0.0", sha256=SHA)
+    for kw, words in [({"device": "dev-3"}, "not 'dev-3'"), ({"fleet": "f2"}, "fleet"),
+                      ({"name": "other"}, "model"), ({"version": "1.1.0"}, "version"),
+                      ({"sha256": OTHER_SHA}, "another package")]:
+        with pytest.raises(SignatureError, match=words):
+            _verify(keys, instr, **kw)
+    issued = ota.parse_time(instr["issued"], "issued")
+    with pytest.raises(SignatureError, match="replay"):
+        _verify(keys, instr, not_before=issued)
+    assert _verify(keys, instr, not_before=issued - dt.timedelta(seconds=1)) == keys["key_id"]
+
+
+def test_rollback_forged_with_an_untrusted_key(keys: dict[str, Any]) -> None:
+    forged = ota.sign_rollback(keys["other_key"], fleet="f1", devices=None, name="digits",
+                               to_version="1.0.0", sha256=SHA)
+    with pytest.raises(SignatureError):
+        _verify(keys, forged)
+
+
+def test_desired_rollback_must_match_the_model(keys: dict[str, Any]) -> None:
+    instr = _instruction(keys, to_version="1.0.0")
+    with pytest.raises(ProtocolError, match="desired.rollback.to_version"):
+        ota.make_desired(deployment="d2", name="digits", version="1.1.0", sha256=SHA,
+                         size=10, request_topic="t", rollback=instr)
+    kept = _instruction(keys, sha256=None)
+    doc = ota.make_desired(deployment="d2", name="digits", version="1.0.0", sha256=None,
+                           size=None, rollback=kept)
+    assert doc["model"]["sha256"] is None and doc["sources"]["mqtt"] is None
+    with pytest.raises(ProtocolError, match="desired.model.sha256"):
+        ota.make_desired(deployment="d2", name="digits", version="1.0.0", sha256=None,
+                         size=None)
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _request(**kw: Any) -> ota.ChunkRequest:
+    args: dict[str, Any] = {"request_id": "r1", "sha256": SHA, "offset": 100, "length": 64,
+                            "reply_to": "edgekit/v1/f1/dev-1/reply/ota"}
+    args.update(kw)
+    return ota.make_request(**args)
+
+
+def test_chunk_round_trip() -> None:
+    request = _request()
+    data = bytes(range(64))
+    chunk = ota.decode_chunk(ota.encode_chunk(request, data, total=1000))
+    assert chunk.data == data and chunk.error is None
+    assert chunk.header["total"] == 1000 and chunk.header["offset"] == 100
+    chunk.check_answers(request)
+    assert ota.parse_request(ota.encode_request(request)) == request
+
+
+def test_corrupted_chunk_is_detected() -> None:
+    payload = bytearray(ota.encode_chunk(_request(), b"x" * 64, total=1000))
+    payload[-10] ^= 0x01
+    with pytest.raises(ProtocolError, match="does not match its sha256"):
+        ota.decode_chunk(bytes(payload))
+    # The id is still readable, so the device can ask again at once.
+    assert ota.peek_request_id(bytes(payload)) == "r1"
+    assert ota.peek_request_id(b"\x00\x00\x00\x05{nope") is None
+    assert ota.peek_request_id(b"\x00") is None
+
+
+@pytest.mark.parametrize("cut", [1, 3, 10, 50])
+def test_truncated_chunk_is_detected(cut: int) -> None:
+    payload = ota.encode_chunk(_request(), b"y" * 64, total=1000)
+    with pytest.raises(ProtocolError):
+        ota.decode_chunk(payload[:-cut] if cut < 64 else payload[:cut])
+
+
+def test_bad_frames() -> None:
+    with pytest.raises(ProtocolError, match="too short"):
+        ota.decode_chunk(b"\x00\x01")
+    with pytest.raises(ProtocolError, match="does not fit"):
+        ota.decode_chunk(struct.pack(">I", 10_000) + b"{}")
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        ota.decode_chunk(struct.pack(">I", 5) + b"{nope")
+    head = json.dumps({"schema": "edgekit.chunk/1", "request_id": "r", "sha256": SHA,
+                       "offset": 0, "length": 4, "total": 4}).encode()
+    with pytest.raises(ProtocolError, match="chunk.chunk_sha256: missing"):
+        ota.decode_chunk(struct.pack(">I", len(head)) + head + b"abcd")
+
+
+def test_error_reply_and_mismatched_replies() -> None:
+    chunk = ota.decode_chunk(ota.encode_chunk_error("r1", SHA, 5, ota.ChunkErrorCode.NOT_FOUND,
+                                                    "no such artifact"))
+    assert chunk.error == {"code": "not_found", "message": "no such artifact"}
+    assert chunk.data == b""
+    request = _request()
+    reply = ota.decode_chunk(ota.encode_chunk(request, b"z" * 64, total=1000))
+    for other, words in [(_request(request_id="r2"), "expected 'r2'"),
+                         (_request(offset=0), "the request asked for"),
+                         (_request(length=32), "at most 32")]:
+        with pytest.raises(ProtocolError, match=words):
+            reply.check_answers(other)
+
+
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("length", 0, "chunk_request.length"), ("length", ota.MAX_CHUNK_BYTES + 1, "chunk_request.length"),
+    ("offset", -1, "chunk_request.offset"), ("sha256", "abc", "chunk_request.sha256"),
+    ("reply_to", "a/+/b", "chunk_request.reply_to"), ("request_id", "", "chunk_request.request_id"),
+    ("schema", "edgekit.chunk-request/9", "chunk_request.schema"),
+])
+def test_invalid_chunk_request_names_the_key(field: str, value: Any, key: str) -> None:
+    doc = dict(_request())
+    doc[field] = value
+    with pytest.raises(ProtocolError, match=key.replace(".", r"\.")):
+        ota.parse_request(json.dumps(doc))
+
+
+# --------------------------------------------------------------------------- events, topics
+
+
+def test_event_kinds_and_steps() -> None:
+    for step in ota.UpdateStep:
+        assert ota.step_of(ota.event_kind(step)) is step
+    assert ota.step_of("model.activated") is None
+    assert ota.step_of("update.exploded") is None
+    assert ota.step_of(None) is None
+    assert ota.FINAL_STEPS == {ota.UpdateStep.SUCCEEDED, ota.UpdateStep.FAILED,
+                               ota.UpdateStep.ROLLED_BACK}
+
+
+def test_topics() -> None:
+    assert ota.desired_topic("f1") == "edgekit/v1/f1/_fleet/desired"
+    assert ota.desired_topic("f1", "dev-1") == "edgekit/v1/f1/dev-1/desired"
+    assert ota.artifact_request_topic("f1", SHA) == f"edgekit/v1/f1/_artifacts/get/{SHA}"
+    assert ota.artifact_subscription("f1", SHA, "g") == f"$share/g/edgekit/v1/f1/_artifacts/get/{SHA}"
+    assert ota.artifact_subscription("+") == "edgekit/v1/+/_artifacts/get/+"
+    assert ota.ota_reply_topic("f1", "dev-1") == "edgekit/v1/f1/dev-1/reply/ota"
+    with pytest.raises(UsageError):
+        ota.shared("x", "bad/group")
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, None), ("bytes=0-9", (0, 10)), ("bytes=90-", (90, 100)), ("bytes=-10", (90, 100)),
+    ("bytes=95-200", (95, 100)), ("bytes=100-", False), ("bytes=-0", False),
+    ("bytes=5-2", False), ("bytes=0-1,5-6", None), ("items=0-1", None), ("bytes=-", None),
+])
+def test_range_header(header: str | None, expected: Any) -> None:
+    assert parse_range(header, 100) == expected
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+def _status(state: str, session: int, sha: str | None = None, **extra: Any) -> dict[str, Any]:
+    model = {"name": "digits", "version": "1.0.0", "sha256": sha} if sha else None
+    return {"schema": "edgekit.status/1", "state": state, "session": session, "model": model,
+            **extra}
+
+
+def _event(step: str, deployment: str = "d1", reason: str | None = None,
+           percent: float | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"deployment": deployment, "step": step,
+                            "model": {"name": "digits", "version": "2.0.0", "sha256": SHA},
+                            "serving": None}
+    if percent is not None:
+        data["progress"] = {"bytes": 1, "total": 2, "percent": percent}
+    payload: dict[str, Any] = {"schema": "edgekit.event/1", "kind": f"update.{step}",
+                               "message": step, "data": data}
+    if reason:
+        payload["reason"] = reason
+    return payload
+
+
+def test_tracker_fleet_wide_targets_and_outcomes() -> None:
+    doc = ota.parse_desired(json.dumps(desired()))
+    tracker = DeploymentTracker("d1", "f1", doc["model"])
+    tracker.observe_status("a", _status("online", 3, OTHER_SHA))
+    tracker.observe_status("b", _status("online", 1, OTHER_SHA))
+    tracker.observe_status("c", _status("offline", 2, OTHER_SHA))
+    tracker.observe_status("d", _status("online", 1, OTHER_SHA))
+    tracker.observe_desired("d", True)
+    tracker.freeze()
+    assert tracker.targets == {"a", "b"}
+    assert "reconnects" in tracker.devices["c"].note
+    assert "own device-level" in tracker.devices["d"].note
+    # A late last will from an older session changes nothing.
+    assert not tracker.observe_status("a", _status("offline", 2, OTHER_SHA))
+    assert tracker.devices["a"].state == "online"
+    assert tracker.observe_event("a", _event("downloading", percent=40.0))
+    assert tracker.devices["a"].percent == 40.0
+    assert not tracker.observe_event("a", _event("downloading", deployment="d0"))
+    tracker.observe_event("a", _event("succeeded"))
+    tracker.observe_event("b", _event("rolled_back", reason="nonfinite_output"))
+    assert tracker.finished()
+    # A device that comes online later joins the targets.
+    tracker.observe_status("c", _status("online", 3, OTHER_SHA))
+    assert "c" in tracker.targets and not tracker.finished()
+    tracker.observe_status("c", _status("online", 3, SHA, update={
+        "deployment": "d1", "step": "failed", "reason": "bad_signature"}))
+    result = tracker.result(1.0)
+    assert not result.ok
+    assert result.counts() == {"succeeded": 1, "rolled_back": 1, "failed": 1}
+    assert result.targets["b"].reason == "nonfinite_output"
+    assert set(result.not_waited) == {"d"}
+    assert result.to_dict()["targets"]["c"]["reason"] == "bad_signature"
+
+
+def test_tracker_named_devices_time_out() -> None:
+    doc = ota.parse_desired(json.dumps(desired()))
+    tracker = DeploymentTracker("d1", "f1", doc["model"], devices=["x", "y"])
+    tracker.observe_event("x", _event("succeeded"))
+    tracker.observe_event("z", _event("succeeded"))  # reports on this deployment: a target
+    assert not tracker.finished()
+    tracker.expire()
+    result = tracker.result(2.0)
+    assert result.targets["y"].outcome is Outcome.TIMED_OUT
+    assert result.targets["x"].outcome is Outcome.SUCCEEDED
+    assert not result.ok
