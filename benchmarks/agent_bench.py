@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -86,13 +87,29 @@ def _agent(package: Path, workdir: Path, **overrides: Any) -> Any:
     return Agent(load_config(env={}, overrides=cfg))
 
 
-def overhead(package: Path, work: Path, rounds: int = 30, per_round: int = 300) -> dict[str, Any]:
-    agent = _agent(package, work / "overhead")
-    x = sample_inputs(package)[:1]
+def _raw_session(package: Path) -> Any:
+    """onnxruntime on the package's model, with the agent's settings (one thread, CPU)."""
+    import onnxruntime as ort
+
+    from edgekit.artifact import open_package
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(open_package(package).model_bytes(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def overhead(package: Path, work: Path, batch: int, rounds: int = 30,
+             per_round: int = 300) -> dict[str, Any]:
+    agent = _agent(package, work / f"overhead-{batch}", **{"requests.max_batch": 1024})
+    x = sample_inputs(package)
+    x = np.concatenate([x] * (batch // len(x) + 1))[:batch]
     name = agent.model.manifest.inputs[0].name
     feeds = {name: x}
     session = agent.model.session
-    raw = session._sess  # the onnxruntime InferenceSession itself
+    raw = _raw_session(package)
     outputs = [o.name for o in agent.model.manifest.outputs]
     calls = {
         "raw onnxruntime": lambda: raw.run(outputs, feeds),
@@ -147,7 +164,7 @@ def p99_worker(package: Path, work: Path, mode: str, seconds: float, broker_url:
 
 
 def telemetry_p99(package: Path, work: Path, seconds: float, broker_url: str,
-                  repeats: int = 3) -> dict[str, Any]:
+                  repeats: int = 5) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     for i in range(repeats):
         for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
@@ -296,6 +313,8 @@ def mqtt_rps(proc: AgentProc, broker_url: str, x: np.ndarray, seconds: float,
             done.release()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.on_socket_open = lambda c, u, sock: sock.setsockopt(socket.IPPROTO_TCP,
+                                                               socket.TCP_NODELAY, 1)
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
     client.connect(host, int(port))
@@ -332,22 +351,26 @@ def mqtt_rps(proc: AgentProc, broker_url: str, x: np.ndarray, seconds: float,
 # --------------------------------------------------------------------------- install size
 
 
+_INSTALLER = {"pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils"}
+
+
 def install_size(work: Path) -> dict[str, Any]:
     venv = work / "size-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = venv / "bin" / "pip"
-    subprocess.run([str(pip), "install", "--quiet", f"{ROOT}[agent]"], check=True, timeout=1800)
+    done = subprocess.run([str(pip), "install", "--quiet", f"{ROOT}[agent]"], capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install edgekit[agent] failed:\n{done.stderr[-3000:]}")
     site = next((venv / "lib").glob("python3*/site-packages"))
     sizes: dict[str, int] = {}
     for entry in site.iterdir():
-        if entry.name in ("pip", "setuptools", "_distutils_hack") or entry.suffix == ".pth":
-            continue
+        if entry.name.split("-")[0] in _INSTALLER or entry.suffix == ".pth":
+            continue  # the venv's own installer, not the agent's
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) \
             if entry.is_dir() else entry.stat().st_size
         key = entry.name.split("-")[0].split(".")[0].lower()
         sizes[key] = sizes.get(key, 0) + size
-    for base in ("pip", "setuptools"):
-        sizes.pop(base, None)
     total = sum(sizes.values())
     top = dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:8])
     shutil.rmtree(venv, ignore_errors=True)
@@ -381,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"package": str(package), "cpu_count": os.cpu_count(),
                                    "python": sys.version.split()[0]}
         print("overhead ...", file=sys.stderr)
-        results["overhead"] = overhead(package, work)
+        results["overhead"] = overhead(package, work, batch=1)
+        results["overhead_batch32"] = overhead(package, work, batch=32, per_round=100)
         with MqttBroker(work / "broker") as broker:
             print("p99 with telemetry on and off ...", file=sys.stderr)
             results["telemetry_p99"] = telemetry_p99(package, work, args.seconds, broker.url)
@@ -419,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(r: dict[str, Any]) -> None:
     o = r["overhead"]
+    o32 = r["overhead_batch32"]
     t = r["telemetry_p99"]
     rows = [
         ("raw onnxruntime, batch 1 (median)", f"{o['median_us']['raw onnxruntime']:.1f} us"),
@@ -427,6 +452,9 @@ def print_table(r: dict[str, Any]) -> None:
         ("Agent.predict / raw call (goal <= 1.05)", f"{o['ratio_vs_raw']:.3f}x"
                                                      f" (+{o['overhead_us']:.1f} us)"),
         ("Agent.predict / Session.run", f"{o['ratio_vs_session']:.3f}x"),
+        ("batch 32: raw / Agent.predict (median)", f"{o32['median_us']['raw onnxruntime']:.1f}"
+                                                   f" / {o32['median_us']['Agent.predict']:.1f} us"
+                                                   f" ({o32['ratio_vs_raw']:.3f}x)"),
         ("p99 telemetry off / on", f"{t['p99_us']['off']:.1f} / {t['p99_us']['on']:.1f} us"),
         ("p99 on / off (goal <= 1.05)", f"{t['ratio']:.3f}x"),
         ("HTTP round trip JSON p50 / p99", f"{r['http']['rtt_ms']['json']['p50']:.2f} /"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from edgekit import __version__
 
-from ._agent import Agent
+from ._agent import Agent, Observer
 from ._model import LoadedModel, ModelSlot, Prediction, TrustPolicy, load_model
 from ._store import ActiveRecord, ModelStore, StoredPackage
 from .config import AgentConfig, load_config
@@ -35,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "ModelSlot",
     "ModelStore",
+    "Observer",
     "Prediction",
     "RequestError",
     "StoredPackage",

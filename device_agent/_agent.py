@@ -18,7 +18,13 @@ import numpy as np
 
 from edgekit import __version__
 from edgekit.artifact import open_package
-from edgekit.errors import EdgekitError, InputError, RuntimeBackendError, UsageError
+from edgekit.errors import (
+    ArtifactError,
+    EdgekitError,
+    InputError,
+    RuntimeBackendError,
+    UsageError,
+)
 from edgekit.manifest import compare_versions
 from edgekit.protocol import (
     DeviceState,
@@ -211,7 +217,11 @@ class Agent:
                 the model in service stays.
         """
         stored = self.store.add(package)
-        model = self._load(stored)
+        try:
+            model = self._load(stored)
+        except EdgekitError:
+            self.store.discard(stored)
+            raise
         self.store.activate(stored)
         self.slot.swap(model)
         return model
@@ -222,7 +232,13 @@ class Agent:
 
     def _load_initial(self) -> None:
         given = self.config.model.package
-        record = self.store.active()
+        try:
+            record = self.store.active()
+        except ArtifactError as exc:
+            # Written atomically, so this takes a damaged disk or a hand edit; the folder's
+            # packages are still there for the next update, and a given package still serves.
+            self.event(EventKind.MODEL_LOAD_FAILED, EventLevel.ERROR, exc.message)
+            record = None
         if given:
             manifest = open_package(given).manifest
             if record is None or compare_versions(manifest.version, record.active.version) > 0:
@@ -365,17 +381,25 @@ class Agent:
                    f"agent {self.version} started as {cfg.device.fleet}/{cfg.device.id}")
 
     def stop(self) -> None:
-        """Stop telemetry, say ``stopped`` on the status topic, close the link and the API."""
+        """Stop taking requests, send the last partial interval's metrics, say ``stopped`` on
+        the status topic and close the link (the queue gets a few seconds to drain)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         for thread in self._threads:
             if thread.name == "telemetry":
                 thread.join(timeout=5)
         if self.mqtt_api is not None:
             self.mqtt_api.close()
-        if self.link is not None:
-            self.link.stop()
         if self.http is not None:
             self.http.close()
+        if self.outbox is not None and self.config.telemetry.interval_s > 0:
+            try:
+                self.tick()  # the requests since the last tick are counted too
+            except Exception:
+                log.exception("the last telemetry tick failed")
+        if self.link is not None:
+            self.link.stop()
         if self.outbox is not None:
             self.outbox.close()
         self._lock_handle.close()

@@ -89,10 +89,6 @@ class LoadedModel:
         return self.manifest.version
 
     @property
-    def is_classifier(self) -> bool:
-        return self.num_classes is not None
-
-    @property
     def primary_output(self) -> str:
         return self.manifest.outputs[0].name
 

@@ -13,6 +13,7 @@ status always describes the live connection.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -41,6 +42,15 @@ _SEND_WINDOW = 20  # messages in flight from the queue (paho's default in-flight
 _ACK_TIMEOUT_S = 60.0  # a queued message unacknowledged this long on a live link is resent
 
 
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    # paho leaves Nagle's algorithm on: a reply written right after an acknowledgement would
+    # wait for the broker's delayed ACK (40 ms a request).
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        pass
+
+
 class MqttLink:
     """One paho client, with the agent's status, subscriptions and queue sender."""
 
@@ -57,7 +67,6 @@ class MqttLink:
         self._acked: set[int] = set()
         self._acked_lock = threading.Lock()
         self.session = outbox.counter(SESSION_COUNTER)
-        self.connections = 0
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
@@ -75,6 +84,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_socket_open = _no_delay
         self._client = client
         self._keepalive = cfg.mqtt.keepalive_s
         self.subscribe(status_topic, self._on_own_status)
@@ -143,7 +153,6 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self.address.url(), reason_code)
             return
-        self.connections += 1
         client.publish(self.status_topic, self._build_status(self.session, DeviceState.ONLINE,
                                                               None), qos=1, retain=True)
         for topic_filter in self._handlers:
@@ -203,7 +212,9 @@ class MqttLink:
         pending: deque[tuple[int, int, float]] = deque()  # (row id, mid, sent at)
         last_id = 0
         while not self._stopping.is_set():
-            self._wake.wait(0.5)
+            # Woken by a queued message, an acknowledgement or a connect; the timeout only
+            # paces the check for stalled acknowledgements.
+            self._wake.wait(5.0)
             self._wake.clear()
             with self._acked_lock:
                 acked = self._acked

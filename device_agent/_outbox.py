@@ -111,11 +111,6 @@ class Outbox:
                 f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
             self._depth -= max(cur.rowcount, 0)
 
-    def first_id(self) -> int | None:
-        with self._lock:
-            row = self._db.execute("SELECT MIN(id) FROM outbox").fetchone()
-        return None if row is None or row[0] is None else int(row[0])
-
     @property
     def depth(self) -> int:
         return self._depth

@@ -56,7 +56,6 @@ class RequestStats:
         self._lock = threading.Lock()
         self.requests_total = 0
         self.errors_total = 0
-        self.rows_total = 0
         self._interval = Interval(time.time(), 0.0)
         self._rng = np.random.default_rng()
 

@@ -169,6 +169,18 @@ class ModelStore:
             self._prune({package.path.name, *(p.path.name for p in previous)})
         return record
 
+    def discard(self, package: StoredPackage) -> None:
+        """Remove a package that was added but refused, unless the record names it."""
+        with self._lock:
+            try:
+                record = self.active()
+            except ArtifactError:
+                return
+            named = set() if record is None else {
+                p.path.name for p in (record.active, *record.previous)}
+            if package.path.name not in named:
+                package.path.unlink(missing_ok=True)
+
     def packages(self) -> list[Path]:
         """Package files in the folder, oldest first."""
         return sorted(self.packages_dir.glob("*.edgepkg"), key=lambda p: p.stat().st_mtime)

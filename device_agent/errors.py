@@ -38,10 +38,6 @@ class RequestError(EdgekitError):
         super().__init__(message, hint=hint)
         self.code = code
 
-    @property
-    def http_status(self) -> int:
-        return _STATUS[self.code]
-
 
 def describe(exc: BaseException) -> tuple[ErrorCode, int, str]:
     """The error code, HTTP status and message a client gets for ``exc``."""

@@ -187,3 +187,24 @@ def test_onnx_source_below_opset_17_is_converted(tmp_path: Path) -> None:
     assert any("opset converted from 13 to 17" in w for w in res.warnings)
     assert res.manifest.target["min_runtime_version"] == "1.13.0"
     assert res.passed
+
+
+def test_framework_without_onnx_exporter_is_a_conversion_error() -> None:
+    """A source framework that nothing exports to ONNX: a stand-in source, since every real
+    framework here has an exporter."""
+    from converters import LoadedSource, SourceRef
+    from converters.targets.onnx_target import OnnxTarget
+    from edgekit.errors import ConversionError
+    from edgekit.manifest import TensorSpec
+
+    class Unexportable(LoadedSource):
+        framework = "no-such-framework"
+
+        def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {}
+
+    spec = TensorSpec("x", "float32", ["batch", 4])
+    source = Unexportable(SourceRef(obj=object()), [spec], [spec], None)
+    with pytest.raises(ConversionError, match="no ONNX exporter is registered for"
+                                              " no-such-framework"):
+        OnnxTarget.convert(source, ConvertOptions(), None, lambda _: None)

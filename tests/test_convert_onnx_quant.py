@@ -207,3 +207,56 @@ def test_unknown_node_to_exclude_is_a_usage_error(tmp_path: Path) -> None:
                 output=tmp_path / "x.edgepkg", calibration=calib)
     assert "/no/such/Conv" in err.value.message and "quantizable_nodes" in (err.value.hint or "")
     assert not list(tmp_path.iterdir())
+
+
+def _position_embedding_onnx(path: Path) -> Path:
+    """A token + position embedding model with a symbolic sequence length: the position
+    slice ``[:seq]`` of a 32-row table makes onnxruntime's symbolic shape inference give up
+    (as it does on BERT-style exports such as MiniLM)."""
+    import io
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class PositionEmbedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(64, 16)
+            self.positions = nn.Embedding(32, 16)
+            self.proj = nn.Linear(16, 8)
+            self.register_buffer("position_ids", torch.arange(32)[None], persistent=False)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            pos = self.position_ids[:, : input_ids.shape[1]]
+            return self.proj(self.tokens(input_ids) + self.positions(pos)).mean(1)
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(PositionEmbedding().eval(), (torch.randint(0, 64, (2, 12)),), buf,
+                          dynamo=False, input_names=["input_ids"], output_names=["embedding"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                        "embedding": {0: "batch"}}, opset_version=17)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_preprocessing_falls_back_when_symbolic_shapes_fail(tmp_path: Path, mode: str) -> None:
+    source = _position_embedding_onnx(tmp_path / "positions.onnx")
+    tokens = np.random.default_rng(0).integers(0, 64, size=(64, 12)).astype(np.int64)
+    data = Dataset({"input_ids": tokens}, None, "token ids")
+    res = convert(source, ConvertOptions(quantize=mode, task="embedding", latency_runs=5),
+                  output=tmp_path / "positions.edgepkg", calibration=data, eval_data=data)
+    pre = res.manifest.recipe["preprocess"]
+    assert pre["outcome"] == "skip_symbolic_shape"
+    assert "symbolic shape inference" in pre["detail"]
+    assert any("pre-processing: skip_symbolic_shape" in w for w in res.warnings)
+    assert res.manifest.inputs[0].shape == ["batch", "seq"]
+    assert res.passed, res.report["parity"]["failures"]
+    # The artifact takes other sequence lengths, as the symbolic dimension promises.
+    pkg = open_package(tmp_path / "positions.edgepkg")
+    session = load_session(pkg.manifest, pkg.model_bytes())
+    assert session.run({"input_ids": tokens[:3, :7]})["embedding"].shape == (3, 8)

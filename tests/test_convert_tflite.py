@@ -11,30 +11,25 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pytest
-
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
-
-import keras  # noqa: E402
-import torch  # noqa: E402
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
-
-from converters import ConvertOptions, convert, load_source, run_batches  # noqa: E402
-from converters.targets.tflite_target import TFLiteTarget  # noqa: E402
-from edgekit.artifact import open_package  # noqa: E402
-from edgekit.data import Dataset, save_npz  # noqa: E402
-from edgekit.errors import DataError, ModelError, UsageError  # noqa: E402
-from edgekit.runtimes import RuntimeOptions, load_session  # noqa: E402
-from edgekit.runtimes.litert import LiteRTBackend  # noqa: E402
-
-from convert_cases import (  # noqa: E402
+import torch
+from ai_edge_litert.interpreter import Interpreter
+from convert_cases import (
     digits_split,
     keras_digits_data,
     trained_digits_cnn,
     trained_keras_digits,
 )
+
+from converters import ConvertOptions, convert, load_source, run_batches
+from converters.targets.tflite_target import TFLiteTarget
+from edgekit.artifact import open_package
+from edgekit.data import Dataset, save_npz
+from edgekit.errors import ConversionError, DataError, ModelError, UsageError
+from edgekit.runtimes import RuntimeOptions, load_session
+from edgekit.runtimes.litert import LiteRTBackend
 
 MODES = [("none", False), ("dynamic", False), ("fp16", False), ("int8", False), ("int8", True)]
 
@@ -437,4 +432,14 @@ def test_calibration_method_other_than_minmax_is_refused(
                                                calibration_method="entropy"),
                 output=tmp_path / "out.edgepkg", calibration=data["calib"])
     assert err.value.exit_code == 2
+    _no_output(tmp_path)
+
+
+def test_model_with_ops_outside_tflite_builtins(tmp_path: Path) -> None:
+    inp = keras.Input((4, 4), name="m")
+    out = keras.layers.Lambda(lambda t: keras.ops.svd(t, compute_uv=False))(inp)
+    with pytest.raises(ConversionError, match="ops outside the TFLite builtins: tf.Svd") as err:
+        convert(keras.Model(inp, out), ConvertOptions(target="tflite"),
+                output=tmp_path / "out.edgepkg")
+    assert err.value.exit_code == 1 and "--to onnx" in (err.value.hint or "")
     _no_output(tmp_path)

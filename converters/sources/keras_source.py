@@ -105,16 +105,26 @@ class KerasSource(LoadedSource):
         self._owner = owner
 
     def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model on one batch; outputs keyed by output name."""
-        if self.model is not None:
-            _, keras = _import_tf()
-            args = [np.asarray(feeds[s.name]) for s in self.inputs]
-            result = self.model(args[0] if len(args) == 1 else args, training=False)
-            flat = keras.tree.flatten(result)
-            return {spec.name: np.asarray(arr) for spec, arr in zip(self.outputs, flat, strict=True)}
-        tf, _ = _import_tf()
-        out = self._signature_fn(**{s.name: tf.constant(feeds[s.name]) for s in self.inputs})
-        return {spec.name: np.asarray(out[spec.name]) for spec in self.outputs}
+        """Run the model on one batch; outputs keyed by output name.
+
+        Raises:
+            ModelError: an input is missing or the model fails on the inputs.
+        """
+        missing = [s.name for s in self.inputs if s.name not in feeds]
+        if missing:
+            raise ModelError(f"input {', '.join(missing)} is missing (have: {', '.join(feeds)})")
+        tf, keras = _import_tf()
+        try:
+            if self.model is not None:
+                args = [np.asarray(feeds[s.name]) for s in self.inputs]
+                result = self.model(args[0] if len(args) == 1 else args, training=False)
+                flat = keras.tree.flatten(result)
+                return {spec.name: np.asarray(arr)
+                        for spec, arr in zip(self.outputs, flat, strict=True)}
+            out = self._signature_fn(**{s.name: tf.constant(feeds[s.name]) for s in self.inputs})
+            return {spec.name: np.asarray(out[spec.name]) for spec in self.outputs}
+        except Exception as exc:  # the model's layers raise whatever they raise
+            raise ModelError(f"the Keras / TensorFlow model failed on the inputs: {exc}") from exc
 
     def framework_version(self) -> dict[str, str]:
         tf, keras = _import_tf()

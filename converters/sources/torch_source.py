@@ -214,7 +214,7 @@ class TorchFactoryLoader(SourceLoader):
                              hint="for example mypkg.models:build_net")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # importing user code can raise anything
             raise ModelError(f"cannot import {ref.factory}: {exc}",
                              hint="make the package importable (pip install -e . or PYTHONPATH)"
                              ) from exc

@@ -8,6 +8,7 @@ interpreter (no TensorFlow "flex" delegate on the device).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from edgekit.data import Dataset
@@ -15,7 +16,7 @@ from edgekit.errors import ConversionError, UsageError
 
 from .._registry import LoadedSource, Progress, TargetResult
 from ..options import ConvertOptions
-from .tflite_target import MAX_CALIBRATION_SAMPLES, representative, result
+from .tflite_target import MAX_CALIBRATION_SAMPLES, make_result, representative
 
 
 def _configure(conv: Any, tf: Any, opts: ConvertOptions, calibration: Dataset | None,
@@ -80,13 +81,17 @@ def convert_keras(source: LoadedSource, opts: ConvertOptions, calibration: Datas
             model = bytes(conv.convert())
         except Exception as exc:  # the converter raises ConverterError and others
             raise ConversionError(
-                f"the TFLite converter failed ({opts.quantize}): {_first_lines(exc)}",
+                f"the TFLite converter failed ({opts.quantize}): {_explain(exc)}",
                 hint="ops outside the TFLite builtins are not supported; try --to onnx",
             ) from exc
-    return result(model, source, recipe, {"tensorflow": str(tf.__version__)}, [],
-                  in_prefix="args_", out_prefix="output_")
+    return make_result(model, source, recipe, {"tensorflow": str(tf.__version__)}, [])
 
 
-def _first_lines(exc: Exception, count: int = 6) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return "\n".join(lines[:count]) or type(exc).__name__
+def _explain(exc: Exception) -> str:
+    """The converter's error in one line: the ops it could not map, else its first line."""
+    text = str(exc)
+    ops = sorted(set(re.findall(r"'([\w.]+)' op is neither a custom op nor a flex op", text)))
+    if ops:
+        return f"the model uses ops outside the TFLite builtins: {', '.join(ops)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:500] if lines else type(exc).__name__

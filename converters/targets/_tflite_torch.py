@@ -28,11 +28,12 @@ from edgekit.errors import ConversionError, UsageError
 from .._registry import LoadedSource, Progress, TargetResult
 from ..options import ConvertOptions
 from .tflite_target import (
+    ARG_PREFIX,
     MAX_CALIBRATION_SAMPLES,
     load_interpreter,
+    make_result,
     match_names,
     representative,
-    result,
     signature_keys,
 )
 
@@ -167,8 +168,8 @@ def _quantize(model: bytes, source: LoadedSource, opts: ConvertOptions,
                 step = "calibration"
                 progress("AI Edge Quantizer: calibrating")
                 key, ins, _ = signature_keys(load_interpreter(model))
-                names = match_names([s.name for s in source.inputs], list(ins), "args_",
-                                    "inputs")
+                names = match_names([s.name for s in source.inputs], list(ins),
+                                    ARG_PREFIX, "inputs")
                 # The quantizer's default update is a moving average of per-sample ranges,
                 # which on batch-1 samples clips the extremes; take the global min/max.
                 calib = calibrator.Calibrator(model, qsv_update_func=_global_min_max)
@@ -208,7 +209,7 @@ def convert_torch(source: LoadedSource, opts: ConvertOptions, calibration: Datas
         recipe.update(info)
         tools["ai-edge-quantizer"] = _version("ai-edge-quantizer")
     notes = list(source.notes)
-    return result(model, source, recipe, tools, notes, in_prefix="args_", out_prefix="output_")
+    return make_result(model, source, recipe, tools, notes)
 
 
 def _version(dist: str) -> str:

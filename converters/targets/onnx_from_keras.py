@@ -1,7 +1,7 @@
 """Keras and SavedModel sources to float ONNX with Keras' own exporter (tf2onnx underneath).
 
 A ``keras.Model`` is exported with ``model.export(path, format="onnx")``; a SavedModel
-folder is wrapped in a ``keras.layers.TFSMLayer`` model first. The graph's inputs and
+folder is wrapped in a Keras model around its serving signature first. The graph's inputs and
 outputs are then renamed to the source's names and its batch dimension to ``batch``, so
 the ONNX target, the manifest and the data files all use one set of names.
 """
@@ -29,11 +29,18 @@ def _export_model(source: Any) -> Any:
         return source.model
     import keras
 
+    class SignatureLayer(keras.layers.TFSMLayer):  # type: ignore[misc]
+        """Calls the serving signature by keyword: its arguments are keyword-only, which
+        ``TFSMLayer`` (positional) cannot bind for more than one input."""
+
+        def call(self, inputs: dict[str, Any], training: bool = False) -> Any:
+            return self.call_endpoint_fn(**inputs)
+
     assert source.saved is not None
-    layer = keras.layers.TFSMLayer(str(source.saved.path), call_endpoint=source.saved.signature)
+    layer = SignatureLayer(str(source.saved.path), call_endpoint=source.saved.signature)
     inputs = [keras.Input(shape=tuple(d if isinstance(d, int) else None for d in s.shape[1:]),
                           dtype=s.dtype, name=s.name) for s in source.inputs]
-    outputs = layer(inputs[0] if len(inputs) == 1 else {i.name: i for i in inputs})
+    outputs = layer({i.name: i for i in inputs})
     return keras.Model(inputs, outputs)
 
 

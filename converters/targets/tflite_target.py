@@ -26,7 +26,23 @@ from edgekit.manifest import QuantParams, TensorSpec
 from .._registry import LoadedSource, Progress, TargetBackend, TargetResult, register_target
 from ..options import ConvertOptions
 
-__all__ = ["MAX_CALIBRATION_SAMPLES", "TFLiteTarget", "describe_io", "load_interpreter"]
+__all__ = [
+    "ARG_PREFIX",
+    "MAX_CALIBRATION_SAMPLES",
+    "OUT_PREFIX",
+    "TFLiteTarget",
+    "describe_io",
+    "load_interpreter",
+    "make_result",
+    "match_names",
+    "representative",
+    "signature_keys",
+]
+
+# How exporters name signature entries they were given no names for (litert-torch: args_0,
+# output_0); such entries are matched to the source's by position.
+ARG_PREFIX = "args_"
+OUT_PREFIX = "output_"
 
 MAX_CALIBRATION_SAMPLES = 500
 """Representative samples fed to the calibrator; more add time and rarely change ranges."""
@@ -72,7 +88,7 @@ def signature_keys(interp: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def match_names(wanted: list[str], keys: list[str], prefix: str, what: str) -> dict[str, str]:
     """Map source names to signature keys: by name, else by position for keys
-    ``<prefix>0 .. <prefix>N`` (exporters that number their arguments).
+    ``<prefix>0 .. <prefix>N`` (exporters that number their arguments or results).
 
     Raises:
         ConversionError: neither way matches every name.
@@ -96,22 +112,22 @@ def _spec(name: str, detail: dict[str, Any], shape: list[int | str]) -> TensorSp
     return TensorSpec(name, dtype, list(shape), quant)
 
 
-def describe_io(model: bytes, source: LoadedSource, in_prefix: str,
-                out_prefix: str) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+def describe_io(model: bytes,
+                source: LoadedSource) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
     """Specs of the converted model's inputs and outputs under the source's names.
 
     They keep the source's shapes (symbolic batch), take the model's dtypes and int8
     quantization, and come in the order of the model's own input and output tensors.
-    The third value is what the runtime needs to know: the signature and whether the model
-    can be resized to another batch.
+    The third value is what a device needs to know: the signature, the TFLite operators the
+    model uses and whether it can be resized to another batch.
 
     Raises:
         ConversionError: the model's signature does not match the source.
     """
     interp = load_interpreter(model)
     key, ins, outs = signature_keys(interp)
-    in_map = match_names([s.name for s in source.inputs], list(ins), in_prefix, "inputs")
-    out_map = match_names([s.name for s in source.outputs], list(outs), out_prefix, "outputs")
+    in_map = match_names([s.name for s in source.inputs], list(ins), ARG_PREFIX, "inputs")
+    out_map = match_names([s.name for s in source.outputs], list(outs), OUT_PREFIX, "outputs")
     inputs = sorted(
         (_spec(s.name, ins[in_map[s.name]], s.shape) for s in source.inputs),
         key=lambda spec: ins[in_map[spec.name]]["index"],
@@ -122,7 +138,8 @@ def describe_io(model: bytes, source: LoadedSource, in_prefix: str,
     )
     fixed = [int(d["shape_signature"][0]) for d in interp.get_input_details()
              if len(d["shape_signature"]) and d["shape_signature"][0] != -1]
-    runtime: dict[str, Any] = {"signature": key, "ops": "tflite builtins",
+    ops = sorted({str(op["op_name"]) for op in interp._get_ops_details()})
+    runtime: dict[str, Any] = {"signature": key, "ops": ops,
                                "batch": fixed[0] if fixed else "dynamic"}
     return inputs, outputs, runtime
 
@@ -179,16 +196,20 @@ class TFLiteTarget(TargetBackend):
                          f" (this target takes: {', '.join(sorted(cls.SOURCES))})")
 
 
-def result(model: bytes, source: LoadedSource, recipe: dict[str, Any], tools: dict[str, str],
-           notes: list[str], in_prefix: str, out_prefix: str) -> TargetResult:
-    """Package the converted bytes with specs matched to the source."""
-    inputs, outputs, runtime = describe_io(model, source, in_prefix, out_prefix)
+def make_result(model: bytes, source: LoadedSource, recipe: dict[str, Any],
+                tools: dict[str, str], notes: list[str]) -> TargetResult:
+    """Package the converted bytes with specs matched to the source.
+
+    Raises:
+        ConversionError: the model does not load or its signature does not match the source.
+    """
+    inputs, outputs, runtime = describe_io(model, source)
     if runtime["batch"] != "dynamic":
         notes.append(
             f"the TFLite model has a fixed batch of {runtime['batch']}; the runtime runs larger"
             " batches in slices of that size")
     quantized = [s.name for s in inputs + outputs if s.quantization is not None]
     if quantized:
-        recipe["int8_tensors"] = quantized
+        recipe["quantized_io"] = quantized
     return TargetResult(model=model, inputs=inputs, outputs=outputs, recipe=recipe,
                         runtime=runtime, notes=notes, tools=tools)

@@ -150,12 +150,16 @@ def _follow_options(fn: Any) -> Any:
 @click.option("--max-latency-ms", type=click.FloatRange(min=0),
               help="Probation: roll back when p95 latency goes over this.")
 @_SHARE
+@click.option("--direct", is_flag=True,
+              help="Publish to the fleet at once even when a controller looks after it"
+                   " (without --direct such a deploy becomes a controller rollout: canary,"
+                   " waves, abort criteria).")
 def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
            no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
            sign_key: str | None, url: str | None, http_addr: str | None, allow_breaking: bool,
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
-           share_group: str) -> None:
+           share_group: str, direct: bool) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     Publishes the retained desired document (fleet-wide, or per --device), serves PACKAGE
@@ -183,6 +187,15 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
                           max_nonfinite_rate=DEFAULT_PROBATION["max_nonfinite_rate"],
                           max_latency_ms=max_latency_ms)
     with HostClient(broker).connect() as client:
+        if not direct:
+            from ._controller import deploy_via_controller
+
+            code = deploy_via_controller(
+                client, fleet, info, devices=targets, timeout=timeout, no_wait=no_wait,
+                as_json=as_json, quiet=quiet, plan={"probation_requests": probation_requests,
+                                                    "probation_seconds": probation_seconds})
+            if code is not None:
+                sys.exit(code)
         http_server = _start_http(store, http_addr, None, None)
         try:
             doc = desired_for_package(info, fleet, url=url or (

@@ -14,7 +14,13 @@ from conftest import Models
 
 from device_agent import Agent, ModelStore, RequestError, load_config
 from edgekit.artifact import open_package, write_package
-from edgekit.errors import ArtifactError, InputError, RuntimeBackendError, SignatureError, UsageError
+from edgekit.errors import (
+    ArtifactError,
+    InputError,
+    RuntimeBackendError,
+    SignatureError,
+    UsageError,
+)
 from edgekit.metrics import classification_report
 from edgekit.protocol import ErrorCode, Kind, Schema
 
@@ -228,7 +234,6 @@ def test_runtime_failures_are_reported_and_serving_goes_on(tmp_path: Path,
     tells its observers, and serves the next request."""
     import datetime as dt
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from edgekit.manifest import Manifest, TensorSpec
@@ -345,3 +350,24 @@ def test_temperature_from_thermal_zones(tmp_path: Path, models: Models) -> None:
         assert empty.tick()["system"]["temperature_c"] is None
     finally:
         empty.stop()
+
+
+def test_refused_updates_leave_the_folder_as_it_was(tmp_path: Path, models: Models) -> None:
+    agent = make_agent(tmp_path, model__package=str(models.signed_v1),
+                       model__trusted_keys=[str(models.public_key)])
+    try:
+        before = sorted(p.name for p in (tmp_path / "models" / "packages").iterdir())
+        with pytest.raises(SignatureError):
+            agent.activate(models.unsigned_v1)
+        assert sorted(p.name for p in (tmp_path / "models" / "packages").iterdir()) == before
+        assert agent.model is not None and agent.model.signed
+    finally:
+        agent.stop()
+    # A damaged record does not stop a given package from serving.
+    (tmp_path / "models" / "active.json").write_text("{not json")
+    agent = make_agent(tmp_path, model__package=str(models.signed_v2),
+                       model__trusted_keys=[str(models.public_key)])
+    try:
+        assert agent.model is not None and agent.model.version == "2.0.0"
+    finally:
+        agent.stop()

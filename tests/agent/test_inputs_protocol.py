@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -188,3 +189,21 @@ def test_reply_topics_cannot_forge_telemetry() -> None:
                 "edgekit/v1/f/other/metrics", "edgekit/v1/f/d/predict", None, 7, "x" * 600):
         with pytest.raises(ProtocolError):
             check_reply_topic(bad)
+
+
+def test_fast_path_agrees_with_the_full_check() -> None:
+    spec = [TensorSpec("x", "float32", ["batch", 4])]
+    v = InputValidator(spec, max_batch=3)
+    good = np.zeros((2, 4), np.float32)
+    assert v.check({"x": good})["x"] is good
+    for bad, fragment in [(np.zeros((), np.float32), "has shape []"),
+                          (np.zeros((4, 4), np.float32), "more than the limit of 3"),
+                          (np.zeros((0, 4), np.float32), "holds no rows"),
+                          (np.full((1, 4), np.nan, np.float32), "NaN or infinite"),
+                          (np.zeros((1, 5), np.float32), "axis 1 must be 4")]:
+        with pytest.raises(InputError, match=re.escape(fragment)):
+            v.check({"x": bad})
+    two = InputValidator([TensorSpec("a", "float32", ["n", 2]),
+                          TensorSpec("b", "int64", ["n", 1])], 8)
+    with pytest.raises(InputError, match="has n=3 but input 'a' has n=2"):
+        two.check({"a": np.zeros((2, 2), np.float32), "b": np.zeros((3, 1), np.int64)})

@@ -54,7 +54,9 @@ def test_outage_and_restart_lose_no_telemetry(models: Models, tmp_path: Path, ag
     try:
         device = "saf-1"
         metrics = f"edgekit/v1/{FLEET}/{device}/metrics"
-        watcher = watcher_factory(broker.url, [metrics], client_id="saf-watcher", persistent=True)
+        reply_to = f"edgekit/v1/{FLEET}/{device}/reply/saf"
+        watcher = watcher_factory(broker.url, [metrics, reply_to], client_id="saf-watcher",
+                                  persistent=True)
         http = f"127.0.0.1:{free_port()}"
         args = ["--device-id", device, "--fleet", FLEET, "--broker", broker.url, "--model-dir",
                 str(tmp_path / "m"), "--allow-unsigned", "--http", http,
@@ -85,6 +87,13 @@ def test_outage_and_restart_lose_no_telemetry(models: Models, tmp_path: Path, ag
         assert arrivals[0] == 1
         last = watcher.docs(metrics)[-1]
         assert last["telemetry"]["dropped_total"] == 0
+        # The restarted broker forgot the agent's (clean) session: an answer proves the
+        # agent subscribed again on reconnect.
+        request = json.dumps({"schema": "edgekit.predict-request/1", "request_id": "after",
+                              "reply_to": reply_to, "inputs": {"x": [[0.0] * 64]}})
+        watcher.publish(f"edgekit/v1/{FLEET}/{device}/predict", request)
+        reply = wait_until(lambda: watcher.docs(reply_to), 60, "a reply after the outage")[0]
+        assert reply["request_id"] == "after" and reply["ok"] is True
         assert second.terminate() == 0
         for proc in (first, second):
             assert "Traceback" not in proc.log()

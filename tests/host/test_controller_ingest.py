@@ -120,9 +120,8 @@ def test_ingest_stores_each_kind_once_and_ignores_garbage(running: Controller, b
         pub.send("d1", Kind.METRICS, metrics_payload(fleet, "d1", 3, model=model,
                                                      accuracy=0.9, labels=30))
         assert running.ingest is not None
-        wait_until(lambda: sum(running.ingest.stats.received.values()) >= 23, 5,
+        wait_until(lambda: sum(running.ingest.stats.received.values()) >= 23, 30,
                    "every message to arrive")
-        print(running.ingest.stats)
         assert running.ingest.drain(30)
     finally:
         pub.close()

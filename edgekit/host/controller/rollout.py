@@ -21,6 +21,7 @@ or another one that takes the rollout over, carries on from it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -86,7 +87,7 @@ class RolloutEngine:
         self.url_for = url_for
         self._artifacts = server.store if server is not None else ArtifactStore()
         self._cursors: dict[int, int] = {}  # rollout id -> last device event id read
-        self._driving: set[int] = set()
+        self._driving: dict[int, dt.datetime] = {}  # rollout id -> when this engine took it
 
     # ---------------------------------------------------------------- creating
 
@@ -169,14 +170,14 @@ class RolloutEngine:
             self._forget(rollout.id)
 
     def _forget(self, rollout_id: int) -> None:
-        self._driving.discard(rollout_id)
+        self._driving.pop(rollout_id, None)
         self._cursors.pop(rollout_id, None)
 
     def _drive(self, rollout: RolloutRecord) -> RolloutRecord:
         if not self.store.renew_rollout(rollout.id, self.controller_id, self.lease_s):
             raise LeaseLostError(f"controller {self.controller_id} lost rollout {rollout.id}")
         if rollout.id not in self._driving:
-            self._driving.add(rollout.id)
+            self._driving[rollout.id] = utcnow()
             self._take_over(rollout)
         if rollout.state == RolloutState.PENDING:
             rollout = self._transition(rollout, RolloutState.RUNNING,
@@ -263,7 +264,37 @@ class RolloutEngine:
                 note = None if succeeded else f"{reason}: {event.message}"
             targets[target.device] = self._set(rollout, target.device, state, reason=note)
         self._cursors[rollout.id] = cursor
+        self._from_status(rollout, targets, back=back)
         return targets
+
+    def _from_status(self, rollout: RolloutRecord, targets: dict[str, TargetRecord], *,
+                     back: bool) -> None:
+        """Outcomes of devices asked before this engine took the rollout over, from their
+        retained status: an outcome event sent while no controller listened is lost, the
+        status the device reports (redelivered on every subscription) is not."""
+        taken = self._driving.get(rollout.id)
+        waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
+        stale = [t for t in targets.values() if t.state == waiting and taken is not None
+                 and t.updated < taken]
+        if not stale:
+            return
+        devices = {d.device: d for d in self.store.list_devices(rollout.fleet, online=True)}
+        for target in stale:
+            device = devices.get(target.device)
+            if device is None:
+                continue
+            if back:
+                previous = rollout.plan["previous"].get(target.device) or {}
+                arrived = device.model_version == (previous.get("version")
+                                                   or target.previous_version)
+                state = TargetState.ROLLED_BACK
+            else:
+                arrived = device.model_sha256 == rollout.plan["model"]["sha256"]
+                state = TargetState.SUCCEEDED
+            if arrived:
+                targets[target.device] = self._set(
+                    rollout, target.device, state,
+                    reason="reported by its status (the outcome event was not received)")
 
     def _failure_rate(self, rollout: RolloutRecord, targets: list[TargetRecord],
                       wave_done: bool) -> tuple[str, str, dict[str, Any]] | None:
@@ -390,8 +421,9 @@ class RolloutEngine:
             if target.state == TargetState.PENDING:
                 self._set(rollout, target.device, TargetState.SKIPPED,
                           reason="the rollout was aborted first")
-        updated = [t for t in targets
-                   if t.state in (TargetState.ASSIGNED, TargetState.SUCCEEDED)]
+        # A device that timed out may still be installing: it is sent back too.
+        updated = [t for t in targets if t.state in (TargetState.ASSIGNED, TargetState.SUCCEEDED,
+                                                     TargetState.TIMED_OUT)]
         back = [self._set(rollout, t.device, TargetState.ROLLING_BACK) for t in updated]
         self._send_back(rollout, back)
         return self._roll_back(rollout)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from ...ota.client import HostClient
 from ...ota.server import ArtifactHttpServer, ArtifactServer
 from ...ota.store import ArtifactStore
 from ...ota.topics import shared
-from ...protocol import encode
+from ...protocol import ROOT, encode
 from ...signing import load_private_key, load_public_key
 from .. import Registry, Store
 from ..registry import default_store_dir
@@ -151,6 +152,22 @@ class Controller:
         for fleet in fleets:
             self.client.subscribe(shared(rollout_request_topic(fleet), cfg.share_group),
                                   self._on_request, qos=1)
+        self._sync()
+
+    def _sync(self, timeout: float = 10.0) -> None:
+        """Return once the broker has processed our subscriptions: it handles a client's
+        packets in order, so a message we publish after them coming back means they are in."""
+        assert self.client is not None
+        marker = f"{ROOT}/_controllers/{self.id}/sync/{secrets.token_hex(4)}"
+        done = threading.Event()
+        self.client.subscribe(marker, lambda _msg: done.set(), qos=1)
+        try:
+            self.client.publish(marker, b"1", qos=1)
+            if not done.wait(timeout):
+                raise EdgekitError(f"the broker at {self.client.broker} did not answer within"
+                                   f" {timeout:g} s")
+        finally:
+            self.client.unsubscribe(marker)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the loop, write what the ingest holds, release leases, disconnect."""

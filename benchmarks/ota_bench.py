@@ -1,0 +1,338 @@
+"""OTA benchmark: a fleet of real agent processes moves to a new 20 MB model over MQTT.
+
+In one run, on one machine, against one mosquitto:
+
+1. Raw broker throughput: a paho publisher and a paho subscriber move the same bytes the
+   fleet will download (agents x artifact size), in messages of the chunk size, QoS 1.
+2. N agent processes start on model v1 (each with its own model folder and HTTP API); a
+   client per agent sends requests over HTTP the whole time.
+3. A fleet-wide deploy of v2 (a 20 MB package) is published; an in-process artifact server
+   serves it in chunks. Measured: the time until every agent reports ``succeeded``, the
+   download phase (deploy to the last agent's 100 %), chunk throughput (bytes the server sent
+   / download phase) and its ratio to the raw throughput, and the requests that failed
+   during the swap (must be 0).
+
+    .venv/bin/python benchmarks/ota_bench.py [--agents 20] [--size-mb 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from onnx import TensorProto, helper, numpy_helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgekit.artifact import golden_to_npz, write_package
+from edgekit.manifest import Manifest, TensorSpec
+from edgekit.ota.client import HostClient
+from edgekit.ota.deploy import Deployer, desired_for_package
+from edgekit.ota.desired import Probation
+from edgekit.ota.server import ArtifactServer
+from edgekit.protocol import Kind, subscription
+from edgekit.signing import generate_keypair, load_private_key
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 256 * 1024
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+             "max_queued_messages 100000", "max_inflight_messages 100"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("mosquitto did not start")
+
+
+def build_package(path: Path, version: str, size_mb: float, seed: int, key: Any) -> Path:
+    """A classifier whose hidden layer makes the package ``size_mb`` (random weights do not
+    compress)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    hidden = max(16, int(size_mb * 1024 * 1024 / 4 / 74))  # 64 in + 10 out weights per unit
+    inits = [numpy_helper.from_array((rng.normal(size=(64, hidden)) / 8).astype(np.float32), "A"),
+             numpy_helper.from_array((rng.normal(size=(hidden, 10)) / 64).astype(np.float32), "B")]
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "B"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])], inits)
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    model = model_proto.SerializeToString()
+    golden_x = rng.uniform(0, 1, size=(4, 64)).astype(np.float32)
+    golden_y = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"x": golden_x})[0]
+    manifest = Manifest(
+        name="bench", version=version, created="2026-01-01T00:00:00+00:00",
+        task="classification", source={"framework": "onnx", "sha256": None},
+        target={"format": "onnx", "model_file": "model.onnx", "runtime": "onnxruntime"},
+        inputs=[TensorSpec("x", "float32", ["batch", 64])],
+        outputs=[TensorSpec("probs", "float32", ["batch", 10])],
+        recipe={"quantize": "none"}, tools={"edgekit": "bench"},
+        golden={"atol": 1e-4, "rtol": 1e-3, "samples": 4})
+    write_package(path, manifest, {"model.onnx": model,
+                                   "golden.npz": golden_to_npz({"x": golden_x},
+                                                               {"probs": golden_y})},
+                  sign_key=key)
+    return path
+
+
+# --------------------------------------------------------------------------- raw broker
+
+
+def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
+    """Bytes per second a paho publisher/subscriber pair moves through the broker (QoS 1)."""
+    topic = "bench/raw"
+    got = {"bytes": 0}
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        got["bytes"] += len(msg.payload)
+        if got["bytes"] >= total:
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-sub")
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", port)
+    sub.subscribe(topic, qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-pub")
+    pub.max_inflight_messages_set(256)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    time.sleep(0.5)
+    payload = os.urandom(chunk)
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        pub.publish(topic, payload, qos=1)
+        sent += len(payload)
+    done.wait(600)
+    seconds = time.perf_counter() - t0
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return {"bytes": float(got["bytes"]), "seconds": seconds,
+            "mb_per_s": got["bytes"] / seconds / 1e6}
+
+
+# --------------------------------------------------------------------------- agents
+
+
+class LoadClient(threading.Thread):
+    """Sends a request over HTTP to one agent, again and again; counts failures."""
+
+    def __init__(self, url: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = stop
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.body = json.dumps({"inputs": {"x": np.random.default_rng(0).uniform(
+            0, 1, size=(1, 64)).round(3).tolist()}}).encode()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            req = urllib.request.Request(self.url, data=self.body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    resp.read()
+                self.ok += 1
+            except (urllib.error.URLError, OSError) as exc:
+                self.failed += 1
+                self.errors.append(str(exc)[:200])
+            self.stop.wait(0.05)
+
+
+def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path
+                 ) -> list[tuple[subprocess.Popen[bytes], int]]:
+    agents = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+    env.update({"EDGEKIT_RUNTIME_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for i in range(n):
+        http_port = free_port()
+        folder = root / f"agent-{i:02d}"
+        folder.mkdir()
+        log = open(folder / "agent.log", "wb")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "run", "--device-id", f"dev-{i:02d}",
+             "--fleet", "bench", "--broker", f"mqtt://127.0.0.1:{port}", "--model", str(v1),
+             "--model-dir", str(folder / "models"), "--trusted-key", str(pub),
+             "--http", f"127.0.0.1:{http_port}", "--telemetry-interval", "0"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        log.close()
+        agents.append((proc, http_port))
+    return agents
+
+
+def wait_healthy(agents: list[tuple[subprocess.Popen[bytes], int]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc, http_port in agents:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"an agent exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("agents did not become healthy") from None
+                time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(agents_n: int, size_mb: float) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ota-bench-"))
+    broker, port = start_mosquitto(work)
+    procs: list[tuple[subprocess.Popen[bytes], int]] = []
+    stop = threading.Event()
+    try:
+        keys = generate_keypair(work / "signing")
+        key = load_private_key(keys.private_path)
+        v1 = build_package(work / "bench-1.edgepkg", "1.0.0", 0.05, 1, key)
+        v2 = build_package(work / "bench-2.edgepkg", "2.0.0", size_mb, 2, key)
+        size = v2.stat().st_size
+        raw = raw_throughput(port, size * agents_n, CHUNK)
+        procs = start_agents(agents_n, port, work, v1, keys.public_path)
+        wait_healthy(procs, 300)
+        clients = [LoadClient(f"http://127.0.0.1:{p}/predict", stop) for _, p in procs]
+        for c in clients:
+            c.start()
+        host = HostClient(f"mqtt://127.0.0.1:{port}").connect()
+        server = ArtifactServer(host, fleets=["bench"])
+        info = server.serve(v2)
+        server.ensure_reachable()
+        served_before = server.stats.bytes
+        doc = desired_for_package(info, "bench", probation=Probation(
+            requests=20, seconds=10.0, max_error_rate=0.0, max_nonfinite_rate=0.0,
+            max_latency_ms=None))
+        downloaded: dict[str, float] = {}
+
+        def on_event(msg: mqtt.MQTTMessage) -> None:
+            try:
+                payload = json.loads(msg.payload)
+            except ValueError:
+                return
+            data = payload.get("data") or {}
+            progress = data.get("progress") or {}
+            if data.get("deployment") == doc["deployment"] and progress.get("percent") == 100.0:
+                downloaded.setdefault(payload.get("device", "?"), time.perf_counter())
+
+        host.subscribe(subscription("bench", "+", Kind.EVENTS), on_event)
+        deployer = Deployer(host, "bench", doc)
+        deployer.discover()
+        t0 = time.perf_counter()
+        deployer.publish()
+        result = deployer.wait(900)
+        t_all = time.perf_counter() - t0
+        time.sleep(1.0)  # requests right after the last swap
+        stop.set()
+        for c in clients:
+            c.join(60)
+        download_s = (max(downloaded.values()) - t0) if downloaded else float("nan")
+        chunk_bytes = server.stats.bytes - served_before
+        chunk_mb_s = chunk_bytes / download_s / 1e6
+        host.close()
+        return {
+            "agents": agents_n,
+            "artifact_bytes": size,
+            "succeeded": result.counts().get("succeeded", 0),
+            "counts": result.counts(),
+            "time_to_all_succeeded_s": round(t_all, 2),
+            "download_phase_s": round(download_s, 2),
+            "chunk_bytes_served": chunk_bytes,
+            "chunk_mb_per_s": round(chunk_mb_s, 2),
+            "raw_broker_mb_per_s": round(raw["mb_per_s"], 2),
+            "chunk_to_raw_ratio": round(chunk_mb_s / raw["mb_per_s"], 3),
+            "requests_ok": sum(c.ok for c in clients),
+            "requests_failed": sum(c.failed for c in clients),
+            "failure_samples": [e for c in clients for e in c.errors][:5],
+        }
+    finally:
+        stop.set()
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--size-mb", type=float, default=20.0)
+    parser.add_argument("--json", dest="json_path", help="Also write the results here.")
+    args = parser.parse_args()
+    out = run(args.agents, args.size_mb)
+    rows = [
+        ("agents", out["agents"]),
+        ("artifact size (MB)", round(out["artifact_bytes"] / 1e6, 2)),
+        ("agents succeeded", f"{out['succeeded']} / {out['agents']}"),
+        ("time to all succeeded (s)", out["time_to_all_succeeded_s"]),
+        ("download phase (s)", out["download_phase_s"]),
+        ("chunk throughput (MB/s)", out["chunk_mb_per_s"]),
+        ("raw broker throughput (MB/s)", out["raw_broker_mb_per_s"]),
+        ("chunk / raw ratio", out["chunk_to_raw_ratio"]),
+        ("requests answered during the run", out["requests_ok"]),
+        ("requests failed during the run", out["requests_failed"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
+    sys.exit(0 if out["requests_failed"] == 0 and out["succeeded"] == out["agents"] else 1)
+
+
+if __name__ == "__main__":
+    main()
