@@ -208,3 +208,42 @@ def test_framework_without_onnx_exporter_is_a_conversion_error() -> None:
     with pytest.raises(ConversionError, match="no ONNX exporter is registered for"
                                               " no-such-framework"):
         OnnxTarget.convert(source, ConvertOptions(), None, lambda _: None)
+
+
+def _branching_cnn() -> Any:
+    """The digits CNN behind a data-dependent branch: torch.export (the dynamo exporter)
+    refuses it, tracing (the TorchScript exporter) records the branch the data take."""
+    import torch
+
+    class Guarded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = trained_digits_cnn()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.min() >= 0:
+                return self.net(x)
+            return self.net(x.clamp(min=0))
+
+    return Guarded().eval()
+
+
+def test_auto_exporter_uses_the_other_one_when_one_fails(tmp_path: Path) -> None:
+    res = convert(_branching_cnn(), ConvertOptions(exporter="auto", latency_runs=5),
+                  output=tmp_path / "guarded.edgepkg", eval_data=digits_split()[1])
+    recipe = res.manifest.recipe
+    assert recipe["exporter"] == "torchscript"
+    assert set(recipe["exporter_failures"]) == {"dynamo"}
+    assert "exporter_latency_ms" not in recipe
+    assert any(w.startswith("the dynamo exporter failed") for w in res.warnings)
+    assert res.passed
+
+
+def test_only_exporter_failing_is_a_conversion_error(tmp_path: Path) -> None:
+    from edgekit.errors import ConversionError
+
+    with pytest.raises(ConversionError) as err:
+        convert(_branching_cnn(), ConvertOptions(exporter="dynamo"),
+                output=tmp_path / "guarded.edgepkg", eval_data=digits_split()[1])
+    assert "dynamo exporter:" in err.value.message and "--exporter torchscript" in err.value.hint
+    assert not list(tmp_path.iterdir())

@@ -1,6 +1,6 @@
 """Keep just enough sensitive nodes in float to bring static int8 within the budget.
 
-Method: start from the best static (QDQ) int8 candidate. For each quantizable node (or, in
+Method: start from the best static (QDQ) int8 candidate. For each node it quantized (or, in
 a large graph, each run of consecutive nodes), convert with only that node quantized and
 every other one in float, and score it on a small evaluation subset: the loss against the
 source is that node's own damage, even when it only shows together with a neighbour (a
@@ -27,15 +27,23 @@ METHOD = ("quantize one node (or run of nodes) at a time, all others in float, o
 
 
 def _ordered_nodes(path: Any) -> list[str]:
-    """The quantizable nodes the converter reported, in graph order."""
+    """The nodes the quantizer quantized, in graph order.
+
+    In a QDQ graph those are the nodes that read a DequantizeLinear output: weight ops and
+    activation-only ops alike (a MatMul of two activations, Softmax, Add). Nodes the
+    converter reported as quantizable but that the graph no longer shows come last.
+    """
     import onnx
 
     pkg = open_package(path)
-    reported = pkg.manifest.recipe.get("quantizable_nodes") or {}
-    names = [n for group in reported.values() for n in group]
     graph = onnx.load_from_string(pkg.model_bytes()).graph
-    order = {node.name: i for i, node in enumerate(graph.node)}
-    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    found = [n.name for n in graph.node
+             if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.name
+             and any(i in dequantized for i in n.input)]
+    reported = pkg.manifest.recipe.get("quantizable_nodes") or {}
+    extra = [n for group in reported.values() for n in group if n not in found]
+    return list(dict.fromkeys(found + extra))
 
 
 def _chunks(names: list[str], count: int) -> list[list[str]]:

@@ -1,0 +1,1 @@
+"""The one-command demo of the whole loop (``edgekit demo``)."""
