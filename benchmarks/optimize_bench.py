@@ -72,6 +72,7 @@ def _run(optimize: Any, source: Any, output: Path, args: argparse.Namespace,
     result = optimize(source, output=output, max_drop=args.max_drop,
                       options=ConvertOptions(threads=args.threads),
                       latency_runs=args.runs, candidates=args.candidates,
+                      max_probes=args.max_probes,
                       progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True), **kwargs)
     doc = result.to_dict()
     doc["table"] = result.table
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50, help="timed runs per candidate")
     parser.add_argument("--max-drop", type=float, default=0.01)
     parser.add_argument("--candidates", help="comma-separated subset (default: all)")
+    parser.add_argument("--max-probes", type=int, default=24,
+                        help="sensitivity probes when no int8 candidate meets the budget")
     parser.add_argument("--minilm-eval", type=int, default=64, help="sentences to score on")
     parser.add_argument("--minilm-calib", type=int, default=64, help="calibration sentences")
     parser.add_argument("--minilm-targets", default="onnx", help="onnx, or onnx,tflite")

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -30,7 +31,7 @@ from edgekit.protocol import DeviceState, Schema, decode
 from ._outbox import Outbox
 from .config import AgentConfig, BrokerAddress
 
-__all__ = ["MqttLink"]
+__all__ = ["MqttLink", "ThrottledLog"]
 
 log = logging.getLogger("device_agent.mqtt")
 
@@ -51,6 +52,27 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
         pass
 
 
+class ThrottledLog:
+    """Log a warning at most once a second per key, counting the ones held back."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e9) < 1.0:
+                self._held[key] = self._held.get(key, 0) + 1
+                return
+            held = self._held.pop(key, 0)
+            self._last[key] = now
+        suffix = f" (and {held} more since the last one)" if held else ""
+        self._logger.warning(message + suffix, *args)
+
+
 class MqttLink:
     """One paho client, with the agent's status, subscriptions and queue sender."""
 
@@ -61,6 +83,7 @@ class MqttLink:
         self.status_topic = status_topic
         self._build_status = build_status
         self._handlers: dict[str, Handler] = {}
+        self._log = ThrottledLog(log)
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -195,7 +218,8 @@ class MqttLink:
         try:
             doc = decode(payload, Schema.STATUS)
         except ProtocolError as exc:
-            log.warning("ignored a malformed status message on %s: %s", topic, exc.message)
+            self._log.warn(topic, "ignored a malformed status message on %s: %s", topic,
+                           exc.message)
             return
         state, session = doc.get("state"), doc.get("session")
         stale = (state in (DeviceState.OFFLINE.value, DeviceState.STOPPED.value)

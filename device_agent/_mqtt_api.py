@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from edgekit.protocol import (
 )
 
 from ._inputs import inputs_from_json
+from ._mqtt import ThrottledLog
 from ._replies import error_reply, prediction_reply
 from .errors import RequestError, describe
 
@@ -62,26 +62,6 @@ def check_reply_topic(value: Any) -> str:
     return value
 
 
-class _Throttled:
-    """Log a warning at most once a second per key, counting the ones held back."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warn(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -1e9) < 1.0:
-                self._held[key] = self._held.get(key, 0) + 1
-                return
-            held = self._held.pop(key, 0)
-            self._last[key] = now
-        suffix = f" (and {held} more since the last one)" if held else ""
-        log.warning(message + suffix, *args)
-
-
 class MqttApi:
     def __init__(self, agent: Agent, link: MqttLink) -> None:
         self.agent = agent
@@ -91,7 +71,7 @@ class MqttApi:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="mqtt-req")
-        self._log = _Throttled()
+        self._log = ThrottledLog(log)
         link.subscribe(agent.topic(Kind.PREDICT), self._on_predict)
         link.subscribe(agent.topic(Kind.FEEDBACK), self._on_feedback)
 

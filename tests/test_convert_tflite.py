@@ -136,6 +136,11 @@ def test_keras_file_every_mode_runs_in_litert(conv: Conversions, data: dict[str,
     assert m.source["framework"] == "keras" and m.recipe["quantize"] == quantize
     assert [s.name for s in m.inputs] == ["image"] and m.inputs[0].shape == ["batch", 8, 8, 1]
     assert [s.name for s in m.outputs] == ["logits"]
+    # The operators are the model's own (no delegate nodes): float16 weights are dequantized
+    # at load, and int8 with float I/O dequantizes its output.
+    ops = m.target["ops"]
+    assert "CONV_2D" in ops and "DELEGATE" not in ops
+    assert ("DEQUANTIZE" in ops) == (quantize == "fp16" or (quantize == "int8" and not int8_io))
 
     ev = data["eval"]
     out = run_batches(session.run, ev)["logits"]

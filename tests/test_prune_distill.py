@@ -226,3 +226,17 @@ def test_prune_refuses_a_model_that_is_not_pytorch(work: dict[str, Path],
     assert result.exit_code == 2, result.output
     assert "takes PyTorch models" in result.output
     assert not out.exists()
+
+
+def test_human_reports(work: dict[str, Path], tmp_path: Path) -> None:
+    pruned = _run("prune", work["teacher"], "--sparsity", "0.3", "--eval", work["eval"],
+                  "-o", tmp_path / "p.pt2")
+    assert pruned.exit_code == 0, pruned.output
+    for word in ("unstructured pruning at sparsity 0.3", "parameters", ".pt2 size",
+                 "latency p50", "accuracy", "weights zero", "wrote"):
+        assert word in pruned.output
+    distilled = _run("distill", "--teacher", work["teacher"], "--student", STUDENT,
+                     "--data", work["train"], "--epochs", "1", "-o", tmp_path / "s.pt2")
+    assert distilled.exit_code == 0, distilled.output
+    for word in ("teacher", "student", "x fewer", "latency p50", "accuracy", "wrote"):
+        assert word in distilled.output

@@ -10,8 +10,10 @@ into the recipe. An exporter that fails is noted and the other one is used.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -120,7 +122,10 @@ def _export_dynamo(source: Any, opts: ConvertOptions) -> bytes:
         shapes = tuple({0: batch} for _ in args)
         # A batch of 1 would be specialised to a constant; trace with 2.
         args = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in args)
-    with warnings.catch_warnings(), _quiet_logs("onnxscript"), _quiet_logs("torch.onnx"):
+    # torch prints the traced graph to stderr when export fails; the error we raise (or
+    # the note, when the other exporter is used) already says what went wrong.
+    with warnings.catch_warnings(), _quiet_logs("onnxscript"), _quiet_logs("torch"), \
+            contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, dynamo=True, input_names=source.input_names,
                                     output_names=source.output_names, dynamic_shapes=shapes,
@@ -236,5 +241,12 @@ def _tools(exporter: str) -> dict[str, str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """The root cause, in one line: the exporters wrap the error that says what is wrong
+    (an unsupported op, a data-dependent branch) in ones that only name the failed step."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = _ANSI.sub("", str(exc)).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

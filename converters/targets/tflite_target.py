@@ -49,21 +49,25 @@ MAX_CALIBRATION_SAMPLES = 500
 
 
 def load_interpreter(model: bytes) -> Any:
-    """A LiteRT interpreter for the model bytes, tensors allocated.
+    """A LiteRT interpreter for the model bytes, tensors allocated, without the default
+    (XNNPACK) delegate, so its operators are the model's own.
 
     Raises:
         ConversionError: no LiteRT interpreter is installed, or the model does not load.
     """
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:
         try:
             from tensorflow.lite import Interpreter
+            from tensorflow.lite.experimental import OpResolverType
         except ImportError as exc:
             raise ConversionError("no LiteRT interpreter to inspect the TFLite model",
                                   hint="pip install ai-edge-litert") from exc
     try:
-        interp = Interpreter(model_content=bytes(model))
+        interp = Interpreter(
+            model_content=bytes(model),
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         interp.allocate_tensors()
     except Exception as exc:  # the interpreter raises RuntimeError/ValueError by version
         raise ConversionError(f"the converted TFLite model does not load: {exc}") from exc

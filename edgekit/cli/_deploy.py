@@ -123,6 +123,34 @@ def _follow_options(fn: Any) -> Any:
     return fn
 
 
+_PROBATION_OPTIONS = [
+    click.option("--probation-requests", type=click.IntRange(min=0),
+                 default=DEFAULT_PROBATION["requests"], show_default=True,
+                 help="Probation passes after this many requests (0: not used)."),
+    click.option("--probation-seconds", type=click.FloatRange(min=0),
+                 default=DEFAULT_PROBATION["seconds"], show_default=True,
+                 help="... or after this many seconds of serving (0: not used)."),
+    click.option("--max-error-rate", type=click.FloatRange(0, 1),
+                 default=DEFAULT_PROBATION["max_error_rate"], show_default=True,
+                 help="Probation: roll back when more requests than this share fail."),
+    click.option("--max-latency-ms", type=click.FloatRange(min=0),
+                 help="Probation: roll back when p95 latency goes over this."),
+]
+
+
+def _probation_options(fn: Any) -> Any:
+    for option in reversed(_PROBATION_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _probation(requests: int, seconds: float, max_error_rate: float,
+               max_latency_ms: float | None) -> Probation:
+    return Probation(requests=requests, seconds=seconds, max_error_rate=max_error_rate,
+                     max_nonfinite_rate=DEFAULT_PROBATION["max_nonfinite_rate"],
+                     max_latency_ms=max_latency_ms)
+
+
 @cli.command()
 @click.argument("package", type=click.Path(dir_okay=False))
 @click.option("--fleet", required=True, help="Fleet to update.")
@@ -138,17 +166,7 @@ def _follow_options(fn: Any) -> Any:
 @click.option("--latency-budget-ms", type=click.FloatRange(min=0),
               help="Staging: refuse the model when its mean latency on the golden samples is"
                    " over this.")
-@click.option("--probation-requests", type=click.IntRange(min=0),
-              default=DEFAULT_PROBATION["requests"], show_default=True,
-              help="Probation passes after this many requests (0: not used).")
-@click.option("--probation-seconds", type=click.FloatRange(min=0),
-              default=DEFAULT_PROBATION["seconds"], show_default=True,
-              help="... or after this many seconds of serving (0: not used).")
-@click.option("--max-error-rate", type=click.FloatRange(0, 1),
-              default=DEFAULT_PROBATION["max_error_rate"], show_default=True,
-              help="Probation: roll back when more requests than this share fail.")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0),
-              help="Probation: roll back when p95 latency goes over this.")
+@_probation_options
 @_SHARE
 @click.option("--direct", is_flag=True,
               help="Publish to the fleet at once even when a controller looks after it"
@@ -182,10 +200,8 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     if sign_key:
         rollback = sign_rollback(load_private_key(sign_key), fleet=fleet, devices=targets,
                                  name=info.name, to_version=info.version, sha256=info.sha256)
-    probation = Probation(requests=probation_requests, seconds=probation_seconds,
-                          max_error_rate=max_error_rate,
-                          max_nonfinite_rate=DEFAULT_PROBATION["max_nonfinite_rate"],
-                          max_latency_ms=max_latency_ms)
+    probation = _probation(probation_requests, probation_seconds, max_error_rate,
+                           max_latency_ms)
     with HostClient(broker).connect() as client:
         if not direct:
             from ._controller import deploy_via_controller
@@ -222,11 +238,13 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
                    " use the copy they keep on disk.")
 @click.option("--name", "model_name",
               help="Model name; default: the package's, else the current desired document's.")
+@_probation_options
 @_SHARE
 def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, no_wait: bool,
              include_offline: bool, as_json: bool, quiet: bool, to_version: str,
              sign_key: str, package: str | None, model_name: str | None,
-             share_group: str) -> None:
+             probation_requests: int, probation_seconds: float, max_error_rate: float,
+             max_latency_ms: float | None, share_group: str) -> None:
     """Send a fleet, or some of its devices, back to version --to.
 
     Publishes a desired document carrying a rollback instruction signed with --sign-key
@@ -252,12 +270,14 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         instruction = sign_rollback(key, fleet=fleet, devices=targets, name=model_name,
                                     to_version=to_version,
                                     sha256=info.sha256 if info else None)
+        probation = _probation(probation_requests, probation_seconds, max_error_rate,
+                               max_latency_ms)
         if info is not None:
-            doc = desired_for_package(info, fleet, rollback=instruction)
+            doc = desired_for_package(info, fleet, rollback=instruction, probation=probation)
         else:
             doc = make_desired(deployment=new_deployment_id(), name=model_name,
                                version=to_version, sha256=None, size=None,
-                               rollback=instruction)
+                               rollback=instruction, probation=probation)
         result = _run(client, fleet, targets, doc, store, share_group, timeout=timeout,
                       no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                       quiet=quiet)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -150,6 +150,25 @@ class Store(RolloutStore):
         Returns:
             True when stored, False when it was a duplicate.
         """
+        with self._tx() as conn:
+            return self._record_metrics(conn, fleet, device, seq=seq, payload=payload,
+                                        session=session, ts=ts, summary=summary,
+                                        received=received)
+
+    def record_metrics_batch(self, messages: Sequence[dict[str, Any]]) -> list[bool]:
+        """Store several metrics messages in one transaction, each as :meth:`record_metrics`
+        does (one commit instead of one per message: what a busy controller needs).
+
+        ``messages`` holds the keyword arguments of :meth:`record_metrics`, ``fleet`` and
+        ``device`` included. Returns, for each, whether it was new.
+        """
+        with self._tx() as conn:
+            return [self._record_metrics(conn, **m) for m in messages]
+
+    def _record_metrics(self, conn: Connection, fleet: str, device: str, *, seq: int,
+                        payload: dict[str, Any], session: int = 0,
+                        ts: dt.datetime | None = None, summary: MetricsSummary | None = None,
+                        received: dt.datetime | None = None) -> bool:
         received = as_utc(received) if received else utcnow()
         ts = as_utc(ts) if ts else received
         stmt = self._insert(MetricRow).values(
@@ -157,24 +176,23 @@ class Store(RolloutStore):
             payload=payload,
         ).on_conflict_do_nothing(
             index_elements=["fleet", "device_id", "session", "seq"]).returning(MetricRow.id)
-        with self._tx() as conn:
-            if conn.execute(stmt).scalar() is None:
-                return False
-            self._ensure_device(conn, fleet, device, received)
-            key = and_(DeviceRow.fleet == fleet, DeviceRow.device_id == device)
-            at = literal(received, UTCDateTime())
-            conn.execute(update(DeviceRow).where(key).values(last_seen=case(
-                (or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < at), at),
-                else_=DeviceRow.last_seen)))
-            if summary is not None:
-                newer = or_(DeviceRow.metrics_session.is_(None),
-                            DeviceRow.metrics_session < session,
-                            and_(DeviceRow.metrics_session == session,
-                                 DeviceRow.metrics_seq < seq))
-                conn.execute(update(DeviceRow).where(key, newer).values(
-                    metrics_session=session, metrics_seq=seq, metrics_at=ts,
-                    **summary.to_dict()))
-            return True
+        if conn.execute(stmt).scalar() is None:
+            return False
+        self._ensure_device(conn, fleet, device, received)
+        key = and_(DeviceRow.fleet == fleet, DeviceRow.device_id == device)
+        at = literal(received, UTCDateTime())
+        conn.execute(update(DeviceRow).where(key).values(last_seen=case(
+            (or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < at), at),
+            else_=DeviceRow.last_seen)))
+        if summary is not None:
+            newer = or_(DeviceRow.metrics_session.is_(None),
+                        DeviceRow.metrics_session < session,
+                        and_(DeviceRow.metrics_session == session,
+                             DeviceRow.metrics_seq < seq))
+            conn.execute(update(DeviceRow).where(key, newer).values(
+                metrics_session=session, metrics_seq=seq, metrics_at=ts,
+                **summary.to_dict()))
+        return True
 
     def metrics_history(self, fleet: str | None = None, *, device: str | None = None,
                         since: dt.datetime | None = None, after_id: int = 0,

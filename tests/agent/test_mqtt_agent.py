@@ -76,10 +76,11 @@ def test_status_requests_metrics_feedback_and_garbage(
     x, y = models.data
     device = "pi-1"
     env = {"EDGEKIT_TELEMETRY_INTERVAL_S": "0.5", "EDGEKIT_MQTT_RECONNECT_MIN_S": "0.2"}
+    # Subscribed before the agent starts, so it sees the first events and metrics.
+    events = watcher_factory(broker.url, [_t(device, "events"), _t(device, "metrics")])
     proc: AgentProcess = agents(_agent_args(broker.url, device, tmp_path / "m", "--model",
                                             str(models.signed_v1), "--trusted-key",
                                             str(models.public_key)), tmp_path, env)
-    events = watcher_factory(broker.url, [_t(device, "events"), _t(device, "metrics")])
     wait_until(lambda: any(e["kind"] == "agent.started" for e in events.docs(_t(device, "events"))),
                60, "the agent.started event")
 

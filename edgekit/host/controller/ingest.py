@@ -63,6 +63,19 @@ class IngestStats:
                 "failed": dict(self.failed)}
 
 
+@dataclass
+class _Prepared:
+    """A checked message and how to write it."""
+
+    topic: str
+    kind: str
+    fleet: str
+    device: str
+    doc: dict[str, Any]
+    call: Callable[[], bool] = lambda: False
+    batch: dict[str, Any] | None = None  # metrics: the arguments of one batched write
+
+
 class Ingest:
     """Subscribes to the fleets' telemetry and writes it to ``store``; see the module docstring.
 
@@ -72,8 +85,9 @@ class Ingest:
 
     def __init__(self, store: Store, client: HostClient, *, fleets: Iterable[str],
                  share_group: str | None = None, workers: int = 2, queue_max: int = 20000,
-                 samples: bool = True) -> None:
+                 samples: bool = True, batch: int = 200) -> None:
         self.store = store
+        self.batch = batch
         self.client = client
         self.fleets = list(fleets)
         self.share_group = share_group
@@ -137,25 +151,58 @@ class Ingest:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
+            first = self._queue.get()
+            items = [first]
+            # Take what else waits (up to a batch): metrics of many devices go to the
+            # database in one transaction, one commit instead of one per message.
+            while first is not None and len(items) < self.batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             with self._idle:
                 self._busy += 1
             try:
-                self.handle(*item)
+                self._write_all([i for i in items if i is not None])
             except Exception:
-                log.exception("ingest failed on a message from %s", item[0])
+                log.exception("ingest failed on %d message(s)", len(items))
             finally:
                 with self._idle:
                     self._busy -= 1
-                    self._queue.task_done()
+                    for _ in items:
+                        self._queue.task_done()
                     self._idle.notify_all()
+            if any(i is None for i in items):
+                return
+
+    def _write_all(self, items: list[tuple[str, bytes, float]]) -> None:
+        metrics: list[_Prepared] = []
+        for topic, payload, received in items:
+            prepared = self._parse(topic, payload, received)
+            if isinstance(prepared, str):
+                continue
+            if prepared.batch is not None:
+                metrics.append(prepared)
+            else:
+                self._finish(prepared, self._write(prepared.kind, topic, prepared.call))
+        if metrics:
+            outcomes = self._write_batch(metrics)
+            for prepared, outcome in zip(metrics, outcomes, strict=True):
+                self._finish(prepared, outcome)
 
     def handle(self, topic: str, payload: bytes, received: float | None = None) -> str:
         """Write one message; return what happened: stored, duplicate, rejected, failed or
         ignored (an empty retained payload, or a topic of another kind)."""
+        prepared = self._parse(topic, payload, received or time.time())
+        if isinstance(prepared, str):
+            return prepared
+        outcome = self._write(prepared.kind, topic, prepared.call)
+        self._finish(prepared, outcome)
+        return outcome
+
+    def _parse(self, topic: str, payload: bytes, received: float) -> _Prepared | str:
+        """The store call a message needs, or the outcome (``ignored``, ``rejected``,
+        counted) of one that needs none."""
         parts = parse_topic(topic)
         if parts is None or parts.kind not in _SCHEMAS or parts.rest:
             return "ignored"
@@ -170,37 +217,61 @@ class Ingest:
             if doc.get("fleet", parts.fleet) != parts.fleet or \
                     doc.get("device", parts.device) != parts.device:
                 raise ProtocolError("the payload's fleet or device differs from its topic")
-            store_call = self._prepare(kind, parts.fleet, parts.device, doc,
-                                       received or time.time())
+            return self._prepare(topic, kind, parts.fleet, parts.device, doc, received)
         except (ProtocolError, DataError, UsageError) as exc:
             return self._reject(kind, topic, exc.message)
-        outcome = self._write(kind, topic, store_call)
-        if outcome == "stored":
-            for listener in self.listeners:
-                try:
-                    listener(kind, parts.fleet, parts.device, doc)
-                except Exception:
-                    log.exception("ingest listener failed")
-        return outcome
 
-    def _prepare(self, kind: str, fleet: str, device: str, doc: dict[str, Any],
-                 received: float) -> Callable[[], bool]:
-        """Validate a payload and return the store call that writes it (True: new)."""
+    def _finish(self, prepared: _Prepared, outcome: str) -> None:
+        if outcome != "stored":
+            return
+        for listener in self.listeners:
+            try:
+                listener(prepared.kind, prepared.fleet, prepared.device, prepared.doc)
+            except Exception:
+                log.exception("ingest listener failed")
+
+    def _prepare(self, topic: str, kind: str, fleet: str, device: str, doc: dict[str, Any],
+                 received: float) -> _Prepared:
+        """Validate a payload and pair it with the store call that writes it (True: new)."""
         store = self.store
+        done = _Prepared(topic, kind, fleet, device, doc)
         if kind == Kind.STATUS:
             values = status_fields(doc)
-            return lambda: store.upsert_device_status(fleet, device, **values,
-                                                      seen_at=_when(received))
-        if kind == Kind.METRICS:
-            seq = _count_field(doc, "seq")
-            summary = metrics_summary(doc)
-            ts = _timestamp(doc.get("ts"), received)
-            return lambda: store.record_metrics(fleet, device, seq=seq, payload=doc, ts=ts,
-                                                summary=summary, received=_when(received))
-        if kind == Kind.EVENTS:
-            return self._event_call(fleet, device, doc, received)
-        rows = sample_rows(doc)
-        return lambda: store.add_samples(fleet, device, rows) > 0
+            done.call = lambda: store.upsert_device_status(fleet, device, **values,
+                                                           seen_at=_when(received))
+        elif kind == Kind.METRICS:
+            # ``received`` stays the time of writing, so it minus ``ts`` is the ingest lag.
+            done.batch = {"fleet": fleet, "device": device, "seq": _count_field(doc, "seq"),
+                          "payload": doc, "summary": metrics_summary(doc),
+                          "ts": _timestamp(doc.get("ts"), received)}
+            batch = done.batch
+            done.call = lambda: store.record_metrics(**batch)
+        elif kind == Kind.EVENTS:
+            done.call = self._event_call(fleet, device, doc, received)
+        else:
+            rows = sample_rows(doc)
+            done.call = lambda: store.add_samples(fleet, device, rows) > 0
+        return done
+
+    def _write_batch(self, metrics: list[_Prepared]) -> list[str]:
+        for attempt in range(_STORE_RETRIES):
+            try:
+                new = self.store.record_metrics_batch([p.batch for p in metrics
+                                                       if p.batch is not None])
+            except StoreError as exc:
+                if attempt + 1 == _STORE_RETRIES:
+                    for _ in metrics:
+                        self._count("failed", "metrics")
+                    log.error("could not store %d metrics messages: %s", len(metrics),
+                              exc.message)
+                    return ["failed"] * len(metrics)
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            outcomes = ["stored" if n else "duplicate" for n in new]
+            for outcome in outcomes:
+                self._count("stored" if outcome == "stored" else "duplicates", "metrics")
+            return outcomes
+        return ["failed"] * len(metrics)
 
     def _event_call(self, fleet: str, device: str, doc: dict[str, Any],
                     received: float) -> Callable[[], bool]:
