@@ -181,7 +181,11 @@ def _as_args(inputs: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray
 
 
 def predict(module: Any, data: Dataset, names: list[str], batch: int = 256) -> np.ndarray:
-    """Run the module over the data without gradients; the first output, as numpy."""
+    """Run the module over the data without gradients; the first output, as numpy.
+
+    Raises:
+        DataError: the data lack one of the model's inputs.
+    """
     import torch
 
     arrays = _as_args(data.inputs, names)

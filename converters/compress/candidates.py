@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgekit.errors import UsageError
@@ -80,7 +81,8 @@ QUICK = ("onnx:fp32", "onnx:fp16", "onnx:dynamic-per-channel", "onnx:int8-per-ch
 """A small set for fast runs: float, fp16 and the usually best int8 recipe of each kind."""
 
 
-def select_recipes(targets: tuple[str, ...], names: list[str | Recipe] | None) -> list[Recipe]:
+def select_recipes(targets: tuple[str, ...], names: Sequence[str | Recipe] | None
+                   ) -> list[Recipe]:
     """The recipes to try: all for the targets, the quick set, or the named ones.
 
     Names may omit the target when only one target is chosen (``int8-per-tensor-minmax``);
@@ -90,7 +92,7 @@ def select_recipes(targets: tuple[str, ...], names: list[str | Recipe] | None) -
         UsageError: an unknown name (the message lists the known ones).
     """
     available = all_recipes(targets)
-    if not names or names == ["all"]:
+    if not names or list(names) == ["all"]:
         return available
     by_name = {r.name: r for r in available}
     wanted: list[str] = []

@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,11 @@ class OptimizeResult:
 
 def score(outputs: np.ndarray, *, metric: str, labels: np.ndarray | None,
           reference: np.ndarray) -> float:
-    """One number per model: accuracy / macro F1 against labels, or cosine to the source."""
+    """One number per model: accuracy / macro F1 against labels, or cosine to the source.
+
+    Raises:
+        DataError: missing labels, or outputs that do not fit the metric.
+    """
     if metric == "cosine":
         return agreement(reference, outputs)
     rep = evaluate_outputs(outputs, labels, task="classification")
@@ -225,7 +229,7 @@ def optimize(
     max_drop: float = 0.01,
     targets: tuple[str, ...] = ("onnx",),
     objective: str = "latency",
-    candidates: list[str | Recipe] | None = None,
+    candidates: Sequence[str | Recipe] | None = None,
     weights: str | os.PathLike[str] | None = None,
     options: ConvertOptions | None = None,
     latency_runs: int = 50,

@@ -144,22 +144,7 @@ class TorchExportLoader(SourceLoader):
                 hint="save it with torch.export.save(torch.export.export(model, args),"
                      " 'model.pt2')",
             ) from exc
-        names = list(program.graph_signature.user_inputs)
-        example = _example_args(ref, names, opts)
-        notes = []
-        static = _static_batch_of(program)
-        dynamic = opts.dynamic_batch and static is None
-        if static is not None:
-            if opts.dynamic_batch:
-                notes.append(
-                    f"the .pt2 program was exported with a fixed batch of {static}; the artifact"
-                    " keeps it (export with dynamic_shapes for a symbolic batch)")
-            example = tuple(_repeat_batch(t, static) for t in example)
-        module = program.module()
-        return TorchSource(ref, module=module, reference=module, example_args=example,
-                           input_names=names, kind="export", dynamic_batch=dynamic,
-                           sha256=sha256_file(path), program=program, fixed_batch=static,
-                           notes=notes)
+        return _from_program(ref, program, opts, sha256_file(path))
 
 
 @register_source
@@ -182,14 +167,7 @@ class TorchScriptLoader(SourceLoader):
             scripted = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # a non-TorchScript file fails in many ways
             raise _not_torchscript(path, exc) from exc
-        scripted.eval()
-        names = _script_input_names(scripted, ref.example)
-        example = _example_args(ref, names, opts)
-        module, notes = _traceable(scripted, example)
-        return TorchSource(ref, module=module, reference=scripted, example_args=example,
-                           input_names=names, kind="torchscript",
-                           dynamic_batch=opts.dynamic_batch, sha256=sha256_file(path),
-                           scripted=scripted, notes=notes)
+        return _from_module(ref, scripted, opts, sha256_file(path))
 
 
 @register_source
@@ -234,7 +212,8 @@ class TorchFactoryLoader(SourceLoader):
 
 @register_source
 class TorchModuleLoader(SourceLoader):
-    """An in-memory ``torch.nn.Module`` passed to :func:`converters.convert`."""
+    """An in-memory ``nn.Module`` (TorchScript ones too) or ``ExportedProgram`` passed to
+    :func:`converters.convert`."""
 
     KEY: ClassVar[str] = "torch-module"
     FRAMEWORK: ClassVar[str] = "pytorch"
@@ -242,10 +221,15 @@ class TorchModuleLoader(SourceLoader):
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
         torch = _torch_loaded()
-        return ref.obj is not None and torch is not None and isinstance(ref.obj, torch.nn.Module)
+        return ref.obj is not None and torch is not None and isinstance(
+            ref.obj, (torch.nn.Module, torch.export.ExportedProgram))
 
     @classmethod
     def load(cls, ref: SourceRef, opts: ConvertOptions) -> TorchSource:
+        import torch
+
+        if isinstance(ref.obj, torch.export.ExportedProgram):
+            return _from_program(ref, ref.obj, opts, None)
         if ref.weights is not None:
             _load_weights(ref.obj, ref.weights)
         return _from_module(ref, ref.obj, opts, None)
@@ -253,12 +237,42 @@ class TorchModuleLoader(SourceLoader):
 
 def _from_module(ref: SourceRef, model: Any, opts: ConvertOptions,
                  digest: str | None) -> TorchSource:
+    import torch
+
     model.eval()
+    if isinstance(model, torch.jit.ScriptModule):
+        names = _script_input_names(model, ref.example)
+        example = _example_args(ref, names, opts)
+        module, notes = _traceable(model, example)
+        return TorchSource(ref, module=module, reference=model, example_args=example,
+                           input_names=names, kind="torchscript",
+                           dynamic_batch=opts.dynamic_batch, sha256=digest, scripted=model,
+                           notes=notes)
     names = _forward_input_names(model.forward, ref.example)
     example = _example_args(ref, names, opts)
     return TorchSource(ref, module=model, reference=model, example_args=example,
                        input_names=names, kind="module", dynamic_batch=opts.dynamic_batch,
                        sha256=digest)
+
+
+def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
+                  digest: str | None) -> TorchSource:
+    """A program keeps the batch it was exported with: a fixed one stays fixed."""
+    names = list(program.graph_signature.user_inputs)
+    example = _example_args(ref, names, opts)
+    notes = []
+    static = _static_batch_of(program)
+    if static is not None:
+        if opts.dynamic_batch:
+            notes.append(
+                f"the .pt2 program was exported with a fixed batch of {static}; the artifact"
+                " keeps it (export with dynamic_shapes for a symbolic batch)")
+        example = tuple(_repeat_batch(t, static) for t in example)
+    module = program.module()
+    return TorchSource(ref, module=module, reference=module, example_args=example,
+                       input_names=names, kind="export",
+                       dynamic_batch=opts.dynamic_batch and static is None, sha256=digest,
+                       program=program, fixed_batch=static, notes=notes)
 
 
 def _existing_file(ref: SourceRef) -> Path:

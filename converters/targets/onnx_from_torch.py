@@ -64,8 +64,8 @@ def export_torch_onnx(source: LoadedSource, opts: ConvertOptions,
         raise ConversionError(
             "the PyTorch model could not be exported to ONNX:\n  - "
             + "\n  - ".join(f"{n} exporter: {msg}" for n, msg in failures.items()),
-            hint="try --exporter torchscript or --exporter dynamo, another --opset,"
-                 " or --to tflite",
+            hint="try " + ", ".join([*(f"--exporter {n}" for n in _EXPORTERS if n not in names),
+                                     "another --opset", "--to tflite"]),
         )
     notes = list(source.notes)
     notes += [f"the {n} exporter failed ({msg}); used the other one" for n, msg in failures.items()]

@@ -39,7 +39,7 @@ def retrain(data: Path, out: Path, *, epochs: int = 12, seed: int = 0,
     y = np.concatenate([base_y, *([fy] * field_weight)])
     torch.set_num_threads(1)
     model = train_torch(torch_cnn(), x, y, epochs=epochs, seed=seed)
-    example = (torch.from_numpy(base_x[:1]),)
+    example = (torch.from_numpy(base_x[:2]),)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
     tmp = out.with_name(out.name + ".tmp")

@@ -18,7 +18,19 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, and_, case, exc, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    exc,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from ..data import Dataset
 from ..errors import ArtifactError, DataError, UsageError
@@ -156,14 +168,76 @@ class Store(RolloutStore):
                                         received=received)
 
     def record_metrics_batch(self, messages: Sequence[dict[str, Any]]) -> list[bool]:
-        """Store several metrics messages in one transaction, each as :meth:`record_metrics`
-        does (one commit instead of one per message: what a busy controller needs).
+        """Store several metrics messages in one transaction, with the effect of calling
+        :meth:`record_metrics` for each in turn, in a few statements (what a busy controller
+        needs: one commit and four round trips per batch instead of per message).
 
         ``messages`` holds the keyword arguments of :meth:`record_metrics`, ``fleet`` and
-        ``device`` included. Returns, for each, whether it was new.
+        ``device`` included. Returns, for each, whether it was new (the second of two equal
+        messages in one batch is a duplicate).
         """
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        for m in messages:
+            received = as_utc(m["received"]) if m.get("received") else now
+            rows.append({"fleet": m["fleet"], "device_id": m["device"],
+                         "session": int(m.get("session", 0)), "seq": int(m["seq"]),
+                         "ts": as_utc(m["ts"]) if m.get("ts") else received,
+                         "received": received, "payload": m["payload"]})
+        if not rows:
+            return []
+        insert_rows = self._insert(MetricRow).on_conflict_do_nothing(
+            index_elements=["fleet", "device_id", "session", "seq"]).returning(
+            MetricRow.fleet, MetricRow.device_id, MetricRow.session, MetricRow.seq)
         with self._tx() as conn:
-            return [self._record_metrics(conn, **m) for m in messages]
+            fresh = {tuple(r) for r in conn.execute(insert_rows, rows)}
+            new: list[bool] = []
+            last_seen: dict[tuple[str, str], dt.datetime] = {}
+            newest: dict[tuple[str, str], tuple[int, int, int]] = {}  # -> session, seq, index
+            for i, row in enumerate(rows):
+                ident = (row["fleet"], row["device_id"], row["session"], row["seq"])
+                is_new = ident in fresh
+                fresh.discard(ident)
+                new.append(is_new)
+                if not is_new:
+                    continue
+                device = (row["fleet"], row["device_id"])
+                last_seen[device] = max(last_seen.get(device, row["received"]), row["received"])
+                order = (row["session"], row["seq"])
+                if messages[i].get("summary") is not None and (
+                        device not in newest or newest[device][:2] < order):
+                    newest[device] = (*order, i)
+            if not last_seen:
+                return new
+            conn.execute(self._insert(DeviceRow).on_conflict_do_nothing(
+                index_elements=["fleet", "device_id"]),
+                [{"fleet": f, "device_id": d, "online": False, "session_seq": -1,
+                  "first_seen": at} for (f, d), at in last_seen.items()])
+            key = and_(DeviceRow.fleet == bindparam("k_fleet"),
+                       DeviceRow.device_id == bindparam("k_device"))
+            at = bindparam("k_at", type_=UTCDateTime())
+            conn.execute(update(DeviceRow).where(key).values(last_seen=case(
+                (or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < at), at),
+                else_=DeviceRow.last_seen)),
+                [{"k_fleet": f, "k_device": d, "k_at": when}
+                 for (f, d), when in last_seen.items()])
+            if newest:
+                session: Any = bindparam("k_session")
+                seq: Any = bindparam("k_seq")
+                is_newer = or_(DeviceRow.metrics_session.is_(None),
+                               DeviceRow.metrics_session < session,
+                               and_(DeviceRow.metrics_session == session,
+                                    DeviceRow.metrics_seq < seq))
+                names = list(MetricsSummary().to_dict())
+                conn.execute(update(DeviceRow).where(key, is_newer).values(
+                    metrics_session=session, metrics_seq=seq,
+                    metrics_at=bindparam("k_ts", type_=UTCDateTime()),
+                    **{n: bindparam(f"k_{n}") for n in names}),
+                    [{"k_fleet": f, "k_device": d, "k_session": ss, "k_seq": sq,
+                      "k_ts": rows[i]["ts"],
+                      **{f"k_{n}": v for n, v in messages[i]["summary"].to_dict().items()}}
+                     for (f, d), (ss, sq, i) in newest.items()])
+            return new
 
     def _record_metrics(self, conn: Connection, fleet: str, device: str, *, seq: int,
                         payload: dict[str, Any], session: int = 0,

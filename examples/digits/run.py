@@ -32,7 +32,7 @@ def build_sources(out: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
     print("training the PyTorch CNN ...", file=sys.stderr)
     tmodel = train_torch(torch_cnn(), x, y)
     pt2 = out / "digits_torch.pt2"
-    example = (torch.from_numpy(split["eval"][0][:1]),)
+    example = (torch.from_numpy(split["eval"][0][:2]),)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(tmodel, example, dynamic_shapes=({0: batch},))
     torch.export.save(program, pt2)
