@@ -51,6 +51,7 @@ from ._system import SystemSampler, hardware_info, runtime_info
 from ._telemetry import build_metrics, build_status
 from .config import AgentConfig, broker_address, http_address
 from .errors import RequestError
+from .ota import OtaSettings, Updater
 
 __all__ = ["Agent", "Observer"]
 
@@ -107,6 +108,10 @@ class Agent:
             self.outbox = Outbox(config.state_dir / "telemetry.sqlite", config.telemetry.queue_max)
         self.slot.on_swap(self._on_swap)
         try:
+            # The updater first undoes an update a crash interrupted after its switch, so
+            # the model loaded next is one that passed its probation.
+            self.ota = Updater(self, OtaSettings.from_config(config.ota))
+            self.ota.recover()
             self._load_initial()
         except BaseException:
             if self.outbox is not None:
@@ -137,7 +142,9 @@ class Agent:
                                hint="start the agent with --model PKG, or deploy one")
         try:
             feeds = model.validator.check(inputs)
-            outputs = model.session.run(feeds)
+            # In probation the guard watches the new model and answers with the previous
+            # one when it fails; ``model`` is then the one that answered.
+            model, outputs = self.ota.guard.run(model, feeds)
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
@@ -374,6 +381,8 @@ class Agent:
         if address is not None and self.outbox is not None:
             self.link = MqttLink(cfg, address, self.outbox, self.status_topic, self.status_bytes)
             self.mqtt_api = MqttApi(self, self.link)
+        self.ota.start(self.link)  # subscribes before the link connects
+        if self.link is not None:
             self.link.start()
         if cfg.telemetry.interval_s > 0:
             self._spawn("telemetry", self._telemetry_loop, cfg.telemetry.interval_s)
@@ -386,6 +395,7 @@ class Agent:
         if self._stop.is_set():
             return
         self._stop.set()
+        self.ota.stop()
         for thread in self._threads:
             if thread.name == "telemetry":
                 thread.join(timeout=5)

@@ -48,6 +48,9 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
     )
     if reason:
         payload["reason"] = reason
+    update = agent.ota.status_section()
+    if update is not None:
+        payload["update"] = update
     return payload
 
 

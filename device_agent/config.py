@@ -132,6 +132,18 @@ class SamplesSection:
 
 
 @dataclass
+class OtaSection:
+    enabled: bool = _opt(True, "Follow the desired documents and update the model over the air.")
+    chunk_bytes: int = _opt(256 * 1024, "Chunk size asked for over MQTT.")
+    window: int = _opt(4, "Chunk requests in flight.")
+    request_timeout_s: float = _opt(10.0, "A chunk request unanswered this long is sent again.")
+    stall_timeout_s: float = _opt(300.0, "A download without progress this long fails.")
+    max_artifact_bytes: int = _opt(1024**3, "Larger artifacts are refused (too_large).")
+    min_free_bytes: int = _opt(64 * 1024**2, "Disk space that must stay free after a download"
+                               " (no_space).")
+
+
+@dataclass
 class AgentSection:
     state_dir: str = _opt("", "Agent state (telemetry queue, counters). Empty:"
                           " <model.dir>/state.", path=True)
@@ -151,6 +163,7 @@ class AgentConfig:
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     quality: QualitySection = field(default_factory=QualitySection)
     samples: SamplesSection = field(default_factory=SamplesSection)
+    ota: OtaSection = field(default_factory=OtaSection)
     agent: AgentSection = field(default_factory=AgentSection)
 
     @property
@@ -452,6 +465,9 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         ("quality.prediction_log", cfg.quality.prediction_log, 1),
         ("runtime.threads", cfg.runtime.threads, 0),
         ("samples.max_per_minute", cfg.samples.max_per_minute, 0),
+        ("ota.chunk_bytes", cfg.ota.chunk_bytes, 1024), ("ota.window", cfg.ota.window, 1),
+        ("ota.max_artifact_bytes", cfg.ota.max_artifact_bytes, 1),
+        ("ota.min_free_bytes", cfg.ota.min_free_bytes, 0),
     ]
     for dotted, number, low in _positive:
         if number < low:
@@ -459,6 +475,12 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
     if cfg.telemetry.interval_s != 0 and cfg.telemetry.interval_s < 0.1:
         raise fail("telemetry.interval_s", f"{cfg.telemetry.interval_s} must be 0 (off) or at"
                    " least 0.1 seconds")
+    for dotted, seconds in (("ota.request_timeout_s", cfg.ota.request_timeout_s),
+                            ("ota.stall_timeout_s", cfg.ota.stall_timeout_s)):
+        if seconds <= 0:
+            raise fail(dotted, f"{seconds} must be more than 0 seconds")
+    if cfg.ota.chunk_bytes > 4 * 1024 * 1024:
+        raise fail("ota.chunk_bytes", f"{cfg.ota.chunk_bytes} is over the protocol's 4 MiB")
     if not 0.0 <= cfg.samples.fraction <= 1.0:
         raise fail("samples.fraction", f"{cfg.samples.fraction} is outside 0..1")
     for i, provider in enumerate(cfg.runtime.providers):

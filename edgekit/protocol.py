@@ -238,6 +238,9 @@ class StatusPayload(TypedDict):
     http: str | None  # HOST:PORT of the local HTTP API, when it runs
     started: float  # when the agent process started
     reason: NotRequired[str]  # why it went offline or stopped
+    # The update in progress, else the last one: deployment, step, model, reason, message
+    # (edgekit.ota.events.UpdateStatus; docs/ota.md).
+    update: NotRequired[dict[str, Any]]
 
 
 class RequestsSection(TypedDict):

@@ -247,3 +247,22 @@ def test_only_exporter_failing_is_a_conversion_error(tmp_path: Path) -> None:
                 output=tmp_path / "guarded.edgepkg", eval_data=digits_split()[1])
     assert "dynamo exporter:" in err.value.message and "--exporter torchscript" in err.value.hint
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["export", "torchscript"])
+def test_in_memory_program_and_script_module(kind: str, tmp_path: Path) -> None:
+    import torch
+
+    model = trained_digits_cnn()
+    example = (torch.zeros(2, 1, 8, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = (torch.export.export(model, example,
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
+               if kind == "export" else torch.jit.trace(model, example))
+    res = convert(obj, ConvertOptions(exporter="torchscript", latency_runs=5),
+                  output=tmp_path / "m.edgepkg", eval_data=digits_split()[1])
+    m = res.manifest
+    assert m.source["kind"] == kind and m.source["sha256"] is None
+    assert m.inputs[0].name == "x" and m.inputs[0].shape[0] == "batch"
+    assert res.passed and m.metrics["parity"]["max_abs_error"] < 1e-4

@@ -240,3 +240,17 @@ def test_human_reports(work: dict[str, Path], tmp_path: Path) -> None:
     assert distilled.exit_code == 0, distilled.output
     for word in ("teacher", "student", "x fewer", "latency p50", "accuracy", "wrote"):
         assert word in distilled.output
+
+
+def test_an_onnx_teacher_works_too(work: dict[str, Path], tmp_path: Path) -> None:
+    converted = _run("convert", work["teacher"], "--to", "onnx", "--eval", work["eval"],
+                     "-o", tmp_path / "t.edgepkg")
+    assert converted.exit_code == 0, converted.output
+    onnx_teacher = tmp_path / "teacher.onnx"
+    onnx_teacher.write_bytes(open_package(tmp_path / "t.edgepkg").model_bytes())
+    rep = distill(onnx_teacher, STUDENT, data=work["train"], eval_data=work["eval"],
+                  epochs=3, seed=0, output=tmp_path / "s.pt2")
+    assert rep.teacher["framework"] == "onnx" and rep.teacher["accuracy"] > 0.9
+    assert rep.teacher["bytes"] == onnx_teacher.stat().st_size
+    assert rep.parameter_ratio is None
+    assert rep.student.accuracy is not None and rep.student.accuracy > 0.5

@@ -14,7 +14,14 @@ from typing import Any
 
 from edgekit._fsutil import atomic_write
 
-__all__ = ["choose", "format_table", "write_plot"]
+__all__ = ["choose", "format_table", "nodes_text", "write_plot"]
+
+
+def nodes_text(nodes: list[str], limit: int = 4) -> str:
+    """A short list of node names: all of them when few, else the first ones and a count."""
+    if len(nodes) <= limit:
+        return ", ".join(nodes)
+    return f"{len(nodes)} nodes: {', '.join(nodes[:limit])}, ... (+{len(nodes) - limit} more)"
 
 
 def _key(objective: str) -> Any:
@@ -46,7 +53,7 @@ def choose(rows: list[dict[str, Any]], *, metric: str, max_drop: float, objectiv
         kept = fallback.get("kept_in_float") or []
         if kept:
             tail.append(f"no int8 recipe met the budget, so {fallback['base']} was retried with"
-                        f" {len(kept)} sensitive node(s) kept in float: {', '.join(kept)}")
+                        f" {len(kept)} sensitive node(s) kept in float: {nodes_text(kept)}")
         else:
             tail.append(f"no int8 recipe met the budget and keeping nodes in float did not"
                         f" help ({fallback.get('outcome', '')})")
@@ -83,7 +90,7 @@ def format_table(rows: list[dict[str, Any]], *, metric: str, source: dict[str, A
             continue
         note = ""
         if r["nodes_in_float"]:
-            note = "float: " + ", ".join(r["nodes_in_float"])
+            note = "float: " + nodes_text(r["nodes_in_float"])
         ratio = f"{r['latency_ratio']:.2f}x" if r.get("latency_ratio") else "-"
         lines.append((mark + r["name"], f"{r['metric']:.4f}", f"{r['drop']:+.4f}",
                       "ok" if r["meets_budget"] else "MISS", _ms(r.get("latency_p50_ms")),

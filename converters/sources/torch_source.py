@@ -265,7 +265,7 @@ def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
     if static is not None:
         if opts.dynamic_batch:
             notes.append(
-                f"the .pt2 program was exported with a fixed batch of {static}; the artifact"
+                f"the torch.export program has a fixed batch of {static}; the artifact"
                 " keeps it (export with dynamic_shapes for a symbolic batch)")
         example = tuple(_repeat_batch(t, static) for t in example)
     module = program.module()

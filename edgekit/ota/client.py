@@ -76,6 +76,7 @@ class HostClient:
             self.paho.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
         self._keepalive = keepalive
         self._subs: dict[str, tuple[str, int]] = {}  # subscribed filter -> (plain filter, qos)
+        self._handlers: dict[str, list[tuple[str, MessageCallback]]] = {}  # by plain filter
         self._lock = threading.Lock()
         self._connect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
@@ -131,25 +132,48 @@ class HostClient:
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
         """Subscribe (again after every reconnect) and route matching messages to ``callback``.
 
-        ``topic_filter`` may be a shared subscription (``$share/<group>/<filter>``).
+        ``topic_filter`` may be a shared subscription (``$share/<group>/<filter>``). Several
+        callbacks may share a filter (a controller and a deployment following the same
+        events): each gets every message.
         """
         plain = _plain(topic_filter)
         with self._lock:
+            new = topic_filter not in self._subs
             self._subs[topic_filter] = (plain, qos)
-        self.paho.message_callback_add(plain, lambda _c, _u, msg: _safe(callback, msg))
-        if self.connected.is_set():
+            handlers = self._handlers.setdefault(plain, [])
+            if not handlers:
+                self.paho.message_callback_add(plain, self._dispatcher(plain))
+            handlers.append((topic_filter, callback))
+        if new and self.connected.is_set():
             self.paho.subscribe(topic_filter, qos)
 
-    def unsubscribe(self, topic_filter: str) -> None:
+    def unsubscribe(self, topic_filter: str, callback: MessageCallback | None = None) -> None:
+        """Stop routing ``topic_filter`` to ``callback`` (None: to any callback); the broker
+        subscription ends when no callback is left for the filter."""
         with self._lock:
-            entry = self._subs.pop(topic_filter, None)
-            still_used = entry is not None and any(p == entry[0] for p, _ in self._subs.values())
-        if entry is None:
-            return
-        if not still_used:
-            self.paho.message_callback_remove(entry[0])
-        if self.connected.is_set():
+            entry = self._subs.get(topic_filter)
+            if entry is None:
+                return
+            plain = entry[0]
+            handlers = [(f, cb) for f, cb in self._handlers.get(plain, [])
+                        if not (f == topic_filter and (callback is None or cb is callback))]
+            self._handlers[plain] = handlers
+            last = not any(f == topic_filter for f, _ in handlers)
+            if last:
+                del self._subs[topic_filter]
+            if not handlers:
+                del self._handlers[plain]
+                self.paho.message_callback_remove(plain)
+        if last and self.connected.is_set():
             self.paho.unsubscribe(topic_filter)
+
+    def _dispatcher(self, plain: str) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+        def dispatch(_client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            with self._lock:
+                callbacks = [cb for _f, cb in self._handlers.get(plain, [])]
+            for callback in callbacks:
+                _safe(callback, msg)
+        return dispatch
 
     def publish(self, topic: str, payload: bytes | str | None, *, qos: int = 1,
                 retain: bool = False, wait: float | None = None) -> mqtt.MQTTMessageInfo:

@@ -78,7 +78,7 @@ def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -
     try:
         _sync(client, done, timeout)
     finally:
-        client.unsubscribe(topic_filter)
+        client.unsubscribe(topic_filter, on_message)
     return found
 
 
@@ -152,8 +152,10 @@ class Deployer:
             return self.tracker.result(time.monotonic() - self._started)
 
     def close(self) -> None:
-        for kind in (Kind.STATUS, Kind.EVENTS, Kind.DESIRED):
-            self.client.unsubscribe(subscription(self.fleet, "+", kind))
+        """Stop following (the subscriptions of other parts of the client stay)."""
+        for kind, callback in ((Kind.STATUS, self._on_status), (Kind.EVENTS, self._on_event),
+                               (Kind.DESIRED, self._on_desired)):
+            self.client.unsubscribe(subscription(self.fleet, "+", kind), callback)
 
     # ---------------------------------------------------------------- message handlers
 
@@ -202,11 +204,15 @@ def _device_payload(msg: mqtt.MQTTMessage) -> tuple[str | None, dict[str, Any] |
 def _sync(client: HostClient, done: threading.Event, timeout: float) -> None:
     """Wait until a marker published after the latest subscriptions has come back."""
     marker = "/".join([ROOT, "_host", "sync", secrets.token_hex(8)])
-    client.subscribe(marker, lambda _msg: done.set(), qos=1)
+
+    def arrived(_msg: mqtt.MQTTMessage) -> None:
+        done.set()
+
+    client.subscribe(marker, arrived, qos=1)
     try:
         client.publish(marker, b"1", qos=1)
         if not done.wait(timeout):
             raise EdgekitError(f"the broker at {client.broker} did not answer within"
                                f" {timeout:g} s")
     finally:
-        client.unsubscribe(marker)
+        client.unsubscribe(marker, arrived)

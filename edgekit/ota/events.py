@@ -17,6 +17,7 @@ __all__ = [
     "UpdateModel",
     "UpdateProgress",
     "UpdateReason",
+    "UpdateStatus",
     "UpdateStep",
     "event_kind",
     "step_of",
@@ -87,6 +88,17 @@ class UpdateEventData(TypedDict):
     progress: NotRequired[UpdateProgress]  # downloading only
     source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk)
     details: NotRequired[dict[str, object]]  # numbers behind a decision (latency, rates)
+
+
+class UpdateStatus(TypedDict):
+    """The ``update`` field of the retained status: the update in progress (``step`` is the
+    journal's: queued ... probation, rolling_back), else the outcome of the last one."""
+
+    deployment: str
+    step: str
+    model: UpdateModel
+    reason: NotRequired[str]
+    message: NotRequired[str]
 
 
 def event_kind(step: UpdateStep) -> str:

@@ -104,7 +104,8 @@ class ArtifactServer:
         with self._lock:
             fleets = list(self._fleets)
         for fleet in fleets:
-            self.client.unsubscribe(artifact_subscription(fleet, sha256, self.share_group))
+            self.client.unsubscribe(artifact_subscription(fleet, sha256, self.share_group),
+                                    self._handle)
         self.store.remove(sha256)
 
     def ensure_reachable(self, fleet: str | None = None, timeout: float = 2.0) -> None:
@@ -141,7 +142,7 @@ class ArtifactServer:
         for fleet in fleets:
             for info in infos:
                 self.client.unsubscribe(artifact_subscription(fleet, info.sha256,
-                                                              self.share_group))
+                                                              self.share_group), self._handle)
         self.share_group = group
         for info in infos:
             self._subscribe(info.sha256)
@@ -217,4 +218,4 @@ def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float =
         client.publish(artifact_request_topic(fleet, sha256), encode_request(request), qos=1)
         return answered.wait(timeout)
     finally:
-        client.unsubscribe(reply_to)
+        client.unsubscribe(reply_to, on_reply)

@@ -36,8 +36,8 @@ def test_importing_the_agent_pulls_in_nothing_heavy() -> None:
 def test_agent_source_imports_only_the_light_core() -> None:
     allowed = {"edgekit", "edgekit.artifact", "edgekit.manifest", "edgekit.metrics",
                "edgekit.runtimes", "edgekit.errors", "edgekit.protocol", "edgekit.data",
-               "edgekit._fsutil", "edgekit.signing"}
-    for path in (REPO / "device_agent").glob("*.py"):
+               "edgekit._fsutil", "edgekit.signing", "edgekit.ota"}
+    for path in (REPO / "device_agent").rglob("*.py"):
         for match in re.finditer(r"^\s*(?:from|import)\s+(edgekit[\w.]*)", path.read_text(),
                                  re.M):
             assert match.group(1) in allowed, f"{path.name} imports {match.group(1)}"
@@ -49,7 +49,8 @@ def test_public_names_are_exported_and_exist() -> None:
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name} is listed but missing"
     public = {n for n in vars(device_agent) if not n.startswith("_")} - {"annotations", "cli",
-                                                                         "config", "errors"}
+                                                                         "config", "errors",
+                                                                         "ota"}
     assert public <= set(device_agent.__all__), public - set(device_agent.__all__)
     assert (REPO / "device_agent" / "py.typed").exists()
 

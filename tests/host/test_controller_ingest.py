@@ -4,6 +4,7 @@ at-least-once delivery are stored once, garbage is logged and ignored."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import time
@@ -215,3 +216,43 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert load_config(again).to_dict() == good.to_dict()
     result = CliRunner().invoke(cli, ["controller", "check-config", "--config", str(bad)])
     assert result.exit_code == 2 and "policy.metrik" in result.output
+
+
+def test_batched_metrics_match_one_by_one(store: Store) -> None:
+    """The ingest writes metrics in batches (Store.record_metrics_batch): the outcome must
+    be what record_metrics gives one message at a time, duplicates and order included."""
+    from edgekit.host import MetricsSummary
+
+    def messages(fleet: str) -> list[dict[str, Any]]:
+        out = []
+        for device, seq, acc in (("a", 2, 0.5), ("a", 1, 0.1), ("b", 1, 0.7), ("a", 2, 0.9),
+                                 ("a", 3, 0.8), ("b", 1, 0.2), ("c", 5, None)):
+            summary = None if acc is None else MetricsSummary(accuracy=acc, label_count=seq)
+            out.append({"fleet": fleet, "device": device, "seq": seq, "summary": summary,
+                        "payload": {"seq": seq, "acc": acc},
+                        "ts": dt.datetime(2026, 5, 1, 12, 0, seq, tzinfo=dt.UTC)})
+        return out
+
+    store.record_metrics("one", "a", seq=1, payload={"seq": 1, "acc": 0.1})
+    store.record_metrics("many", "a", seq=1, payload={"seq": 1, "acc": 0.1})
+    single = [store.record_metrics(**m) for m in messages("one")]
+    batched = store.record_metrics_batch(messages("many"))
+    assert batched == single == [True, False, True, False, True, False, True]
+    for device in ("a", "b", "c"):
+        one, many = store.get_device("one", device), store.get_device("many", device)
+        assert one is not None and many is not None
+        assert one.metrics == many.metrics and one.metrics_at == many.metrics_at
+    a = store.get_device("many", "a")
+    assert a is not None and a.metrics.accuracy == 0.8 and a.metrics.label_count == 3
+    assert [(m.device, m.seq, m.payload) for m in store.metrics_history("many")] == \
+        [(m.device, m.seq, m.payload) for m in store.metrics_history("one")]
+
+
+def test_docs_describe_every_config_key() -> None:
+    from edgekit.host.controller import config_keys
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "controller.md").read_text()
+    sections = text.split("### `[")
+    for key in config_keys():
+        section = next(s for s in sections if s.startswith(f"{key.section}]`"))
+        assert f"| `{key.name}` |" in section, f"{key.dotted} is not in docs/controller.md"

@@ -31,16 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ...errors import EdgekitError, UsageError
 from ...ota.client import HostClient
-from ...ota.deploy import desired_for_package
-from ...ota.desired import DesiredDocument, Probation, encode_desired, make_desired
 from ...ota.events import UpdateStep, event_kind
-from ...ota.rollback import sign_rollback
 from ...ota.server import ArtifactServer
-from ...ota.store import ArtifactInfo, ArtifactStore
-from ...ota.topics import desired_topic
 from ...protocol import encode
 from .. import Registry, RolloutRecord, RolloutState, Store, TargetRecord, TargetState, utcnow
 from ..errors import LeaseLostError
+from ._documents import DesiredDocuments
 from ._plan import (
     Figures,
     baseline_figures,
@@ -59,7 +55,7 @@ log = logging.getLogger("edgekit.controller.rollout")
 _FINAL_KINDS = [event_kind(s) for s in (UpdateStep.SUCCEEDED, UpdateStep.FAILED,
                                         UpdateStep.ROLLED_BACK)]
 _OUTCOMES = {TargetState.SUCCEEDED, TargetState.FAILED, TargetState.TIMED_OUT}
-_PUBLISH_WAIT_S = 10.0
+_CURSOR_OVERLAP = 1000
 
 
 class RolloutEngine:
@@ -82,10 +78,8 @@ class RolloutEngine:
         self.controller_id = controller_id
         self.lease_s = lease_s
         self.fleets = list(fleets)
-        self.server = server
-        self.signing_key = signing_key
-        self.url_for = url_for
-        self._artifacts = server.store if server is not None else ArtifactStore()
+        self.documents = DesiredDocuments(registry, client, server=server,
+                                          signing_key=signing_key, url_for=url_for)
         self._cursors: dict[int, int] = {}  # rollout id -> last device event id read
         self._driving: dict[int, dt.datetime] = {}  # rollout id -> when this engine took it
 
@@ -196,7 +190,7 @@ class RolloutEngine:
                     data={"controller": self.controller_id, "state": rollout.state})
         assigned = self.store.list_rollout_targets(rollout.id, state=TargetState.ASSIGNED)
         if assigned and rollout.state == RolloutState.RUNNING:
-            self._ask(rollout, [t.device for t in assigned])
+            self.documents.ask(rollout, [t.device for t in assigned])
         rolling = self.store.list_rollout_targets(rollout.id, state=TargetState.ROLLING_BACK)
         if rolling:
             self._send_back(rollout, rolling)
@@ -245,8 +239,11 @@ class RolloutEngine:
         wanted = deployment_id(rollout.id, rollout.plan["token"], back=back)
         waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
         cursor = self._cursors.get(rollout.id, 0)
-        for event in self.store.list_events(rollout_id=rollout.id, after_id=cursor,
-                                            kinds=_FINAL_KINDS, limit=10_000):
+        # Read a little behind the cursor: with several writers an event id can commit after
+        # a higher one (PostgreSQL sequences), and an applied outcome is not applied twice.
+        after = max(0, cursor - _CURSOR_OVERLAP)
+        for event in self.store.list_events(rollout_id=rollout.id, after_id=after,
+                                            kinds=_FINAL_KINDS, limit=100_000):
             cursor = max(cursor, event.id)
             target = targets.get(event.device or "")
             if target is None or target.state != waiting or (event.data or {}).get(
@@ -269,13 +266,15 @@ class RolloutEngine:
 
     def _from_status(self, rollout: RolloutRecord, targets: dict[str, TargetRecord], *,
                      back: bool) -> None:
-        """Outcomes of devices asked before this engine took the rollout over, from their
-        retained status: an outcome event sent while no controller listened is lost, the
-        status the device reports (redelivered on every subscription) is not."""
+        """Outcomes from the devices' retained status: a device being sent back is back when
+        it serves its previous version again; a device asked to update before this engine
+        took the rollout over succeeded when it serves the new model (its outcome event may
+        have been sent while no controller listened; its status is redelivered on every
+        subscription). Otherwise an update waits for the event, sent after probation."""
         taken = self._driving.get(rollout.id)
         waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
-        stale = [t for t in targets.values() if t.state == waiting and taken is not None
-                 and t.updated < taken]
+        stale = [t for t in targets.values() if t.state == waiting and (
+            back or (taken is not None and t.updated < taken))]
         if not stale:
             return
         devices = {d.device: d for d in self.store.list_devices(rollout.fleet, online=True)}
@@ -294,7 +293,7 @@ class RolloutEngine:
             if arrived:
                 targets[target.device] = self._set(
                     rollout, target.device, state,
-                    reason="reported by its status (the outcome event was not received)")
+                    reason="reported by its status")
 
     def _failure_rate(self, rollout: RolloutRecord, targets: list[TargetRecord],
                       wave_done: bool) -> tuple[str, str, dict[str, Any]] | None:
@@ -378,7 +377,7 @@ class RolloutEngine:
             record = known.get(device)
             figures = baseline_figures(self.store, record, now) if record else None
             baselines[device] = figures.to_dict() if figures else None
-        self._ask(rollout, devices)
+        self.documents.ask(rollout, devices)
         for device in devices:
             record = known.get(device)
             self._set(rollout, device, TargetState.ASSIGNED, wave=wave,
@@ -394,11 +393,8 @@ class RolloutEngine:
     def _succeed(self, rollout: RolloutRecord,
                  targets: dict[str, TargetRecord]) -> RolloutRecord:
         if rollout.plan["scope"] == "fleet":
-            info = self._artifact(rollout.model_name, rollout.model_version)
-            doc = self._document(rollout, info, back=False)
-            self.client.publish(desired_topic(rollout.fleet), encode_desired(doc), qos=1,
-                                retain=True, wait=_PUBLISH_WAIT_S)
-            self._clear(rollout, targets)
+            self.documents.publish_fleet(rollout)
+            self.documents.clear(rollout, list(targets))
         counts = _counts(targets.values())
         rollout = self._transition(rollout, RolloutState.SUCCEEDED,
                                    f"{counts.get('succeeded', 0)} of {len(targets)} devices"
@@ -431,7 +427,7 @@ class RolloutEngine:
     def _send_back(self, rollout: RolloutRecord, targets: list[TargetRecord]) -> None:
         for target in targets:
             try:
-                doc = self._rollback_document(rollout, target)
+                self.documents.send_back(rollout, target)
             except EdgekitError as exc:
                 self._set(rollout, target.device, TargetState.FAILED,
                           reason=f"cannot roll back: {exc.message}")
@@ -439,31 +435,6 @@ class RolloutEngine:
                             f"{target.device} cannot be rolled back: {exc.message}",
                             device=target.device, level="error", reason="no_rollback")
                 continue
-            self.client.publish(desired_topic(rollout.fleet, target.device),
-                                encode_desired(doc), qos=1, retain=True, wait=_PUBLISH_WAIT_S)
-
-    def _rollback_document(self, rollout: RolloutRecord,
-                           target: TargetRecord) -> DesiredDocument:
-        previous = rollout.plan["previous"].get(target.device) or {}
-        name = previous.get("name")
-        version = previous.get("version") or target.previous_version
-        if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
-            raise UsageError("it ran no model before the rollout")
-        if self.signing_key is None:
-            raise UsageError("no controller.signing_key to sign the rollback instruction",
-                             hint="set controller.signing_key to a key the devices trust")
-        registered = self.store.get_model(name, version)
-        info = None
-        if registered is not None and registered.sha256 == previous.get("sha256"):
-            info = self._artifact(name, version)
-        instruction = sign_rollback(self.signing_key, fleet=rollout.fleet,
-                                    devices=[target.device], name=name, to_version=version,
-                                    sha256=info.sha256 if info else None)
-        deployment = deployment_id(rollout.id, rollout.plan["token"], back=True)
-        if info is not None:
-            return self._document(rollout, info, back=True, rollback=instruction)
-        return make_desired(deployment=deployment, name=name, version=version, sha256=None,
-                            size=None, rollback=instruction, probation=self._probation(rollout))
 
     def _roll_back(self, rollout: RolloutRecord) -> RolloutRecord:
         targets = self._observe(rollout, back=True)
@@ -478,7 +449,7 @@ class RolloutEngine:
         if any(t.state == TargetState.ROLLING_BACK for t in targets.values()):
             return rollout
         if rollout.plan["scope"] == "fleet":
-            self._clear(rollout, targets)
+            self.documents.clear(rollout, list(targets))
         counts = _counts(targets.values())
         rollout = self._transition(rollout, RolloutState.ABORTED, rollout.reason)
         self._event(rollout, "rollout.aborted",
@@ -486,49 +457,6 @@ class RolloutEngine:
                     " rolled back", level="warning", data={"counts": counts})
         self._forget(rollout.id)
         return rollout
-
-    # ---------------------------------------------------------------- documents
-
-    def _ask(self, rollout: RolloutRecord, devices: list[str]) -> None:
-        info = self._artifact(rollout.model_name, rollout.model_version)
-        payload = encode_desired(self._document(rollout, info, back=False))
-        infos = [self.client.publish(desired_topic(rollout.fleet, d), payload, qos=1,
-                                     retain=True) for d in devices]
-        for device, sent in zip(devices, infos, strict=True):
-            sent.wait_for_publish(_PUBLISH_WAIT_S)
-            if not sent.is_published():
-                raise EdgekitError(f"the broker did not acknowledge the desired document of"
-                                   f" {device} within {_PUBLISH_WAIT_S:g} s")
-
-    def _clear(self, rollout: RolloutRecord, targets: dict[str, TargetRecord]) -> None:
-        """Remove the per-device documents: the devices follow the fleet's document again."""
-        for device in targets:
-            self.client.publish(desired_topic(rollout.fleet, device), b"", qos=1, retain=True)
-
-    def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *, back: bool,
-                  rollback: Any = None) -> DesiredDocument:
-        url = self.url_for(info.sha256) if self.url_for is not None else None
-        return desired_for_package(
-            info, rollout.fleet, url=url, rollback=rollback, probation=self._probation(rollout),
-            deployment=deployment_id(rollout.id, rollout.plan["token"], back=back))
-
-    @staticmethod
-    def _probation(rollout: RolloutRecord) -> Probation:
-        plan = rollout.plan
-        return Probation(requests=int(plan["probation_requests"]),
-                         seconds=float(plan["probation_seconds"]), max_error_rate=0.0,
-                         max_nonfinite_rate=0.0, max_latency_ms=None)
-
-    def _artifact(self, name: str, version: str) -> ArtifactInfo:
-        """The registered package, served by this controller's artifact server."""
-        record = self.registry.get(name, version)
-        known = self._artifacts.get(record.sha256)
-        if known is not None:
-            return known
-        path = self.registry.artifact_path(name, version)
-        if self.server is not None:
-            return self.server.serve(path)
-        return self._artifacts.add(path)
 
     # ---------------------------------------------------------------- records
 
@@ -553,8 +481,8 @@ class RolloutEngine:
             model={"name": rollout.model_name, "version": rollout.model_version},
             state=rollout.state, wave=rollout.current_wave, counts=counts,
             reason=rollout.reason, ts=utcnow().timestamp())
-        self.client.publish(rollout_state_topic(rollout.fleet), encode(payload), qos=1,
-                            retain=True)
+        self.client.publish(rollout_state_topic(rollout.fleet), encode(payload),
+                                      qos=1, retain=True)
 
     def _event(self, rollout: RolloutRecord, kind: str, message: str, *,
                device: str | None = None, level: str = "info", reason: str | None = None,

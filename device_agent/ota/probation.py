@@ -1,0 +1,158 @@
+"""Probation: watching a newly activated model, and answering for it when it misbehaves.
+
+While a probation runs, :meth:`ProbationGuard.run` answers each request with the new model
+and records what happened: a failure of the runtime, NaN or infinite outputs, the latency.
+A request the new model fails, or answers with non-finite numbers, is answered by the
+previous model (kept loaded until the probation ends), so no client sees the failure. The
+updater asks :meth:`ProbationWatch.verdict` for the outcome.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import RuntimeBackendError
+from edgekit.ota import Probation, UpdateReason
+
+from .._model import LoadedModel
+
+__all__ = ["ProbationGuard", "ProbationWatch", "Verdict"]
+
+_MIN_LATENCY_SAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: UpdateReason | None
+    message: str
+    details: dict[str, Any]
+
+
+@dataclass
+class ProbationWatch:
+    """The counts of one probation."""
+
+    new: LoadedModel
+    previous: LoadedModel | None
+    settings: Probation
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    errors: int = 0
+    nonfinite: int = 0
+    fallbacks: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    changed: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, *, latency_ms: float | None, error: bool = False, nonfinite: bool = False,
+               fallback: bool = False) -> None:
+        with self._lock:
+            self.requests += 1
+            self.errors += error
+            self.nonfinite += nonfinite
+            self.fallbacks += fallback
+            if latency_ms is not None:
+                self.latencies_ms.append(latency_ms)
+        self.changed.set()
+
+    def details(self) -> dict[str, Any]:
+        with self._lock:
+            lat = list(self.latencies_ms)
+            return {"requests": self.requests, "errors": self.errors,
+                    "nonfinite": self.nonfinite, "answered_by_previous": self.fallbacks,
+                    "p95_ms": round(float(np.percentile(lat, 95)), 3) if lat else None,
+                    "seconds": round(time.monotonic() - self.started, 3)}
+
+    def verdict(self) -> Verdict | None:
+        """None while the probation goes on; else pass, or fail with the reason."""
+        s = self.settings
+        d = self.details()
+        n = d["requests"]
+        if n:
+            if d["errors"] / n > s["max_error_rate"]:
+                return Verdict(False, UpdateReason.PROBATION_ERRORS,
+                               f"{d['errors']} of {n} requests failed on the new model"
+                               f" (allowed: {s['max_error_rate']:.1%})", d)
+            if d["nonfinite"] / n > s["max_nonfinite_rate"]:
+                return Verdict(False, UpdateReason.NONFINITE_OUTPUT,
+                               f"{d['nonfinite']} of {n} requests gave NaN or infinite outputs"
+                               f" (allowed: {s['max_nonfinite_rate']:.1%})", d)
+        limit = s["max_latency_ms"]
+        enough = len(self.latencies_ms) >= min(_MIN_LATENCY_SAMPLES, max(1, s["requests"]))
+        if limit is not None and enough and d["p95_ms"] is not None and d["p95_ms"] > limit:
+            return Verdict(False, UpdateReason.SLOW,
+                           f"p95 latency {d['p95_ms']:.1f} ms over {limit:g} ms", d)
+        done_requests = s["requests"] > 0 and n >= s["requests"]
+        done_seconds = s["seconds"] > 0 and d["seconds"] >= s["seconds"]
+        if done_requests or done_seconds or (s["requests"] == 0 and s["seconds"] == 0):
+            return Verdict(True, None, f"probation passed after {n} requests in"
+                           f" {d['seconds']:.1f} s", d)
+        return None
+
+    def time_left(self) -> float:
+        s = self.settings
+        if s["seconds"] <= 0:
+            return 1.0
+        return max(0.0, s["seconds"] - (time.monotonic() - self.started))
+
+
+class ProbationGuard:
+    """The agent's hook around each inference; a no-op outside a probation."""
+
+    def __init__(self) -> None:
+        self.watch: ProbationWatch | None = None
+
+    def begin(self, new: LoadedModel, previous: LoadedModel | None,
+              settings: Probation) -> ProbationWatch:
+        self.watch = ProbationWatch(new, previous, settings)
+        return self.watch
+
+    def end(self) -> None:
+        self.watch = None
+
+    def run(self, model: LoadedModel, feeds: Mapping[str, np.ndarray]
+            ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+        """Answer ``feeds`` with ``model``; in probation, watch it and fall back.
+
+        Raises:
+            RuntimeBackendError: the model failed and no previous model could answer.
+        """
+        watch = self.watch
+        if watch is None or model is not watch.new:
+            return model, model.session.run(dict(feeds))
+        t0 = time.perf_counter()
+        try:
+            outputs = model.session.run(dict(feeds))
+        except RuntimeBackendError:
+            fallback = self._fallback(watch, feeds)
+            watch.record(latency_ms=None, error=True, fallback=fallback is not None)
+            if fallback is None:
+                raise
+            return fallback
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        if all(np.isfinite(a).all() for a in outputs.values()
+               if np.issubdtype(a.dtype, np.floating)):
+            watch.record(latency_ms=latency_ms)
+            return model, outputs
+        fallback = self._fallback(watch, feeds)
+        watch.record(latency_ms=latency_ms, nonfinite=True, fallback=fallback is not None)
+        return fallback if fallback is not None else (model, outputs)
+
+    @staticmethod
+    def _fallback(watch: ProbationWatch, feeds: Mapping[str, np.ndarray]
+                  ) -> tuple[LoadedModel, dict[str, np.ndarray]] | None:
+        previous = watch.previous
+        if previous is None:
+            return None
+        try:
+            return previous, previous.session.run(dict(feeds))
+        except Exception:
+            # A breaking update: the old model does not take the new inputs.
+            return None

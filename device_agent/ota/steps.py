@@ -1,0 +1,348 @@
+"""The steps of one update, each journalled before it acts: fetch, verify, stage, activate,
+probation, and the way back (fail or roll back).
+
+:class:`UpdateRun` carries out one :class:`~device_agent.ota.journal.UpdateRecord` from the
+step the journal names, so the same code runs a fresh update and one resumed after a
+restart. It is driven by :class:`~device_agent.ota.updater.Updater`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from edgekit._fsutil import fsync_dir
+from edgekit.artifact import open_package, sha256_file
+from edgekit.errors import ArtifactError, OutputWriteError
+from edgekit.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
+
+from .._model import LoadedModel
+from .checks import check_compatible, check_version, stage, verify_package_file
+from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
+from .errors import UpdateFailure
+from .journal import JournalStep, UpdateRecord
+
+if TYPE_CHECKING:
+    from .updater import Updater
+
+__all__ = ["UpdateRun", "crash_point"]
+
+log = logging.getLogger("device_agent.ota")
+
+CRASH_ENV = "EDGEKIT_TEST_CRASH_AT"
+_PROGRESS_EVERY_S = 2.0
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: exit at once, as kill -9 would leave the
+    agent, when ``EDGEKIT_TEST_CRASH_AT`` names this point (never set in production)."""
+    if os.environ.get(CRASH_ENV) == name:
+        logging.shutdown()
+        os._exit(137)
+
+
+class UpdateRun:
+    """One update, from the journal's step to an outcome."""
+
+    def __init__(self, updater: Updater, record: UpdateRecord, doc: DesiredDocument,
+                 cancel: threading.Event) -> None:
+        self.u = updater
+        self.agent = updater.agent
+        self.journal = updater.journal
+        self.record = record
+        self.doc = doc
+        self.cancel = cancel
+        self.download: MqttDownload | HttpDownload | None = None
+        self._last_progress_event = 0.0
+        self._last_percent = -100.0
+
+    # ---------------------------------------------------------------- driver
+
+    def run(self) -> None:
+        """Carry the update to an outcome; every failure before activation leaves the model
+        in service as it was."""
+        step = JournalStep(self.record.step)
+        if step == JournalStep.PROBATION:
+            self._resume_probation()
+            return
+        try:
+            if step in (JournalStep.QUEUED, JournalStep.DOWNLOADING):
+                self._fetch()
+            self._check_cancel()
+            model, issued = self._verify()
+            self._check_cancel()
+            self._stage(model)
+            self._check_cancel()
+        except UpdateFailure as failure:
+            self._fail(failure)
+            return
+        except Exception as exc:  # a bug or the OS: fail the update, keep serving
+            log.exception("update %s stopped", self.record.deployment)
+            self._fail(UpdateFailure(UpdateReason.LOAD_FAILED,
+                                     f"the update stopped: {type(exc).__name__}: {exc}"))
+            return
+        self._activate(model, issued)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise UpdateFailure(UpdateReason.SUPERSEDED, "a newer desired document arrived")
+
+    # ---------------------------------------------------------------- fetch
+
+    def _fetch(self) -> None:
+        doc_model = self.doc["model"]
+        kept = self.u.find_kept(doc_model["name"], doc_model["version"], doc_model["sha256"])
+        if kept is not None:
+            self.u.emit(UpdateStep.DOWNLOADING, self.record, "using the copy kept on disk",
+                        source="kept", progress=(kept.stat().st_size, kept.stat().st_size))
+            self.journal.step(JournalStep.VERIFYING, source="kept",
+                              package=self.u.rel(kept), sha256=sha256_file(kept))
+            crash_point("verifying")
+            return
+        if doc_model["sha256"] is None or doc_model["size"] is None:
+            raise UpdateFailure(UpdateReason.UNAVAILABLE,
+                                f"{doc_model['name']} {doc_model['version']} is not kept on this"
+                                " device, and the rollback names no package to download",
+                                hint="roll back with --package PKG")
+        sha, size = doc_model["sha256"], doc_model["size"]
+        settings = self.u.settings
+        if size > settings.max_artifact_bytes:
+            raise UpdateFailure(UpdateReason.TOO_LARGE,
+                                f"the artifact is {size} bytes, over this device's limit of"
+                                f" {settings.max_artifact_bytes} (ota.max_artifact_bytes)")
+        partial_path = self.agent.store.packages_dir / f".{sha}.part"
+        offset = self.record.offset if partial_path.exists() else 0
+        offset = min(offset, partial_path.stat().st_size if partial_path.exists() else 0)
+        self._check_space(size - offset)
+        sources = self.doc["sources"]
+        plan: list[str] = []
+        if sources["url"]:
+            plan.append("http")
+        if sources["mqtt"]:
+            plan.append("mqtt")
+        self.journal.step(JournalStep.DOWNLOADING, source=plan[0], offset=offset)
+        partial = PartialFile(partial_path, size)
+        try:
+            for i, source in enumerate(plan):
+                try:
+                    self._fetch_from(source, partial, offset)
+                    break
+                except UpdateFailure as failure:
+                    if failure.reason != UpdateReason.DOWNLOAD_FAILED or i == len(plan) - 1:
+                        raise
+                    log.warning("%s; trying %s", failure.message, plan[i + 1])
+                    offset = self.record.offset
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise UpdateFailure(UpdateReason.NO_SPACE, "the disk filled up during the"
+                                    " download") from exc
+            raise
+        finally:
+            partial.close()
+            self.download = None
+        # The whole file is on disk: check it is the artifact named, then give it its name.
+        digest = sha256_file(partial_path)
+        if digest != sha:
+            partial_path.unlink(missing_ok=True)
+            raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
+                                f"the downloaded file's sha256 is {digest[:16]}..., the desired"
+                                f" document names {sha[:16]}...")
+        try:
+            manifest = open_package(partial_path).manifest
+        except ArtifactError as exc:
+            partial_path.unlink(missing_ok=True)
+            raise UpdateFailure(UpdateReason.LOAD_FAILED,
+                                f"not a usable package: {exc.message}") from exc
+        target = self.agent.store.packages_dir / \
+            f"{manifest.name}-{manifest.version}-{sha[:12]}.edgepkg"
+        os.replace(partial_path, target)
+        fsync_dir(target.parent)
+        self.journal.step(JournalStep.VERIFYING, package=self.u.rel(target), sha256=sha)
+        crash_point("verifying")
+
+    def _fetch_from(self, source: str, partial: PartialFile, offset: int) -> None:
+        sha, size = self.doc["model"]["sha256"], self.doc["model"]["size"]
+        assert sha is not None and size is not None
+        self.record.source = source
+        settings = self.u.settings
+        dl_settings = DownloadSettings(
+            chunk_bytes=self.doc["sources"]["mqtt"].get("chunk_size", settings.chunk_bytes)
+            if self.doc["sources"]["mqtt"] else settings.chunk_bytes,
+            window=settings.window, request_timeout_s=settings.request_timeout_s,
+            stall_timeout_s=settings.stall_timeout_s)
+        if source == "http":
+            url = self.doc["sources"]["url"]
+            assert url is not None
+            http = HttpDownload(url, size, dl_settings, self.cancel)
+            self.download = http
+            http.run(partial, offset, self._progress)
+            return
+        mqtt_source = self.doc["sources"]["mqtt"]
+        assert mqtt_source is not None
+        cfg = self.agent.config.device
+        link = self.agent.link
+
+        def publish(topic: str, payload: bytes) -> bool:
+            return link is not None and link.publish(topic, payload).rc == 0
+
+        download = MqttDownload(publish, lambda: link is not None and link.connected,
+                                mqtt_source["request_topic"], ota_reply_topic(cfg.fleet, cfg.id),
+                                sha, size, dl_settings, self.cancel)
+        self.download = download
+        self.u.current_download = download
+        try:
+            download.run(partial, offset, self._progress)
+        finally:
+            self.u.current_download = None
+
+    def _progress(self, offset: int) -> None:
+        self.journal.progress(offset)
+        size = self.doc["model"]["size"] or 1
+        percent = 100.0 * offset / size
+        now = time.monotonic()
+        if percent >= 100.0 or percent - self._last_percent >= 10.0 or \
+                now - self._last_progress_event >= _PROGRESS_EVERY_S:
+            self._last_percent, self._last_progress_event = percent, now
+            transfer = self.download.stats if self.download is not None else {}
+            self.u.emit(UpdateStep.DOWNLOADING, self.record, f"downloaded {percent:.0f}%",
+                        source=self.record.source, progress=(offset, size),
+                        details=dict(transfer) if percent >= 100.0 else None)
+        crash_point("downloading")
+
+    def _check_space(self, needed: int) -> None:
+        folder = self.agent.store.packages_dir
+        free = shutil.disk_usage(folder).free
+        reserve = self.u.settings.min_free_bytes
+        if free - needed < reserve:
+            raise UpdateFailure(UpdateReason.NO_SPACE,
+                                f"{needed} bytes to download, {free} free in {folder} and"
+                                f" {reserve} must stay free (ota.min_free_bytes)",
+                                hint="free disk space, or lower model.keep",
+                                details={"needed": needed, "free": free, "reserve": reserve})
+
+    # ---------------------------------------------------------------- verify, stage
+
+    def _verify(self) -> tuple[LoadedModel, str | None]:
+        self.u.emit(UpdateStep.VERIFYING, self.record, "checking sha256, signature, version,"
+                    " runtime and interface")
+        path = self.u.abs(self.record.package)
+        agent = self.agent
+        model = verify_package_file(path, self.doc, agent.trust, agent.runtime_options,
+                                    agent.config.requests.max_batch)
+        serving = agent.slot.current
+        issued = check_version(model.manifest, serving, self.doc, agent.trust,
+                               agent.config.device.fleet, agent.config.device.id,
+                               self.journal.rollback_not_before)
+        check_compatible(model.manifest, serving, self.doc["allow_breaking"])
+        return model, issued
+
+    def _stage(self, model: LoadedModel) -> None:
+        details = stage(model, self.doc["latency_budget_ms"])
+        self.journal.step(JournalStep.STAGED)
+        self.u.emit(UpdateStep.STAGED, self.record, "golden samples"
+                    + (" and latency" if self.doc["latency_budget_ms"] is not None else "")
+                    + " pass in a second session", details=details)
+        crash_point("staged")
+
+    # ---------------------------------------------------------------- activate, probation
+
+    def _activate(self, model: LoadedModel, issued: str | None) -> None:
+        agent = self.agent
+        try:
+            stored = agent.store.add(model.path)
+        except (OutputWriteError, ArtifactError) as exc:
+            self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
+                                     else UpdateReason.LOAD_FAILED, exc.message))
+            return
+        previous = self.u.serving_stored()
+        self.journal.step(JournalStep.ACTIVATING,
+                          previous=previous.to_dict(agent.store.root) if previous else None)
+        self.u.emit(UpdateStep.ACTIVATING, self.record, f"switching to {model.name}"
+                    f" {model.version}")
+        crash_point("activating")
+        try:
+            agent.store.activate(stored)
+        except (OutputWriteError, ArtifactError) as exc:
+            self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
+                                     else UpdateReason.LOAD_FAILED, exc.message))
+            return
+        crash_point("activated")
+        old = agent.slot.current
+        watch = self.u.guard.begin(model, old, self.doc["probation"])
+        agent.slot.swap(model)
+        if issued is not None:
+            self.journal.rollback_not_before = issued
+        self.journal.step(JournalStep.PROBATION, activated=time.time())
+        self.u.emit(UpdateStep.PROBATION, self.record, _probation_text(self.doc))
+        crash_point("probation")
+        self._watch(watch.new, old)
+
+    def _resume_probation(self) -> None:
+        """After a restart in probation with no previous model to go back to: watch again."""
+        model = self.agent.slot.current
+        if model is None or model.sha256 != self.record.sha256:
+            self.u.finish(self.record, UpdateStep.FAILED, UpdateReason.INTERRUPTED,
+                          "the agent restarted during the update; the new model is not serving")
+            return
+        self.u.guard.begin(model, None, self.doc["probation"])
+        self._watch(model, None)
+
+    def _watch(self, new: LoadedModel, old: LoadedModel | None) -> None:
+        watch = self.u.guard.watch
+        assert watch is not None
+        while True:
+            verdict = watch.verdict()
+            if verdict is not None:
+                break
+            if self.u.stopping.is_set():
+                return  # the journal says probation: the next start decides
+            watch.changed.wait(min(0.5, watch.time_left() or 0.5))
+            watch.changed.clear()
+        if verdict.passed:
+            self.u.guard.end()
+            self.u.finish(self.record, UpdateStep.SUCCEEDED, None,
+                          f"{new.name} {new.version} serves; {verdict.message}",
+                          details=verdict.details)
+            return
+        assert verdict.reason is not None
+        self.rollback(verdict.reason, verdict.message, verdict.details, old)
+
+    def rollback(self, reason: UpdateReason, message: str, details: dict[str, Any],
+                 old: LoadedModel | None) -> None:
+        """Put the previous model back on disk and in service."""
+        agent = self.agent
+        previous = self.record.previous
+        if previous is None or old is None:
+            self.u.guard.end()
+            self.u.finish(self.record, UpdateStep.FAILED, reason,
+                          f"{message}; there is no previous model to go back to, so the new"
+                          " one keeps serving", details=details)
+            return
+        self.journal.step(JournalStep.ROLLING_BACK, reason=reason.value)
+        crash_point("rolling_back")
+        agent.store.activate(self.u.stored_from(previous), demote_current=False)
+        agent.slot.swap(old)
+        self.u.guard.end()
+        self.u.finish(self.record, UpdateStep.ROLLED_BACK, reason,
+                      f"{message}; back to {old.name} {old.version}", details=details)
+
+    def _fail(self, failure: UpdateFailure) -> None:
+        self.u.discard_files(self.record, self.doc)
+        self.u.finish(self.record, UpdateStep.FAILED, failure.reason, failure.message,
+                      details=failure.details, hint=failure.hint)
+
+
+def _probation_text(doc: DesiredDocument) -> str:
+    p = doc["probation"]
+    parts = []
+    if p["requests"]:
+        parts.append(f"{p['requests']} requests")
+    if p["seconds"]:
+        parts.append(f"{p['seconds']:g} s")
+    return "watching the new model for " + (" or ".join(parts) or "no time (no probation)")
+

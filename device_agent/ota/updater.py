@@ -1,0 +1,361 @@
+"""The updater: follows the desired documents and carries out updates, one at a time.
+
+It subscribes to the fleet's and the device's desired topics (retained; the device's own
+document wins, an empty payload clears a level), keeps the raw payloads, and a worker
+thread reconciles: a document whose deployment this device has not finished, asking for a
+model other than the one in service, becomes the current update (journalled), which
+:class:`~device_agent.ota.steps.UpdateRun` carries out. A newer document arriving before
+activation cancels the current update (``superseded``); one arriving during probation waits
+for the probation to end.
+
+:meth:`Updater.recover` runs before the agent loads its model: after a crash once the new
+model was switched in (activating, probation, rolling back), it puts the previous model back
+on disk, so the agent starts on a model that passed its probation. Earlier steps resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgekit.artifact import open_package, sha256_file
+from edgekit.errors import ArtifactError, EdgekitError
+from edgekit.ota import (
+    DesiredDocument,
+    UpdateReason,
+    UpdateStep,
+    desired_topic,
+    event_kind,
+    ota_reply_topic,
+    parse_desired,
+)
+from edgekit.protocol import DeviceState, EventLevel
+
+from .._store import StoredPackage
+from .download import MqttDownload
+from .journal import JournalStep, OtaJournal, UpdateRecord
+from .probation import ProbationGuard
+from .steps import UpdateRun, crash_point
+
+if TYPE_CHECKING:
+    from .._agent import Agent
+    from .._mqtt import MqttLink
+    from ..config import OtaSection
+
+__all__ = ["OtaSettings", "Updater"]
+
+log = logging.getLogger("device_agent.ota")
+
+_FINAL_LEVEL = {UpdateStep.FAILED: EventLevel.ERROR, UpdateStep.ROLLED_BACK: EventLevel.ERROR}
+
+
+@dataclass(frozen=True)
+class OtaSettings:
+    """The ``[ota]`` configuration section, as the updater uses it."""
+
+    enabled: bool = True
+    chunk_bytes: int = 256 * 1024
+    window: int = 4
+    request_timeout_s: float = 10.0
+    stall_timeout_s: float = 300.0
+    max_artifact_bytes: int = 1024**3
+    min_free_bytes: int = 64 * 1024**2
+
+    @classmethod
+    def from_config(cls, section: OtaSection) -> OtaSettings:
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+class Updater:
+    """Over-the-air updates of one agent's model; see the module docstring."""
+
+    def __init__(self, agent: Agent, settings: OtaSettings) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.journal = OtaJournal(agent.config.state_dir / "ota" / "journal.json")
+        self.guard = ProbationGuard()
+        self.stopping = threading.Event()
+        self.current_download: MqttDownload | None = None
+        self._docs: dict[str, bytes | None] = {"fleet": None, "device": None}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._cancel = threading.Event()
+        self._invalid_seen: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def recover(self) -> None:
+        """Before the agent loads its model: undo an update that a crash interrupted after
+        the switch (the previous model becomes active on disk again), or mark where an
+        earlier one resumes.
+
+        Raises:
+            OutputWriteError: ``active.json`` cannot be written.
+        """
+        record = self.journal.current
+        if record is None:
+            return
+        step = JournalStep(record.step)
+        try:
+            active = self.agent.store.active()
+        except ArtifactError:
+            active = None
+        switched = active is not None and active.active.sha256 == record.sha256
+        if step in (JournalStep.PROBATION, JournalStep.ROLLING_BACK) or (
+                step == JournalStep.ACTIVATING and switched):
+            previous = record.previous
+            if previous is None:
+                self.journal.step(JournalStep.PROBATION)  # nothing to go back to: watch again
+                return
+            stored = self.stored_from(previous)
+            self.agent.store.activate(stored, demote_current=False)
+            # A rollback already under way keeps its reason; otherwise the restart is it.
+            reason = UpdateReason(record.reason) if record.reason else UpdateReason.INTERRUPTED
+            self.finish(record, UpdateStep.ROLLED_BACK, reason,
+                        f"the agent stopped during '{step.value}'; back to {stored.name}"
+                        f" {stored.version}", serving=_short(previous))
+        elif step == JournalStep.ACTIVATING:
+            # The new model never served: check it again and go on.
+            self.journal.step(JournalStep.VERIFYING)
+
+    def start(self, link: MqttLink | None) -> None:
+        """Subscribe to the desired documents and start the worker thread."""
+        cfg = self.agent.config.device
+        if link is not None and self.settings.enabled:
+            link.subscribe(desired_topic(cfg.fleet), lambda _t, p: self._on_desired("fleet", p))
+            link.subscribe(desired_topic(cfg.fleet, cfg.id),
+                           lambda _t, p: self._on_desired("device", p))
+            link.subscribe(ota_reply_topic(cfg.fleet, cfg.id), self._on_reply)
+        self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        self._cancel.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- MQTT callbacks
+
+    def _on_desired(self, level: str, payload: bytes) -> None:
+        with self._lock:
+            self._docs[level] = payload or None
+        record = self.journal.current
+        if record is not None and JournalStep(record.step) in (
+                JournalStep.QUEUED, JournalStep.DOWNLOADING, JournalStep.VERIFYING,
+                JournalStep.STAGED):
+            doc = self._effective(report=False)
+            if doc is not None and doc["deployment"] != record.deployment:
+                self._cancel.set()
+        self._wake.set()
+
+    def _on_reply(self, _topic: str, payload: bytes) -> None:
+        download = self.current_download
+        if download is not None:
+            download.deliver(payload)
+
+    # ---------------------------------------------------------------- the worker
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            record = self.journal.current
+            if record is not None:
+                try:
+                    self._carry_out(record)
+                except Exception:
+                    # The journal still names the step; try again from there, later.
+                    log.exception("update %s stopped unexpectedly", record.deployment)
+                    self.stopping.wait(5.0)
+                continue
+            try:
+                started = self._consider()
+            except EdgekitError as exc:
+                log.error("could not start an update: %s", exc.message)
+                started = False
+            if not started:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def _carry_out(self, record: UpdateRecord) -> None:
+        try:
+            doc = parse_desired(record.desired)
+        except EdgekitError as exc:
+            self.finish(record, UpdateStep.FAILED, UpdateReason.INVALID_DESIRED, exc.message)
+            return
+        self._cancel.clear()
+        UpdateRun(self, record, doc, self._cancel).run()
+
+    def _consider(self) -> bool:
+        doc = self._effective(report=True)
+        if doc is None or self.journal.outcome_of(doc["deployment"]) is not None:
+            return False
+        wanted = doc["model"]
+        serving = self.agent.slot.current
+        if serving is not None and (serving.sha256 == wanted["sha256"] or (
+                wanted["sha256"] is None and (serving.name, serving.version)
+                == (wanted["name"], wanted["version"]))):
+            self.journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
+                                "already serving this model", _short(wanted))
+            self._emit(UpdateStep.SUCCEEDED, doc["deployment"], _short(wanted),
+                       f"already serving {serving.name} {serving.version}")
+            return False
+        record = UpdateRecord(deployment=doc["deployment"], desired=dict(doc))
+        self.journal.begin(record)
+        self.emit(UpdateStep.QUEUED, record, f"update to {wanted['name']} {wanted['version']}"
+                  f" (deployment {doc['deployment']})")
+        crash_point("queued")
+        return True
+
+    def _effective(self, *, report: bool) -> DesiredDocument | None:
+        with self._lock:
+            payload = self._docs["device"] or self._docs["fleet"]
+        if not payload:
+            return None
+        try:
+            return parse_desired(payload)
+        except EdgekitError as exc:
+            key = hashlib.sha256(payload).hexdigest()
+            if report and key not in self._invalid_seen:
+                self._invalid_seen.add(key)
+                self._emit(UpdateStep.FAILED, _deployment_of(payload), None,
+                           f"ignored a desired document: {exc.message}",
+                           reason=UpdateReason.INVALID_DESIRED)
+            return None
+
+    # ---------------------------------------------------------------- helpers for steps
+
+    def emit(self, step: UpdateStep, record: UpdateRecord, message: str, **kw: Any) -> None:
+        """An ``update.<step>`` event about ``record``."""
+        self._emit(step, record.deployment, _short(record.desired.get("model", {})), message,
+                   **kw)
+
+    def _emit(self, step: UpdateStep, deployment: str, model: dict[str, Any] | None,
+              message: str, *, reason: UpdateReason | None = None, source: str | None = None,
+              progress: tuple[int, int] | None = None, details: dict[str, Any] | None = None,
+              serving: dict[str, Any] | None = None) -> None:
+        current = self.agent.slot.current
+        data: dict[str, Any] = {
+            "deployment": deployment, "step": step.value, "model": model,
+            "serving": serving if serving is not None else (
+                _short(dict(current.ref)) if current is not None else None),
+        }
+        if source:
+            data["source"] = source
+        if progress is not None:
+            done, total = progress
+            data["progress"] = {"bytes": done, "total": total,
+                                "percent": round(100.0 * done / max(total, 1), 1)}
+        if details:
+            data["details"] = details
+        self.agent.event(event_kind(step), _FINAL_LEVEL.get(step, EventLevel.INFO), message,
+                         reason=reason.value if reason else None, data=data)
+
+    def finish(self, record: UpdateRecord, step: UpdateStep, reason: UpdateReason | None,
+               message: str, *, details: dict[str, Any] | None = None, hint: str | None = None,
+               serving: dict[str, Any] | None = None) -> None:
+        """Close the current update with an outcome, report it, and refresh the status."""
+        text = f"{message} (hint: {hint})" if hint else message
+        self.journal.finish(step.value, reason.value if reason else None, text,
+                            _short(record.desired.get("model", {})))
+        self.emit(step, record, text, reason=reason, details=details, serving=serving)
+        link = self.agent.link
+        if link is not None and link.connected:
+            link.publish(self.agent.status_topic,
+                         self.agent.status_bytes(link.session, DeviceState.ONLINE, None),
+                         retain=True)
+
+    def find_kept(self, name: str, version: str, sha256: str | None) -> Path | None:
+        """A package of the model folder with this sha256 (or, without one, this name and
+        version, the newest), if the device keeps one."""
+        for path in reversed(self.agent.store.packages()):
+            try:
+                if sha256 is not None:
+                    if path.name.endswith(f"-{sha256[:12]}.edgepkg") and \
+                            sha256_file(path) == sha256:
+                        return path
+                    continue
+                manifest = open_package(path).manifest
+            except (ArtifactError, OSError):
+                continue
+            if (manifest.name, manifest.version) == (name, version):
+                return path
+        return None
+
+    def serving_stored(self) -> StoredPackage | None:
+        """The model folder's package of the model in service."""
+        current = self.agent.slot.current
+        if current is None:
+            return None
+        try:
+            record = self.agent.store.active()
+        except ArtifactError:
+            record = None
+        if record is not None:
+            for stored in (record.active, *record.previous):
+                if stored.sha256 == current.sha256:
+                    return stored
+        return StoredPackage(current.path, current.sha256, current.name, current.version)
+
+    def stored_from(self, entry: dict[str, str]) -> StoredPackage:
+        return StoredPackage(self.abs(entry["package"]), entry["sha256"], entry["name"],
+                             entry["version"])
+
+    def rel(self, path: Path) -> str:
+        return path.resolve().relative_to(self.agent.store.root.resolve()).as_posix()
+
+    def abs(self, rel: str | None) -> Path:
+        if rel is None:
+            raise ArtifactError("the journal names no package for this update")
+        return self.agent.store.root / rel
+
+    def discard_files(self, record: UpdateRecord, doc: DesiredDocument) -> None:
+        """Remove the partial download and a refused package the model folder does not use."""
+        sha = doc["model"]["sha256"]
+        if sha is not None:
+            (self.agent.store.packages_dir / f".{sha}.part").unlink(missing_ok=True)
+        if record.package is None or record.source == "kept":
+            return
+        try:
+            active = self.agent.store.active()
+        except ArtifactError:
+            return
+        used = set() if active is None else {p.sha256 for p in (active.active, *active.previous)}
+        if record.sha256 not in used:
+            self.abs(record.package).unlink(missing_ok=True)
+
+    def status_section(self) -> dict[str, Any] | None:
+        """The ``update`` field of the status: the update in progress, else the last one."""
+        record = self.journal.current
+        if record is not None:
+            return {"deployment": record.deployment, "step": record.step,
+                    "model": _short(record.desired.get("model", {}))}
+        last = self.journal.last
+        if last is None:
+            return None
+        out = {"deployment": last.deployment, "step": last.outcome, "model": last.model,
+               "message": last.message}
+        if last.reason:
+            out["reason"] = last.reason
+        return out
+
+
+def _short(model: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: model.get(k) for k in ("name", "version", "sha256")}
+
+
+def _deployment_of(payload: bytes) -> str:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    value = doc.get("deployment") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and len(value) <= 64 else ""

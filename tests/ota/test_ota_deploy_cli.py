@@ -1,0 +1,80 @@
+"""``edgekit deploy`` and ``edgekit rollback`` end to end: real agents, real broker, the CLI
+in-process (click's runner), exit codes and ``--json`` output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import Fleet, Packages
+from mqtt_broker import MqttBroker
+
+from edgekit.cli import cli
+
+FLEET = "cli"
+FAST = ["--probation-requests", "0", "--probation-seconds", "1", "--timeout", "120"]
+
+
+@pytest.fixture(scope="module")
+def fleet(broker: MqttBroker) -> Iterator[Fleet]:
+    f = Fleet(broker, FLEET)
+    yield f
+    f.close()
+
+
+def _run(*args: str) -> tuple[int, dict[str, Any], str]:
+    result = CliRunner().invoke(cli, list(args))
+    try:
+        return result.exit_code, json.loads(result.stdout), result.stderr
+    except ValueError:
+        raise AssertionError(result.output) from None
+
+
+def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, fleet: Fleet,
+                                           pkgs: Packages) -> None:
+    a, b = make_agent(FLEET, "a"), make_agent(FLEET, "b")
+    for agent in (a, b):
+        agent.wait_healthy()
+        fleet.wait_serving(agent.device, "1.0.0")
+
+    code, out, progress = _run("deploy", str(pkgs.v2), "--fleet", FLEET, "--broker",
+                               broker.url, "--json", *FAST)
+    assert code == 0, out
+    # One progress line per device and step on stderr (not a terminal: no redrawing).
+    for device in ("a", "b"):
+        assert any(line.startswith(device) and "succeeded" in line
+                   for line in progress.splitlines()), progress
+    assert "%" in progress
+    assert set(out["targets"]) == {"a", "b"} and out["ok"] is True
+    for device in ("a", "b"):
+        target = out["targets"][device]
+        assert target["outcome"] == "succeeded"
+        assert target["serving"]["version"] == "2.0.0"
+        assert fleet.wait_serving(device, "2.0.0")
+
+    # A device that joins later converges on the fleet's retained document by itself (the
+    # deploy command has exited, so a server keeps serving the package).
+    fleet.serve(pkgs.v2)
+    late = make_agent(FLEET, "c")
+    late.wait_healthy()
+    fleet.wait_serving("c", "2.0.0", timeout=120)
+
+    # A failing deploy to one device: exit 1, the reason in the JSON, the model unchanged.
+    code, out, _ = _run("deploy", str(pkgs.unsigned), "--fleet", FLEET, "--device", "b",
+                     "--broker", broker.url, "--json", *FAST)
+    assert code == 1
+    assert out["targets"]["b"]["outcome"] == "failed"
+    assert out["targets"]["b"]["reason"] == "unsigned"
+    assert fleet.serving("b")["version"] == "2.0.0"  # type: ignore[index]
+
+    # A signed rollback of one device to the copy it keeps.
+    key_file = pkgs.public_key.with_name("signing.key")
+    code, out, _ = _run("rollback", "--fleet", FLEET, "--device", "a", "--to", "1.0.0",
+                     "--sign-key", str(key_file), "--broker", broker.url, "--json", *FAST)
+    assert code == 0, out
+    assert out["targets"]["a"]["outcome"] == "succeeded"
+    fleet.wait_serving("a", "1.0.0")
+    assert fleet.serving("c")["version"] == "2.0.0"  # type: ignore[index]
