@@ -184,7 +184,7 @@ class LoadClient(threading.Thread):
             except (urllib.error.URLError, OSError) as exc:
                 self.failed += 1
                 self.errors.append(str(exc)[:200])
-            self.stop.wait(0.05)
+            self.stop.wait(0.2)
 
 
 def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path

@@ -41,9 +41,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                       ("fixed", ConvertOptions(dynamic_batch=False)),
                       ("tflite", ConvertOptions(target="tflite"))):
         paths[tag] = folder / f"{tag}.edgepkg"
-        # The TFLite path converts the module itself (litert-torch takes an nn.Module).
-        source = model if tag == "tflite" else paths["pt2"]
-        convert(source, opts, output=paths[tag], eval_data=ev)
+        convert(paths["pt2"], opts, output=paths[tag], eval_data=ev)
     # A regression model: predict the digit's value as a float from the pixels.
     reg = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
     w, *_ = np.linalg.lstsq(np.c_[xt.reshape(len(xt), -1), np.ones(len(xt))], yt, rcond=None)

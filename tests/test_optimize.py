@@ -16,8 +16,9 @@ from zoo import digits
 
 from converters.compress import Recipe, all_recipes, optimize
 from converters.evaluate import evaluate
-from edgekit.artifact import open_package
+from edgekit.artifact import open_package, verify_package
 from edgekit.cli import cli
+from edgekit.signing import generate_keypair, load_public_key
 
 
 def _run(*args: object) -> Result:
@@ -107,12 +108,17 @@ def test_quick_set_on_both_targets_picks_the_fastest_within_budget(work: dict[st
     assert any("calibrated on the evaluation data" in n for n in record["notes"])
 
 
-def test_cosine_scores_agreement_without_labels(work: dict[str, Path]) -> None:
+def test_cosine_scores_agreement_without_labels(work: dict[str, Path],
+                                               tmp_path: Path) -> None:
     out = work["folder"] / "cosine.edgepkg"
+    keys = generate_keypair(tmp_path / "signing")
     doc = _json(_run("optimize", work["student"], "--eval", work["unlabelled"], "--metric",
                      "cosine", "--max-drop", "0.01", "--candidates",
                      "fp32,fp16,dynamic-per-tensor", "--latency-runs", "5", "--no-plot",
-                     "-o", out, "--json"))
+                     "--sign-key", keys.private_path, "-o", out, "--json"))
+    # The re-packaged artifact carries a valid signature over the optimize record too.
+    assert verify_package(out, [load_public_key(keys.public_path)]).key_id == keys.key_id
+    assert "optimize" in open_package(out).manifest.extra
     assert doc["settings"]["baseline"] == 1.0
     rows = {r["name"]: r for r in doc["candidates"]}
     assert rows["onnx:fp32"]["metric"] > 0.99999

@@ -151,6 +151,15 @@ def distill(
     if output is not None:
         T.check_output_path(output)
     factory = T.resolve_factory(student) if isinstance(student, str) else student
+    try:
+        with T.deterministic(seed):
+            model = factory()
+    except Exception as exc:  # the user's factory raises anything
+        raise UsageError(f"the student factory failed: {type(exc).__name__}: {exc}",
+                         hint="check that it builds the model without arguments") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"the student factory returned {type(model).__name__}, not an nn.Module",
+                         hint="the factory must build and return a torch.nn.Module")
     train_set = _labelled(data, "training data")
     eval_set = _labelled(eval_data, "evaluation data") if eval_data is not None else None
 
@@ -174,11 +183,6 @@ def distill(
     one = {k: v[:1] for k, v in scored.inputs.items()}
     teacher_doc = _teacher_figures(loaded, teacher_eval, scored, one, threads)
 
-    with T.deterministic(seed):
-        model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"the student factory returned {type(model).__name__}, not an nn.Module",
-                         hint="the factory must build and return a torch.nn.Module")
     example = tuple(torch.from_numpy(np.ascontiguousarray(train_set.inputs[n][:1]))
                     for n in names)
     model.eval()

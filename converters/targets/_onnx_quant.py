@@ -69,7 +69,9 @@ def preprocess(model: bytes) -> PreprocessResult:
         src.write_bytes(model)
         for outcome, skip_symbolic in (("full", False), ("skip_symbolic_shape", True)):
             try:
-                with _no_stdout():
+                # When symbolic shape inference gives up, onnxruntime saves what it got to
+                # sym_shape_infer_temp.onnx in the working directory: keep that in tmp.
+                with _no_stdout(), contextlib.chdir(tmp):
                     quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
                 detail = "; ".join(errors) if errors else None
                 return PreprocessResult(dst.read_bytes(), outcome, detail)

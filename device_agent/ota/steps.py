@@ -79,6 +79,12 @@ class UpdateRun:
             self._stage(model)
             self._check_cancel()
         except UpdateFailure as failure:
+            if self.u.stopping.is_set():
+                # The agent is shutting down: the journal keeps the step, the next start
+                # resumes from there.
+                log.info("update %s paused at '%s' for the shutdown", self.record.deployment,
+                         self.record.step)
+                return
             self._fail(failure)
             return
         except Exception as exc:  # a bug or the OS: fail the update, keep serving

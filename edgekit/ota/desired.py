@@ -35,10 +35,11 @@ from urllib.parse import urlsplit
 
 from ..errors import ProtocolError
 from ..manifest import parse_version
-from ..protocol import encode, is_valid_id
+from ..protocol import encode, is_valid_id, parse_topic
 from . import _validate as v
 from ._time import format_time, parse_time
 from .rollback import RollbackInstruction, parse_rollback
+from .topics import ARTIFACTS_SCOPE
 
 __all__ = [
     "DEFAULT_PROBATION",
@@ -237,6 +238,12 @@ def _sources(doc: dict[str, Any], *, need_one: bool) -> Sources:
         if any(c in request_topic for c in "+#\0") or request_topic.startswith("$"):
             raise ProtocolError(f"{where}.mqtt.request_topic: {request_topic!r} is not a topic"
                                 " one can publish to (wildcards, NUL or a leading '$')")
+        parts = parse_topic(request_topic)
+        if parts is not None and parts.device != ARTIFACTS_SCOPE:
+            # Inside the tree only artifact topics: a request must not land on a device's
+            # status, predict or other topic.
+            raise ProtocolError(f"{where}.mqtt.request_topic: {request_topic!r} is a device"
+                                f" topic; requests go to edgekit/v1/<fleet>/{ARTIFACTS_SCOPE}/...")
         mqtt = MqttSource(request_topic=request_topic)
         chunk = v.integer(m, "chunk_size", f"{where}.mqtt", low=1024, high=16 * 1024 * 1024,
                           default=None)

@@ -90,6 +90,8 @@ BAD_DOCUMENTS = [
     (_set("sources.url", "ftp://host/x.edgepkg"), "desired.sources.url"),
     (_set("sources.mqtt", {"request_topic": "edgekit/v1/+/x"}), "desired.sources.mqtt.request_topic"),
     (_set("sources.mqtt", {"request_topic": "t", "chunk_size": 10}), "desired.sources.mqtt.chunk_size"),
+    (_set("sources.mqtt", {"request_topic": "edgekit/v1/f1/dev-1/status"}),
+     "desired.sources.mqtt.request_topic"),
     (_set("allow_breaking", "yes"), "desired.allow_breaking"),
     (_set("latency_budget_ms", -1), "desired.latency_budget_ms"),
     (_set("probation", {"requests": -1}), "desired.probation.requests"),
@@ -388,3 +390,38 @@ def test_tracker_named_devices_time_out() -> None:
     assert result.targets["y"].outcome is Outcome.TIMED_OUT
     assert result.targets["x"].outcome is Outcome.SUCCEEDED
     assert not result.ok
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_public_names_are_listed_and_exist() -> None:
+    import device_agent.ota
+    import edgekit.ota.client
+    import edgekit.ota.deploy
+    import edgekit.ota.server
+    import edgekit.ota.store
+    import edgekit.ota.tracker
+
+    for module in (ota, edgekit.ota.client, edgekit.ota.deploy, edgekit.ota.server,
+                   edgekit.ota.store, edgekit.ota.tracker, device_agent.ota):
+        assert sorted(module.__all__) == sorted(set(module.__all__)), module.__name__
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name} is listed but missing"
+    defined = {n for n, v in vars(ota).items() if not n.startswith("_")
+               and getattr(v, "__module__", "").startswith("edgekit.ota")}
+    assert defined <= set(ota.__all__), defined - set(ota.__all__)
+
+
+def test_the_shared_core_stays_light() -> None:
+    """The device imports edgekit.ota: no MQTT client, no host code comes with it."""
+    import subprocess
+    import sys
+
+    script = "import sys, json, edgekit.ota; print(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                       text=True, check=True, timeout=120).stdout)
+    assert not [m for m in loaded if m.split(".")[0] in ("paho", "click", "sqlalchemy")]
+    assert not [m for m in loaded if m.startswith(("edgekit.ota.client", "edgekit.ota.server",
+                                                   "edgekit.ota.deploy", "edgekit.host",
+                                                   "edgekit.cli"))]

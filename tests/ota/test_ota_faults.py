@@ -291,8 +291,10 @@ def test_signed_rollback_to_a_kept_copy_and_no_replay(fleet: Fleet,
 
 
 def test_size_in_the_document_is_a_hard_cap(fleet: Fleet, device: tuple[Agent, LoadClient],
-                                            pkgs: Packages) -> None:
-    info = fleet.serve(pkgs.v2)
+                                            pkgs: Packages, tmp_path: Path) -> None:
+    # A package the device does not keep, so it must come over the wire.
+    info = fleet.serve(pkgs.make(tmp_path / "v5.edgepkg", version="5.0.0", seed=12,
+                                 padding=500_000))
     doc = dict(desired_for_package(info, FLEET))
     doc["model"] = dict(doc["model"], size=info.size - 1000)
     capped = ota.parse_desired(doc)
