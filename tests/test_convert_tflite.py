@@ -448,3 +448,30 @@ def test_model_with_ops_outside_tflite_builtins(tmp_path: Path) -> None:
                 output=tmp_path / "out.edgepkg")
     assert err.value.exit_code == 1 and "--to onnx" in (err.value.hint or "")
     _no_output(tmp_path)
+
+
+def test_torch_token_ids_int8_calibrates_with_model_dtype(tmp_path) -> None:
+    """litert-torch turns int64 token ids into int32 inputs; calibration must follow."""
+    import numpy as np
+    import torch
+
+    from converters import ConvertOptions, convert
+    from edgekit.data import Dataset
+
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.out = torch.nn.Linear(16, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 50, (32, 6)).astype(np.int64)
+    data = Dataset({"ids": ids}, None, "token ids")
+    res = convert(Embed().eval(), ConvertOptions(target="tflite", quantize="int8", task="embedding"),
+                  output=tmp_path / "e.edgepkg", calibration=data, eval_data=data)
+    assert res.manifest.inputs[0].dtype == "int32"
+    assert res.report["parity"]["passed"], res.report["parity"]
+    assert res.report["parity"]["mean_cosine"] > 0.99

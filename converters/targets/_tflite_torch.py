@@ -173,7 +173,9 @@ def _quantize(model: bytes, source: LoadedSource, opts: ConvertOptions,
                 # The quantizer's default update is a moving average of per-sample ranges,
                 # which on batch-1 samples clips the extremes; take the global min/max.
                 calib = calibrator.Calibrator(model, qsv_update_func=_global_min_max)
-                calib.calibrate({key: list(representative(calibration, names))}, manager)
+                dtypes = {k: d["dtype"] for k, d in ins.items()}
+                calib.calibrate({key: list(representative(calibration, names, dtypes))},
+                                manager)
                 calibrated = calib.get_model_qsvs()
                 info["calibration"] = {"method": "minmax", "data": calibration.source,
                                        "samples": min(len(calibration), MAX_CALIBRATION_SAMPLES)}

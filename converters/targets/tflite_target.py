@@ -148,12 +148,16 @@ def describe_io(model: bytes,
     return inputs, outputs, runtime
 
 
-def representative(data: Dataset, names: dict[str, str]) -> Iterator[dict[str, np.ndarray]]:
+def representative(data: Dataset, names: dict[str, str],
+                   dtypes: dict[str, Any] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One sample at a time, keyed by signature input name, at most
-    :data:`MAX_CALIBRATION_SAMPLES` of them."""
+    :data:`MAX_CALIBRATION_SAMPLES` of them, cast to the model's input dtypes when given
+    (litert-torch turns int64 inputs such as token ids into int32)."""
     count = min(len(data), MAX_CALIBRATION_SAMPLES)
     for i in range(count):
-        yield {names[k]: v[i : i + 1] for k, v in data.inputs.items()}
+        yield {names[k]: v[i : i + 1] if dtypes is None else
+               v[i : i + 1].astype(dtypes[names[k]], copy=False)
+               for k, v in data.inputs.items()}
 
 
 @register_target
