@@ -6,6 +6,8 @@ so importing this package stays cheap.
 
 from __future__ import annotations
 
+from . import sources as _sources  # noqa: F401  (registers the loaders)
+from . import targets as _targets  # noqa: F401  (registers the targets)
 from ._registry import (
     LoadedSource,
     SourceRef,
@@ -16,8 +18,6 @@ from ._registry import (
 )
 from .options import ConvertOptions, parse_input_shape
 from .pipeline import ConversionResult, convert, load_source, run_batches
-from . import sources as _sources  # noqa: F401  (registers the loaders)
-from . import targets as _targets  # noqa: F401  (registers the targets)
 
 __all__ = [
     "ConversionResult",

@@ -125,7 +125,7 @@ def check_inputs(
             )
             continue
         bad_dim = any(isinstance(d, int) and d > 0 and d != a
-                      for i, (d, a) in enumerate(zip(spec.shape, arr.shape)) if i > 0)
+                      for i, (d, a) in enumerate(zip(spec.shape, arr.shape, strict=True)) if i > 0)
         if bad_dim:
             problems.append(
                 f"input '{spec.name}': expected shape {_fmt(spec.shape)}, found {_fmt(arr.shape)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .errors import ArtifactError
@@ -32,12 +32,12 @@ _DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "
 _VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
 
 
-class TargetFormat(str, Enum):
+class TargetFormat(StrEnum):
     ONNX = "onnx"
     TFLITE = "tflite"
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
     EMBEDDING = "embedding"

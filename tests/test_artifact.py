@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _pkgutil import make_package
 from click.testing import CliRunner
 
 from edgekit import artifact
@@ -20,8 +21,6 @@ from edgekit.artifact import (
 from edgekit.cli import cli
 from edgekit.errors import ArtifactError, SignatureError, UsageError
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
-
-from _pkgutil import make_package
 
 
 @pytest.fixture

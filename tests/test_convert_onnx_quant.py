@@ -266,3 +266,27 @@ def test_preprocessing_falls_back_when_symbolic_shapes_fail(
     session = load_session(pkg.manifest, pkg.model_bytes())
     assert session.run({"input_ids": tokens[:3, :7]})["embedding"].shape == (3, 8)
     assert not list(workdir.iterdir())
+
+
+def test_dynamic_int8_excludes_gemm_nodes() -> None:
+    """onnxruntime's dynamic quantizer renames Gemm to "<name>_MatMul" before matching the
+    exclusion list; an excluded Gemm must still stay in float."""
+    import io
+
+    import onnx
+    import torch
+
+    from converters.targets._onnx_quant import quantize_dynamic_int8
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4)).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 8),), buf, dynamo=False, input_names=["x"])
+    gemms = [n.name for n in onnx.load_from_string(buf.getvalue()).graph.node
+             if n.op_type == "Gemm"]
+    out = onnx.load_from_string(
+        quantize_dynamic_int8(buf.getvalue(), per_channel=True, nodes_to_exclude=[gemms[0]]))
+    quantized = {n.name for n in out.graph.node if n.op_type == "MatMulInteger"}
+    assert any(name.startswith(gemms[1]) for name in quantized)
+    assert not any(name.startswith(gemms[0]) for name in quantized)
+    assert any(n.op_type == "MatMul" and n.name.startswith(gemms[0]) for n in out.graph.node)

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _pkgutil import make_manifest
 
 from edgekit.data import load_npz, save_npz
 from edgekit.errors import ArtifactError, DataError
 from edgekit.manifest import Manifest, TensorSpec, compare_versions
-
-from _pkgutil import make_manifest
 
 
 def test_manifest_round_trip() -> None:

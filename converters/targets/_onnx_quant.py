@@ -141,6 +141,9 @@ def quantize_dynamic_int8(model: bytes, *, per_channel: bool,
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The dynamic quantizer rewrites Gemm into MatMul + Add named "<gemm>_MatMul" before it
+    # matches nodes_to_exclude, so a Gemm is excluded under that name too.
+    excluded = [*nodes_to_exclude, *(f"{name}_MatMul" for name in nodes_to_exclude)]
     with tempfile.TemporaryDirectory(prefix="edgekit-dyn-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         src.write_bytes(model)
@@ -148,7 +151,7 @@ def quantize_dynamic_int8(model: bytes, *, per_channel: bool,
             with _no_stdout():
                 quantize_dynamic(str(src), str(dst), per_channel=per_channel,
                                  weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=list(nodes_to_exclude) or None,
+                                 nodes_to_exclude=excluded or None,
                                  # Ops from other domains have no inferred type: float.
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:  # the quantizer raises anything

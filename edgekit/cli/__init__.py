@@ -6,13 +6,13 @@ is printed once, as ``error: <message>`` with its hint, and mapped to its exit c
 
 from __future__ import annotations
 
-from ._app import cli, main
-from . import _convert as _convert_cmds  # noqa: F401  (registers commands)
 from . import _controller as _controller_cmds  # noqa: F401
+from . import _convert as _convert_cmds  # noqa: F401  (registers commands)
 from . import _deploy as _deploy_cmds  # noqa: F401
 from . import _doctor as _doctor_cmds  # noqa: F401
 from . import _keys as _keys_cmds  # noqa: F401
 from . import _optimize as _optimize_cmds  # noqa: F401
 from . import _registry as _registry_cmds  # noqa: F401
+from ._app import cli, main
 
 __all__ = ["cli", "main"]

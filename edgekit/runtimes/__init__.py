@@ -6,6 +6,8 @@ that backend with a note that :func:`availability` reports (``edgekit doctor`` p
 
 from __future__ import annotations
 
+from . import litert as _litert  # noqa: F401  (registers the backend)
+from . import onnxrt as _onnxrt  # noqa: F401  (registers the backend)
 from ._base import (
     BackendInfo,
     RuntimeBackend,
@@ -16,8 +18,6 @@ from ._base import (
     load_session,
     register,
 )
-from . import litert as _litert  # noqa: F401  (registers the backend)
-from . import onnxrt as _onnxrt  # noqa: F401  (registers the backend)
 
 __all__ = [
     "BackendInfo",

@@ -76,7 +76,7 @@ class Session(ABC):
         except Exception as exc:  # runtimes raise their own exception types
             raise RuntimeBackendError(f"inference failed: {exc}") from exc
         result: dict[str, np.ndarray] = {}
-        for spec, arr in zip(self.outputs, raw):
+        for spec, arr in zip(self.outputs, raw, strict=True):
             if spec.quantization is not None:
                 q = spec.quantization
                 arr = (arr.astype(np.float32) - q.zero_point) * np.float32(q.scale)
