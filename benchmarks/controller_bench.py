@@ -379,21 +379,36 @@ def run_config(name: str, port: int, db_kind: str, count: int, args: argparse.Na
             print(f"   flood: {fl['rate']:.0f} msg/s ({fl['messages']}/{fl['sent']} stored)",
                   file=sys.stderr)
             steps = []
-            devices = args.start
-            while devices <= args.max:
+
+            def step_at(devices: int) -> bool:
                 step = fleet_step(port, db_url, devices, args.seconds)
                 steps.append(step)
                 print(f"   {devices:6d} devices: lag p50 {step['lag_p50_s']:.3f} s, p95"
                       f" {step['lag_p95_s']:.3f} s, stored {step['stored']}/{step['sent']}"
                       f" -> {_verdict(step)}", file=sys.stderr)
-                if not step["ok"]:
+                return bool(step["ok"])
+
+            devices, good, bad = args.start, 0, 0
+            while devices <= args.max:
+                if not step_at(devices):
+                    bad = devices
                     break
-                devices *= 2
+                good, devices = devices, devices * 2
+            for _ in range(args.refine):  # between the last size kept up with and the first not
+                if not bad or bad - good <= args.start // 2:
+                    break
+                middle = (good + bad) // 2 // 500 * 500
+                if step_at(middle):
+                    good = middle
+                else:
+                    bad = middle
+            errors = sum(log.read_text(errors="replace").count(" ERROR ") for log in ctl.logs)
         finally:
             ctl.stop()
     passed = [s["devices"] for s in steps if s["ok"]]
     return {"name": name, "controllers": count, "database": db_kind,
             "flood_rate": fl["rate"], "ratio_to_bare": fl["rate"] / bare_rate,
+            "controller_errors": errors,
             "max_devices": max(passed) if passed else 0,
             "max_rate": (max(passed) / INTERVAL_S) if passed else 0.0, "steps": steps}
 
@@ -405,6 +420,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=1000, help="First fleet size.")
     parser.add_argument("--max", type=int, default=64000, help="Largest fleet size tried.")
     parser.add_argument("--flood", type=int, default=20000, help="Messages in each flood.")
+    parser.add_argument("--refine", type=int, default=2,
+                        help="Steps of bisection after the first fleet size that fails.")
     parser.add_argument("--configs", default="sqlite,postgresql,shared",
                         help="Which of sqlite, postgresql, shared to run.")
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")

@@ -132,6 +132,9 @@ class UpdateRun:
         if sources["mqtt"]:
             plan.append("mqtt")
         self.journal.step(JournalStep.DOWNLOADING, source=plan[0], offset=offset)
+        self.u.emit(UpdateStep.DOWNLOADING, self.record,
+                    f"resuming at byte {offset} of {size}" if offset else f"{size} bytes to fetch",
+                    source=plan[0], progress=(offset, size), details={"resume_from": offset})
         partial = PartialFile(partial_path, size)
         try:
             for i, source in enumerate(plan):
@@ -316,9 +319,9 @@ class UpdateRun:
                           details=verdict.details)
             return
         assert verdict.reason is not None
-        self.rollback(verdict.reason, verdict.message, verdict.details, old)
+        self._rollback(verdict.reason, verdict.message, verdict.details, old)
 
-    def rollback(self, reason: UpdateReason, message: str, details: dict[str, Any],
+    def _rollback(self, reason: UpdateReason, message: str, details: dict[str, Any],
                  old: LoadedModel | None) -> None:
         """Put the previous model back on disk and in service."""
         agent = self.agent

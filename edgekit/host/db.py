@@ -209,6 +209,9 @@ class Store(RolloutStore):
                     newest[device] = (*order, i)
             if not last_seen:
                 return new
+            # Rows in one order in every batch: concurrent writers never deadlock on them.
+            last_seen = dict(sorted(last_seen.items()))
+            newest = dict(sorted(newest.items()))
             conn.execute(self._insert(DeviceRow).on_conflict_do_nothing(
                 index_elements=["fleet", "device_id"]),
                 [{"fleet": f, "device_id": d, "online": False, "session_seq": -1,

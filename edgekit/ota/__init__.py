@@ -6,9 +6,11 @@ artifact server hands the package out in checked chunks (:mod:`.chunks`, served 
 older version (:mod:`.rollback`), and every step of an update is an event with a reason code
 (:mod:`.events`). Topics are in :mod:`.topics`; docs/ota.md is the prose form.
 
-This package imports nothing heavier than :mod:`edgekit.protocol`; the MQTT-speaking host
-pieces live in :mod:`edgekit.ota.client`, :mod:`edgekit.ota.server` and
-:mod:`edgekit.ota.deploy` (they need paho-mqtt) and are imported on their own.
+This package imports nothing heavier than :mod:`edgekit.protocol`. The host pieces are
+imported on their own: :mod:`edgekit.ota.client` (an MQTT connection shared by host parts),
+:mod:`edgekit.ota.store` and :mod:`edgekit.ota.server` (serving packages over MQTT and HTTP),
+:mod:`edgekit.ota.tracker` (following a deployment, no MQTT) and :mod:`edgekit.ota.deploy`
+(publishing and following one); those that speak MQTT need paho-mqtt.
 """
 
 from __future__ import annotations

@@ -159,11 +159,14 @@ def parse_request(data: bytes | str) -> ChunkRequest:
     )
 
 
-def encode_chunk(request: ChunkRequest, data: bytes, total: int) -> bytes:
-    """A reply carrying ``data``, the bytes at ``request['offset']``."""
+def encode_chunk(request: ChunkRequest, data: bytes, total: int,
+                 chunk_sha256: str | None = None) -> bytes:
+    """A reply carrying ``data``, the bytes at ``request['offset']`` (``chunk_sha256``: their
+    hash when the caller has it already)."""
     header = ChunkHeader(schema=CHUNK_SCHEMA, request_id=request["request_id"],
                          sha256=request["sha256"], offset=request["offset"], length=len(data),
-                         total=total, chunk_sha256=hashlib.sha256(data).hexdigest())
+                         total=total,
+                         chunk_sha256=chunk_sha256 or hashlib.sha256(data).hexdigest())
     return _frame(header, data)
 
 

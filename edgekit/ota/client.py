@@ -3,7 +3,9 @@
 :class:`HostClient` connects with a timeout and a clear error, keeps its subscriptions across
 reconnects (re-subscribing in ``on_connect``), and hands each message to the callback of the
 filter it matched, so several parts (an artifact server, a deployment tracker) can share one
-connection. Callbacks run in paho's network thread: keep them short.
+connection. Callbacks run in paho's network thread: keep them short, and never wait there
+for the broker (``subscribe(..., wait=)``, :func:`~edgekit.ota.deploy.read_retained`,
+:meth:`~edgekit.ota.deploy.Deployer.discover`): the answer would come through that thread.
 """
 
 from __future__ import annotations
@@ -77,12 +79,15 @@ class HostClient:
         self._keepalive = keepalive
         self._subs: dict[str, tuple[str, int]] = {}  # subscribed filter -> (plain filter, qos)
         self._handlers: dict[str, list[tuple[str, MessageCallback]]] = {}  # by plain filter
+        self._subacks: dict[int, threading.Event] = {}
+        self._suback_lock = threading.Lock()
         self._lock = threading.Lock()
         self._connect_hooks: list[Callable[[], None]] = []
         self.connected = threading.Event()
         self._refused: str | None = None
         self.paho.on_connect = self._on_connect
         self.paho.on_disconnect = self._on_disconnect
+        self.paho.on_subscribe = self._on_subscribe
 
     # ---------------------------------------------------------------- connection
 
@@ -129,12 +134,17 @@ class HostClient:
 
     # ---------------------------------------------------------------- messages
 
-    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1, *,
+                  wait: float | None = None) -> None:
         """Subscribe (again after every reconnect) and route matching messages to ``callback``.
 
         ``topic_filter`` may be a shared subscription (``$share/<group>/<filter>``). Several
         callbacks may share a filter (a controller and a deployment following the same
-        events): each gets every message.
+        events): each gets every message. With ``wait``, return once the broker acknowledged
+        the subscription (its retained messages are then on their way).
+
+        Raises:
+            EdgekitError: ``wait`` was given and no acknowledgement came in time.
         """
         plain = _plain(topic_filter)
         with self._lock:
@@ -145,7 +155,14 @@ class HostClient:
                 self.paho.message_callback_add(plain, self._dispatcher(plain))
             handlers.append((topic_filter, callback))
         if new and self.connected.is_set():
-            self.paho.subscribe(topic_filter, qos)
+            acked = threading.Event()
+            with self._suback_lock:
+                _rc, mid = self.paho.subscribe(topic_filter, qos)
+                if mid is not None:
+                    self._subacks[mid] = acked
+            if wait is not None and not acked.wait(wait):
+                raise EdgekitError(f"the broker at {self.broker} did not acknowledge the"
+                                   f" subscription to {topic_filter} within {wait:g} s")
 
     def unsubscribe(self, topic_filter: str, callback: MessageCallback | None = None) -> None:
         """Stop routing ``topic_filter`` to ``callback`` (None: to any callback); the broker
@@ -209,6 +226,13 @@ class HostClient:
         self.connected.set()
         for hook in self._connect_hooks:
             _safe(lambda run: run(), hook)
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
+                      _reason_codes: Any, _properties: Any) -> None:
+        with self._suback_lock:
+            acked = self._subacks.pop(mid, None)
+        if acked is not None:
+            acked.set()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason_code: Any, _properties: Any) -> None:

@@ -74,7 +74,7 @@ def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -
         if msg.retain and msg.payload:
             found[msg.topic] = bytes(msg.payload)
 
-    client.subscribe(topic_filter, on_message)
+    client.subscribe(topic_filter, on_message, wait=timeout)
     try:
         _sync(client, done, timeout)
     finally:
@@ -106,10 +106,13 @@ class Deployer:
         Raises:
             EdgekitError: the broker did not answer within ``timeout`` seconds.
         """
-        self.client.subscribe(subscription(self.fleet, "+", Kind.STATUS), self._on_status)
-        self.client.subscribe(subscription(self.fleet, "+", Kind.EVENTS), self._on_event)
+        self.client.subscribe(subscription(self.fleet, "+", Kind.STATUS), self._on_status,
+                              wait=timeout)
+        self.client.subscribe(subscription(self.fleet, "+", Kind.EVENTS), self._on_event,
+                              wait=timeout)
         if self.tracker.fleet_wide:
-            self.client.subscribe(subscription(self.fleet, "+", Kind.DESIRED), self._on_desired)
+            self.client.subscribe(subscription(self.fleet, "+", Kind.DESIRED), self._on_desired,
+                                  wait=timeout)
         _sync(self.client, threading.Event(), timeout)
         with self._lock:
             self.tracker.freeze()
@@ -208,7 +211,7 @@ def _sync(client: HostClient, done: threading.Event, timeout: float) -> None:
     def arrived(_msg: mqtt.MQTTMessage) -> None:
         done.set()
 
-    client.subscribe(marker, arrived, qos=1)
+    client.subscribe(marker, arrived, qos=1, wait=timeout)
     try:
         client.publish(marker, b"1", qos=1)
         if not done.wait(timeout):

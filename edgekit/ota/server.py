@@ -11,10 +11,12 @@ holding the artifact. :class:`ArtifactHttpServer` serves the same store at
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,12 +64,16 @@ class ArtifactServer:
 
     def __init__(self, client: HostClient, store: ArtifactStore | None = None, *,
                  fleets: Iterable[str], share_group: str | None = DEFAULT_SHARE_GROUP,
-                 max_chunk: int = DEFAULT_MAX_CHUNK) -> None:
+                 max_chunk: int = DEFAULT_MAX_CHUNK, cache_bytes: int = 64 * 1024**2) -> None:
         self.client = client
         self.store = store or ArtifactStore()
         self.share_group = share_group
         self.max_chunk = max_chunk
+        self.cache_bytes = cache_bytes
         self.stats = ServerStats()
+        self._cache: OrderedDict[tuple[str, int, int], tuple[bytes, str]] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()
         self._fleets: set[str] = set()
         self._lock = threading.Lock()
         for fleet in fleets:
@@ -100,13 +106,16 @@ class ArtifactServer:
         return info
 
     def withdraw(self, sha256: str) -> None:
-        """Stop serving one artifact."""
+        """Stop serving one artifact (and forget its cached chunks)."""
         with self._lock:
             fleets = list(self._fleets)
         for fleet in fleets:
             self.client.unsubscribe(artifact_subscription(fleet, sha256, self.share_group),
                                     self._handle)
         self.store.remove(sha256)
+        with self._cache_lock:
+            for key in [k for k in self._cache if k[0] == sha256]:
+                self._cached_bytes -= len(self._cache.pop(key)[0])
 
     def ensure_reachable(self, fleet: str | None = None, timeout: float = 2.0) -> None:
         """Check that chunk requests reach this server (a probe for the first artifact, in
@@ -171,7 +180,7 @@ class ArtifactServer:
             return
         length = min(request["length"], self.max_chunk)
         try:
-            info, data = self.store.read(request["sha256"], request["offset"], length)
+            info, data, digest = self._read(request["sha256"], request["offset"], length)
         except KeyError:
             self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
                         ChunkErrorCode.NOT_FOUND, "this server does not hold the artifact")
@@ -186,9 +195,29 @@ class ArtifactServer:
                         ChunkErrorCode.OUT_OF_RANGE,
                         f"offset {request['offset']} is past the end ({info.size} bytes)")
             return
-        self.client.publish(reply_to, encode_chunk(request, data, info.size), qos=1)
+        self.client.publish(reply_to, encode_chunk(request, data, info.size, digest), qos=1)
         self.stats.chunks += 1
         self.stats.bytes += len(data)
+
+    def _read(self, sha256: str, offset: int, length: int) -> tuple[ArtifactInfo, bytes, str]:
+        """A chunk and its sha256, from a small cache: the devices of a fleet ask for the
+        same chunks, so most requests skip the disk and the hashing."""
+        key = (sha256, offset, length)
+        info = self.store.get(sha256)
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and info is not None:
+                self._cache.move_to_end(key)
+                return info, cached[0], cached[1]
+        info, data = self.store.read(sha256, offset, length)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._cache_lock:
+            self._cache[key] = (data, digest)
+            self._cached_bytes += len(data)
+            while self._cached_bytes > self.cache_bytes and self._cache:
+                _key, (old, _digest) = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
+        return info, data, digest
 
     def _error(self, reply_to: str, request_id: str, sha256: str, offset: int,
                code: ChunkErrorCode, message: str) -> None:
@@ -213,7 +242,7 @@ def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float =
         if chunk.header["request_id"] == nonce and chunk.error is None:
             answered.set()
 
-    client.subscribe(reply_to, on_reply)
+    client.subscribe(reply_to, on_reply, wait=max(timeout, 5.0))
     try:
         client.publish(artifact_request_topic(fleet, sha256), encode_request(request), qos=1)
         return answered.wait(timeout)

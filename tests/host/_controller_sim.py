@@ -16,7 +16,6 @@ import hashlib
 import json
 import queue
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,18 +24,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from mqtt_broker import MqttBroker  # tests/ is on the path (pyproject's pytest pythonpath)
 from paho.mqtt.enums import CallbackAPIVersion
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the broker helper
-
-from mqtt_broker import MqttBroker  # noqa: E402
-
-from edgekit.manifest import compare_versions  # noqa: E402
-from edgekit.ota.chunks import decode_chunk, encode_request, make_request  # noqa: E402
-from edgekit.ota.desired import parse_desired  # noqa: E402
-from edgekit.ota.rollback import verify_rollback  # noqa: E402
-from edgekit.ota.topics import desired_topic, ota_reply_topic  # noqa: E402
-from edgekit.protocol import Kind, Schema, encode, topic  # noqa: E402
+from edgekit.manifest import compare_versions
+from edgekit.ota.chunks import decode_chunk, encode_request, make_request
+from edgekit.ota.desired import parse_desired
+from edgekit.ota.rollback import verify_rollback
+from edgekit.ota.topics import desired_topic, ota_reply_topic
+from edgekit.protocol import Kind, Schema, encode, topic
 
 __all__ = ["SimDevice", "broker", "controller_config", "metrics_payload", "wait_until"]
 

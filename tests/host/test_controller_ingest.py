@@ -256,3 +256,32 @@ def test_docs_describe_every_config_key() -> None:
     for key in config_keys():
         section = next(s for s in sections if s.startswith(f"{key.section}]`"))
         assert f"| `{key.name}` |" in section, f"{key.dotted} is not in docs/controller.md"
+
+
+@pytest.mark.parametrize("module", ["edgekit.host.controller", "edgekit.host.controller.config",
+                                    "edgekit.host.controller.ingest",
+                                    "edgekit.host.controller.messages",
+                                    "edgekit.host.controller.policy",
+                                    "edgekit.host.controller.remote",
+                                    "edgekit.host.controller.rollout",
+                                    "edgekit.host.controller.service"])
+def test_controller_exports_are_honest(module: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    exported = list(mod.__all__)
+    assert len(set(exported)) == len(exported)
+    assert all(hasattr(mod, name) for name in exported)
+    public = {n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
+              and getattr(v, "__module__", "") == mod.__name__}
+    assert public <= set(exported), f"{module}: {public - set(exported)} not in __all__"
+
+
+def test_controller_run_reports_what_is_wrong(tmp_path: Path) -> None:
+    runner = CliRunner()
+    closed = runner.invoke(cli, ["controller", "run", "--broker", "mqtt://127.0.0.1:1",
+                                 "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                                 "--store", str(tmp_path / "store")])
+    assert closed.exit_code == 1 and "cannot reach the MQTT broker" in closed.output
+    bad_db = runner.invoke(cli, ["controller", "run", "--db", "nosuch://x"])
+    assert bad_db.exit_code == 2 and "nosuch is not supported" in bad_db.output

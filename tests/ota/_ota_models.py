@@ -66,8 +66,10 @@ def _graph(kind: str, seed: int, features: int) -> bytes:
 
 
 def build_package(path: Path, *, version: str, kind: str = "classifier", seed: int = 0,
-                  sign_key: Any = None, padding: int = 0, name: str = "ota-model") -> Path:
-    """Write one package; see the module docstring for ``kind``."""
+                  sign_key: Any = None, padding: int = 0, name: str = "ota-model",
+                  breaking: bool = False) -> Path:
+    """Write one package; see the module docstring for ``kind``. ``breaking`` declares an
+    interface change in the manifest (``extra.breaking``)."""
     import onnxruntime as ort
 
     features = 32 if kind == "wide" else 64
@@ -87,6 +89,7 @@ def build_package(path: Path, *, version: str, kind: str = "classifier", seed: i
         recipe={"quantize": "none"}, tools={"edgekit": "test"},
         golden={"atol": 1e-4, "rtol": 1e-3, "samples": 4},
         labels=[str(i) for i in range(10)],
+        extra={"breaking": True} if breaking else {},
     )
     members = {"model.onnx": model, "golden.npz": golden_to_npz({"x": golden_x},
                                                                  {"probs": golden_y})}

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from _ota_fleet import Fleet, Packages
 from click.testing import CliRunner
-from conftest import Fleet, Packages
 from mqtt_broker import MqttBroker
 
 from edgekit.cli import cli
@@ -34,7 +35,7 @@ def _run(*args: str) -> tuple[int, dict[str, Any], str]:
 
 
 def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, fleet: Fleet,
-                                           pkgs: Packages) -> None:
+                                           pkgs: Packages, tmp_path: Path) -> None:
     a, b = make_agent(FLEET, "a"), make_agent(FLEET, "b")
     for agent in (a, b):
         agent.wait_healthy()
@@ -78,3 +79,11 @@ def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, 
     assert out["targets"]["a"]["outcome"] == "succeeded"
     fleet.wait_serving("a", "1.0.0")
     assert fleet.serving("c")["version"] == "2.0.0"  # type: ignore[index]
+
+    # A breaking interface change goes through when it is both declared and allowed.
+    wide = pkgs.make(tmp_path / "wide-breaking.edgepkg", version="5.0.0", kind="wide",
+                     seed=21, breaking=True)
+    code, out, _ = _run("deploy", str(wide), "--fleet", FLEET, "--device", "c",
+                        "--broker", broker.url, "--json", "--allow-breaking", *FAST)
+    assert code == 0, out
+    assert out["targets"]["c"]["serving"]["version"] == "5.0.0"

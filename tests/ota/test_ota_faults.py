@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Agent, Fleet, LoadClient, Packages, wait_until
+from _ota_fleet import Agent, Fleet, LoadClient, Packages, wait_until
 from mqtt_broker import MqttBroker
 
 import edgekit.ota as ota
