@@ -18,7 +18,12 @@ class EdgekitClickError(click.ClickException):
     def __init__(self, error: EdgekitError) -> None:
         super().__init__(error.message)
         self.error = error
-        self.exit_code = error.exit_code
+
+    @classmethod
+    def wrap(cls, error: EdgekitError) -> EdgekitClickError:
+        """An instance whose class carries the error's exit code (click reads it there)."""
+        sub = type(f"EdgekitExit{error.exit_code}", (cls,), {"exit_code": error.exit_code})
+        return sub(error)
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.error.format()}", err=True)
@@ -31,7 +36,7 @@ class EdgekitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgekitError as exc:
-            raise EdgekitClickError(exc) from exc
+            raise EdgekitClickError.wrap(exc) from exc
 
 
 @click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
