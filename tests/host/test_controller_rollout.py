@@ -233,3 +233,15 @@ def test_restarted_controller_carries_on(fleet: Fleet) -> None:
         forward = [o for o in sim.outcomes if not o[0].endswith("-back")]
         assert forward == [(forward[0][0], "succeeded")], sim.device  # asked once, not twice
         assert sim.version == "2.0.0"
+
+
+def test_deploy_refused_by_the_controller_says_why(fleet: Fleet, tmp_path: Path,
+                                                   make_package: Callable[..., Path]) -> None:
+    fleet.controller()
+    other = make_package(tmp_path / "other.edgepkg", version="2.0.0", seed=5)
+    result = CliRunner().invoke(cli, ["deploy", str(other), "--fleet", fleet.name,
+                                      "--broker", fleet.broker_url, "--timeout", "30"])
+    assert result.exit_code == 2
+    assert "refused the rollout" in result.output and "another package" in result.output
+    with fleet.store() as store:
+        assert store.list_rollouts(fleet=fleet.name) == []

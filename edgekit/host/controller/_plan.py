@@ -24,6 +24,7 @@ __all__ = [
     "judge_quality",
     "latest_figures",
     "plan_settings",
+    "recorded_baselines",
     "wave_sizes",
 ]
 
@@ -101,6 +102,19 @@ def latest_figures(store: Store, fleet: str, device: str, since: dt.datetime,
             if found is not None:
                 return found
     return None
+
+
+def recorded_baselines(store: Store, rollout_id: int) -> dict[str, Figures]:
+    """The previous model's figures of each device of a rollout, as recorded (in its
+    ``rollout.wave`` events) when the device's wave began."""
+    out: dict[str, Figures] = {}
+    for event in store.list_events(rollout_id=rollout_id, kinds=["rollout.wave"],
+                                   limit=100_000):
+        for device, figures in ((event.data or {}).get("baseline") or {}).items():
+            if isinstance(figures, dict):
+                out[device] = Figures(int(figures["labels"]), figures.get("accuracy"),
+                                      figures.get("f1"))
+    return out
 
 
 def baseline_figures(store: Store, device: DeviceRecord, now: dt.datetime) -> Figures | None:

@@ -35,7 +35,8 @@ from .messages import (
     serves_fleet,
 )
 
-__all__ = ["RemoteRolloutError", "find_controllers", "follow_rollout", "request_rollout"]
+__all__ = ["RemoteRolloutError", "RemoteUsageError", "find_controllers", "follow_rollout",
+           "request_rollout"]
 
 _ACTIVE = {s.value for s in ACTIVE_ROLLOUT_STATES}
 
@@ -46,8 +47,12 @@ class RemoteRolloutError(EdgekitError):
     def __init__(self, message: str, *, code: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.code = code
-        if code in ("UsageError", "ConfigError"):
-            self.exit_code = 2
+
+
+class RemoteUsageError(RemoteRolloutError):
+    """The controller refused the request as a usage error (exit 2, as it would locally)."""
+
+    exit_code = 2
 
 
 def find_controllers(client: HostClient, fleet: str,
@@ -110,8 +115,10 @@ def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
     reply = replies[0]
     if not reply.get("ok"):
         error = reply.get("error") or {}
-        raise RemoteRolloutError(f"the controller refused the rollout: {error.get('message')}",
-                                 code=str(error.get("code")), hint=error.get("hint") or None)
+        code = str(error.get("code"))
+        kind = RemoteUsageError if code in ("UsageError", "ConfigError") else RemoteRolloutError
+        raise kind(f"the controller refused the rollout: {error.get('message')}", code=code,
+                   hint=error.get("hint") or None)
     rollout = reply.get("rollout")
     if not isinstance(rollout, dict):
         raise EdgekitError("the controller's reply holds no rollout")

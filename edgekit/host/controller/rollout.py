@@ -43,6 +43,7 @@ from ._plan import (
     judge_quality,
     latest_figures,
     plan_settings,
+    recorded_baselines,
     wave_sizes,
 )
 from .config import RolloutSection
@@ -266,34 +267,44 @@ class RolloutEngine:
 
     def _from_status(self, rollout: RolloutRecord, targets: dict[str, TargetRecord], *,
                      back: bool) -> None:
-        """Outcomes from the devices' retained status: a device being sent back is back when
-        it serves its previous version again; a device asked to update before this engine
-        took the rollout over succeeded when it serves the new model (its outcome event may
-        have been sent while no controller listened; its status is redelivered on every
-        subscription). Otherwise an update waits for the event, sent after probation."""
+        """Outcomes from the devices' retained status, where an outcome event may have been
+        missed: for devices being sent back, and for devices asked before this engine took
+        the rollout over (their event may have been sent while no controller listened; the
+        status is redelivered on every subscription). The status' ``update`` section names
+        the last update's outcome; else a device serving the model it was asked for (the
+        previous one, when sent back) has arrived. Devices this engine asked itself wait for
+        their event, which comes after probation."""
         taken = self._driving.get(rollout.id)
         waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
         stale = [t for t in targets.values() if t.state == waiting and (
             back or (taken is not None and t.updated < taken))]
         if not stale:
             return
+        wanted = deployment_id(rollout.id, rollout.plan["token"], back=back)
         devices = {d.device: d for d in self.store.list_devices(rollout.fleet, online=True)}
         for target in stale:
             device = devices.get(target.device)
             if device is None:
                 continue
+            update = (device.status or {}).get("update")
+            step = update.get("step") if isinstance(update, dict) and \
+                update.get("deployment") == wanted else None
             if back:
                 previous = rollout.plan["previous"].get(target.device) or {}
                 arrived = device.model_version == (previous.get("version")
                                                    or target.previous_version)
-                state = TargetState.ROLLED_BACK
+                done, failed = TargetState.ROLLED_BACK, TargetState.FAILED
             else:
                 arrived = device.model_sha256 == rollout.plan["model"]["sha256"]
-                state = TargetState.SUCCEEDED
-            if arrived:
+                done, failed = TargetState.SUCCEEDED, TargetState.FAILED
+            if step in ("failed", "rolled_back") and not arrived:
+                reason = update.get("reason") if isinstance(update, dict) else None
                 targets[target.device] = self._set(
-                    rollout, target.device, state,
-                    reason="reported by its status")
+                    rollout, target.device, failed,
+                    reason=f"{reason or step} (reported by its status)")
+            elif arrived or step == "succeeded":
+                targets[target.device] = self._set(rollout, target.device, done,
+                                                   reason="reported by its status")
 
     def _failure_rate(self, rollout: RolloutRecord, targets: list[TargetRecord],
                       wave_done: bool) -> tuple[str, str, dict[str, Any]] | None:
@@ -319,7 +330,7 @@ class RolloutEngine:
         if not canary:
             return None
         plan = rollout.plan
-        baselines = self._baselines(rollout)
+        baselines = recorded_baselines(self.store, rollout.id)
         pairs: list[tuple[Figures | None, Figures | None]] = []
         for target in canary:
             if target.state != TargetState.SUCCEEDED or target.assigned_at is None:
@@ -494,17 +505,6 @@ class RolloutEngine:
     def _has_event(self, rollout: RolloutRecord, kind: str, wave: int | None = None) -> bool:
         found = self.store.list_events(rollout_id=rollout.id, kinds=[kind], limit=100)
         return any(wave is None or (e.data or {}).get("wave") == wave for e in found)
-
-    def _baselines(self, rollout: RolloutRecord) -> dict[str, Figures]:
-        """The previous model's figures of each device, as recorded when its wave began."""
-        out: dict[str, Figures] = {}
-        for event in self.store.list_events(rollout_id=rollout.id, kinds=["rollout.wave"],
-                                            limit=10_000):
-            for device, figures in ((event.data or {}).get("baseline") or {}).items():
-                if isinstance(figures, dict):
-                    out[device] = Figures(int(figures["labels"]), figures.get("accuracy"),
-                                          figures.get("f1"))
-        return out
 
 
 def _counts(targets: Iterable[TargetRecord]) -> dict[str, int]:
