@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _controller as _controller_cmds  # noqa: F401
 from . import _convert as _convert_cmds  # noqa: F401  (registers commands)
+from . import _demo as _demo_cmds  # noqa: F401
 from . import _deploy as _deploy_cmds  # noqa: F401
 from . import _doctor as _doctor_cmds  # noqa: F401
 from . import _keys as _keys_cmds  # noqa: F401

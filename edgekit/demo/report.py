@@ -67,7 +67,7 @@ def write_report(out: Path, summary: dict[str, Any], records: list[Record],
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("accuracy (10 s window)")
     ax.set_title("Accuracy per device, with phase and rollout markers")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     acc_png = _png(fig)
     plt.close(fig)
 

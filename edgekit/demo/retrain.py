@@ -18,8 +18,8 @@ import numpy as np
 from edgekit.data import load_npz
 
 
-def retrain(data: Path, out: Path, *, epochs: int = 12, seed: int = 0,
-            field_weight: int = 3) -> dict[str, float]:
+def retrain(data: Path, out: Path, *, epochs: int = 20, seed: int = 0,
+            field_weight: int = 6) -> dict[str, float]:
     """Train on base + field samples (field samples repeated ``field_weight`` times).
 
     Raises:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="recent labelled samples (.npz)")
     parser.add_argument("--current", type=Path, help="the running artifact (unused)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the .pt2")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     stats = retrain(args.data, args.out, epochs=args.epochs, seed=args.seed)

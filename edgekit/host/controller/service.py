@@ -155,17 +155,22 @@ class Controller:
         self._sync()
 
     def _sync(self, timeout: float = 10.0) -> None:
-        """Return once the broker has processed our subscriptions: it handles a client's
-        packets in order, so a message we publish after them coming back means they are in."""
+        """Return once the broker has processed our subscriptions: a marker we publish after
+        them coming back means they are in. amqtt handles a client's packets concurrently,
+        so the marker's own subscription is awaited first and the marker is published again
+        until it arrives."""
         assert self.client is not None
         marker = f"{ROOT}/_controllers/{self.id}/sync/{secrets.token_hex(4)}"
         done = threading.Event()
-        self.client.subscribe(marker, lambda _msg: done.set(), qos=1)
+        self.client.subscribe(marker, lambda _msg: done.set(), qos=1, wait=timeout)
+        deadline = time.monotonic() + timeout
         try:
-            self.client.publish(marker, b"1", qos=1)
-            if not done.wait(timeout):
-                raise EdgekitError(f"the broker at {self.client.broker} did not answer within"
-                                   f" {timeout:g} s")
+            while not done.is_set():
+                if time.monotonic() > deadline:
+                    raise EdgekitError(f"the broker at {self.client.broker} did not answer"
+                                       f" within {timeout:g} s")
+                self.client.publish(marker, b"1", qos=1)
+                done.wait(0.5)
         finally:
             self.client.unsubscribe(marker)
 
