@@ -10,18 +10,17 @@ is wrong with it; the agent does not start on a config error (exit 2).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edgekit import _typedconfig
+from edgekit._typedconfig import opt as _opt
 from edgekit.errors import ConfigError, UsageError
 from edgekit.protocol import check_id
 from edgekit.signing import load_public_key
@@ -37,16 +36,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "EDGEKIT_"
-_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number",
-               "bool": "true or false", "list": "a list of strings"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _opt(default: Any, help: str, *, path: bool = False, secret: bool = False) -> Any:
-    meta = {"help": help, "path": path, "secret": secret}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -175,30 +165,11 @@ class AgentConfig:
         return self.mqtt.client_id or f"edgekit-{self.device.fleet}-{self.device.id}"
 
     def to_dict(self, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for key in config_keys():
-            value = getattr(getattr(self, key.section), key.name)
-            if key.secret and value and mask_secrets:
-                value = "***"
-            out.setdefault(key.section, {})[key.name] = value
-        return out
+        return _typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
 
 
-@dataclass(frozen=True)
-class ConfigKey:
+class ConfigKey(_typedconfig.ConfigKey):
     """One configuration key, for error messages, docs and ``check-config --keys``."""
-
-    section: str
-    name: str
-    type: str  # str | int | float | bool | list
-    default: Any
-    help: str
-    path: bool
-    secret: bool
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.section}.{self.name}"
 
     @property
     def env(self) -> str:
@@ -207,16 +178,7 @@ class ConfigKey:
 
 def config_keys() -> list[ConfigKey]:
     """Every key of :class:`AgentConfig`, in declaration order."""
-    keys = []
-    sample = AgentConfig()
-    for section in dataclasses.fields(AgentConfig):
-        for f in dataclasses.fields(getattr(sample, section.name)):
-            default: Any = getattr(getattr(sample, section.name), f.name)
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            keys.append(ConfigKey(section.name, f.name, "list" if kind.startswith("list") else kind,
-                                  default, f.metadata["help"], f.metadata["path"],
-                                  f.metadata["secret"]))
-    return keys
+    return _typedconfig.config_keys(AgentConfig, ConfigKey)
 
 
 def load_config(
@@ -235,100 +197,20 @@ def load_config(
     keys = {k.dotted: k for k in config_keys()}
     sources: dict[str, str] = {}
     if path is not None:
-        _apply_file(cfg, Path(path), keys, sources)
+        _typedconfig.apply_file(cfg, Path(path), keys, sources, missing_hint="pass the path of"
+                                " an agent.toml, or leave --config out")
     for key in keys.values():
         raw = (os.environ if env is None else env).get(key.env)
         if raw is not None:
-            _set(cfg, key, _from_text(raw, key, f"environment variable {key.env}"), sources,
-                 f"environment variable {key.env}", None)
+            where = f"environment variable {key.env}"
+            _typedconfig.set_value(cfg, key, _typedconfig.from_text(raw, key, where), sources,
+                                   where, None)
     for dotted, value in (overrides or {}).items():
         if dotted not in keys:
             raise ConfigError(f"unknown config key {dotted}")
-        _set(cfg, keys[dotted], value, sources, "the command line", None)
+        _typedconfig.set_value(cfg, keys[dotted], value, sources, "the command line", None)
     _validate(cfg, sources)
     return cfg
-
-
-def _apply_file(cfg: AgentConfig, path: Path, keys: dict[str, ConfigKey],
-                sources: dict[str, str]) -> None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} not found",
-                          hint="pass the path of an agent.toml, or leave --config out") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    sections = {k.section for k in keys.values()}
-    for section, table in doc.items():
-        if section not in sections:
-            raise ConfigError(f"{path}: unknown section [{section}]" + _suggest(section, sections),
-                              hint=f"known sections: {', '.join(sorted(sections))}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: {section} must be a table ([{section}])")
-        for name, value in table.items():
-            dotted = f"{section}.{name}"
-            if dotted not in keys:
-                names = [k.name for k in keys.values() if k.section == section]
-                raise ConfigError(f"{path}: unknown key {dotted}" + _suggest(name, names),
-                                  hint=f"keys of [{section}]: {', '.join(names)}")
-            _set(cfg, keys[dotted], value, sources, f"{path}", path.parent)
-
-
-def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _from_text(raw: str, key: ConfigKey, where: str) -> Any:
-    text = raw.strip()
-    try:
-        if key.type == "bool":
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(text)
-        if key.type == "int":
-            return int(text)
-        if key.type == "float":
-            return float(text)
-    except ValueError as exc:
-        raise ConfigError(f"config {key.dotted} (from {where}): {raw!r} is not"
-                          f" {_TYPE_WORDS[key.type]}") from exc
-    if key.type == "list":
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return raw
-
-
-def _set(cfg: AgentConfig, key: ConfigKey, value: Any, sources: dict[str, str], where: str,
-         base: Path | None) -> None:
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }[key.type]
-    if not ok:
-        raise ConfigError(
-            f"config {key.dotted} (from {where}): expected {_TYPE_WORDS[key.type]}, found"
-            f" {type(value).__name__} {value!r}"
-        )
-    if key.type == "float":
-        value = float(value)
-    if key.path and base is not None:
-        # Relative paths in a file are relative to the file, as a reader of the file expects.
-        if isinstance(value, list):
-            value = [str(base / v) if v and not Path(v).is_absolute() else v for v in value]
-        elif value and not Path(value).is_absolute():
-            value = str(base / value)
-    setattr(getattr(cfg, key.section), key.name, value)
-    sources[key.dotted] = where
 
 
 # --------------------------------------------------------------------------- validation
@@ -431,7 +313,7 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         missing = "mqtt.key_file" if cfg.mqtt.cert_file else "mqtt.cert_file"
         raise fail(missing, "a client certificate needs both cert_file and key_file")
     for name in tls_files:
-        _check_file(fail, f"mqtt.{name}", getattr(cfg.mqtt, name))
+        _typedconfig.check_file(fail, f"mqtt.{name}", getattr(cfg.mqtt, name))
     if not 5 <= cfg.mqtt.keepalive_s <= 3600:
         raise fail("mqtt.keepalive_s", f"{cfg.mqtt.keepalive_s} is outside 5..3600 seconds")
     if cfg.mqtt.reconnect_min_s <= 0:
@@ -443,7 +325,7 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
     if not cfg.model.dir:
         raise fail("model.dir", "must name a folder")
     if cfg.model.package:
-        _check_file(fail, "model.package", cfg.model.package)
+        _typedconfig.check_file(fail, "model.package", cfg.model.package)
     for i, key_path in enumerate(cfg.model.trusted_keys):
         try:
             load_public_key(key_path)
@@ -492,11 +374,3 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         if not match or int(match.group(2)) > 65535:
             raise fail("http.listen", f"{cfg.http.listen!r} is not HOST:PORT",
                        "for example 127.0.0.1:8080 (port 0 picks a free port)")
-
-
-def _check_file(fail: Any, dotted: str, value: str) -> None:
-    p = Path(value)
-    if not p.is_file():
-        raise fail(dotted, f"file {value} not found")
-    if not os.access(p, os.R_OK):
-        raise fail(dotted, f"file {value} is not readable by this user")

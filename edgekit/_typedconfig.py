@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ConfigKey",
+    "Setter",
     "apply_file",
     "check_file",
     "config_keys",

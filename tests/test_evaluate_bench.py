@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from sklearn import metrics as skm
 from zoo import digits
+from zoo.commands import cli_json, run_cli
 
 from converters import ConvertOptions, convert
 from converters.evaluate import evaluate, package_predictor, run_model
 from edgekit.artifact import open_package
-from edgekit.cli import cli
 from edgekit.data import Dataset
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _json(result: Result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +68,14 @@ def test_source_and_package_give_the_same_report(work: dict[str, Path]) -> None:
     onnx_pred = run_model(predict, Dataset({"x": xe}, None, "eval"))["output"].argmax(1)
     np.testing.assert_array_equal(torch_pred, onnx_pred)
 
-    source = _json(_run("evaluate", work["pt2"], "--data", work["eval"], "--json"))
-    package = _json(_run("evaluate", work["onnx"], "--data", work["eval"], "--json"))
+    source = cli_json(run_cli("evaluate", work["pt2"], "--data", work["eval"], "--json"))
+    package = cli_json(run_cli("evaluate", work["onnx"], "--data", work["eval"], "--json"))
     assert source["kind"] == "pytorch" and package["kind"] == "package"
     _check_report(source, ye, torch_pred)
     for key in ("accuracy", "precision", "recall", "f1", "confusion", "per_class", "count"):
         assert source[key] == package[key], key
     # A fixed-batch package runs one sample per call, padding nothing away.
-    fixed = _json(_run("evaluate", work["fixed"], "--data", work["eval"], "--json"))
+    fixed = cli_json(run_cli("evaluate", work["fixed"], "--data", work["eval"], "--json"))
     assert fixed["confusion"] == package["confusion"]
 
 
@@ -99,7 +88,7 @@ def test_onnx_source_and_tflite_package_are_scored_the_same_way(work: dict[str, 
     assert as_onnx.kind == "onnx"
     assert as_onnx.to_dict()["confusion"] == evaluate(work["onnx"], work["eval"]).to_dict()[
         "confusion"]
-    lite = _json(_run("evaluate", work["tflite"], "--data", work["eval"], "--json"))
+    lite = cli_json(run_cli("evaluate", work["tflite"], "--data", work["eval"], "--json"))
     predict, manifest = package_predictor(work["tflite"])
     assert manifest.target["runtime"] == "litert"
     lite_pred = run_model(predict, Dataset({"x": xe}, None, "eval"))["output"].argmax(1)
@@ -113,14 +102,14 @@ def test_keras_source(tmp_path: Path, work: dict[str, Path]) -> None:
                               keras.layers.Dense(10)])
     path = tmp_path / "dense.keras"
     model.save(path)
-    doc = _json(_run("evaluate", path, "--data", work["eval"], "--json"))
+    doc = cli_json(run_cli("evaluate", path, "--data", work["eval"], "--json"))
     assert doc["kind"] == "keras"
     _check_report(doc, ye, np.asarray(model.predict(xe, verbose=0)).argmax(1))
 
 
 def test_regression_report(work: dict[str, Path]) -> None:
     _, _, xe, ye = digits.digits_split()
-    doc = _json(_run("evaluate", work["reg"], "--data", work["reg_eval"], "--json"))
+    doc = cli_json(run_cli("evaluate", work["reg"], "--data", work["reg_eval"], "--json"))
     assert doc["task"] == "regression"
     predict, _ = package_predictor(work["reg"])
     out = run_model(predict, Dataset({"input": xe}, None, "eval"))
@@ -132,14 +121,14 @@ def test_regression_report(work: dict[str, Path]) -> None:
 
 
 def test_human_report_lists_classes_and_confusion(work: dict[str, Path]) -> None:
-    result = _run("evaluate", work["onnx"], "--data", work["eval"])
+    result = run_cli("evaluate", work["onnx"], "--data", work["eval"])
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output and "confusion (rows: true" in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("    ")]) == 10
 
 
 def test_evaluate_needs_labels(work: dict[str, Path]) -> None:
-    result = _run("evaluate", work["onnx"], "--data", work["unlabelled"])
+    result = run_cli("evaluate", work["onnx"], "--data", work["unlabelled"])
     assert result.exit_code == 1
     assert "has no labels" in result.output and "hint:" in result.output
 
@@ -147,15 +136,15 @@ def test_evaluate_needs_labels(work: dict[str, Path]) -> None:
 def test_evaluate_names_a_mismatching_input(work: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((4, 3, 8, 8), np.float32), y=np.zeros(4, np.int64))
-    result = _run("evaluate", work["onnx"], "--data", bad)
+    result = run_cli("evaluate", work["onnx"], "--data", bad)
     assert result.exit_code == 1
     assert "input 'x'" in result.output and "[batch, 1, 8, 8]" in result.output
 
 
 @pytest.mark.parametrize("tag", ["onnx", "tflite"])
 def test_bench_reports_every_figure(work: dict[str, Path], tag: str) -> None:
-    doc = _json(_run("bench", work[tag], "--threads", "1", "--batch", "4", "--runs", "20",
-                     "--warmup", "3", "--json"))
+    doc = cli_json(run_cli("bench", work[tag], "--threads", "1", "--batch", "4", "--runs", "20",
+                           "--warmup", "3", "--json"))
     assert doc["runtime"] == ("onnxruntime" if tag == "onnx" else "litert")
     assert (doc["threads"], doc["batch"], doc["inputs"]) == (1, 4, "golden samples")
     lat = doc["latency"]
@@ -171,7 +160,7 @@ def test_bench_reports_every_figure(work: dict[str, Path], tag: str) -> None:
 
 
 def test_bench_with_data_and_human_output(work: dict[str, Path]) -> None:
-    result = _run("bench", work["onnx"], "--data", work["eval"], "--runs", "5")
+    result = run_cli("bench", work["onnx"], "--data", work["eval"], "--runs", "5")
     assert result.exit_code == 0, result.output
     assert f"inputs: {work['eval']}" in result.output
     for word in ("load", "first run", "warm-up", "latency p99", "throughput", "memory"):
@@ -179,10 +168,10 @@ def test_bench_with_data_and_human_output(work: dict[str, Path]) -> None:
 
 
 def test_bench_bad_input(work: dict[str, Path], tmp_path: Path) -> None:
-    fixed = _run("bench", work["fixed"], "--batch", "2")
+    fixed = run_cli("bench", work["fixed"], "--batch", "2")
     assert fixed.exit_code == 2 and "fixed batch of 1" in fixed.output
     broken = tmp_path / "broken.edgepkg"
     broken.write_bytes(b"not a zip")
-    result = _run("bench", broken)
+    result = run_cli("bench", broken)
     assert result.exit_code == 1 and "error:" in result.output
-    assert _run("bench", work["onnx"], "--runs", "0").exit_code == 2
+    assert run_cli("bench", work["onnx"], "--runs", "0").exit_code == 2

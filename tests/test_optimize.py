@@ -6,28 +6,17 @@ collapses its accuracy, while keeping its last two layers in float restores it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from zoo import digits
+from zoo.commands import cli_json, run_cli
 
 from converters.compress import Recipe, all_recipes, optimize
 from converters.evaluate import evaluate
 from edgekit.artifact import open_package, verify_package
-from edgekit.cli import cli
 from edgekit.signing import generate_keypair, load_public_key
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _json(result: Result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +35,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_full_onnx_set_keeps_just_the_sensitive_nodes_in_float(work: dict[str, Path]) -> None:
     out = work["folder"] / "outlier-best.edgepkg"
-    doc = _json(_run("optimize", work["outlier"], "--eval", work["eval"], "--calibration",
-                     work["calib"], "--metric", "accuracy", "--max-drop", "0.01",
-                     "--objective", "size", "--latency-runs", "10", "-o", out, "--json"))
+    doc = cli_json(run_cli("optimize", work["outlier"], "--eval", work["eval"], "--calibration",
+                           work["calib"], "--metric", "accuracy", "--max-drop", "0.01",
+                           "--objective", "size", "--latency-runs", "10", "-o", out, "--json"))
     rows = {r["name"]: r for r in doc["candidates"]}
     plain = [r.name for r in all_recipes(("onnx",))]
     assert list(rows)[: len(plain)] == plain
@@ -88,9 +77,9 @@ def test_full_onnx_set_keeps_just_the_sensitive_nodes_in_float(work: dict[str, P
 def test_quick_set_on_both_targets_picks_the_fastest_within_budget(work: dict[str, Path]
                                                                    ) -> None:
     out = work["folder"] / "student-best.edgepkg"
-    result = _run("optimize", work["student"], "--eval", work["eval"], "--quick",
-                  "--target", "both", "--max-drop", "0.02", "--latency-runs", "10",
-                  "-o", out)
+    result = run_cli("optimize", work["student"], "--eval", work["eval"], "--quick",
+                     "--target", "both", "--max-drop", "0.02", "--latency-runs", "10",
+                     "-o", out)
     assert result.exit_code == 0, result.output
     assert "candidate" in result.stdout and "reason:" in result.stdout
     record = open_package(out).manifest.extra["optimize"]
@@ -112,10 +101,10 @@ def test_cosine_scores_agreement_without_labels(work: dict[str, Path],
                                                tmp_path: Path) -> None:
     out = work["folder"] / "cosine.edgepkg"
     keys = generate_keypair(tmp_path / "signing")
-    doc = _json(_run("optimize", work["student"], "--eval", work["unlabelled"], "--metric",
-                     "cosine", "--max-drop", "0.01", "--candidates",
-                     "fp32,fp16,dynamic-per-tensor", "--latency-runs", "5", "--no-plot",
-                     "--sign-key", keys.private_path, "-o", out, "--json"))
+    doc = cli_json(run_cli("optimize", work["student"], "--eval", work["unlabelled"], "--metric",
+                           "cosine", "--max-drop", "0.01", "--candidates",
+                           "fp32,fp16,dynamic-per-tensor", "--latency-runs", "5", "--no-plot",
+                           "--sign-key", keys.private_path, "-o", out, "--json"))
     # The re-packaged artifact carries a valid signature over the optimize record too.
     assert verify_package(out, [load_public_key(keys.public_path)]).key_id == keys.key_id
     assert "optimize" in open_package(out).manifest.extra
@@ -159,15 +148,15 @@ def test_bad_input_writes_nothing(work: dict[str, Path], tmp_path: Path, extra: 
     args = ["optimize", work["outlier"], "--eval", work["eval"], "--latency-runs", "3",
             "-o", out]
     args += [str(work["unlabelled"]) if a == "UNLABELLED" else a for a in extra]
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.exit_code == code, result.output
     assert needle in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_budget_miss_error_carries_the_table(work: dict[str, Path], tmp_path: Path) -> None:
-    result = _run("optimize", work["outlier"], "--eval", work["eval"], "--candidates",
-                  "dynamic-per-channel", "--latency-runs", "3", "-o", tmp_path / "x.edgepkg")
+    result = run_cli("optimize", work["outlier"], "--eval", work["eval"], "--candidates",
+                     "dynamic-per-channel", "--latency-runs", "3", "-o", tmp_path / "x.edgepkg")
     assert result.exit_code == 1
     assert "onnx:dynamic-per-channel" in result.output and "MISS" in result.output
     assert "no static ONNX int8 candidate" in result.output

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from zoo import digits
+from zoo.commands import cli_json, run_cli
 
 from converters.compress import distill, prune
 from converters.compress._channels import plan_groups
 from edgekit.artifact import open_package
-from edgekit.cli import cli
 from edgekit.errors import ConversionError
 
 STUDENT = f"{digits.__name__}:student"
-
-
-def _run(*args: str) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _json(result: Result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +41,9 @@ def _model_bytes(package: Path) -> int:
 
 def test_distilled_student_is_small_and_keeps_the_accuracy(work: dict[str, Path]) -> None:
     out = work["folder"] / "student.pt2"
-    doc = _json(_run("distill", "--teacher", work["teacher"], "--student", STUDENT,
-                     "--data", work["train"], "--eval", work["eval"], "--temperature", "4",
-                     "--alpha", "0.7", "--epochs", "15", "--seed", "0", "-o", out, "--json"))
+    doc = cli_json(run_cli("distill", "--teacher", work["teacher"], "--student", STUDENT,
+                           "--data", work["train"], "--eval", work["eval"], "--temperature", "4",
+                           "--alpha", "0.7", "--epochs", "15", "--seed", "0", "-o", out, "--json"))
     teacher, student = doc["teacher"], doc["student"]
     assert teacher["parameters"] >= 4 * student["parameters"]
     assert doc["parameter_ratio"] == pytest.approx(teacher["parameters"] / student["parameters"])
@@ -65,15 +54,15 @@ def test_distilled_student_is_small_and_keeps_the_accuracy(work: dict[str, Path]
 
     # The student feeds convert, and its package scores what distill reported.
     pkg = work["folder"] / "student.edgepkg"
-    assert _run("convert", out, "--to", "onnx", "--eval", work["eval"], "-o", pkg).exit_code == 0
-    scored = _json(_run("evaluate", pkg, "--data", work["eval"], "--json"))
+    assert run_cli("convert", out, "--to", "onnx", "--eval", work["eval"], "-o", pkg).exit_code == 0
+    scored = cli_json(run_cli("evaluate", pkg, "--data", work["eval"], "--json"))
     assert scored["accuracy"] == pytest.approx(student["accuracy"], abs=1 / 360 + 1e-9)
 
     # And it feeds optimize.
     best = work["folder"] / "student-best.edgepkg"
-    opt = _json(_run("optimize", out, "--eval", work["eval"], "--candidates",
-                     "fp32,dynamic-per-channel", "--latency-runs", "5", "--no-plot", "-o", best,
-                     "--json"))
+    opt = cli_json(run_cli("optimize", out, "--eval", work["eval"], "--candidates",
+                           "fp32,dynamic-per-channel", "--latency-runs", "5", "--no-plot",
+                           "-o", best, "--json"))
     assert opt["chosen"] in {"onnx:fp32", "onnx:dynamic-per-channel"} and best.exists()
 
 
@@ -94,9 +83,9 @@ def test_distillation_is_deterministic_for_a_seed(work: dict[str, Path],
 def test_structured_pruning_removes_channels_and_shrinks_the_artifact(
         work: dict[str, Path]) -> None:
     out = work["folder"] / "pruned.pt2"
-    doc = _json(_run("prune", work["teacher"], "--sparsity", "0.5", "--structured",
-                     "--finetune", work["train"], "--epochs", "2", "--eval", work["eval"],
-                     "-o", out, "--json"))
+    doc = cli_json(run_cli("prune", work["teacher"], "--sparsity", "0.5", "--structured",
+                           "--finetune", work["train"], "--epochs", "2", "--eval", work["eval"],
+                           "-o", out, "--json"))
     before, after = doc["before"], doc["after"]
     assert after["parameters"] < 0.5 * before["parameters"]
     assert after["program_bytes"] < before["program_bytes"]
@@ -113,8 +102,8 @@ def test_structured_pruning_removes_channels_and_shrinks_the_artifact(
     packages = {}
     for tag, source in (("full", work["teacher"]), ("pruned", out)):
         packages[tag] = work["folder"] / f"{tag}.edgepkg"
-        result = _run("convert", source, "--to", "onnx", "--eval", work["eval"],
-                      "-o", packages[tag])
+        result = run_cli("convert", source, "--to", "onnx", "--eval", work["eval"],
+                         "-o", packages[tag])
         assert result.exit_code == 0, result.output
     assert _model_bytes(packages["pruned"]) < 0.5 * _model_bytes(packages["full"])
 
@@ -188,8 +177,8 @@ def test_distill_bad_input(work: dict[str, Path], tmp_path: Path, args: list[str
     if "--data-unlabelled" in args:
         args = [a for a in args if a != "--data-unlabelled"]
         data = work["unlabelled"]
-    result = _run("distill", "--teacher", work["teacher"], "--data", data, "--epochs", "1",
-                  "-o", out, *args)
+    result = run_cli("distill", "--teacher", work["teacher"], "--data", data, "--epochs", "1",
+                     "-o", out, *args)
     assert result.exit_code == code, result.output
     assert needle in result.output
     assert not out.exists()
@@ -208,7 +197,7 @@ def test_prune_bad_input(work: dict[str, Path], tmp_path: Path, args: list[str],
                          needle: str) -> None:
     out = tmp_path / "pruned.pt2"
     args = [str(work["unlabelled"]) if a == "UNLABELLED" else a for a in args]
-    result = _run("prune", work["teacher"], "-o", out, *args)
+    result = run_cli("prune", work["teacher"], "-o", out, *args)
     assert result.exit_code == code, result.output
     assert needle in result.output
     assert not out.exists()
@@ -216,35 +205,35 @@ def test_prune_bad_input(work: dict[str, Path], tmp_path: Path, args: list[str],
 
 def test_prune_refuses_a_model_that_is_not_pytorch(work: dict[str, Path],
                                                    tmp_path: Path) -> None:
-    converted = _run("convert", work["teacher"], "--to", "onnx", "--eval", work["eval"],
-                     "-o", tmp_path / "t.edgepkg")
+    converted = run_cli("convert", work["teacher"], "--to", "onnx", "--eval", work["eval"],
+                        "-o", tmp_path / "t.edgepkg")
     assert converted.exit_code == 0, converted.output
     onnx_path = tmp_path / "m.onnx"
     onnx_path.write_bytes(open_package(tmp_path / "t.edgepkg").model_bytes())
     out = tmp_path / "pruned.pt2"
-    result = _run("prune", onnx_path, "--sparsity", "0.5", "--eval", work["eval"], "-o", out)
+    result = run_cli("prune", onnx_path, "--sparsity", "0.5", "--eval", work["eval"], "-o", out)
     assert result.exit_code == 2, result.output
     assert "takes PyTorch models" in result.output
     assert not out.exists()
 
 
 def test_human_reports(work: dict[str, Path], tmp_path: Path) -> None:
-    pruned = _run("prune", work["teacher"], "--sparsity", "0.3", "--eval", work["eval"],
-                  "-o", tmp_path / "p.pt2")
+    pruned = run_cli("prune", work["teacher"], "--sparsity", "0.3", "--eval", work["eval"],
+                     "-o", tmp_path / "p.pt2")
     assert pruned.exit_code == 0, pruned.output
     for word in ("unstructured pruning at sparsity 0.3", "parameters", ".pt2 size",
                  "latency p50", "accuracy", "weights zero", "wrote"):
         assert word in pruned.output
-    distilled = _run("distill", "--teacher", work["teacher"], "--student", STUDENT,
-                     "--data", work["train"], "--epochs", "1", "-o", tmp_path / "s.pt2")
+    distilled = run_cli("distill", "--teacher", work["teacher"], "--student", STUDENT,
+                        "--data", work["train"], "--epochs", "1", "-o", tmp_path / "s.pt2")
     assert distilled.exit_code == 0, distilled.output
     for word in ("teacher", "student", "x fewer", "latency p50", "accuracy", "wrote"):
         assert word in distilled.output
 
 
 def test_an_onnx_teacher_works_too(work: dict[str, Path], tmp_path: Path) -> None:
-    converted = _run("convert", work["teacher"], "--to", "onnx", "--eval", work["eval"],
-                     "-o", tmp_path / "t.edgepkg")
+    converted = run_cli("convert", work["teacher"], "--to", "onnx", "--eval", work["eval"],
+                        "-o", tmp_path / "t.edgepkg")
     assert converted.exit_code == 0, converted.output
     onnx_teacher = tmp_path / "teacher.onnx"
     onnx_teacher.write_bytes(open_package(tmp_path / "t.edgepkg").model_bytes())

@@ -10,18 +10,18 @@ from; the controller does not start on a config error.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
 import socket
-import tomllib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ... import _typedconfig
+from ..._typedconfig import ConfigKey
+from ..._typedconfig import opt as _opt
 from ...errors import ConfigError, UsageError
 from ...protocol import check_id
 
@@ -42,8 +42,6 @@ __all__ = [
     "to_toml",
 ]
 
-_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number",
-               "bool": "true or false", "list": "a list of strings"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _METRICS = ("accuracy", "f1")
 _STRATEGIES = ("registry-then-retrain", "registry", "retrain")
@@ -51,13 +49,6 @@ _SHIFT_MEASURES = ("tv", "psi")
 _LABEL_TIMEOUT_ACTIONS = ("continue", "abort")
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CANARY_RE = re.compile(r"^(\d+(?:\.\d+)?)(%?)$")
-
-
-def _opt(default: Any, help: str, *, path: bool = False, secret: bool = False) -> Any:
-    meta = {"help": help, "path": path, "secret": secret}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -225,45 +216,12 @@ class ControllerConfig:
         return self.mqtt.share_group or None
 
     def to_dict(self, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for key in config_keys():
-            value = getattr(getattr(self, key.section), key.name)
-            if key.secret and value and mask_secrets:
-                value = "***"
-            out.setdefault(key.section, {})[key.name] = value
-        return out
-
-
-@dataclass(frozen=True)
-class ConfigKey:
-    """One configuration key, for error messages, docs and ``check-config --keys``."""
-
-    section: str
-    name: str
-    type: str  # str | int | float | bool | list
-    default: Any
-    help: str
-    path: bool
-    secret: bool
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.section}.{self.name}"
+        return _typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
 
 
 def config_keys() -> list[ConfigKey]:
     """Every key of :class:`ControllerConfig`, in declaration order."""
-    keys = []
-    sample = ControllerConfig()
-    for section in dataclasses.fields(ControllerConfig):
-        part = getattr(sample, section.name)
-        for f in dataclasses.fields(part):
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            keys.append(ConfigKey(section.name, f.name,
-                                  "list" if kind.startswith("list") else kind,
-                                  getattr(part, f.name), f.metadata["help"], f.metadata["path"],
-                                  f.metadata["secret"]))
-    return keys
+    return _typedconfig.config_keys(ControllerConfig, ConfigKey)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
@@ -278,10 +236,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     keys = {k.dotted: k for k in config_keys()}
     sources: dict[str, str] = {}
     if path is not None:
-        _apply_file(cfg, Path(path), keys, sources)
+        _typedconfig.apply_file(cfg, Path(path), keys, sources,
+                                missing_hint="pass the path of a controller.toml", setter=_set)
     for dotted, value in (overrides or {}).items():
         if dotted not in keys:
-            raise ConfigError(f"unknown config key {dotted}" + _suggest(dotted, keys),
+            raise ConfigError(f"unknown config key {dotted}" + _typedconfig.suggest(dotted, keys),
                               hint="see `edgekit controller check-config --keys`")
         _set(cfg, keys[dotted], value, sources, "the command line", None)
     _validate(cfg, sources)
@@ -330,65 +289,11 @@ def _toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
-def _apply_file(cfg: ControllerConfig, path: Path, keys: dict[str, ConfigKey],
-                sources: dict[str, str]) -> None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} not found",
-                          hint="pass the path of a controller.toml") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    sections = {k.section for k in keys.values()}
-    for section, table in doc.items():
-        if section not in sections:
-            raise ConfigError(f"{path}: unknown section [{section}]"
-                              + _suggest(section, sections),
-                              hint=f"known sections: {', '.join(sorted(sections))}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: {section} must be a table ([{section}])")
-        for name, value in table.items():
-            dotted = f"{section}.{name}"
-            if dotted not in keys:
-                names = [k.name for k in keys.values() if k.section == section]
-                raise ConfigError(f"{path}: unknown key {dotted}" + _suggest(name, names),
-                                  hint=f"keys of [{section}]: {', '.join(names)}")
-            _set(cfg, keys[dotted], value, sources, str(path), path.parent)
-
-
-def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _set(cfg: ControllerConfig, key: ConfigKey, value: Any, sources: dict[str, str],
          where: str, base: Path | None) -> None:
     if key.dotted == "rollout.canary" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # `canary = 2` in TOML means the count 2
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }[key.type]
-    if not ok:
-        raise ConfigError(f"config {key.dotted} (from {where}): expected"
-                          f" {_TYPE_WORDS[key.type]}, found {type(value).__name__} {value!r}")
-    if key.type == "float":
-        value = float(value)
-    if key.path and base is not None:
-        # Relative paths in a file are relative to the file, as its reader expects.
-        if isinstance(value, list):
-            value = [str(base / v) if v and not Path(v).is_absolute() else v for v in value]
-        elif value and not Path(value).expanduser().is_absolute():
-            value = str(base / value)
-    setattr(getattr(cfg, key.section), key.name, value)
-    sources[key.dotted] = where
+    _typedconfig.set_value(cfg, key, value, sources, where, base, expand_user=True)
 
 
 def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
@@ -505,8 +410,4 @@ def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
 
 
 def _check_file(fail: Any, dotted: str, value: str) -> None:
-    p = Path(value).expanduser()
-    if not p.is_file():
-        raise fail(dotted, f"file {value} not found")
-    if not os.access(p, os.R_OK):
-        raise fail(dotted, f"file {value} is not readable by this user")
+    _typedconfig.check_file(fail, dotted, value, expand_user=True)
