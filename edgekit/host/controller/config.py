@@ -298,8 +298,9 @@ def _set(cfg: ControllerConfig, key: ConfigKey, value: Any, sources: dict[str, s
 
 def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
     def fail(dotted: str, problem: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(f"config {dotted} (from {sources.get(dotted, 'the default')}):"
-                           f" {problem}", hint=hint)
+        # A list item ("controller.fleets[0]") came from wherever its list came from.
+        origin = sources.get(dotted) or sources.get(dotted.split("[", 1)[0], "the default")
+        return ConfigError(f"config {dotted} (from {origin}): {problem}", hint=hint)
 
     c = cfg.controller
     if not c.id:
