@@ -266,3 +266,26 @@ def test_in_memory_program_and_script_module(kind: str, tmp_path: Path) -> None:
     assert m.source["kind"] == kind and m.source["sha256"] is None
     assert m.inputs[0].name == "x" and m.inputs[0].shape[0] == "batch"
     assert res.passed and m.metrics["parity"]["max_abs_error"] < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dynamic_program_exported_with_fixed_batch_when_asked(tmp_path, exporter: str) -> None:
+    """A .pt2 with a symbolic batch and dynamic_batch=False gives a fixed batch with either
+    exporter (the choice between them is made by timing, so both must agree)."""
+    import numpy as np
+    import torch
+
+    from converters import ConvertOptions, convert
+    from edgekit.data import Dataset
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "dyn.pt2")
+    data = Dataset({"x": np.random.default_rng(0).random((8, 1, 8, 8), np.float32)}, None, "d")
+    fixed = convert(tmp_path / "dyn.pt2", ConvertOptions(dynamic_batch=False, exporter=exporter),
+                    output=None, eval_data=data)
+    assert fixed.manifest.inputs[0].shape == [1, 1, 8, 8] and fixed.passed
+    dynamic = convert(tmp_path / "dyn.pt2", ConvertOptions(exporter=exporter), output=None,
+                      eval_data=data)
+    assert dynamic.manifest.inputs[0].shape == ["batch", 1, 8, 8] and dynamic.passed

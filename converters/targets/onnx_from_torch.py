@@ -116,8 +116,11 @@ def _export_dynamo(source: Any, opts: ConvertOptions) -> bytes:
 
     args = source.example_args
     shapes = None
-    model = source.program if source.program is not None else source.module
-    if source.program is None and source.dynamic_batch:
+    # A program carries its own dynamic dims; without a dynamic batch its module is traced
+    # at the example's batch instead, so both exporters give the same fixed shapes.
+    use_program = source.program is not None and source.dynamic_batch
+    model = source.program if use_program else source.module
+    if not use_program and source.dynamic_batch:
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} for _ in args)
         # A batch of 1 would be specialised to a constant; trace with 2.
