@@ -80,7 +80,6 @@ class SourceLoader(ABC):
     """Recognises and loads one kind of source."""
 
     KEY: ClassVar[str]
-    FRAMEWORK: ClassVar[str]
 
     @classmethod
     @abstractmethod

@@ -116,9 +116,6 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (in paho's thread: keep it
         short). Subscriptions are made again on every reconnect."""

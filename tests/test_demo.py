@@ -34,3 +34,34 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "policy.fired" in page
+
+
+def test_demo_refuses_an_unreachable_broker_before_starting_anything(tmp_path: Path) -> None:
+    from mqtt_broker import free_port
+
+    out = tmp_path / "demo"
+    for broker, message in ((f"mqtt://127.0.0.1:{free_port()}", "no MQTT broker answers"),
+                            ("http://127.0.0.1:1883", "is not an mqtt:// or mqtts:// URL")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgekit.cli", "demo", "--out", str(out), "--broker", broker],
+            capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+        assert not (out / "work" / "controller.toml").exists()
+        assert not (out / "summary.json").exists()
+
+
+def test_retrain_command_refuses_unlabelled_data(tmp_path: Path) -> None:
+    import numpy as np
+
+    from edgekit.data import save_npz
+
+    data = tmp_path / "recent.npz"
+    save_npz(data, {"x": np.zeros((4, 1, 8, 8), np.float32)})
+    out = tmp_path / "candidate.pt2"
+    proc = subprocess.run([sys.executable, "-m", "edgekit.demo.retrain", "--data", str(data),
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "has no labels" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("candidate.pt2*"))

@@ -275,7 +275,6 @@ class KerasFileLoader(SourceLoader):
     """A Keras 3 ``.keras`` file (or a legacy ``.h5``)."""
 
     KEY: ClassVar[str] = "keras_file"
-    FRAMEWORK: ClassVar[str] = "keras"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
@@ -319,7 +318,6 @@ class SavedModelLoader(SourceLoader):
     """
 
     KEY: ClassVar[str] = "saved_model"
-    FRAMEWORK: ClassVar[str] = "keras"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
@@ -380,7 +378,6 @@ class KerasObjectLoader(SourceLoader):
     """An in-memory ``keras.Model`` passed to :func:`converters.convert`."""
 
     KEY: ClassVar[str] = "keras_object"
-    FRAMEWORK: ClassVar[str] = "keras"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:

@@ -77,7 +77,6 @@ class OnnxLoader(SourceLoader):
     """An ``.onnx`` file, with its external data if it has any."""
 
     KEY: ClassVar[str] = "onnx"
-    FRAMEWORK: ClassVar[str] = "onnx"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:

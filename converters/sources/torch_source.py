@@ -123,7 +123,6 @@ class TorchExportLoader(SourceLoader):
     """A ``torch.export`` program saved with ``torch.export.save`` (``.pt2``)."""
 
     KEY: ClassVar[str] = "torch-export"
-    FRAMEWORK: ClassVar[str] = "pytorch"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
@@ -152,7 +151,6 @@ class TorchScriptLoader(SourceLoader):
     """A TorchScript file (``torch.jit.save``); a state_dict here gets a clear error."""
 
     KEY: ClassVar[str] = "torchscript"
-    FRAMEWORK: ClassVar[str] = "pytorch"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
@@ -175,7 +173,6 @@ class TorchFactoryLoader(SourceLoader):
     """``package.module:factory`` returning an ``nn.Module``, plus optional state_dict weights."""
 
     KEY: ClassVar[str] = "torch-factory"
-    FRAMEWORK: ClassVar[str] = "pytorch"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:
@@ -216,7 +213,6 @@ class TorchModuleLoader(SourceLoader):
     :func:`converters.convert`."""
 
     KEY: ClassVar[str] = "torch-module"
-    FRAMEWORK: ClassVar[str] = "pytorch"
 
     @classmethod
     def accepts(cls, ref: SourceRef) -> bool:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -22,11 +22,15 @@ class EdgekitClickError(click.ClickException):
     @classmethod
     def wrap(cls, error: EdgekitError) -> EdgekitClickError:
         """An instance whose class carries the error's exit code (click reads it there)."""
-        sub = type(f"EdgekitExit{error.exit_code}", (cls,), {"exit_code": error.exit_code})
-        return sub(error)
+        return _exit_class(error.exit_code)(error)
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.error.format()}", err=True)
+
+
+@functools.cache
+def _exit_class(code: int) -> type[EdgekitClickError]:
+    return type(f"EdgekitExit{code}", (EdgekitClickError,), {"exit_code": code})
 
 
 class EdgekitGroup(click.Group):
@@ -57,11 +61,6 @@ def cli() -> None:
 def emit_json(data: Any) -> None:
     """Write a JSON document to stdout (the stable ``--json`` output)."""
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def progress_printer(quiet: bool = False) -> Any:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from ..artifact import open_package
-from ..errors import UsageError
 from ..signing import load_private_key
 from ._app import cli, emit_json, progress_printer
 
@@ -148,8 +146,6 @@ def inspect(package: str, as_json: bool) -> None:
         doc["signature"] = pkg.signature
         emit_json(doc)
         return
-    if not Path(package).exists():
-        raise UsageError(f"{package} not found")
     click.echo(f"{m.name} {m.version}  ({m.task}, {m.target['format']} for {m.target.get('runtime')})")
     click.echo(f"created {m.created} from {m.source.get('framework')} {m.source.get('reference', '')}")
     click.echo(f"recipe: {m.recipe}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.data import load_npz
+from edgekit.errors import EdgekitError
 
 
 def retrain(data: Path, out: Path, *, epochs: int = 20, seed: int = 0,
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    stats = retrain(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    try:
+        stats = retrain(args.data, args.out, epochs=args.epochs, seed=args.seed)
+    except EdgekitError as exc:
+        print(f"error: {exc.format()}", file=sys.stderr)
+        return exc.exit_code
     print(f"retrained on {int(stats['base_samples'])} base + {int(stats['field_samples'])} field"
           f" samples; field train accuracy {stats['field_train_accuracy']:.3f}")
     return 0

@@ -13,17 +13,19 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import EdgekitError
+from ..errors import EdgekitError, UsageError
 from .broker import EmbeddedBroker, free_port
 from .report import accuracy_by_phase, write_report
 from .traffic import Phase, TrafficGenerator
@@ -45,7 +47,6 @@ class DemoOptions:
     drift_timeout_s: float = 240.0
     seed: int = 0
     echo: Callable[[str], None] = print
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 class _Clock:
@@ -57,7 +58,7 @@ class _Clock:
         self.echo(f"[{time.time() - self.t0:6.1f}s] {text}")
 
 
-def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> tuple[Path, Path]:
+def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
     import torch
 
     from converters import ConvertOptions, convert
@@ -85,7 +86,7 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> tuple[Path,
     acc = res.report["accuracy"]["artifact"]["accuracy"]
     clock.say(f"packaged {MODEL} 1.0.0: accuracy {acc:.3f} on {res.report['accuracy']['samples']}"
               f" held-out digits, parity {'ok' if res.passed else 'FAILED'}")
-    return out, data["eval"]
+    return out
 
 
 def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Path) -> Path:
@@ -113,6 +114,25 @@ def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Pat
     path = work / "controller.toml"
     path.write_text(to_toml(cfg))
     return path
+
+
+def _check_broker(url: str) -> None:
+    """Fail at once, before anything is trained or started, when the broker is unreachable.
+
+    Raises:
+        UsageError: the URL is not mqtt://HOST:PORT, or nothing accepts connections there.
+    """
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise UsageError(f"--broker {url!r} is not an mqtt:// or mqtts:// URL",
+                         hint="for example --broker mqtt://127.0.0.1:1883")
+    port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise UsageError(f"no MQTT broker answers at {parsed.hostname}:{port} ({exc.strerror or exc})",
+                         hint="start the broker, or leave out --broker to use the embedded one") from exc
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -160,21 +180,21 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     phase_t: dict[str, float] = {"start": time.time()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
     env.update(PYTHONUNBUFFERED="1", EDGEKIT_SAMPLES_FRACTION="1.0",
-               EDGEKIT_SAMPLES_MAX_PER_MINUTE="6000", EDGEKIT_QUALITY_WINDOW="60",
-               **opts.extra_env)
+               EDGEKIT_SAMPLES_MAX_PER_MINUTE="6000", EDGEKIT_QUALITY_WINDOW="60")
     procs: list[subprocess.Popen[bytes]] = []
     broker: EmbeddedBroker | None = None
     traffic: TrafficGenerator | None = None
     try:
         if opts.broker:
             url = opts.broker
+            _check_broker(url)
             clock.say(f"using the broker at {url}")
         else:
             broker = EmbeddedBroker(work / "broker").start()
             url = broker.url
             clock.say(f"started the embedded MQTT broker (amqtt) at {url}")
         keys = generate_keypair(work / "signing")
-        package, _eval_path = _train_and_package(work, clock, keys.private_path)
+        package = _train_and_package(work, clock, keys.private_path)
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
@@ -272,7 +292,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "fleet_accuracy": {"before_drift": fleet_acc["baseline"],
                                "during_drift": fleet_acc["drift_on_1.0.0"],
                                "after_update": fleet_acc["recovered"]},
-            "requests": {"answered": len(records), "failed": sum(traffic.errors().values())},
+            "requests": {"answered": len(records), "failed": sum(traffic.errors().values()),
+                         "last_error": traffic.last_error()},
             "phase_seconds": {
                 "setup_and_first_deploy": phase_t["deployed"] - phase_t["start"],
                 "baseline": phase_t["drift"] - phase_t["deployed"],

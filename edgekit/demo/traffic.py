@@ -81,6 +81,11 @@ class TrafficGenerator:
     def errors(self) -> dict[str, int]:
         return {name: dev.errors for name, dev in self._state.items()}
 
+    def last_error(self) -> str | None:
+        """The last transport error any device gave, for the summary (None when none)."""
+        return next((f"{d.name}: {d.last_error}" for d in self._state.values() if d.last_error),
+                    None)
+
     def snapshot(self) -> list[Record]:
         with self._lock:
             return list(self.records)
@@ -117,6 +122,7 @@ class TrafficGenerator:
 
     def _post(self, dev: _Device, path: str, doc: dict[str, Any]) -> dict[str, Any] | None:
         body = json.dumps(doc).encode()
+        problem = ""
         for _attempt in range(2):
             try:
                 if dev.conn is None:
@@ -127,9 +133,10 @@ class TrafficGenerator:
                 result: dict[str, Any] = json.loads(data)
                 return result
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                dev.last_error = f"{type(exc).__name__}: {exc}"
+                problem = f"{type(exc).__name__}: {exc}"
                 if dev.conn is not None:
                     dev.conn.close()
                 dev.conn = None
         dev.errors += 1
+        dev.last_error = problem
         return None

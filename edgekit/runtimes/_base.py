@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -159,5 +158,3 @@ def optional_import(name: str) -> tuple[Any, str]:
     except Exception as exc:  # broken native libraries raise more than ImportError
         return None, f"{name} not importable ({type(exc).__name__}: {exc})"
 
-
-Loader = Callable[[bytes], Any]
