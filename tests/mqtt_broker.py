@@ -26,11 +26,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MqttBroker", "TlsFiles", "broker_kind", "free_port", "make_tls_files",
-           "mosquitto_binary"]
+import pytest
+
+__all__ = ["MqttBroker", "TlsFiles", "broker", "broker_kind", "free_port", "make_tls_files",
+           "mosquitto_binary", "wait_until"]
 
 
 def free_port() -> int:
@@ -255,3 +259,23 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttBroker]:
+    """A broker shared by one test module; import this fixture where a module needs one."""
+    with MqttBroker(tmp_path_factory.mktemp("broker")) as b:
+        yield b
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
+               interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; return its value, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _agent_support import Models
 from _digits import INT8_QUANT
-from conftest import Models
 
 from device_agent import Agent, ModelStore, RequestError, load_config
 from edgekit.artifact import open_package, write_package

@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _agent_support import Models, run_agent_cli, wait_until
 from click.testing import CliRunner
-from conftest import Models, run_agent_cli, wait_until
 from mqtt_broker import free_port
 
 from device_agent.cli import cli

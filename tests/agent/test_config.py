@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import Models
+from _agent_support import Models
 
 from device_agent.config import broker_address, config_keys, http_address, load_config
 from edgekit.errors import ConfigError

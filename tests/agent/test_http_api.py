@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import Models
+from _agent_support import Models
 
 from device_agent import Agent, load_config
 from edgekit.protocol import encode_array

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _agent_support import Models
 from _digits import LABELS, ridge_weights
-from conftest import Models
 
 from device_agent import Agent, load_config
 from edgekit.artifact import golden_to_npz, write_package

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import AgentProcess, Models, Watcher, wait_until
+from _agent_support import AgentProcess, Models, Watcher, wait_until
 
 from edgekit.artifact import sha256_file
 from edgekit.metrics import classification_report

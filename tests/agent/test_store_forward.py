@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Models, wait_until
+from _agent_support import Models, wait_until
 from mqtt_broker import MqttBroker, broker_kind, free_port
 
 FLEET = "saf"

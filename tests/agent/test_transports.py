@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Models, wait_until
+from _agent_support import Models, wait_until
 from mqtt_broker import MqttBroker, make_tls_files, mosquitto_binary
 
 

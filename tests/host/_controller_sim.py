@@ -18,13 +18,11 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
-from mqtt_broker import MqttBroker  # tests/ is on the path (pyproject's pytest pythonpath)
+from mqtt_broker import MqttBroker, broker, wait_until  # noqa: F401  (re-exported for the controller tests)
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit.manifest import compare_versions
@@ -39,23 +37,6 @@ __all__ = ["SimDevice", "broker", "controller_config", "metrics_payload", "wait_
 CHUNK = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttBroker]:
-    with MqttBroker(tmp_path_factory.mktemp("broker")) as b:
-        yield b
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; return its value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def controller_config(*, broker_url: str, db_url: str, store: Path, **overrides: Any) -> Any:

@@ -15,10 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from _ota_models import build_package, client_batch
-from mqtt_broker import MqttBroker, free_port
+from mqtt_broker import MqttBroker, free_port, wait_until
 
 import edgekit.ota as ota
 from edgekit.ota.client import HostClient
@@ -44,18 +42,6 @@ FAST_OTA_ENV = {
     "EDGEKIT_OTA_MIN_FREE_BYTES": "0",
 }
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; return its value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from _ota_fleet import PADDING, Agent, Packages
 from _ota_models import build_package
-from mqtt_broker import MqttBroker
+from mqtt_broker import MqttBroker, broker  # noqa: F401  (the module-scoped fixture)
 
 from edgekit.signing import generate_keypair, load_private_key
 
@@ -42,11 +42,6 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory) -> Packages:
         broken=make("broken", "1.8.0", seed=10, kind="broken"),
     )
 
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttBroker]:
-    with MqttBroker(tmp_path_factory.mktemp("ota-agents-broker")) as b:
-        yield b
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,6 @@ from edgekit.ota.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttBroker]:
-    with MqttBroker(tmp_path_factory.mktemp("ota-broker")) as b:
-        yield b
 
 
 @pytest.fixture(scope="module")
