@@ -10,7 +10,7 @@ Measured:
     and over MQTT (request/response through a real mosquitto);
   - the agent process's RSS at idle and under load, and the time from starting the process
     to the first answered HTTP request;
-  - with --install-size: the installed size of ``edgekit[agent]`` in a fresh venv.
+  - with --install-size: the installed size of ``edgekit-fleet[agent]`` in a fresh venv.
 
 The digits model is the project's digits CNN (examples/digits), trained for a few epochs
 and converted to ONNX fp32 with the converter; ``--package`` uses an existing package.
@@ -361,7 +361,7 @@ def install_size(work: Path) -> dict[str, Any]:
     done = subprocess.run([str(pip), "install", "--quiet", f"{ROOT}[agent]"], capture_output=True,
                           text=True, timeout=1800)
     if done.returncode != 0:
-        raise RuntimeError(f"pip install edgekit[agent] failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"pip install edgekit-fleet[agent] failed:\n{done.stderr[-3000:]}")
     site = next((venv / "lib").glob("python3*/site-packages"))
     sizes: dict[str, int] = {}
     for entry in site.iterdir():
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", type=Path, help="a digits .edgepkg (default: build one)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--install-size", action="store_true",
-                        help="also install edgekit[agent] into a fresh venv (slow)")
+                        help="also install edgekit-fleet[agent] into a fresh venv (slow)")
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--p99-worker", choices=["on", "off"], help=argparse.SUPPRESS)
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 proc.stop()
         if args.install_size:
-            print("installing edgekit[agent] into a fresh venv ...", file=sys.stderr)
+            print("installing edgekit-fleet[agent] into a fresh venv ...", file=sys.stderr)
             results["install"] = install_size(work)
     print_table(results)
     if args.json:
@@ -467,7 +467,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("start-up to first HTTP answer", f"{r['startup_s']:.2f} s"),
     ]
     if "install" in r:
-        rows.append(("edgekit[agent] installed size", f"{r['install']['total_mb']:.0f} MB"))
+        rows.append(("edgekit-fleet[agent] installed size", f"{r['install']['total_mb']:.0f} MB"))
     width = max(len(k) for k, _ in rows)
     print(f"agent benchmark ({r['cpu_count']} CPUs, Python {r['python']})")
     for key, value in rows:

@@ -226,8 +226,8 @@ def lags(db_url: str, fleet: str) -> list[float]:
     """Written-to-the-database minus sent, per stored metrics message of the fleet."""
     from sqlalchemy import select
 
-    from edgekit.host import Store
-    from edgekit.host._schema import MetricRow
+    from edgekit.host.db import Store
+    from edgekit.host.db._schema import MetricRow
 
     with Store(db_url) as store, store.engine.connect() as conn:
         rows = conn.execute(select(MetricRow.ts, MetricRow.received)
@@ -238,8 +238,8 @@ def lags(db_url: str, fleet: str) -> list[float]:
 def stored_count(db_url: str, fleet: str) -> int:
     from sqlalchemy import func, select
 
-    from edgekit.host import Store
-    from edgekit.host._schema import MetricRow
+    from edgekit.host.db import Store
+    from edgekit.host.db._schema import MetricRow
 
     with Store(db_url) as store, store.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(MetricRow)
@@ -260,7 +260,7 @@ class Controllers:
         self.ids = [f"bench-{uuid.uuid4().hex[:6]}" for _ in range(count)]
         exe = Path(sys.executable).parent / "edgekit"
         command = [str(exe)] if exe.exists() else [sys.executable, "-c",
-                                                   "from edgekit.cli import main; main()"]
+                                                   "from edgekit.host.cli import main; main()"]
         for cid in self.ids:
             cfg = load_config(overrides={
                 "controller.id": cid, "mqtt.broker": f"mqtt://127.0.0.1:{port}",
@@ -329,8 +329,8 @@ def flood(port: int, db_url: str, messages: int) -> dict[str, Any]:
     """The rate at which the running controllers write a flood to the database."""
     from sqlalchemy import func, select
 
-    from edgekit.host import Store
-    from edgekit.host._schema import MetricRow
+    from edgekit.host.db import Store
+    from edgekit.host.db._schema import MetricRow
 
     fleet = f"flood-{uuid.uuid4().hex[:6]}"
     sent = run_publishers(port, fleet, messages // 2, 2, flood=True)
@@ -428,7 +428,7 @@ def main() -> None:
     args = parser.parse_args()
     from mqtt_broker import MqttBroker
 
-    from edgekit.table import format_table
+    from edgekit.host.cli._table import format_table
 
     have_pg = postgres_admin() is not None
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -38,12 +38,12 @@ from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit.artifact import golden_to_npz, write_package
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import Deployer, desired_for_package
+from edgekit.host.ota.server import ArtifactServer
 from edgekit.manifest import Manifest, TensorSpec
-from edgekit.ota.client import HostClient
-from edgekit.ota.deploy import Deployer, desired_for_package
-from edgekit.ota.desired import Probation
-from edgekit.ota.server import ArtifactServer
 from edgekit.protocol import Kind, subscription
+from edgekit.protocol.ota.desired import Probation
 from edgekit.signing import generate_keypair, load_private_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit._fsutil import atomic_write, fsync_dir
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
+from edgekit.fsutil import atomic_write, fsync_dir
 
 __all__ = ["ACTIVE_SCHEMA", "ActiveRecord", "ModelStore", "StoredPackage"]
 

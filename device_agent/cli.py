@@ -21,8 +21,8 @@ from typing import Any
 import click
 
 from edgekit import __version__
-from edgekit._fsutil import write_bytes_atomic
 from edgekit.errors import EdgekitError, RuntimeBackendError, UsageError
+from edgekit.fsutil import write_bytes_atomic
 from edgekit.runtimes import availability
 
 from ._agent import Agent
@@ -214,7 +214,7 @@ def doctor(as_json: bool) -> None:
         click.echo(f"  {name:<13} {version}")
     if not any(rt["available"] for rt in runtimes):
         raise RuntimeBackendError("no inference runtime is available",
-                         hint="pip install 'edgekit[agent]' (or tflite-runtime with numpy<2)")
+                         hint="pip install 'edgekit-fleet[agent]' (or tflite-runtime with numpy<2)")
 
 
 def main() -> None:

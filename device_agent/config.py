@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from edgekit import _typedconfig
-from edgekit._typedconfig import opt as _opt
+from edgekit import typedconfig
 from edgekit.errors import ConfigError, UsageError
 from edgekit.protocol import check_id
 from edgekit.signing import load_public_key
+from edgekit.typedconfig import opt as _opt
 
 __all__ = [
     "AgentConfig",
@@ -165,10 +165,10 @@ class AgentConfig:
         return self.mqtt.client_id or f"edgekit-{self.device.fleet}-{self.device.id}"
 
     def to_dict(self, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
-        return _typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
+        return typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
 
 
-class ConfigKey(_typedconfig.ConfigKey):
+class ConfigKey(typedconfig.ConfigKey):
     """One configuration key, for error messages, docs and ``check-config --keys``."""
 
     @property
@@ -178,7 +178,7 @@ class ConfigKey(_typedconfig.ConfigKey):
 
 def config_keys() -> list[ConfigKey]:
     """Every key of :class:`AgentConfig`, in declaration order."""
-    return _typedconfig.config_keys(AgentConfig, ConfigKey)
+    return typedconfig.config_keys(AgentConfig, ConfigKey)
 
 
 def load_config(
@@ -197,18 +197,18 @@ def load_config(
     keys = {k.dotted: k for k in config_keys()}
     sources: dict[str, str] = {}
     if path is not None:
-        _typedconfig.apply_file(cfg, Path(path), keys, sources, missing_hint="pass the path of"
+        typedconfig.apply_file(cfg, Path(path), keys, sources, missing_hint="pass the path of"
                                 " an agent.toml, or leave --config out")
     for key in keys.values():
         raw = (os.environ if env is None else env).get(key.env)
         if raw is not None:
             where = f"environment variable {key.env}"
-            _typedconfig.set_value(cfg, key, _typedconfig.from_text(raw, key, where), sources,
+            typedconfig.set_value(cfg, key, typedconfig.from_text(raw, key, where), sources,
                                    where, None)
     for dotted, value in (overrides or {}).items():
         if dotted not in keys:
             raise ConfigError(f"unknown config key {dotted}")
-        _typedconfig.set_value(cfg, keys[dotted], value, sources, "the command line", None)
+        typedconfig.set_value(cfg, keys[dotted], value, sources, "the command line", None)
     _validate(cfg, sources)
     return cfg
 
@@ -313,7 +313,7 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         missing = "mqtt.key_file" if cfg.mqtt.cert_file else "mqtt.cert_file"
         raise fail(missing, "a client certificate needs both cert_file and key_file")
     for name in tls_files:
-        _typedconfig.check_file(fail, f"mqtt.{name}", getattr(cfg.mqtt, name))
+        typedconfig.check_file(fail, f"mqtt.{name}", getattr(cfg.mqtt, name))
     if not 5 <= cfg.mqtt.keepalive_s <= 3600:
         raise fail("mqtt.keepalive_s", f"{cfg.mqtt.keepalive_s} is outside 5..3600 seconds")
     if cfg.mqtt.reconnect_min_s <= 0:
@@ -325,7 +325,7 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
     if not cfg.model.dir:
         raise fail("model.dir", "must name a folder")
     if cfg.model.package:
-        _typedconfig.check_file(fail, "model.package", cfg.model.package)
+        typedconfig.check_file(fail, "model.package", cfg.model.package)
     for i, key_path in enumerate(cfg.model.trusted_keys):
         try:
             load_public_key(key_path)

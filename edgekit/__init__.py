@@ -9,10 +9,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .artifact import Package, open_package, verify_package, write_package
-from .data import Dataset, load_npz, save_npz
-from .errors import EdgekitError
-from .manifest import Manifest, TensorSpec
+from edgekit.artifact import Package, open_package, verify_package, write_package
+from edgekit.data import Dataset, load_npz, save_npz
+from edgekit.errors import EdgekitError
+from edgekit.manifest import Manifest, TensorSpec
 
 __all__ = [
     "Dataset",

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._fsutil import atomic_write, fsync_dir
-from .errors import ArtifactError, SignatureError
-from .manifest import FileEntry, Manifest
-from .signing import sign_bytes, verify_bytes
+from edgekit.errors import ArtifactError, SignatureError
+from edgekit.fsutil import atomic_write, fsync_dir
+from edgekit.manifest import FileEntry, Manifest
+from edgekit.signing import sign_bytes, verify_bytes
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .manifest import TensorSpec
+from edgekit.errors import DataError
+from edgekit.manifest import TensorSpec
 
 __all__ = ["Dataset", "check_inputs", "load_npz", "save_npz"]
 
@@ -49,7 +49,7 @@ class Dataset:
 def save_npz(path: str | os.PathLike[str], inputs: dict[str, np.ndarray],
              labels: np.ndarray | None = None) -> None:
     """Write a data file in the layout :func:`load_npz` reads, atomically."""
-    from ._fsutil import atomic_write
+    from edgekit.fsutil import atomic_write
 
     arrays = dict(inputs)
     if labels is not None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as M
-from .errors import DataError
+from edgekit import metrics as M
+from edgekit.errors import DataError
 
 __all__ = [
     "TASKS",

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import ArtifactError
+from edgekit.errors import ArtifactError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from edgekit.errors import DataError
 
 __all__ = [
     "ClassificationReport",

@@ -16,8 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._fsutil import write_bytes_atomic
-from .errors import SignatureError, UsageError
+from edgekit.errors import SignatureError, UsageError
+from edgekit.fsutil import write_bytes_atomic
 
 __all__ = [
     "KeyPair",

@@ -18,8 +18,8 @@ from edgekit.artifact import (
     sign_package,
     verify_package,
 )
-from edgekit.cli import cli
 from edgekit.errors import ArtifactError, SignatureError, UsageError
+from edgekit.host.cli import cli
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 

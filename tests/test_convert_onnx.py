@@ -18,8 +18,8 @@ from convert_cases import digits_split, export_digits_onnx, trained_digits_cnn, 
 
 from converters import ConvertOptions, convert, run_batches
 from edgekit.artifact import open_package, sha256_file
-from edgekit.cli import cli
 from edgekit.data import Dataset, check_inputs, save_npz
+from edgekit.host.cli import cli
 from edgekit.runtimes import load_session
 
 FACTORY_MODULE = "edgekit_test_digits_factory"

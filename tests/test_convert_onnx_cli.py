@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 from convert_cases import digits_split, export_digits_onnx, trained_digits_state
 
-from edgekit.cli import cli
 from edgekit.data import save_npz
+from edgekit.host.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_full_disk_leaves_no_partial_file(files: dict[str, Path], tmp_path: Path
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-        from edgekit.cli import main
+        from edgekit.host.cli import main
         sys.argv = ["edgekit", "convert", {str(files["onnx"])!r}, "--quantize", "fp16",
                     "--eval", {str(files["eval"])!r}, "-o", {str(out)!r}]
         main()

@@ -12,7 +12,7 @@ import pytest
 HEAVY = ["torch", "tensorflow", "keras", "onnx", "sklearn", "litert_torch", "jax"]
 
 
-@pytest.mark.parametrize("module", ["edgekit", "edgekit.cli", "converters"])
+@pytest.mark.parametrize("module", ["edgekit", "edgekit.host.cli", "converters"])
 def test_import_stays_light(module: str) -> None:
     code = (
         f"import sys, json; import {module}; "

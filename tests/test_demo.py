@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_closes_the_loop(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgekit.cli", "demo", "--out", str(out), "--devices", "3",
+        [sys.executable, "-m", "edgekit.host.cli", "demo", "--out", str(out), "--devices", "3",
          "--baseline", "12", "--recovered", "10", "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -43,7 +43,7 @@ def test_demo_refuses_an_unreachable_broker_before_starting_anything(tmp_path: P
     for broker, message in ((f"mqtt://127.0.0.1:{free_port()}", "no MQTT broker answers"),
                             ("http://127.0.0.1:1883", "is not an mqtt:// or mqtts:// URL")):
         proc = subprocess.run(
-            [sys.executable, "-m", "edgekit.cli", "demo", "--out", str(out), "--broker", broker],
+            [sys.executable, "-m", "edgekit.host.cli", "demo", "--out", str(out), "--broker", broker],
             capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
@@ -59,7 +59,7 @@ def test_retrain_command_refuses_unlabelled_data(tmp_path: Path) -> None:
     data = tmp_path / "recent.npz"
     save_npz(data, {"x": np.zeros((4, 1, 8, 8), np.float32)})
     out = tmp_path / "candidate.pt2"
-    proc = subprocess.run([sys.executable, "-m", "edgekit.demo.retrain", "--data", str(data),
+    proc = subprocess.run([sys.executable, "-m", "edgekit.host.demo.retrain", "--data", str(data),
                            "--out", str(out)], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 1

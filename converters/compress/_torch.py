@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from edgekit._fsutil import atomic_write
 from edgekit.data import Dataset
 from edgekit.errors import ConversionError, DataError, UsageError
 from edgekit.evaluation import evaluate_outputs
+from edgekit.fsutil import atomic_write
 from edgekit.timing import measure
 
 __all__ = [

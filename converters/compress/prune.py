@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekit._fsutil import write_bytes_atomic
 from edgekit.data import Dataset, load_npz
 from edgekit.errors import ConversionError, DataError, UsageError
+from edgekit.fsutil import write_bytes_atomic
 
 from . import _torch as T
 from ._channels import apply_groups, plan_groups

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edgekit._fsutil import atomic_write
+from edgekit.fsutil import atomic_write
 
 __all__ = ["choose", "format_table", "nodes_text", "write_plot"]
 

@@ -56,7 +56,7 @@ def _import_tf() -> tuple[Any, Any]:
     except ImportError as exc:
         raise ModelError(
             f"Keras / TensorFlow models need tensorflow and keras ({exc})",
-            hint="pip install 'edgekit[convert]'",
+            hint="pip install 'edgekit-fleet[convert]'",
         ) from exc
     return tf, keras
 

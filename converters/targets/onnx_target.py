@@ -97,7 +97,7 @@ class OnnxTarget(TargetBackend):
         if exporter is None:
             raise ConversionError(
                 f"no ONNX exporter is registered for {source.framework} models",
-                hint="install the converter extra (pip install 'edgekit[convert]') or use"
+                hint="install the converter extra (pip install 'edgekit-fleet[convert]') or use"
                      " --to tflite")
         if opts.quantize == "int8" and calibration is None:
             raise DataError("--quantize int8 needs calibration data",

@@ -15,7 +15,7 @@ import numpy as np
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError, RuntimeBackendError, SignatureError
 from edgekit.manifest import Manifest, TensorSpec, compare_versions
-from edgekit.ota import DesiredDocument, UpdateReason, parse_time, verify_rollback
+from edgekit.protocol.ota import DesiredDocument, UpdateReason, parse_time, verify_rollback
 from edgekit.runtimes import RuntimeOptions
 
 from .._model import LoadedModel, TrustPolicy, load_model

@@ -23,7 +23,7 @@ from http.client import HTTPException
 from pathlib import Path
 
 from edgekit.errors import ProtocolError
-from edgekit.ota import (
+from edgekit.protocol.ota import (
     ChunkErrorCode,
     ChunkRequest,
     UpdateReason,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgekit.errors import EdgekitError
-from edgekit.ota import UpdateReason
+from edgekit.protocol.ota import UpdateReason
 
 __all__ = ["UpdateFailure"]
 

@@ -17,13 +17,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from edgekit._fsutil import atomic_write
+from edgekit.fsutil import atomic_write
 
 __all__ = ["HISTORY_SIZE", "JournalStep", "OtaJournal", "UpdateRecord"]
 
 log = logging.getLogger("device_agent.ota")
 
-JOURNAL_SCHEMA = "edgekit.ota-journal/1"
+JOURNAL_SCHEMA = "edgekit.protocol.ota-journal/1"
 HISTORY_SIZE = 50
 
 

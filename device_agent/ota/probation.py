@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import RuntimeBackendError
-from edgekit.ota import Probation, UpdateReason
+from edgekit.protocol.ota import Probation, UpdateReason
 
 from .._model import LoadedModel
 

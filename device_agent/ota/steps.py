@@ -16,10 +16,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgekit._fsutil import fsync_dir
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
-from edgekit.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
+from edgekit.fsutil import fsync_dir
+from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
 
 from .._model import LoadedModel
 from .checks import check_compatible, check_version, stage, verify_package_file

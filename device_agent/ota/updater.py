@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
-from edgekit.ota import (
+from edgekit.protocol import DeviceState, EventLevel
+from edgekit.protocol.ota import (
     DesiredDocument,
     UpdateReason,
     UpdateStep,
@@ -36,7 +37,6 @@ from edgekit.ota import (
     ota_reply_topic,
     parse_desired,
 )
-from edgekit.protocol import DeviceState, EventLevel
 
 from .._store import StoredPackage
 from .download import MqttDownload

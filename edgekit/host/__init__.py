@@ -1,50 +1,16 @@
-"""The host side: the controller's database and the model registry.
+"""The host side: CLI, demo, MQTT client, OTA serving and deployment, fleet database, model
+registry and controller.
 
-Importing this package needs the ``host`` extra (SQLAlchemy, psycopg); the light core of
-``edgekit`` never imports it.
+Nothing in the light core of ``edgekit`` (artifact, manifest, signing, data, metrics,
+runtimes, protocol) imports this package; the import contract in ``pyproject.toml`` keeps it
+so. The subpackages need the ``host`` extra (paho-mqtt, SQLAlchemy, psycopg); this module
+itself imports nothing, so ``edgekit`` commands that need no database start quickly.
+
+- :mod:`edgekit.host.cli`: the ``edgekit`` command.
+- :mod:`edgekit.host.db`: the fleet database (:class:`~edgekit.host.db.Store`).
+- :mod:`edgekit.host.registry`: the model registry.
+- :mod:`edgekit.host.mqtt_client`: one MQTT connection shared by host parts.
+- :mod:`edgekit.host.ota`: serving packages over MQTT and HTTP, deploying and tracking.
+- :mod:`edgekit.host.controller`: ingest, rollouts and the maintenance policy.
+- :mod:`edgekit.host.demo`: ``edgekit demo``.
 """
-
-from __future__ import annotations
-
-from ._records import (
-    DeviceRecord,
-    EventRecord,
-    MetricRecord,
-    MetricsSummary,
-    ModelRecord,
-    RolloutRecord,
-    SampleIn,
-    TargetRecord,
-)
-from ._schema import ACTIVE_ROLLOUT_STATES, ROLLOUT_TRANSITIONS, RolloutState, TargetState
-from ._timeutil import parse_since, utcnow
-from .db import SCHEMA_VERSION, Store, default_db_url
-from .errors import LeaseLostError, StoreError
-from .registry import PushResult, Registry, default_store_dir, evaluation_summary, parse_ref
-
-__all__ = [
-    "ACTIVE_ROLLOUT_STATES",
-    "ROLLOUT_TRANSITIONS",
-    "SCHEMA_VERSION",
-    "DeviceRecord",
-    "EventRecord",
-    "LeaseLostError",
-    "MetricRecord",
-    "MetricsSummary",
-    "ModelRecord",
-    "PushResult",
-    "Registry",
-    "RolloutRecord",
-    "RolloutState",
-    "SampleIn",
-    "Store",
-    "StoreError",
-    "TargetRecord",
-    "TargetState",
-    "default_db_url",
-    "default_store_dir",
-    "evaluation_summary",
-    "parse_ref",
-    "parse_since",
-    "utcnow",
-]

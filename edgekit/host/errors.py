@@ -13,7 +13,7 @@ Wrong arguments (an unknown rollout, a transition that is not allowed) are
 
 from __future__ import annotations
 
-from ..errors import EdgekitError
+from edgekit.errors import EdgekitError
 
 __all__ = ["LeaseLostError", "StoreError"]
 

@@ -24,13 +24,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .._fsutil import fsync_dir
-from ..artifact import open_package, sha256_file, verify_package
-from ..errors import ArtifactError, EdgekitError, OutputWriteError, UsageError
-from ..manifest import parse_version
-from ._records import ModelRecord
-from ._timeutil import as_utc, utcnow
-from .db import Store
+from edgekit.artifact import open_package, sha256_file, verify_package
+from edgekit.errors import ArtifactError, EdgekitError, OutputWriteError, UsageError
+from edgekit.fsutil import fsync_dir
+from edgekit.host.db import Store
+from edgekit.host.db._records import ModelRecord
+from edgekit.host.db._timeutil import as_utc, utcnow
+from edgekit.manifest import parse_version
 
 __all__ = ["PushResult", "Registry", "default_store_dir", "evaluation_summary", "parse_ref"]
 

@@ -6,9 +6,9 @@ that backend with a note that :func:`availability` reports (``edgekit doctor`` p
 
 from __future__ import annotations
 
-from . import litert as _litert  # noqa: F401  (registers the backend)
-from . import onnxrt as _onnxrt  # noqa: F401  (registers the backend)
-from ._base import (
+from edgekit.runtimes import litert as _litert  # noqa: F401  (registers the backend)
+from edgekit.runtimes import onnxrt as _onnxrt  # noqa: F401  (registers the backend)
+from edgekit.runtimes._base import (
     BackendInfo,
     RuntimeBackend,
     RuntimeOptions,

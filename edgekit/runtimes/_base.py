@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import InputError, RuntimeBackendError
-from ..manifest import Manifest, TensorSpec
+from edgekit.errors import InputError, RuntimeBackendError
+from edgekit.manifest import Manifest, TensorSpec
 
 __all__ = [
     "BackendInfo",
@@ -136,7 +136,7 @@ def backend_for(fmt: str) -> type[RuntimeBackend]:
         notes.append(f"{cls.KEY}: {info.detail}")
     raise RuntimeBackendError(
         f"no runtime for {fmt} models is available ({'; '.join(notes) or 'none registered'})",
-        hint="install the agent extra: pip install 'edgekit[agent]'",
+        hint="install the agent extra: pip install 'edgekit-fleet[agent]'",
     )
 
 

@@ -6,9 +6,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import RuntimeBackendError
-from ..manifest import TensorSpec
-from ._base import BackendInfo, RuntimeBackend, RuntimeOptions, Session, optional_import, register
+from edgekit.errors import RuntimeBackendError
+from edgekit.manifest import TensorSpec
+from edgekit.runtimes._base import (
+    BackendInfo,
+    RuntimeBackend,
+    RuntimeOptions,
+    Session,
+    optional_import,
+    register,
+)
 
 
 class OnnxSession(Session):

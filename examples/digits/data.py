@@ -1,5 +1,5 @@
-"""The digits data helpers (they live in edgekit.demo.digits, shared with the demo)."""
+"""The digits data helpers (they live in edgekit.host.demo.digits, shared with the demo)."""
 
-from edgekit.demo.digits import drift, load_digits_split, to_channels_last, write_npz_files
+from edgekit.host.demo.digits import drift, load_digits_split, to_channels_last, write_npz_files
 
 __all__ = ["drift", "load_digits_split", "to_channels_last", "write_npz_files"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from converters import ConvertOptions, convert, supported_pairs
 from edgekit.errors import EdgekitError
-from edgekit.table import format_table
+from edgekit.host.cli._table import format_table
 
 from .data import load_digits_split, to_channels_last, write_npz_files
 from .models import keras_cnn, torch_cnn, train_keras, train_torch

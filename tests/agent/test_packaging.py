@@ -29,14 +29,14 @@ def test_importing_the_agent_pulls_in_nothing_heavy() -> None:
     loaded = json.loads(result.stdout)
     heavy = [m for m in loaded if m.split(".")[0] in HEAVY]
     assert heavy == [], f"device_agent imports {heavy}"
-    assert not [m for m in loaded if m.startswith("edgekit.cli")]
+    assert not [m for m in loaded if m.startswith("edgekit.host.cli")]
     assert "onnxruntime" not in loaded  # runtimes are imported when a model loads
 
 
 def test_agent_source_imports_only_the_light_core() -> None:
     allowed = {"edgekit", "edgekit.artifact", "edgekit.manifest", "edgekit.metrics",
                "edgekit.runtimes", "edgekit.errors", "edgekit.protocol", "edgekit.data",
-               "edgekit._fsutil", "edgekit._typedconfig", "edgekit.signing", "edgekit.ota"}
+               "edgekit.fsutil", "edgekit.typedconfig", "edgekit.signing", "edgekit.protocol.ota"}
     for path in (REPO / "device_agent").rglob("*.py"):
         for match in re.finditer(r"^\s*(?:from|import)\s+(edgekit[\w.]*)", path.read_text(),
                                  re.M):

@@ -26,11 +26,11 @@ from mqtt_broker import MqttBroker, broker, wait_until  # noqa: F401  (re-export
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit.manifest import compare_versions
-from edgekit.ota.chunks import decode_chunk, encode_request, make_request
-from edgekit.ota.desired import parse_desired
-from edgekit.ota.rollback import verify_rollback
-from edgekit.ota.topics import desired_topic, ota_reply_topic
 from edgekit.protocol import Kind, Schema, encode, topic
+from edgekit.protocol.ota.chunks import decode_chunk, encode_request, make_request
+from edgekit.protocol.ota.desired import parse_desired
+from edgekit.protocol.ota.rollback import verify_rollback
+from edgekit.protocol.ota.topics import desired_topic, ota_reply_topic
 
 __all__ = ["SimDevice", "broker", "controller_config", "metrics_payload", "wait_until"]
 

@@ -66,7 +66,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Any]:
-    from edgekit.host import Store
+    from edgekit.host.db import Store
 
     st = Store(db_url)
     yield st

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgekit.cli import cli
-from edgekit.host import Registry, RolloutState, Store
+from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
+from edgekit.host.db import RolloutState, Store
+from edgekit.host.registry import Registry
 from edgekit.signing import generate_keypair, load_private_key
 
 from ._controller_sim import broker, controller_config, wait_until

@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgekit.cli import cli
-from edgekit.host import Store
+from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
+from edgekit.host.db import Store
 from edgekit.protocol import Kind, Schema, encode, encode_array, topic
 
 from ._controller_sim import broker, controller_config, metrics_payload, wait_until
@@ -221,7 +221,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_batched_metrics_match_one_by_one(store: Store) -> None:
     """The ingest writes metrics in batches (Store.record_metrics_batch): the outcome must
     be what record_metrics gives one message at a time, duplicates and order included."""
-    from edgekit.host import MetricsSummary
+    from edgekit.host.db import MetricsSummary
 
     def messages(fleet: str) -> list[dict[str, Any]]:
         out = []
@@ -260,7 +260,7 @@ def test_docs_describe_every_config_key() -> None:
 
 @pytest.mark.parametrize("module", ["edgekit.host.controller", "edgekit.host.controller.config",
                                     "edgekit.host.controller.ingest",
-                                    "edgekit.host.controller.messages",
+                                    "edgekit.protocol.controller",
                                     "edgekit.host.controller.policy",
                                     "edgekit.host.controller.remote",
                                     "edgekit.host.controller.rollout",

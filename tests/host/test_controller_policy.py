@@ -20,9 +20,10 @@ import onnxruntime as ort
 import pytest
 
 from edgekit.artifact import open_package, sha256_file
-from edgekit.host import Registry, RolloutState, SampleIn, Store
 from edgekit.host.controller import Controller, MaintenancePolicy, RolloutEngine, load_config
-from edgekit.ota.client import HostClient
+from edgekit.host.db import RolloutState, SampleIn, Store
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.registry import Registry
 from edgekit.signing import generate_keypair, load_private_key
 
 from ._controller_sim import SimDevice, broker, controller_config, metrics_payload, wait_until

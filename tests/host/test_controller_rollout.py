@@ -16,11 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit.artifact import sha256_file
-from edgekit.cli import cli
-from edgekit.host import Registry, RolloutState, Store, TargetState
+from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
-from edgekit.ota.deploy import read_retained
-from edgekit.ota.topics import desired_topic
+from edgekit.host.db import RolloutState, Store, TargetState
+from edgekit.host.ota.deploy import read_retained
+from edgekit.host.registry import Registry
+from edgekit.protocol.ota.topics import desired_topic
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 from ._controller_sim import SimDevice, broker, controller_config, wait_until

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from edgekit.host import Registry, RolloutState, Store
 from edgekit.host.controller import Controller
+from edgekit.host.db import RolloutState, Store
+from edgekit.host.registry import Registry
 from edgekit.signing import generate_keypair, load_private_key
 
 from ._controller_sim import SimDevice, broker, controller_config, wait_until

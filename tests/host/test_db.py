@@ -12,9 +12,8 @@ from sqlalchemy import func, select, text, update
 
 from edgekit.data import load_npz, save_npz
 from edgekit.errors import ArtifactError, ConfigError, DataError, UsageError
-from edgekit.host import (
+from edgekit.host.db import (
     SCHEMA_VERSION,
-    LeaseLostError,
     MetricsSummary,
     ModelRecord,
     RolloutState,
@@ -22,7 +21,8 @@ from edgekit.host import (
     Store,
     TargetState,
 )
-from edgekit.host._schema import SchemaInfo
+from edgekit.host.db._schema import SchemaInfo
+from edgekit.host.errors import LeaseLostError
 from edgekit.manifest import TensorSpec
 
 

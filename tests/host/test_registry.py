@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from edgekit.artifact import open_package, sha256_file
-from edgekit.cli import cli
 from edgekit.data import load_npz
-from edgekit.host import SampleIn, Store
+from edgekit.host.cli import cli
+from edgekit.host.db import SampleIn, Store
 from edgekit.signing import generate_keypair, load_private_key
 
 
@@ -252,7 +252,7 @@ def test_data_export(run: Cli, tmp_path: Path) -> None:
 
 def test_since_accepts_durations_and_iso_times() -> None:
     from edgekit.errors import UsageError
-    from edgekit.host import parse_since
+    from edgekit.host.db import parse_since
 
     now = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
     assert parse_since("1h30m", now) == now - dt.timedelta(minutes=90)

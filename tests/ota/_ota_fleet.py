@@ -3,7 +3,7 @@ server, desired documents, events and status), agent processes and a client that
 requests the whole time. Fixtures that use them are in conftest.py.
 
 Agents are real ``python -m device_agent run`` processes; the artifact server is
-:class:`edgekit.ota.server.ArtifactServer` on a real connection. Waits poll with generous
+:class:`edgekit.host.ota.server.ArtifactServer` on a real connection. Waits poll with generous
 timeouts and never assert on wall-clock time.
 """
 
@@ -26,11 +26,11 @@ import paho.mqtt.client as mqtt
 from _ota_models import build_package, client_batch
 from mqtt_broker import MqttBroker, free_port, wait_until
 
-import edgekit.ota as ota
-from edgekit.ota.client import HostClient
-from edgekit.ota.deploy import desired_for_package
-from edgekit.ota.server import ArtifactServer
-from edgekit.ota.store import ArtifactInfo, ArtifactStore
+import edgekit.protocol.ota as ota
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import desired_for_package
+from edgekit.host.ota.server import ArtifactServer
+from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.protocol import Kind, subscription
 
 REPO = Path(__file__).resolve().parents[2]

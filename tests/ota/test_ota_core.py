@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-import edgekit.ota as ota
+import edgekit.protocol.ota as ota
 from edgekit.errors import ProtocolError, SignatureError, UsageError
-from edgekit.ota._http import parse_range
-from edgekit.ota.tracker import DeploymentTracker, Outcome
+from edgekit.host.ota._http import parse_range
+from edgekit.host.ota.tracker import DeploymentTracker, Outcome
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 SHA = hashlib.sha256(b"package").hexdigest()
@@ -397,31 +397,31 @@ def test_tracker_named_devices_time_out() -> None:
 
 def test_public_names_are_listed_and_exist() -> None:
     import device_agent.ota
-    import edgekit.ota.client
-    import edgekit.ota.deploy
-    import edgekit.ota.server
-    import edgekit.ota.store
-    import edgekit.ota.tracker
+    import edgekit.host.mqtt_client
+    import edgekit.host.ota.deploy
+    import edgekit.host.ota.server
+    import edgekit.host.ota.store
+    import edgekit.host.ota.tracker
 
-    for module in (ota, edgekit.ota.client, edgekit.ota.deploy, edgekit.ota.server,
-                   edgekit.ota.store, edgekit.ota.tracker, device_agent.ota):
+    for module in (ota, edgekit.host.mqtt_client, edgekit.host.ota.deploy, edgekit.host.ota.server,
+                   edgekit.host.ota.store, edgekit.host.ota.tracker, device_agent.ota):
         assert sorted(module.__all__) == sorted(set(module.__all__)), module.__name__
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name} is listed but missing"
     defined = {n for n, v in vars(ota).items() if not n.startswith("_")
-               and getattr(v, "__module__", "").startswith("edgekit.ota")}
+               and getattr(v, "__module__", "").startswith("edgekit.protocol.ota")}
     assert defined <= set(ota.__all__), defined - set(ota.__all__)
 
 
 def test_the_shared_core_stays_light() -> None:
-    """The device imports edgekit.ota: no MQTT client, no host code comes with it."""
+    """The device imports edgekit.protocol.ota: no MQTT client, no host code comes with it."""
     import subprocess
     import sys
 
-    script = "import sys, json, edgekit.ota; print(json.dumps(sorted(sys.modules)))"
+    script = "import sys, json, edgekit.protocol.ota; print(json.dumps(sorted(sys.modules)))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
                                        text=True, check=True, timeout=120).stdout)
     assert not [m for m in loaded if m.split(".")[0] in ("paho", "click", "sqlalchemy")]
-    assert not [m for m in loaded if m.startswith(("edgekit.ota.client", "edgekit.ota.server",
-                                                   "edgekit.ota.deploy", "edgekit.host",
-                                                   "edgekit.cli"))]
+    assert not [m for m in loaded if m.startswith(("edgekit.host.mqtt_client", "edgekit.host.ota.server",
+                                                   "edgekit.host.ota.deploy", "edgekit.host",
+                                                   "edgekit.host.cli"))]

@@ -18,7 +18,7 @@ import pytest
 from _ota_fleet import Fleet, LoadClient, Packages, wait_until
 from mqtt_broker import MqttBroker
 
-from edgekit.ota.client import HostClient
+from edgekit.host.mqtt_client import HostClient
 
 # point -> (package deployed, outcome after the restart, reason, version then serving)
 CRASH_POINTS = {

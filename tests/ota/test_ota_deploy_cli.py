@@ -13,7 +13,7 @@ from _ota_fleet import Fleet, Packages
 from click.testing import CliRunner
 from mqtt_broker import MqttBroker
 
-from edgekit.cli import cli
+from edgekit.host.cli import cli
 
 FLEET = "cli"
 FAST = ["--probation-requests", "0", "--probation-seconds", "1", "--timeout", "120"]

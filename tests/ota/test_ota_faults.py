@@ -19,11 +19,11 @@ import pytest
 from _ota_fleet import Agent, Fleet, LoadClient, Packages, wait_until
 from mqtt_broker import MqttBroker
 
-import edgekit.ota as ota
-from edgekit.ota.client import HostClient
-from edgekit.ota.deploy import desired_for_package
-from edgekit.ota.server import ArtifactServer
-from edgekit.ota.store import ArtifactStore
+import edgekit.protocol.ota as ota
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import desired_for_package
+from edgekit.host.ota.server import ArtifactServer
+from edgekit.host.ota.store import ArtifactStore
 
 FLEET = "faults"
 DEVICE = "dev-f"

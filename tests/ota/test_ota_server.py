@@ -22,14 +22,14 @@ from _pkgutil import make_package
 from click.testing import CliRunner
 from mqtt_broker import MqttBroker
 
-import edgekit.ota as ota
+import edgekit.protocol.ota as ota
 from edgekit.artifact import sha256_file
-from edgekit.cli import cli
 from edgekit.errors import EdgekitError
-from edgekit.ota.client import HostClient
-from edgekit.ota.deploy import read_retained
-from edgekit.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
-from edgekit.ota.store import ArtifactStore
+from edgekit.host.cli import cli
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import read_retained
+from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
+from edgekit.host.ota.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -243,7 +243,7 @@ def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package
 
 def test_serve_command_answers_until_terminated(broker: MqttBroker, package: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
-    proc = subprocess.Popen([sys.executable, "-c", "from edgekit.cli import main; main()",
+    proc = subprocess.Popen([sys.executable, "-c", "from edgekit.host.cli import main; main()",
                              "serve", str(package),
                              "--fleet", "f5", "--broker", broker.url],
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner, Result
 
-from edgekit.cli import cli
+from edgekit.host.cli import cli
 
 
 def run_cli(*args: object) -> Result:

@@ -9,9 +9,18 @@ artifact server. docs/controller.md describes the configuration and the semantic
 
 from __future__ import annotations
 
-from .config import ConfigKey, ControllerConfig, config_keys, load_config, to_toml
-from .ingest import Ingest, IngestStats
-from .messages import (
+from edgekit.host.controller.config import (
+    ConfigKey,
+    ControllerConfig,
+    config_keys,
+    load_config,
+    to_toml,
+)
+from edgekit.host.controller.ingest import Ingest, IngestStats
+from edgekit.host.controller.policy import MaintenancePolicy, Window
+from edgekit.host.controller.rollout import RolloutEngine
+from edgekit.host.controller.service import Controller
+from edgekit.protocol.controller import (
     PresencePayload,
     RolloutReply,
     RolloutRequest,
@@ -20,9 +29,6 @@ from .messages import (
     rollout_request_topic,
     rollout_state_topic,
 )
-from .policy import MaintenancePolicy, Window
-from .rollout import RolloutEngine
-from .service import Controller
 
 __all__ = [
     "ConfigKey",

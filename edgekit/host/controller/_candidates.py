@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from ...artifact import open_package
-from ...data import Dataset, save_npz
-from ...errors import DataError, EdgekitError, ModelError
-from ...evaluation import evaluate_outputs
-from ...manifest import compare_versions, parse_version
-from ...runtimes import load_session
-from .. import ModelRecord, Registry
+from edgekit.artifact import open_package
+from edgekit.data import Dataset, save_npz
+from edgekit.errors import DataError, EdgekitError, ModelError
+from edgekit.evaluation import evaluate_outputs
+from edgekit.host.db import ModelRecord
+from edgekit.host.registry import Registry
+from edgekit.manifest import compare_versions, parse_version
+from edgekit.runtimes import load_session
 
 __all__ = [
     "RetrainResult",

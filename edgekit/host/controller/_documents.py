@@ -8,16 +8,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...errors import EdgekitError, UsageError
-from ...ota.client import HostClient
-from ...ota.deploy import desired_for_package
-from ...ota.desired import DesiredDocument, Probation, encode_desired, make_desired
-from ...ota.rollback import sign_rollback
-from ...ota.server import ArtifactServer
-from ...ota.store import ArtifactInfo, ArtifactStore
-from ...ota.topics import desired_topic
-from .. import Registry, RolloutRecord, TargetRecord
-from .messages import deployment_id
+from edgekit.errors import EdgekitError, UsageError
+from edgekit.host.db import RolloutRecord, TargetRecord
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import desired_for_package
+from edgekit.host.ota.server import ArtifactServer
+from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
+from edgekit.host.registry import Registry
+from edgekit.protocol.controller import deployment_id
+from edgekit.protocol.ota.desired import DesiredDocument, Probation, encode_desired, make_desired
+from edgekit.protocol.ota.rollback import sign_rollback
+from edgekit.protocol.ota.topics import desired_topic
 
 __all__ = ["DesiredDocuments"]
 

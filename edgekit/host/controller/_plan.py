@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import ConfigError
-from .. import DeviceRecord, MetricRecord, Store
-from .config import RolloutSection, load_config, parse_canary
+from edgekit.errors import ConfigError
+from edgekit.host.controller.config import RolloutSection, load_config, parse_canary
+from edgekit.host.db import DeviceRecord, MetricRecord, Store
 
 __all__ = [
     "Figures",

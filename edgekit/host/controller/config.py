@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ... import _typedconfig
-from ..._typedconfig import ConfigKey
-from ..._typedconfig import opt as _opt
-from ...errors import ConfigError, UsageError
-from ...protocol import check_id
+from edgekit import typedconfig
+from edgekit.errors import ConfigError, UsageError
+from edgekit.protocol import check_id
+from edgekit.typedconfig import ConfigKey
+from edgekit.typedconfig import opt as _opt
 
 __all__ = [
     "ConfigKey",
@@ -216,12 +216,12 @@ class ControllerConfig:
         return self.mqtt.share_group or None
 
     def to_dict(self, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
-        return _typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
+        return typedconfig.to_dict(self, config_keys(), mask_secrets=mask_secrets)
 
 
 def config_keys() -> list[ConfigKey]:
     """Every key of :class:`ControllerConfig`, in declaration order."""
-    return _typedconfig.config_keys(ControllerConfig, ConfigKey)
+    return typedconfig.config_keys(ControllerConfig, ConfigKey)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
@@ -236,11 +236,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     keys = {k.dotted: k for k in config_keys()}
     sources: dict[str, str] = {}
     if path is not None:
-        _typedconfig.apply_file(cfg, Path(path), keys, sources,
+        typedconfig.apply_file(cfg, Path(path), keys, sources,
                                 missing_hint="pass the path of a controller.toml", setter=_set)
     for dotted, value in (overrides or {}).items():
         if dotted not in keys:
-            raise ConfigError(f"unknown config key {dotted}" + _typedconfig.suggest(dotted, keys),
+            raise ConfigError(f"unknown config key {dotted}" + typedconfig.suggest(dotted, keys),
                               hint="see `edgekit controller check-config --keys`")
         _set(cfg, keys[dotted], value, sources, "the command line", None)
     _validate(cfg, sources)
@@ -293,7 +293,7 @@ def _set(cfg: ControllerConfig, key: ConfigKey, value: Any, sources: dict[str, s
          where: str, base: Path | None) -> None:
     if key.dotted == "rollout.canary" and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # `canary = 2` in TOML means the count 2
-    _typedconfig.set_value(cfg, key, value, sources, where, base, expand_user=True)
+    typedconfig.set_value(cfg, key, value, sources, where, base, expand_user=True)
 
 
 def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
@@ -411,4 +411,4 @@ def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
 
 
 def _check_file(fail: Any, dotted: str, value: str) -> None:
-    _typedconfig.check_file(fail, dotted, value, expand_user=True)
+    typedconfig.check_file(fail, dotted, value, expand_user=True)

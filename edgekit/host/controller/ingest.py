@@ -1,6 +1,6 @@
 """Fleet telemetry into the database: status, metrics, events and samples from MQTT.
 
-:class:`Ingest` subscribes on a :class:`~edgekit.ota.client.HostClient` and hands each
+:class:`Ingest` subscribes on a :class:`~edgekit.host.mqtt_client.HostClient` and hands each
 message to worker threads, which turn the protocol payloads (:mod:`edgekit.protocol`) into
 :class:`~edgekit.host.Store` calls. Metrics, events and samples go through a shared
 subscription (``$share/<group>/...``) when a group is configured, so several controllers
@@ -26,14 +26,22 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from ...errors import DataError, ProtocolError, UsageError
-from ...ota.client import HostClient
-from ...ota.topics import shared
-from ...protocol import DeviceState, Kind, Schema, decode, decode_array, is_valid_id, parse_topic
-from ...protocol import subscription as topic_filter
-from .. import MetricsSummary, SampleIn, Store
-from ..errors import StoreError
-from .messages import rollout_of_deployment
+from edgekit.errors import DataError, ProtocolError, UsageError
+from edgekit.host.db import MetricsSummary, SampleIn, Store
+from edgekit.host.errors import StoreError
+from edgekit.host.mqtt_client import HostClient
+from edgekit.protocol import (
+    DeviceState,
+    Kind,
+    Schema,
+    decode,
+    decode_array,
+    is_valid_id,
+    parse_topic,
+)
+from edgekit.protocol import subscription as topic_filter
+from edgekit.protocol.controller import rollout_of_deployment
+from edgekit.protocol.ota.topics import shared
 
 __all__ = ["Ingest", "IngestStats", "metrics_summary", "sample_rows", "status_fields"]
 

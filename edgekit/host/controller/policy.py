@@ -34,10 +34,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...errors import EdgekitError
-from .. import MetricRecord, Registry, Store, utcnow
-from ..registry import evaluation_summary
-from ._candidates import (
+from edgekit.errors import EdgekitError
+from edgekit.host.controller._candidates import (
     Score,
     next_version,
     registered_candidates,
@@ -45,8 +43,10 @@ from ._candidates import (
     score_package,
     split_holdout,
 )
-from .config import PolicySection
-from .rollout import RolloutEngine
+from edgekit.host.controller.config import PolicySection
+from edgekit.host.controller.rollout import RolloutEngine
+from edgekit.host.db import MetricRecord, Store, utcnow
+from edgekit.host.registry import Registry, evaluation_summary
 
 __all__ = ["MaintenancePolicy", "Window", "distribution_shift"]
 

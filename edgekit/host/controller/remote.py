@@ -16,12 +16,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from ...errors import EdgekitError, ProtocolError
-from ...ota.client import HostClient
-from ...ota.deploy import read_retained
-from ...protocol import ROOT, encode
-from .. import ACTIVE_ROLLOUT_STATES
-from .messages import (
+from edgekit.errors import EdgekitError, ProtocolError
+from edgekit.host.db import ACTIVE_ROLLOUT_STATES
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import read_retained
+from edgekit.protocol import ROOT, encode
+from edgekit.protocol.controller import (
     ROLLOUT_REPLY_SCHEMA,
     ROLLOUT_REQUEST_SCHEMA,
     ROLLOUT_STATE_SCHEMA,

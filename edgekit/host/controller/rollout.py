@@ -13,7 +13,7 @@ rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
    predictions), start the next wave, or finish: publish the fleet's desired document and
    clear the per-device ones.
 
-Devices are asked through retained per-device desired documents (:mod:`edgekit.ota.desired`).
+Devices are asked through retained per-device desired documents (:mod:`edgekit.protocol.ota.desired`).
 An abort sends every updated device a signed rollback instruction back to its previous model
 and waits for it to get there. All state is in the database, so a controller that restarts,
 or another one that takes the rollout over, carries on from it.
@@ -29,15 +29,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ...errors import EdgekitError, UsageError
-from ...ota.client import HostClient
-from ...ota.events import UpdateStep, event_kind
-from ...ota.server import ArtifactServer
-from ...protocol import encode
-from .. import Registry, RolloutRecord, RolloutState, Store, TargetRecord, TargetState, utcnow
-from ..errors import LeaseLostError
-from ._documents import DesiredDocuments
-from ._plan import (
+from edgekit.errors import EdgekitError, UsageError
+from edgekit.host.controller._documents import DesiredDocuments
+from edgekit.host.controller._plan import (
     Figures,
     baseline_figures,
     judge_quality,
@@ -46,8 +40,20 @@ from ._plan import (
     recorded_baselines,
     wave_sizes,
 )
-from .config import RolloutSection
-from .messages import ROLLOUT_STATE_SCHEMA, RolloutStatePayload, deployment_id, rollout_state_topic
+from edgekit.host.controller.config import RolloutSection
+from edgekit.host.db import RolloutRecord, RolloutState, Store, TargetRecord, TargetState, utcnow
+from edgekit.host.errors import LeaseLostError
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.server import ArtifactServer
+from edgekit.host.registry import Registry
+from edgekit.protocol import encode
+from edgekit.protocol.controller import (
+    ROLLOUT_STATE_SCHEMA,
+    RolloutStatePayload,
+    deployment_id,
+    rollout_state_topic,
+)
+from edgekit.protocol.ota.events import UpdateStep, event_kind
 
 __all__ = ["RolloutEngine"]
 

@@ -27,18 +27,18 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from ...errors import EdgekitError, ProtocolError, UsageError
-from ...ota.client import HostClient
-from ...ota.server import ArtifactHttpServer, ArtifactServer
-from ...ota.store import ArtifactStore
-from ...ota.topics import shared
-from ...protocol import ROOT, encode
-from ...signing import load_private_key, load_public_key
-from .. import Registry, Store
-from ..registry import default_store_dir
-from .config import ControllerConfig
-from .ingest import Ingest
-from .messages import (
+from edgekit.errors import EdgekitError, ProtocolError, UsageError
+from edgekit.host.controller.config import ControllerConfig
+from edgekit.host.controller.ingest import Ingest
+from edgekit.host.controller.policy import MaintenancePolicy
+from edgekit.host.controller.rollout import RolloutEngine
+from edgekit.host.db import Store
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer
+from edgekit.host.ota.store import ArtifactStore
+from edgekit.host.registry import Registry, default_store_dir
+from edgekit.protocol import ROOT, encode
+from edgekit.protocol.controller import (
     ROLLOUT_REPLY_SCHEMA,
     RolloutReply,
     RolloutRequest,
@@ -47,8 +47,8 @@ from .messages import (
     presence_topic,
     rollout_request_topic,
 )
-from .policy import MaintenancePolicy
-from .rollout import RolloutEngine
+from edgekit.protocol.ota.topics import shared
+from edgekit.signing import load_private_key, load_public_key
 
 __all__ = ["Controller"]
 

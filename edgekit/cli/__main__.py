@@ -1,5 +1,0 @@
-"""``python -m edgekit.cli``: the same as the ``edgekit`` command."""
-
-from . import main
-
-main()

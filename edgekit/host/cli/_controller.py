@@ -1,0 +1,413 @@
+"""``edgekit controller``, ``edgekit fleet``, ``edgekit events``, and deploying through a
+running controller.
+
+The fleet and event commands read the controller's database (``--db``, else ``$EDGEKIT_DB``,
+else ``~/.edgekit/edgekit.db``). ``--json`` output keys are stable: docs/controller.md lists
+them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._table import format_table
+
+if TYPE_CHECKING:
+    from edgekit.host.controller import RolloutStatePayload
+    from edgekit.host.db import DeviceRecord, EventRecord, Store
+    from edgekit.host.mqtt_client import HostClient
+    from edgekit.host.ota.store import ArtifactInfo
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _db_option(fn: F) -> F:
+    return click.option("--db", "db_url", metavar="URL",
+                        help="Database URL (default: $EDGEKIT_DB or ~/.edgekit/edgekit.db).")(fn)
+
+
+def _open(db_url: str | None) -> Store:
+    from edgekit.host.db import Store
+
+    return Store(db_url)
+
+
+# --------------------------------------------------------------------------- controller
+
+
+@cli.group()
+def controller() -> None:
+    """The fleet controller: ingest telemetry, drive rollouts, keep the models good."""
+
+
+@controller.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="controller.toml (every key has a default; see check-config --keys).")
+@click.option("--broker", help="Override mqtt.broker.")
+@click.option("--db", "db_url", metavar="URL", help="Override database.url.")
+@click.option("--store", "store_dir", metavar="DIR", help="Override registry.store.")
+@click.option("--fleet", "fleets", multiple=True, help="Override controller.fleets (repeatable).")
+@click.option("--id", "controller_id", help="Override controller.id.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Override controller.log_level.")
+def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
+                   store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
+                   log_level: str | None) -> None:
+    """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
+    from edgekit.host.controller import Controller, load_config
+
+    overrides: dict[str, Any] = {}
+    for key, value in (("mqtt.broker", broker), ("database.url", db_url),
+                       ("registry.store", store_dir), ("controller.id", controller_id),
+                       ("controller.log_level", log_level)):
+        if value is not None:
+            overrides[key] = value
+    if fleets:
+        overrides["controller.fleets"] = list(fleets)
+    cfg = load_config(config_path, overrides=overrides)
+    logging.basicConfig(level=cfg.controller.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ctl = Controller(cfg).start()
+    click.echo(f"controller {ctl.id} running: broker {cfg.mqtt.broker}, fleets"
+               f" {', '.join(cfg.controller.fleets)}", err=True)
+    try:
+        ctl.wait(stop)
+    finally:
+        ctl.stop()
+    click.echo(f"controller {ctl.id} stopped", err=True)
+
+
+@controller.command("check-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="controller.toml to check.")
+@click.option("--keys", is_flag=True, help="List every key with its default and description.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def controller_check_config(config_path: str | None, keys: bool, as_json: bool) -> None:
+    """Validate a configuration (exit 2 naming the key on an error) and print it."""
+    from edgekit.host.controller import config_keys, load_config
+
+    if keys:
+        rows = [{"key": k.dotted, "type": k.type, "default": k.default, "help": k.help}
+                for k in config_keys()]
+        if as_json:
+            emit_json({"keys": rows})
+            return
+        for row in rows:
+            click.echo(f"{row['key']} ({row['type']}, default {row['default']!r})")
+            click.echo(f"    {row['help']}")
+        return
+    cfg = load_config(config_path)
+    if as_json:
+        emit_json(cfg.to_dict())
+        return
+    for section, values in cfg.to_dict().items():
+        click.echo(f"[{section}]")
+        for name, value in values.items():
+            click.echo(f"{name} = {json.dumps(value)}")
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+@cli.group()
+def fleet() -> None:
+    """What the controller knows about the fleet's devices and rollouts."""
+
+
+def _device_json(d: DeviceRecord) -> dict[str, Any]:
+    from edgekit.host.db._timeutil import iso
+
+    m = d.metrics
+    return {"fleet": d.fleet, "device": d.device, "online": d.online,
+            "model": {"name": d.model_name, "version": d.model_version,
+                      "sha256": d.model_sha256},
+            "agent_version": d.agent_version, "latency_p50_ms": m.latency_p50_ms,
+            "latency_p95_ms": m.latency_p95_ms, "latency_p99_ms": m.latency_p99_ms,
+            "accuracy": m.accuracy, "f1": m.f1, "label_count": m.label_count,
+            "first_seen": iso(d.first_seen), "last_seen": iso(d.last_seen),
+            "metrics_at": iso(d.metrics_at)}
+
+
+def _fleet_summary(devices: list[DeviceRecord]) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {}
+    for d in devices:
+        s = out.setdefault(d.fleet, {"devices": 0, "online": 0, "models": {},
+                                     "labels": 0, "accuracy": None, "f1": None})
+        s["devices"] += 1
+        s["online"] += int(d.online)
+        if d.model_version is not None:
+            ref = f"{d.model_name}:{d.model_version}"
+            s["models"][ref] = s["models"].get(ref, 0) + 1
+        n = d.metrics.label_count or 0
+        if n and d.metrics.accuracy is not None and d.metrics.f1 is not None:
+            s.setdefault("_acc", 0.0)
+            s.setdefault("_f1", 0.0)
+            s["_acc"] += n * d.metrics.accuracy
+            s["_f1"] += n * d.metrics.f1
+            s["labels"] += n
+    for s in out.values():
+        acc, f1 = s.pop("_acc", None), s.pop("_f1", None)
+        if s["labels"]:
+            s["accuracy"], s["f1"] = acc / s["labels"], f1 / s["labels"]
+    return out
+
+
+def _age(when: dt.datetime | None, now: dt.datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0.0, (now - when).total_seconds())
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _status_text(devices: list[DeviceRecord]) -> str:
+    from edgekit.host.db import utcnow
+
+    if not devices:
+        return "no devices have reported yet"
+    now = utcnow()
+    rows = [[d.fleet, d.device, "yes" if d.online else "no",
+             f"{d.model_name}:{d.model_version}" if d.model_version else None,
+             d.metrics.latency_p50_ms, d.metrics.latency_p95_ms, d.metrics.accuracy,
+             d.metrics.f1, d.metrics.label_count, _age(d.last_seen, now)] for d in devices]
+    lines = [format_table(["FLEET", "DEVICE", "ONLINE", "MODEL", "P50 MS", "P95 MS", "ACCURACY",
+                           "F1", "LABELS", "LAST SEEN"], rows), ""]
+    for name, s in _fleet_summary(devices).items():
+        acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
+        f1 = "-" if s["f1"] is None else f"{s['f1']:.4f}"
+        models = ", ".join(f"{ref} x{n}" for ref, n in sorted(s["models"].items())) or "-"
+        lines.append(f"fleet {name}: {s['online']}/{s['devices']} online; models {models};"
+                     f" accuracy {acc}, F1 {f1} over {s['labels']} labels")
+    return "\n".join(lines)
+
+
+@fleet.command("status")
+@click.option("--fleet", "fleet_name", help="Only this fleet.")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print devices and fleet summaries as JSON.")
+def fleet_status(fleet_name: str | None, db_url: str | None, as_json: bool) -> None:
+    """Devices: online, model, latency, accuracy and F1 with their label counts, last seen."""
+    store = _open(db_url)
+    try:
+        devices = store.list_devices(fleet_name)
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"devices": [_device_json(d) for d in devices],
+                   "fleets": _fleet_summary(devices)})
+        return
+    click.echo(_status_text(devices))
+
+
+@fleet.command("watch")
+@click.option("--fleet", "fleet_name", help="Only this fleet.")
+@_db_option
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between refreshes.")
+@click.option("--iterations", type=click.IntRange(min=1),
+              help="Stop after this many refreshes (default: until Ctrl-C).")
+def fleet_watch(fleet_name: str | None, db_url: str | None, interval: float,
+                iterations: int | None) -> None:
+    """The status table, refreshed every --interval seconds until Ctrl-C."""
+    from edgekit.host.db import utcnow
+
+    store = _open(db_url)
+    tty = sys.stdout.isatty()
+    count = 0
+    try:
+        while iterations is None or count < iterations:
+            if count:
+                time.sleep(interval)
+            text = _status_text(store.list_devices(fleet_name))
+            stamp = utcnow().strftime("%Y-%m-%d %H:%M:%S UTC")
+            if tty:
+                click.echo("\x1b[2J\x1b[H", nl=False)
+            click.echo(f"edgekit fleet watch  {stamp}  (Ctrl-C to stop)\n{text}\n")
+            count += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+
+
+@fleet.command("rollouts")
+@click.option("--fleet", "fleet_name", help="Only this fleet.")
+@click.option("--active", is_flag=True, help="Only rollouts that have not finished.")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the rollouts as JSON.")
+def fleet_rollouts(fleet_name: str | None, active: bool, db_url: str | None,
+                   as_json: bool) -> None:
+    """Rollouts: model, state, wave, owner, and where their devices stand."""
+    store = _open(db_url)
+    try:
+        rollouts = store.list_rollouts(fleet=fleet_name, active=True if active else None)
+        docs = []
+        for r in rollouts:
+            counts: dict[str, int] = {}
+            for t in store.list_rollout_targets(r.id):
+                counts[t.state] = counts.get(t.state, 0) + 1
+            doc = r.to_dict()
+            doc.pop("plan")
+            docs.append({**doc, "counts": counts, "source": r.plan.get("source")})
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"rollouts": docs})
+        return
+    if not docs:
+        click.echo("no rollouts")
+        return
+    rows = [[d["id"], d["fleet"], f"{d['model_name']}:{d['model_version']}", d["state"],
+             d["current_wave"], d["owner"],
+             ", ".join(f"{n} {k}" for k, n in sorted(d["counts"].items())) or None,
+             d["reason"]] for d in docs]
+    click.echo(format_table(["ID", "FLEET", "MODEL", "STATE", "WAVE", "OWNER", "DEVICES",
+                             "REASON"], rows))
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _event_line(e: EventRecord) -> str:
+    where = f"{e.fleet}/{e.device}" if e.device else e.fleet
+    reason = f" [{e.reason}]" if e.reason else ""
+    rollout = f" (rollout {e.rollout_id})" if e.rollout_id else ""
+    stamp = e.ts.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return f"{stamp}  {where:<24} {e.level:<7} {e.kind}{reason}{rollout}  {e.message}"
+
+
+@cli.command()
+@click.option("--since", metavar="ISO|DURATION",
+              help="Only events from this time on: 2026-05-01T12:00:00Z, or 30m, 2h, 7d ago.")
+@click.option("--fleet", "fleet_name", help="Only this fleet.")
+@click.option("--device", help="Only this device.")
+@click.option("--kind", "kinds", multiple=True, help="Only this kind (repeatable).")
+@click.option("--rollout", "rollout_id", type=int, help="Only this rollout's events.")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Show at most the newest this many (before following).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between polls with --follow.")
+@click.option("--iterations", type=click.IntRange(min=1),
+              help="With --follow: stop after this many polls.")
+@_db_option
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON: one document {\"events\": [...]}; with --follow one event per line.")
+def events(since: str | None, fleet_name: str | None, device: str | None,
+           kinds: tuple[str, ...], rollout_id: int | None, limit: int, follow: bool,
+           interval: float, iterations: int | None, db_url: str | None,
+           as_json: bool) -> None:
+    """The event log: device events (updates, model activations) and the controller's
+    decisions (rollouts, policy), oldest first."""
+    from edgekit.host.db import parse_since
+
+    start = parse_since(since) if since else None
+    store = _open(db_url)
+    filters: dict[str, Any] = {"since": start, "fleet": fleet_name, "device": device,
+                               "rollout_id": rollout_id, "kinds": list(kinds) or None}
+    try:
+        found = store.list_events(limit=limit, latest=True, **filters)
+        if as_json and not follow:
+            emit_json({"events": [e.to_dict() for e in found]})
+            return
+        cursor = _print_events(found, as_json, 0)
+        polls = 0
+        while follow and (iterations is None or polls < iterations):
+            time.sleep(interval)
+            polls += 1
+            cursor = _print_events(store.list_events(after_id=cursor, **filters), as_json,
+                                   cursor)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+
+
+def _print_events(found: list[EventRecord], as_json: bool, cursor: int) -> int:
+    for e in found:
+        click.echo(json.dumps(e.to_dict(), sort_keys=True, default=str) if as_json
+                   else _event_line(e))
+        cursor = max(cursor, e.id)
+    return cursor
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInfo, *,
+                          devices: list[str] | None, plan: dict[str, Any], timeout: float,
+                          no_wait: bool, as_json: bool, quiet: bool) -> int | None:
+    """``edgekit deploy`` through the controller that looks after ``fleet_name``.
+
+    Returns None when no controller does (deploy then publishes directly), else the exit
+    code: 0 when the rollout succeeded (or, with ``no_wait``, was created), 1 otherwise.
+
+    Raises:
+        RemoteRolloutError: the controller refused the rollout.
+        EdgekitError: the controller did not answer.
+    """
+    from edgekit.host.controller.remote import find_controllers, follow_rollout, request_rollout
+
+    found = find_controllers(client, fleet_name)
+    if not found:
+        return None
+    names = ", ".join(p["id"] for p in found)
+    if not quiet:
+        click.echo(f"controller {names} looks after fleet {fleet_name}: asking it for a"
+                   " rollout", err=True)
+    rollout = request_rollout(client, fleet_name, name=info.name, version=info.version,
+                              sha256=info.sha256, package=str(Path(info.path).resolve()),
+                              devices=devices, plan=plan)
+    rid = int(rollout["id"])
+    if not quiet:
+        click.echo(f"rollout {rid}: {info.name} {info.version} to"
+                   f" {len(rollout.get('targets') or [])} device(s), waves"
+                   f" {rollout['plan'].get('waves')}", err=True)
+    if no_wait:
+        if as_json:
+            emit_json({"rollout": rollout, "state": rollout["state"]})
+        else:
+            click.echo(f"rollout {rid} created; follow it with `edgekit events --follow"
+                       f" --rollout {rid}`")
+        return 0
+
+    def show(state: RolloutStatePayload) -> None:
+        if not quiet:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(state["counts"].items()))
+            click.echo(f"rollout {rid}: {state['state']}, wave {state['wave']} ({counts})",
+                       err=True)
+
+    final = follow_rollout(client, fleet_name, rid, timeout, show)
+    state = final["state"] if final else rollout["state"]
+    if as_json:
+        emit_json({"rollout": rollout, "state": state,
+                   "counts": final["counts"] if final else {},
+                   "reason": final["reason"] if final else None})
+    else:
+        reason = f": {final['reason']}" if final and final["reason"] else ""
+        click.echo(f"rollout {rid} {state}{reason}")
+    if state != "succeeded" and final is not None and final["state"] in ("running", "pending",
+                                                                          "aborting", "paused"):
+        click.echo(f"still {state} after {timeout:g} s; it goes on in the controller"
+                   f" (`edgekit events --follow --rollout {rid}`)", err=True)
+    return 0 if state == "succeeded" else 1

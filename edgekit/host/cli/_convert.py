@@ -1,0 +1,161 @@
+"""``edgekit convert`` and ``edgekit inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from edgekit.artifact import open_package
+from edgekit.host.cli._app import cli, emit_json, progress_printer
+from edgekit.signing import load_private_key
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--to", "target", type=click.Choice(["onnx", "tflite"]), default="onnx",
+              show_default=True, help="Artifact format.")
+@click.option("--quantize", type=click.Choice(["none", "fp16", "dynamic", "int8"]),
+              default="none", show_default=True,
+              help="none; fp16 weights; dynamic int8 weights; int8 static (needs --calibration).")
+@click.option("--per-tensor", is_flag=True, help="int8 weights per tensor (default: per channel).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              default="minmax", show_default=True, help="ONNX static int8 calibration.")
+@click.option("--int8-io", is_flag=True, help="TFLite int8: int8 model inputs and outputs.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help=".npz with one array per input (or x), used for int8 calibration.")
+@click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
+              help=".npz with inputs and labels (y) for parity and accuracy.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="state_dict for a package.module:factory source.")
+@click.option("--input-shape", "input_shapes", multiple=True,
+              help="NAME:1x3x32x32[:DTYPE] example input (repeatable); else taken from the data.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+              show_default=True, help="PyTorch ONNX exporter; auto measures both, keeps the faster.")
+@click.option("--task", type=click.Choice(["auto", "classification", "regression", "embedding"]),
+              default="auto", show_default=True)
+@click.option("--labels", "labels_csv", help="Comma-separated class names.")
+@click.option("--name", help="Artifact name (default: the source's name).")
+@click.option("--version", "version", help="Dotted version (default: UTC timestamp).")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False),
+              help="Private key to sign the package with.")
+@click.option("--atol", type=float, default=1e-3, show_default=True,
+              help="Parity: max abs error allowed without quantization.")
+@click.option("--min-cosine", type=float, default=0.99, show_default=True)
+@click.option("--min-top1", type=float, default=0.97, show_default=True)
+@click.option("--strict", is_flag=True, help="A parity failure is an error (exit 1, no output).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Threads for the latency figure.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the .edgepkg.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def convert(source: str, target: str, quantize: str, per_tensor: bool, calibration_method: str,
+            int8_io: bool, calibration: str | None, eval_path: str | None, weights: str | None,
+            input_shapes: tuple[str, ...], opset: int, exporter: str, task: str,
+            labels_csv: str | None, name: str | None, version: str | None,
+            sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
+            strict: bool, threads: int, output: str, as_json: bool) -> None:
+    """Convert SOURCE into one signed, validated .edgepkg.
+
+    SOURCE is a torch.export program (.pt2), a TorchScript file (.pt), a
+    package.module:factory returning an nn.Module (with --weights), a Keras .keras file,
+    a TensorFlow SavedModel folder, or an .onnx file.
+    """
+    from converters import ConvertOptions, parse_input_shape
+    from converters import convert as run_convert
+
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
+    for text in input_shapes:
+        in_name, dims, dtype = parse_input_shape(text)
+        shapes[in_name] = dims
+        if dtype:
+            dtypes[in_name] = dtype
+    opts = ConvertOptions(
+        target=target, quantize=quantize, per_channel=not per_tensor,
+        calibration_method=calibration_method, int8_io=int8_io, opset=opset, exporter=exporter,
+        task=task, labels=labels_csv.split(",") if labels_csv else None, name=name,
+        version=version, input_shapes=shapes, input_dtypes=dtypes, atol=atol,
+        min_cosine=min_cosine, min_top1=min_top1, strict=strict, threads=threads,
+    ).validate()
+    key = load_private_key(sign_key) if sign_key else None
+    result = run_convert(source, opts, output=output, calibration=calibration,
+                         eval_data=eval_path, weights=weights, sign_key=key,
+                         progress=progress_printer(as_json))
+    if as_json:
+        emit_json({"output": str(result.path), "name": result.manifest.name,
+                   "version": result.manifest.version, "recipe": result.manifest.recipe,
+                   "report": result.report, "warnings": result.warnings,
+                   "signed": key is not None})
+    else:
+        click.echo(format_report(result.manifest.name, result.manifest.version,
+                                 result.manifest.recipe, result.report))
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"wrote {result.path}{' (signed)' if key else ' (unsigned)'}")
+
+
+def format_report(name: str, version: str, recipe: dict[str, Any], report: dict[str, Any]) -> str:
+    """The human conversion report: one table of source against artifact."""
+    lat = report.get("latency", {})
+    size = report.get("size", {})
+    par = report.get("parity", {})
+    acc = report.get("accuracy")
+    rows = [("", "source", "artifact")]
+    if size:
+        rows.append(("size", _kb(size.get("source_bytes")), _kb(size.get("artifact_model_bytes"))))
+    if lat:
+        rows.append((f"latency p50 (batch 1, {lat.get('threads')} thr)",
+                     f"{lat['source']['p50_ms']:.3f} ms", f"{lat['artifact']['p50_ms']:.3f} ms"))
+        rows.append(("latency p95", f"{lat['source']['p95_ms']:.3f} ms",
+                     f"{lat['artifact']['p95_ms']:.3f} ms"))
+    if acc:
+        for key in ("accuracy", "precision", "recall", "f1"):
+            rows.append((key, f"{acc['source'][key]:.4f}", f"{acc['artifact'][key]:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name} {version}: {recipe.get('format', '')} "
+             f"quantize={recipe.get('quantize')} exporter={recipe.get('exporter', '-')}"]
+    for r in rows:
+        lines.append(f"  {r[0]:<{width}}  {r[1]:>14}  {r[2]:>14}")
+    top1 = par.get("top1_agreement")
+    lines.append(
+        f"  parity on {par.get('samples')} samples: max abs err {par.get('max_abs_error', 0):.3g},"
+        f" cosine {par.get('mean_cosine', 0):.5f}"
+        + (f", top-1 agreement {top1:.4f}" if top1 is not None else "")
+        + (" [ok]" if par.get("passed") else " [FAILED]")
+    )
+    if acc:
+        lines.append(f"  accuracy drop: {acc['drop'] * 100:+.2f} points")
+    return "\n".join(lines)
+
+
+def _kb(n: int | None) -> str:
+    return "-" if not n else f"{n / 1024:.1f} KiB"
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(package: str, as_json: bool) -> None:
+    """Show a package's manifest: model, inputs, outputs, recipe, metrics, signature."""
+    pkg = open_package(package)
+    m = pkg.manifest
+    if as_json:
+        doc = m.to_dict()
+        doc["signature"] = pkg.signature
+        emit_json(doc)
+        return
+    click.echo(f"{m.name} {m.version}  ({m.task}, {m.target['format']} for {m.target.get('runtime')})")
+    click.echo(f"created {m.created} from {m.source.get('framework')} {m.source.get('reference', '')}")
+    click.echo(f"recipe: {m.recipe}")
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for spec in specs:
+            q = f" q(scale={spec.quantization.scale:g}, zp={spec.quantization.zero_point})" if spec.quantization else ""
+            click.echo(f"  {kind:<6} {spec.name}: {spec.dtype}{spec.shape}{q}")
+    for member, entry in m.files.items():
+        click.echo(f"  file   {member}: {entry.size} bytes sha256 {entry.sha256[:16]}...")
+    sig = pkg.signature
+    click.echo(f"signature: {'key ' + str(sig.get('key_id')) if sig else 'none'}")
+    if m.metrics:
+        click.echo(format_report(m.name, m.version, m.recipe, m.metrics))

@@ -1,0 +1,433 @@
+"""``edgekit deploy``, ``edgekit rollback`` and ``edgekit serve``: over-the-air updates."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+import click
+
+from edgekit.errors import EdgekitError, UsageError
+from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import Deployer, desired_for_package, read_retained
+from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
+from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
+from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress, Outcome
+from edgekit.manifest import parse_version
+from edgekit.protocol import check_id
+from edgekit.protocol.ota.desired import (
+    DEFAULT_PROBATION,
+    DesiredDocument,
+    Probation,
+    make_desired,
+    new_deployment_id,
+    parse_desired,
+)
+from edgekit.protocol.ota.rollback import sign_rollback
+from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP, desired_topic
+from edgekit.signing import load_private_key
+
+_BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+                       envvar="EDGEKIT_MQTT_BROKER",
+                       help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+                            " (env EDGEKIT_MQTT_BROKER).")
+_SHARE = click.option("--share-group", default=DEFAULT_SHARE_GROUP, show_default=True,
+                      help="Shared-subscription group of the artifact servers, so several"
+                           " split the requests; 'none' for plain subscriptions. When the"
+                           " broker does not deliver shared subscriptions, plain ones are"
+                           " used.")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.argument("packages", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--fleet", "fleets", multiple=True, required=True,
+              help="Fleet to serve (repeatable; '+' serves every fleet).")
+@_BROKER
+@click.option("--http", "http_addr", metavar="HOST:PORT",
+              help="Also serve the packages over HTTP at /artifacts/<sha256> (Range requests).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="Certificate (PEM) to serve HTTPS instead of HTTP.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Key of --tls-cert.")
+@_SHARE
+def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
+          http_addr: str | None, tls_cert: str | None, tls_key: str | None,
+          share_group: str) -> None:
+    """Serve PACKAGES to devices in chunks over MQTT (and HTTP), until interrupted.
+
+    Devices ask for the artifact a desired document names; `edgekit deploy` serves its own
+    package while it waits, so run this for devices that update later (offline ones) when
+    no controller is running.
+    """
+    store = ArtifactStore()
+    infos = [store.add(p) for p in packages]
+    client = HostClient(broker).connect()
+    http_server = _start_http(store, http_addr, tls_cert, tls_key)
+    try:
+        server = start_artifact_server(client, store, list(fleets), share_group)
+        for info in infos:
+            where = f" and {http_server.url_for(info.sha256)}" if http_server else ""
+            click.echo(f"serving {info.name} {info.version} ({info.sha256[:12]}, {info.size}"
+                       f" bytes) to fleet {', '.join(fleets)} on {client.broker}{where}",
+                       err=True)
+        _wait_for_signal()
+        click.echo(f"served {server.stats.chunks} chunks, {server.stats.bytes} bytes"
+                   f" ({server.stats.errors} errors)", err=True)
+    finally:
+        if http_server:
+            http_server.stop()
+        client.close()
+
+
+def start_artifact_server(client: HostClient, store: ArtifactStore, fleets: list[str],
+                          share_group: str) -> ArtifactServer:
+    """Serve ``store`` to ``fleets`` and check requests arrive (see
+    :meth:`ArtifactServer.ensure_reachable`).
+
+    Raises:
+        EdgekitError: requests do not reach the server.
+    """
+    group: str | None = None if share_group.lower() == "none" else share_group
+    server = ArtifactServer(client, store, fleets=fleets, share_group=group)
+    server.ensure_reachable()
+    return server
+
+
+# --------------------------------------------------------------------------- deploy
+
+_FOLLOW_OPTIONS = [
+    click.option("--device", "devices", multiple=True,
+                 help="Target this device only (repeatable); default: the whole fleet."),
+    _BROKER,
+    click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=1),
+                 help="Seconds to wait for the targets."),
+    click.option("--no-wait", is_flag=True,
+                 help="Publish the desired document and return at once."),
+    click.option("--include-offline", is_flag=True,
+                 help="Fleet-wide: wait for offline devices too (they time out unless they"
+                      " come back)."),
+    click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON."),
+    click.option("--quiet", is_flag=True, help="No progress lines on stderr."),
+]
+
+
+def _follow_options(fn: Any) -> Any:
+    for option in reversed(_FOLLOW_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+_PROBATION_OPTIONS = [
+    click.option("--probation-requests", type=click.IntRange(min=0),
+                 default=DEFAULT_PROBATION["requests"], show_default=True,
+                 help="Probation passes after this many requests (0: not used)."),
+    click.option("--probation-seconds", type=click.FloatRange(min=0),
+                 default=DEFAULT_PROBATION["seconds"], show_default=True,
+                 help="... or after this many seconds of serving (0: not used)."),
+    click.option("--max-error-rate", type=click.FloatRange(0, 1),
+                 default=DEFAULT_PROBATION["max_error_rate"], show_default=True,
+                 help="Probation: roll back when more requests than this share fail."),
+    click.option("--max-latency-ms", type=click.FloatRange(min=0),
+                 help="Probation: roll back when p95 latency goes over this."),
+]
+
+
+def _probation_options(fn: Any) -> Any:
+    for option in reversed(_PROBATION_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _probation(requests: int, seconds: float, max_error_rate: float,
+               max_latency_ms: float | None) -> Probation:
+    return Probation(requests=requests, seconds=seconds, max_error_rate=max_error_rate,
+                     max_nonfinite_rate=DEFAULT_PROBATION["max_nonfinite_rate"],
+                     max_latency_ms=max_latency_ms)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--fleet", required=True, help="Fleet to update.")
+@_follow_options
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Private key: attach a signed rollback instruction, so devices running a"
+                   " newer version go back to PACKAGE (they refuse an older one without).")
+@click.option("--url", help="Where devices download PACKAGE over HTTP(S) instead of MQTT.")
+@click.option("--http", "http_addr", metavar="HOST:PORT",
+              help="Serve PACKAGE over HTTP here while waiting, and name that URL.")
+@click.option("--allow-breaking", is_flag=True,
+              help="Accept changed inputs/outputs when the manifest marks the change breaking.")
+@click.option("--latency-budget-ms", type=click.FloatRange(min=0),
+              help="Staging: refuse the model when its mean latency on the golden samples is"
+                   " over this.")
+@_probation_options
+@_SHARE
+@click.option("--direct", is_flag=True,
+              help="Publish to the fleet at once even when a controller looks after it"
+                   " (without --direct such a deploy becomes a controller rollout: canary,"
+                   " waves, abort criteria).")
+def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
+           no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
+           sign_key: str | None, url: str | None, http_addr: str | None, allow_breaking: bool,
+           latency_budget_ms: float | None, probation_requests: int,
+           probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
+           share_group: str, direct: bool) -> None:
+    """Update a fleet, or some of its devices, to PACKAGE.
+
+    Publishes the retained desired document (fleet-wide, or per --device), serves PACKAGE
+    over MQTT while it waits unless a server (a controller, `edgekit serve`) already does,
+    and follows the devices until each has succeeded, failed or timed out. Exit code 0 when
+    every target succeeded, 1 when any failed, rolled back or timed out.
+
+    \b
+    Targets of a fleet-wide deploy: the devices whose retained status says online when the
+    deploy starts, and any that come online while it waits. Offline devices are listed but
+    not waited for (--include-offline waits for them): the document is retained, so they
+    update when they reconnect, from a server still running then. Devices named with
+    --device are always waited for.
+    """
+    fleet = check_id(fleet, "fleet")
+    targets = [check_id(d, "device") for d in devices] or None
+    store = ArtifactStore()
+    info = store.add(package)
+    rollback = None
+    if sign_key:
+        rollback = sign_rollback(load_private_key(sign_key), fleet=fleet, devices=targets,
+                                 name=info.name, to_version=info.version, sha256=info.sha256)
+    probation = _probation(probation_requests, probation_seconds, max_error_rate,
+                           max_latency_ms)
+    with HostClient(broker).connect() as client:
+        if not direct:
+            from edgekit.host.cli._controller import deploy_via_controller
+
+            code = deploy_via_controller(
+                client, fleet, info, devices=targets, timeout=timeout, no_wait=no_wait,
+                as_json=as_json, quiet=quiet, plan={"probation_requests": probation_requests,
+                                                    "probation_seconds": probation_seconds})
+            if code is not None:
+                sys.exit(code)
+        http_server = _start_http(store, http_addr, None, None)
+        try:
+            doc = desired_for_package(info, fleet, url=url or (
+                http_server.url_for(info.sha256) if http_server else None),
+                allow_breaking=allow_breaking, rollback=rollback, probation=probation,
+                latency_budget_ms=latency_budget_ms)
+            result = _run(client, fleet, targets, doc, store, share_group, timeout=timeout,
+                          no_wait=no_wait, include_offline=include_offline, as_json=as_json,
+                          quiet=quiet)
+        finally:
+            if http_server:
+                http_server.stop()
+    sys.exit(0 if result is None or result.ok else 1)
+
+
+@cli.command()
+@click.option("--fleet", required=True, help="Fleet to roll back.")
+@_follow_options
+@click.option("--to", "to_version", required=True, help="The version to go back to.")
+@click.option("--sign-key", required=True, type=click.Path(dir_okay=False),
+              help="Private key the devices trust; signs the rollback instruction.")
+@click.option("--package", type=click.Path(dir_okay=False),
+              help="The package of that version, served while waiting; without it, devices"
+                   " use the copy they keep on disk.")
+@click.option("--name", "model_name",
+              help="Model name; default: the package's, else the current desired document's.")
+@_probation_options
+@_SHARE
+def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, no_wait: bool,
+             include_offline: bool, as_json: bool, quiet: bool, to_version: str,
+             sign_key: str, package: str | None, model_name: str | None,
+             probation_requests: int, probation_seconds: float, max_error_rate: float,
+             max_latency_ms: float | None, share_group: str) -> None:
+    """Send a fleet, or some of its devices, back to version --to.
+
+    Publishes a desired document carrying a rollback instruction signed with --sign-key
+    (devices refuse older versions without one) and follows the devices like `deploy`.
+    """
+    fleet = check_id(fleet, "fleet")
+    targets = [check_id(d, "device") for d in devices] or None
+    try:
+        parse_version(to_version)
+    except EdgekitError as exc:
+        raise UsageError(f"--to: {exc.message}") from exc
+    key = load_private_key(sign_key)
+    store = ArtifactStore()
+    info: ArtifactInfo | None = None
+    if package:
+        info = store.add(package)
+        if info.version != to_version:
+            raise UsageError(f"--package {package} holds version {info.version}, not {to_version}")
+        model_name = model_name or info.name
+    with HostClient(broker).connect() as client:
+        if model_name is None:
+            model_name = _current_model_name(client, fleet, targets)
+        instruction = sign_rollback(key, fleet=fleet, devices=targets, name=model_name,
+                                    to_version=to_version,
+                                    sha256=info.sha256 if info else None)
+        probation = _probation(probation_requests, probation_seconds, max_error_rate,
+                               max_latency_ms)
+        if info is not None:
+            doc = desired_for_package(info, fleet, rollback=instruction, probation=probation)
+        else:
+            doc = make_desired(deployment=new_deployment_id(), name=model_name,
+                               version=to_version, sha256=None, size=None,
+                               rollback=instruction, probation=probation)
+        result = _run(client, fleet, targets, doc, store, share_group, timeout=timeout,
+                      no_wait=no_wait, include_offline=include_offline, as_json=as_json,
+                      quiet=quiet)
+    sys.exit(0 if result is None or result.ok else 1)
+
+
+def _current_model_name(client: HostClient, fleet: str, devices: list[str] | None) -> str:
+    topics = [desired_topic(fleet, d) for d in devices or []] + [desired_topic(fleet)]
+    for topic in topics:
+        payload = read_retained(client, topic).get(topic)
+        if payload:
+            try:
+                return parse_desired(payload)["model"]["name"]
+            except EdgekitError:
+                continue
+    raise UsageError("no desired document names the model to roll back",
+                     hint="pass --name NAME or --package PKG")
+
+
+def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: DesiredDocument,
+         store: ArtifactStore, share_group: str, *, timeout: float, no_wait: bool,
+         include_offline: bool, as_json: bool, quiet: bool) -> DeployResult | None:
+    view = ProgressView(sys.stderr, quiet=quiet or no_wait)
+    deployer = Deployer(client, fleet, doc, devices=devices, include_offline=include_offline,
+                        on_change=view.update)
+    sha = doc["model"]["sha256"]
+    served_elsewhere = sha is None or not store.infos() or doc["sources"]["mqtt"] is None \
+        or probe_artifact(client, fleet, sha)
+    if not no_wait:
+        deployer.discover()
+        if not served_elsewhere:
+            start_artifact_server(client, store, [fleet], share_group)
+    topics = deployer.publish()
+    model = doc["model"]
+    if no_wait:
+        if not served_elsewhere and not doc["sources"]["url"]:
+            click.echo("warning: no server answers for this artifact; devices wait until"
+                       " `edgekit serve` or a controller serves it", err=True)
+        if as_json:
+            emit_json({"deployment": doc["deployment"], "fleet": fleet, "model": dict(model),
+                       "topics": topics, "served": served_elsewhere})
+        else:
+            click.echo(f"published {doc['deployment']}: {model['name']} {model['version']}"
+                       f" -> {', '.join(topics)}")
+        return None
+    result = deployer.wait(timeout)
+    deployer.close()
+    view.finish(result)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _print_result(result)
+    return result
+
+
+def _print_result(result: DeployResult) -> None:
+    model = result.model
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts().items())) or "no targets"
+    click.echo(f"{result.deployment}: {model['name']} {model['version']} to fleet"
+               f" {result.fleet}: {counts} ({result.elapsed_s:.1f} s)")
+    for device, progress in sorted(result.targets.items()):
+        click.echo(f"  {device}: {_describe(progress)}")
+    for device, progress in sorted(result.not_waited.items()):
+        click.echo(f"  {device}: not waited for ({progress.note or progress.state})")
+
+
+def _describe(progress: DeviceProgress) -> str:
+    outcome = progress.outcome.value if progress.outcome else "pending"
+    serving = progress.serving
+    parts = [outcome]
+    if progress.reason:
+        parts.append(f"[{progress.reason}]")
+    if progress.message and progress.outcome != Outcome.SUCCEEDED:
+        parts.append(progress.message)
+    if serving:
+        parts.append(f"(serving {serving.get('name')} {serving.get('version')})")
+    return " ".join(parts)
+
+
+class ProgressView:
+    """One line per target on stderr: step and download percentage. On a terminal the block
+    is redrawn in place; elsewhere a line is printed when a device changes step or passes
+    another quarter of its download."""
+
+    def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty()
+        self._drawn = 0
+        self._last: dict[str, tuple[str | None, int]] = {}
+        self._lock = threading.Lock()
+
+    def update(self, tracker: DeploymentTracker, progress: DeviceProgress | None) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if self.tty:
+                self._redraw(tracker)
+            elif progress is not None and progress.device in tracker.targets:
+                step = progress.step.value if progress.step else None
+                quarter = int((progress.percent or 0) // 25)
+                if self._last.get(progress.device) != (step, quarter):
+                    self._last[progress.device] = (step, quarter)
+                    self.stream.write(_line(progress) + "\n")
+                    self.stream.flush()
+
+    def finish(self, result: DeployResult) -> None:
+        if self.quiet or not self.tty:
+            return
+        with self._lock:
+            self._drawn = 0
+
+    def _redraw(self, tracker: DeploymentTracker) -> None:
+        lines = [_line(tracker.devices[d]) for d in sorted(tracker.targets)]
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F")
+        for line in lines:
+            self.stream.write("\x1b[2K" + line + "\n")
+        self._drawn = len(lines)
+        self.stream.flush()
+
+
+def _line(progress: DeviceProgress) -> str:
+    step = progress.outcome.value if progress.outcome else (
+        progress.step.value if progress.step else "waiting")
+    percent = progress.percent
+    bar = ""
+    if progress.step is not None and percent is not None:
+        filled = int(percent // 5)
+        bar = f" [{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}%"
+    reason = f" {progress.reason}" if progress.reason else ""
+    return f"{progress.device:<24} {step:<12}{bar}{reason}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _start_http(store: ArtifactStore, addr: str | None, cert: str | None,
+                key: str | None) -> ArtifactHttpServer | None:
+    if not addr:
+        return None
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--http {addr!r} is not HOST:PORT")
+    return ArtifactHttpServer(store, host, int(port), certfile=cert, keyfile=key).start()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        time.sleep(0.2)

@@ -1,0 +1,63 @@
+"""``edgekit keys generate``, ``edgekit sign``, ``edgekit verify``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgekit.artifact import sign_package, verify_package
+from edgekit.host.cli._app import cli, emit_json
+from edgekit.signing import generate_keypair, load_private_key, load_public_key
+
+
+@cli.group()
+def keys() -> None:
+    """Manage Ed25519 signing keys."""
+
+
+@keys.command("generate")
+@click.argument("prefix", default="edgekit-signing")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the key id and paths as JSON.")
+def keys_generate(prefix: str, force: bool, as_json: bool) -> None:
+    """Write PREFIX.key (private, mode 0600) and PREFIX.pub (public)."""
+    pair = generate_keypair(prefix, overwrite=force)
+    if as_json:
+        emit_json({"private": str(pair.private_path), "public": str(pair.public_path),
+                   "key_id": pair.key_id})
+        return
+    click.echo(f"private key: {pair.private_path} (keep it secret)")
+    click.echo(f"public key:  {pair.public_path} (give it to devices as --trusted-key)")
+    click.echo(f"key id:      {pair.key_id}")
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Private key file from `edgekit keys generate`.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the signed package here instead of in place.")
+def sign(package: str, key_path: str, output: str | None) -> None:
+    """Sign PACKAGE (its manifest, which pins every file's sha256)."""
+    kid = sign_package(package, load_private_key(key_path), output)
+    click.echo(f"signed {output or package} with key {kid}")
+
+
+@cli.command()
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--trusted-key", "trusted", multiple=True, type=click.Path(dir_okay=False),
+              help="Public key to trust (repeatable).")
+@click.option("--allow-unsigned", is_flag=True, help="Check hashes only; accept no signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(package: str, trusted: tuple[str, ...], allow_unsigned: bool, as_json: bool) -> None:
+    """Check every file's sha256 and the signature; exit 1 on any mismatch."""
+    report = verify_package(package, [load_public_key(k) for k in trusted],
+                            require_signature=not allow_unsigned)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    signer = f"signed by {report.key_id}" if report.key_id else (
+        "signed (signature not checked)" if report.signed else "unsigned")
+    click.echo(f"OK {report.name} {report.version}: {report.files_checked} files, {signer}")
+    sys.stdout.flush()

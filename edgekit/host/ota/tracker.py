@@ -1,0 +1,239 @@
+"""Following a deployment from the devices' status and events (no MQTT here: feed it messages).
+
+:class:`DeploymentTracker` turns the retained ``status`` payloads and the ``update.*`` events
+of a fleet into one :class:`DeviceProgress` per device and an outcome per target: the
+``deploy`` command, and the fleet controller, feed it what they receive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from edgekit.protocol import DeviceState
+from edgekit.protocol.ota.desired import DesiredModel
+from edgekit.protocol.ota.events import FINAL_STEPS, UpdateStep, step_of
+
+__all__ = ["DeployResult", "DeploymentTracker", "DeviceProgress", "Outcome"]
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # refused before serving; the previous model kept serving
+    ROLLED_BACK = "rolled_back"  # served, misbehaved, the previous model is back
+    TIMED_OUT = "timed_out"  # no final answer before the deadline
+    NOT_WAITED = "not_waited"  # --no-wait, or an offline device of a fleet-wide deploy
+
+
+_STEP_OUTCOME = {UpdateStep.SUCCEEDED: Outcome.SUCCEEDED, UpdateStep.FAILED: Outcome.FAILED,
+                 UpdateStep.ROLLED_BACK: Outcome.ROLLED_BACK}
+
+
+@dataclass
+class DeviceProgress:
+    """What is known about one device during a deployment."""
+
+    device: str
+    state: str | None = None  # DeviceState of its latest status
+    session: int = -1
+    serving: dict[str, Any] | None = None  # the status' model (name, version, sha256, ...)
+    step: UpdateStep | None = None
+    percent: float | None = None
+    reason: str | None = None
+    message: str = ""
+    outcome: Outcome | None = None
+    note: str = ""  # why it is not a target, or what it follows instead
+    updated: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        serving = self.serving
+        return {
+            "device": self.device,
+            "outcome": self.outcome.value if self.outcome else None,
+            "step": self.step.value if self.step else None,
+            "percent": self.percent,
+            "reason": self.reason,
+            "message": self.message,
+            "state": self.state,
+            "serving": None if serving is None else {k: serving.get(k) for k in
+                                                     ("name", "version", "sha256")},
+            "note": self.note,
+        }
+
+
+@dataclass
+class DeployResult:
+    """The outcome of a deployment: per target device, and the devices not waited for."""
+
+    deployment: str
+    fleet: str
+    model: DesiredModel
+    targets: dict[str, DeviceProgress]
+    not_waited: dict[str, DeviceProgress]
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Every target succeeded (true with no targets: nothing failed)."""
+        return all(p.outcome == Outcome.SUCCEEDED for p in self.targets.values())
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for progress in self.targets.values():
+            key = progress.outcome.value if progress.outcome else "pending"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "fleet": self.fleet,
+            "model": dict(self.model),
+            "ok": self.ok,
+            "counts": self.counts(),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "targets": {d: p.to_dict() for d, p in sorted(self.targets.items())},
+            "not_waited": {d: p.to_dict() for d, p in sorted(self.not_waited.items())},
+        }
+
+
+class DeploymentTracker:
+    """Progress and outcome of one deployment.
+
+    With ``devices`` the targets are exactly those devices. Without (a fleet-wide deploy) the
+    targets are the devices known online when :meth:`freeze` is called, plus offline ones
+    when ``include_offline``, plus any device that comes online or reports on this deployment
+    later; devices that follow a device-level desired document of their own are left out.
+    """
+
+    def __init__(self, deployment: str, fleet: str, model: DesiredModel, *,
+                 devices: Iterable[str] | None = None, include_offline: bool = False) -> None:
+        self.deployment = deployment
+        self.fleet = fleet
+        self.model = model
+        self.include_offline = include_offline
+        self.fleet_wide = devices is None
+        self.devices: dict[str, DeviceProgress] = {}
+        self.targets: set[str] = set(devices or ())
+        self.own_document: set[str] = set()  # devices with a device-level desired document
+        self.frozen = not self.fleet_wide
+        for device in self.targets:
+            self._progress(device)
+
+    # ---------------------------------------------------------------- inputs
+
+    def observe_status(self, device: str, payload: dict[str, Any]) -> bool:
+        """Take a status payload; return whether anything a viewer shows changed."""
+        session = payload.get("session")
+        progress = self._progress(device)
+        if isinstance(session, int) and session < progress.session:
+            return False  # a late last will of an earlier connection
+        progress.session = session if isinstance(session, int) else progress.session
+        before = (progress.state, progress.serving)
+        progress.state = str(payload.get("state"))
+        model = payload.get("model")
+        progress.serving = model if isinstance(model, dict) else None
+        update = payload.get("update")
+        changed = before != (progress.state, progress.serving)
+        if isinstance(update, dict) and update.get("deployment") == self.deployment:
+            changed |= self._apply(progress, step_of("update." + str(update.get("step"))),
+                                   update.get("reason"), str(update.get("message", "")), None)
+        if (self.fleet_wide and self.frozen and device not in self.targets
+                and device not in self.own_document and progress.state == DeviceState.ONLINE):
+            self._add_target(device)
+            changed = True
+        return changed
+
+    def observe_event(self, device: str, payload: dict[str, Any]) -> bool:
+        """Take an ``events`` payload; return whether it was about this deployment."""
+        step = step_of(payload.get("kind"))
+        data = payload.get("data")
+        if step is None or not isinstance(data, dict):
+            return False
+        if data.get("deployment") != self.deployment:
+            return False
+        progress = self._progress(device)
+        if device not in self.targets and self.frozen:
+            self._add_target(device)
+        serving = data.get("serving")
+        if isinstance(serving, dict):
+            progress.serving = {**(progress.serving or {}), **serving}
+        percent = None
+        prog = data.get("progress")
+        if isinstance(prog, dict) and isinstance(prog.get("percent"), int | float):
+            percent = float(prog["percent"])
+        return self._apply(progress, step, payload.get("reason"), str(payload.get("message", "")),
+                           percent)
+
+    def observe_desired(self, device: str, has_document: bool) -> None:
+        """Note whether a device has a device-level desired document (it then ignores the
+        fleet's)."""
+        if has_document:
+            self.own_document.add(device)
+        else:
+            self.own_document.discard(device)
+
+    def freeze(self) -> None:
+        """Fix the initial targets of a fleet-wide deploy from what has been seen so far."""
+        if self.frozen:
+            return
+        for device, progress in self.devices.items():
+            if device in self.own_document:
+                progress.note = "follows its own device-level desired document"
+                continue
+            if progress.state == DeviceState.ONLINE or self.include_offline:
+                self.targets.add(device)
+            else:
+                progress.note = (f"{progress.state or 'unknown'}: updates when it reconnects"
+                                 " (not waited for; use --include-offline)")
+        self.frozen = True
+
+    # ---------------------------------------------------------------- outputs
+
+    def finished(self) -> bool:
+        return all(self.devices[d].outcome is not None for d in self.targets)
+
+    def expire(self, outcome: Outcome = Outcome.TIMED_OUT) -> None:
+        """Give every target without an outcome ``outcome`` (the deadline passed)."""
+        for device in self.targets:
+            progress = self.devices[device]
+            if progress.outcome is None:
+                progress.outcome = outcome
+
+    def result(self, elapsed_s: float) -> DeployResult:
+        targets = {d: self.devices[d] for d in self.targets}
+        others = {d: p for d, p in self.devices.items()
+                  if d not in self.targets and (p.note or self.fleet_wide)}
+        for progress in others.values():
+            progress.outcome = Outcome.NOT_WAITED
+        return DeployResult(self.deployment, self.fleet, self.model, targets, others, elapsed_s)
+
+    # ---------------------------------------------------------------- internals
+
+    def _progress(self, device: str) -> DeviceProgress:
+        if device not in self.devices:
+            self.devices[device] = DeviceProgress(device)
+        return self.devices[device]
+
+    def _add_target(self, device: str) -> None:
+        self.targets.add(device)
+        self.devices[device].note = ""
+
+    def _apply(self, progress: DeviceProgress, step: UpdateStep | None, reason: Any,
+               message: str, percent: float | None) -> bool:
+        if step is None or progress.outcome is not None:
+            return False
+        progress.step = step
+        progress.updated = time.time()
+        if percent is not None:
+            progress.percent = percent
+        if isinstance(reason, str):
+            progress.reason = reason
+        if message:
+            progress.message = message
+        if step in FINAL_STEPS:
+            progress.outcome = _STEP_OUTCOME[step]
+        return True

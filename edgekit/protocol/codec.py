@@ -1,0 +1,124 @@
+"""One way to put a document on the wire and to take it off: msgspec Structs, size-capped.
+
+Every wire document is a :class:`Document` subclass that names its schema in the class
+header::
+
+    class StatusDocument(Document, tag="edgekit.status/1"):
+        max_bytes: ClassVar[int] = 64 * 1024
+        device: str
+        state: DeviceState
+
+The ``schema`` field is msgspec's tag field, so the schema travels in every payload and a
+payload of another schema (or another major version) fails to decode. Fields added within a
+major version must have defaults; unknown fields are ignored, so an older reader accepts a
+newer minor revision. Decoding is strict: a wrong type is an error, never coerced.
+
+:func:`decode` checks the size *before* parsing and raises :class:`~edgekit.errors.ProtocolError`
+for anything wrong (too large, not JSON, wrong schema, a field missing or out of range), the
+one error type the protocol raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from edgekit.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "Document",
+    "decode",
+    "decode_raw",
+    "encode",
+    "schema_of",
+]
+
+DEFAULT_MAX_BYTES = 64 * 1024
+
+D = TypeVar("D", bound="Document")
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+class Document(msgspec.Struct, kw_only=True, tag_field="schema", omit_defaults=True):
+    """Base of every wire document; subclasses set ``tag="edgekit.<name>/<major>"``.
+
+    ``max_bytes`` is the largest encoded payload a reader accepts for the document type;
+    subclasses override it with a ``ClassVar``.
+    """
+
+    max_bytes: ClassVar[int] = DEFAULT_MAX_BYTES
+
+
+def schema_of(cls: type[Document]) -> str:
+    """The ``schema`` string a document class carries on the wire."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return str(info.tag)
+
+
+def encode(doc: Document) -> bytes:
+    """The JSON bytes of ``doc`` (compact, with its ``schema`` field)."""
+    return _encoder.encode(doc)
+
+
+class _Absent(Document, tag="edgekit.absent/0"):
+    """Never sent. Decoding through ``cls | _Absent`` makes msgspec require the tag field,
+    which it treats as optional when a tagged Struct is decoded on its own."""
+
+
+def _decoder(cls: type[D]) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.json.Decoder(cls | _Absent)  # type: ignore[operator]
+    return decoder
+
+
+def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
+           max_bytes: int | None = None) -> D:
+    """Parse ``payload`` as a ``cls`` document after checking its size.
+
+    ``max_bytes`` overrides the class's cap (for a reader configured tighter or looser).
+
+    Raises:
+        ProtocolError: the payload is larger than the cap, not JSON, of another schema, or a
+            field is missing, of the wrong type or out of its declared range.
+    """
+    limit = cls.max_bytes if max_bytes is None else max_bytes
+    size = len(payload.encode() if isinstance(payload, str) else payload)
+    if size > limit:
+        raise ProtocolError(
+            f"{schema_of(cls)} payload of {size} bytes is over the {limit}-byte limit",
+            hint="the sender must split or shrink it; nothing of it was parsed",
+        )
+    try:
+        doc = _decoder(cls).decode(payload)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"payload does not fit {schema_of(cls)}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(doc, cls):
+        raise ProtocolError(f"payload does not fit {schema_of(cls)}: schema is {schema_of(type(doc))}")
+    return doc
+
+
+def decode_raw(payload: bytes | bytearray | memoryview | str, *,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """Parse a size-capped JSON object whose type is not known yet.
+
+    Raises:
+        ProtocolError: over ``max_bytes``, not JSON, or not a JSON object.
+    """
+    size = len(payload.encode() if isinstance(payload, str) else payload)
+    if size > max_bytes:
+        raise ProtocolError(f"payload of {size} bytes is over the {max_bytes}-byte limit")
+    try:
+        doc = msgspec.json.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("payload is not a JSON object")
+    return doc

@@ -1,0 +1,132 @@
+"""Over-the-air model updates: the wire documents both sides share.
+
+The host states the model it wants in a retained *desired document* (:mod:`.desired`), an
+artifact server hands the package out in checked chunks (:mod:`.chunks`), a *signed
+rollback instruction* is the only way to go back to an older version (:mod:`.rollback`), and
+every step of an update is an event with a reason code (:mod:`.events`). Topics are in
+:mod:`.topics`; docs/ota.md is the prose form.
+
+This package imports nothing heavier than :mod:`edgekit.protocol`. The host's half (the
+artifact server, deployer and tracker) is :mod:`edgekit.host.ota`.
+"""
+
+from __future__ import annotations
+
+from edgekit.protocol.ota._time import format_time, parse_time
+from edgekit.protocol.ota.chunks import (
+    CHUNK_REQUEST_SCHEMA,
+    CHUNK_SCHEMA,
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    Chunk,
+    ChunkErrorCode,
+    ChunkErrorInfo,
+    ChunkHeader,
+    ChunkRequest,
+    decode_chunk,
+    encode_chunk,
+    encode_chunk_error,
+    encode_request,
+    make_request,
+    parse_request,
+    peek_request_id,
+)
+from edgekit.protocol.ota.desired import (
+    DEFAULT_PROBATION,
+    DESIRED_SCHEMA,
+    MAX_ARTIFACT_BYTES,
+    DesiredDocument,
+    DesiredModel,
+    MqttSource,
+    Probation,
+    Sources,
+    encode_desired,
+    make_desired,
+    new_deployment_id,
+    parse_desired,
+)
+from edgekit.protocol.ota.events import (
+    EVENT_PREFIX,
+    FINAL_STEPS,
+    UpdateEventData,
+    UpdateModel,
+    UpdateProgress,
+    UpdateReason,
+    UpdateStatus,
+    UpdateStep,
+    event_kind,
+    step_of,
+)
+from edgekit.protocol.ota.rollback import (
+    ROLLBACK_SCHEMA,
+    RollbackInstruction,
+    canonical_bytes,
+    parse_rollback,
+    sign_rollback,
+    verify_rollback,
+)
+from edgekit.protocol.ota.topics import (
+    ARTIFACTS_SCOPE,
+    DEFAULT_SHARE_GROUP,
+    artifact_request_topic,
+    artifact_subscription,
+    desired_topic,
+    ota_reply_topic,
+    shared,
+)
+
+__all__ = [
+    "ARTIFACTS_SCOPE",
+    "CHUNK_REQUEST_SCHEMA",
+    "CHUNK_SCHEMA",
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_PROBATION",
+    "DEFAULT_SHARE_GROUP",
+    "DESIRED_SCHEMA",
+    "EVENT_PREFIX",
+    "FINAL_STEPS",
+    "MAX_ARTIFACT_BYTES",
+    "MAX_CHUNK_BYTES",
+    "ROLLBACK_SCHEMA",
+    "Chunk",
+    "ChunkErrorCode",
+    "ChunkErrorInfo",
+    "ChunkHeader",
+    "ChunkRequest",
+    "DesiredDocument",
+    "DesiredModel",
+    "MqttSource",
+    "Probation",
+    "RollbackInstruction",
+    "Sources",
+    "UpdateEventData",
+    "UpdateModel",
+    "UpdateProgress",
+    "UpdateReason",
+    "UpdateStatus",
+    "UpdateStep",
+    "artifact_request_topic",
+    "artifact_subscription",
+    "canonical_bytes",
+    "decode_chunk",
+    "desired_topic",
+    "encode_chunk",
+    "encode_chunk_error",
+    "encode_desired",
+    "encode_request",
+    "event_kind",
+    "format_time",
+    "make_desired",
+    "make_request",
+    "new_deployment_id",
+    "ota_reply_topic",
+    "parse_desired",
+    "parse_request",
+    "parse_rollback",
+    "parse_time",
+    "peek_request_id",
+    "shared",
+    "sign_rollback",
+    "step_of",
+    "verify_rollback",
+]

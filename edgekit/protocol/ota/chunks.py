@@ -1,0 +1,249 @@
+"""Chunk requests and chunk replies: how an artifact travels over MQTT.
+
+A device publishes a :class:`ChunkRequest` (JSON) to the artifact's request topic
+(:func:`edgekit.protocol.ota.topics.artifact_request_topic`), naming the bytes it wants and the topic
+to answer on. A server answers with one binary payload::
+
+    +----------------+----------------------------+-----------------------+
+    | 4 bytes, big   | header: UTF-8 JSON,        | the chunk's raw bytes |
+    | endian: header | ChunkHeader                | (``length`` of them)  |
+    | length         |                            |                       |
+    +----------------+----------------------------+-----------------------+
+
+The header repeats the request id, sha256 and offset, gives the artifact's ``total`` size
+and the sha256 of the bytes that follow, so a device checks every chunk on its own before it
+writes it. An error reply has an ``error`` and no bytes. Requests carry their reply topic,
+so the exchange works on MQTT 3.1.1 and MQTT 5 brokers alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NotRequired, TypedDict
+
+from edgekit.errors import ProtocolError
+from edgekit.protocol.ota import _validate as v
+from edgekit.protocol.ota.desired import MAX_ARTIFACT_BYTES
+
+__all__ = [
+    "CHUNK_REQUEST_SCHEMA",
+    "CHUNK_SCHEMA",
+    "DEFAULT_CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
+    "Chunk",
+    "ChunkErrorCode",
+    "ChunkErrorInfo",
+    "ChunkHeader",
+    "ChunkRequest",
+    "decode_chunk",
+    "encode_chunk",
+    "encode_chunk_error",
+    "encode_request",
+    "make_request",
+    "parse_request",
+    "peek_request_id",
+]
+
+CHUNK_REQUEST_SCHEMA = "edgekit.chunk-request/1"
+CHUNK_SCHEMA = "edgekit.chunk/1"
+DEFAULT_CHUNK_BYTES = 256 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_MAX_HEADER_BYTES = 64 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ChunkErrorCode(StrEnum):
+    NOT_FOUND = "not_found"  # this server does not hold the artifact
+    BAD_REQUEST = "bad_request"  # the request is not valid JSON or misses a field
+    OUT_OF_RANGE = "out_of_range"  # offset at or past the end of the artifact
+    INTERNAL = "internal"  # the server could not read the artifact
+
+
+class ChunkRequest(TypedDict):
+    schema: str
+    request_id: str
+    sha256: str
+    offset: int
+    length: int  # at most this many bytes; servers may send fewer (their cap, the file's end)
+    reply_to: str
+
+
+class ChunkErrorInfo(TypedDict):
+    code: str  # ChunkErrorCode
+    message: str
+
+
+class ChunkHeader(TypedDict):
+    schema: str
+    request_id: str
+    sha256: str  # of the whole artifact
+    offset: int
+    length: int  # bytes that follow the header
+    total: int  # size of the whole artifact (0 in an error reply)
+    chunk_sha256: str  # of the bytes that follow
+    error: NotRequired[ChunkErrorInfo]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A decoded reply whose bytes match its ``chunk_sha256``."""
+
+    header: ChunkHeader
+    data: bytes
+
+    @property
+    def error(self) -> ChunkErrorInfo | None:
+        return self.header.get("error")
+
+    def check_answers(self, request: ChunkRequest) -> None:
+        """Check that this reply answers ``request`` (and is not a stray or late one).
+
+        Raises:
+            ProtocolError: another request id, artifact or offset, or more bytes than asked.
+        """
+        h = self.header
+        if h["request_id"] != request["request_id"]:
+            raise ProtocolError(f"chunk reply for request {h['request_id']!r}, expected"
+                                f" {request['request_id']!r}")
+        if h["sha256"] != request["sha256"] or h["offset"] != request["offset"]:
+            raise ProtocolError(
+                f"chunk reply for {h['sha256'][:12]}@{h['offset']}, the request asked for"
+                f" {request['sha256'][:12]}@{request['offset']}")
+        if h["length"] > request["length"]:
+            raise ProtocolError(f"chunk reply holds {h['length']} bytes, the request asked for"
+                                f" at most {request['length']}")
+
+
+def make_request(request_id: str, sha256: str, offset: int, length: int,
+                 reply_to: str) -> ChunkRequest:
+    """Build a request and check it as a server would.
+
+    Raises:
+        ProtocolError: a field is out of range.
+    """
+    return parse_request(encode_request(ChunkRequest(
+        schema=CHUNK_REQUEST_SCHEMA, request_id=request_id, sha256=sha256, offset=offset,
+        length=length, reply_to=reply_to)))
+
+
+def encode_request(request: ChunkRequest) -> bytes:
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def parse_request(data: bytes | str) -> ChunkRequest:
+    """Parse a chunk request.
+
+    Raises:
+        ProtocolError: not JSON, another schema, or a field missing or out of range; the
+            message names the key.
+    """
+    doc = _json(data, "chunk request")
+    where = "chunk_request"
+    if doc.get("schema") != CHUNK_REQUEST_SCHEMA:
+        raise ProtocolError(f"{where}.schema: expected {CHUNK_REQUEST_SCHEMA!r},"
+                            f" found {doc.get('schema')!r}")
+    reply_to = v.text(doc, "reply_to", where, max_len=1024)
+    if any(c in reply_to for c in "+#\0") or reply_to.startswith("$"):
+        raise ProtocolError(f"{where}.reply_to: {reply_to!r} is not a topic one can publish to")
+    return ChunkRequest(
+        schema=CHUNK_REQUEST_SCHEMA,
+        request_id=v.text(doc, "request_id", where, max_len=64),
+        sha256=v.sha256(doc, "sha256", where),
+        offset=v.integer(doc, "offset", where, high=MAX_ARTIFACT_BYTES),
+        length=v.integer(doc, "length", where, low=1, high=MAX_CHUNK_BYTES),
+        reply_to=reply_to,
+    )
+
+
+def encode_chunk(request: ChunkRequest, data: bytes, total: int,
+                 chunk_sha256: str | None = None) -> bytes:
+    """A reply carrying ``data``, the bytes at ``request['offset']`` (``chunk_sha256``: their
+    hash when the caller has it already)."""
+    header = ChunkHeader(schema=CHUNK_SCHEMA, request_id=request["request_id"],
+                         sha256=request["sha256"], offset=request["offset"], length=len(data),
+                         total=total,
+                         chunk_sha256=chunk_sha256 or hashlib.sha256(data).hexdigest())
+    return _frame(header, data)
+
+
+def encode_chunk_error(request_id: str, sha256: str, offset: int, code: ChunkErrorCode,
+                       message: str) -> bytes:
+    """A reply that says why a request cannot be answered."""
+    header = ChunkHeader(schema=CHUNK_SCHEMA, request_id=request_id, sha256=sha256,
+                         offset=offset, length=0, total=0,
+                         chunk_sha256=hashlib.sha256(b"").hexdigest(),
+                         error=ChunkErrorInfo(code=code.value, message=message[:500]))
+    return _frame(header, b"")
+
+
+def decode_chunk(payload: bytes) -> Chunk:
+    """Decode a reply and check its bytes against its ``chunk_sha256``.
+
+    Raises:
+        ProtocolError: the frame is truncated, the header is not valid JSON or misses a field,
+            the byte count differs from ``length``, or the bytes do not match ``chunk_sha256``.
+    """
+    if len(payload) < _LEN.size:
+        raise ProtocolError(f"chunk reply of {len(payload)} bytes is too short for its frame")
+    (header_len,) = _LEN.unpack_from(payload)
+    if header_len > _MAX_HEADER_BYTES or _LEN.size + header_len > len(payload):
+        raise ProtocolError(f"chunk reply header length {header_len} does not fit the"
+                            f" {len(payload)}-byte payload")
+    doc = _json(payload[_LEN.size:_LEN.size + header_len], "chunk reply header")
+    data = payload[_LEN.size + header_len:]
+    where = "chunk"
+    if doc.get("schema") != CHUNK_SCHEMA:
+        raise ProtocolError(f"{where}.schema: expected {CHUNK_SCHEMA!r}, found"
+                            f" {doc.get('schema')!r}")
+    header = ChunkHeader(
+        schema=CHUNK_SCHEMA,
+        request_id=v.text(doc, "request_id", where, max_len=64),
+        sha256=v.sha256(doc, "sha256", where),
+        offset=v.integer(doc, "offset", where, high=MAX_ARTIFACT_BYTES),
+        length=v.integer(doc, "length", where, high=MAX_CHUNK_BYTES),
+        total=v.integer(doc, "total", where, high=MAX_ARTIFACT_BYTES),
+        chunk_sha256=v.sha256(doc, "chunk_sha256", where),
+    )
+    if doc.get("error") is not None:
+        err = v.obj(doc["error"], f"{where}.error")
+        header["error"] = ChunkErrorInfo(code=v.text(err, "code", f"{where}.error", max_len=64),
+                                         message=str(err.get("message", ""))[:500])
+    if len(data) != header["length"]:
+        raise ProtocolError(f"chunk reply carries {len(data)} bytes, its header says"
+                            f" {header['length']} (truncated)")
+    if hashlib.sha256(data).hexdigest() != header["chunk_sha256"]:
+        raise ProtocolError(f"chunk at offset {header['offset']} does not match its sha256"
+                            " (corrupted in transit)")
+    return Chunk(header, data)
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """The request id of a reply that :func:`decode_chunk` refused (to ask for it again at
+    once instead of waiting for the request to time out), or None if even that is unreadable.
+    The id is only a hint: nothing else of such a reply is trusted."""
+    try:
+        (header_len,) = _LEN.unpack_from(payload)
+        if header_len > _MAX_HEADER_BYTES:
+            return None
+        doc = json.loads(payload[_LEN.size:_LEN.size + header_len])
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+    rid = doc.get("request_id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def _frame(header: ChunkHeader, data: bytes) -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _LEN.pack(len(head)) + head + data
+
+
+def _json(data: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from exc
+    return v.obj(doc, what)
