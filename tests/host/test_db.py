@@ -362,9 +362,11 @@ def test_concurrent_creates_leave_one_active_rollout_per_fleet(db_url: str) -> N
         st.close()
 
 
-def test_public_names_exist() -> None:
-    import edgekit.host as host
+@pytest.mark.parametrize("module", ["edgekit.host.db", "edgekit.host.registry"])
+def test_public_names_exist(module: str) -> None:
+    import importlib
 
-    assert sorted(host.__all__) == sorted(set(host.__all__))
-    for name in host.__all__:
-        assert hasattr(host, name), name
+    mod = importlib.import_module(module)
+    assert sorted(mod.__all__) == sorted(set(mod.__all__))
+    for name in mod.__all__:
+        assert hasattr(mod, name), name
