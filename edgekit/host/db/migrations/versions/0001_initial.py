@@ -30,6 +30,22 @@ _ACTIVE = sa.text("state IN ('aborting', 'paused', 'pending', 'running')")
 
 
 def upgrade() -> None:
+    _create_fleet_tables()
+    _create_registry_tables()
+    _create_rollout_tables()
+    op.create_table("schema_info",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("created", _TIME, nullable=False),
+        sa.PrimaryKeyConstraint("id")
+    )
+    schema_info = sa.table("schema_info", sa.column("id", sa.Integer),
+                           sa.column("version", sa.Integer), sa.column("created", _TIME))
+    op.bulk_insert(schema_info, [{"id": 1, "version": 1, "created": _now()}])
+
+
+def _create_fleet_tables() -> None:
+    """Devices, metric history, labelled samples and leases."""
     op.create_table("devices",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("fleet", sa.String(length=128), nullable=False),
@@ -55,13 +71,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("fleet", "device_id", name="uq_devices_fleet_device")
     )
-    op.create_table("leases",
-        sa.Column("name", sa.String(length=200), nullable=False),
-        sa.Column("owner", sa.String(length=128), nullable=False),
-        sa.Column("expires", _TIME, nullable=False),
-        sa.Column("acquired", _TIME, nullable=False),
-        sa.PrimaryKeyConstraint("name")
-    )
     op.create_table("metrics",
         sa.Column("id", _BIG_ID, autoincrement=True, nullable=False),
         sa.Column("fleet", sa.String(length=128), nullable=False),
@@ -75,13 +84,33 @@ def upgrade() -> None:
         sa.UniqueConstraint("fleet", "device_id", "session", "seq", name="uq_metrics_message")
     )
     op.create_index("ix_metrics_fleet_ts", "metrics", ["fleet", "ts"], unique=False)
-    op.create_table("model_channels",
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("channel", sa.String(length=64), nullable=False),
-        sa.Column("version", sa.String(length=64), nullable=False),
-        sa.Column("promoted", _TIME, nullable=False),
-        sa.PrimaryKeyConstraint("name", "channel")
+    op.create_table("samples",
+        sa.Column("id", _BIG_ID, autoincrement=True, nullable=False),
+        sa.Column("fleet", sa.String(length=128), nullable=False),
+        sa.Column("device_id", sa.String(length=128), nullable=False),
+        sa.Column("prediction_id", sa.String(length=128), nullable=False),
+        sa.Column("row", sa.Integer(), nullable=False),
+        sa.Column("model_name", sa.String(length=128), nullable=True),
+        sa.Column("model_version", sa.String(length=64), nullable=True),
+        sa.Column("ts", _TIME, nullable=False),
+        sa.Column("inputs", sa.LargeBinary(), nullable=False),
+        sa.Column("label", _JSON, nullable=True),
+        sa.Column("prediction", _JSON, nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("fleet", "device_id", "prediction_id", "row", name="uq_samples_prediction_row")
     )
+    op.create_index("ix_samples_ts", "samples", ["ts"], unique=False)
+    op.create_table("leases",
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("expires", _TIME, nullable=False),
+        sa.Column("acquired", _TIME, nullable=False),
+        sa.PrimaryKeyConstraint("name")
+    )
+
+
+def _create_registry_tables() -> None:
+    """The model registry and its channels."""
     op.create_table("models",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("name", sa.String(length=128), nullable=False),
@@ -103,6 +132,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name", "version", name="uq_models_name_version")
     )
+    op.create_table("model_channels",
+        sa.Column("name", sa.String(length=128), nullable=False),
+        sa.Column("channel", sa.String(length=64), nullable=False),
+        sa.Column("version", sa.String(length=64), nullable=False),
+        sa.Column("promoted", _TIME, nullable=False),
+        sa.PrimaryKeyConstraint("name", "channel")
+    )
+
+
+def _create_rollout_tables() -> None:
+    """Rollouts, their targets, and the event log (which names rollouts)."""
     op.create_table("rollouts",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("fleet", sa.String(length=128), nullable=False),
@@ -122,27 +162,17 @@ def upgrade() -> None:
     # At most one active rollout per fleet.
     op.create_index("uq_rollouts_active_fleet", "rollouts", ["fleet"], unique=True,
                     postgresql_where=_ACTIVE, sqlite_where=_ACTIVE)
-    op.create_table("samples",
-        sa.Column("id", _BIG_ID, autoincrement=True, nullable=False),
-        sa.Column("fleet", sa.String(length=128), nullable=False),
+    op.create_table("rollout_targets",
+        sa.Column("rollout_id", sa.Integer(), nullable=False),
         sa.Column("device_id", sa.String(length=128), nullable=False),
-        sa.Column("prediction_id", sa.String(length=128), nullable=False),
-        sa.Column("row", sa.Integer(), nullable=False),
-        sa.Column("model_name", sa.String(length=128), nullable=True),
-        sa.Column("model_version", sa.String(length=64), nullable=True),
-        sa.Column("ts", _TIME, nullable=False),
-        sa.Column("inputs", sa.LargeBinary(), nullable=False),
-        sa.Column("label", _JSON, nullable=True),
-        sa.Column("prediction", _JSON, nullable=True),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("fleet", "device_id", "prediction_id", "row", name="uq_samples_prediction_row")
-    )
-    op.create_index("ix_samples_ts", "samples", ["ts"], unique=False)
-    op.create_table("schema_info",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("created", _TIME, nullable=False),
-        sa.PrimaryKeyConstraint("id")
+        sa.Column("wave", sa.Integer(), nullable=True),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("previous_version", sa.String(length=64), nullable=True),
+        sa.Column("assigned_at", _TIME, nullable=True),
+        sa.Column("updated", _TIME, nullable=False),
+        sa.ForeignKeyConstraint(["rollout_id"], ["rollouts.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("rollout_id", "device_id")
     )
     op.create_table("events",
         sa.Column("id", _BIG_ID, autoincrement=True, nullable=False),
@@ -161,22 +191,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("fleet", "device_id", "seq", name="uq_events_device_seq")
     )
     op.create_index("ix_events_fleet_id", "events", ["fleet", "id"], unique=False)
-    op.create_table("rollout_targets",
-        sa.Column("rollout_id", sa.Integer(), nullable=False),
-        sa.Column("device_id", sa.String(length=128), nullable=False),
-        sa.Column("wave", sa.Integer(), nullable=True),
-        sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("reason", sa.Text(), nullable=True),
-        sa.Column("previous_version", sa.String(length=64), nullable=True),
-        sa.Column("assigned_at", _TIME, nullable=True),
-        sa.Column("updated", _TIME, nullable=False),
-        sa.ForeignKeyConstraint(["rollout_id"], ["rollouts.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("rollout_id", "device_id")
-    )
-
-    schema_info = sa.table("schema_info", sa.column("id", sa.Integer),
-                           sa.column("version", sa.Integer), sa.column("created", _TIME))
-    op.bulk_insert(schema_info, [{"id": 1, "version": 1, "created": _now()}])
 
 
 def downgrade() -> None:
