@@ -79,7 +79,7 @@ __all__ = [
 class Store(SampleStore, RolloutStore):
     """Everything the controller and the host commands keep in the database.
 
-    ``Store(url)`` connects and creates the schema when it is missing. Rollout, target and
+    ``Store(url)`` connects and migrates the schema to the newest revision. Rollout, target and
     lease methods are documented in :class:`edgekit.host.db._rollouts.RolloutStore`, the
     samples methods in :class:`edgekit.host.db._samples.SampleStore`.
     """
