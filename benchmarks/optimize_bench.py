@@ -12,6 +12,10 @@ PyTorch eager latency.
 Run from the repository root::
 
     python benchmarks/optimize_bench.py [--models digits,minilm] [--threads 1] [--out DIR]
+    python benchmarks/optimize_bench.py --quick   # digits, two ONNX candidates: a smoke run
+
+``--quick`` (what the test suite runs) trains the CNN briefly and tries two ONNX candidates
+with 5 timed runs each; it prints the same table.
 """
 
 from __future__ import annotations
@@ -41,14 +45,14 @@ def _digits(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     data = write_npz_files(out / "data")
     split = load_digits_split()
-    model = train_torch(torch_cnn(), *split["train"])
+    model = train_torch(torch_cnn(), *split["train"], epochs=args.epochs)
     pt2 = out / "digits_cnn.pt2"
     example = (torch.from_numpy(split["eval"][0][:2]),)
     program = torch.export.export(model, example,
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, pt2)
     return _run(optimize, pt2, out / "digits_best.edgepkg", args, eval_data=data["eval"],
-                calibration=data["calib"], metric="accuracy", targets=("onnx", "tflite"))
+                calibration=data["calib"], metric="accuracy", targets=tuple(args.digits_targets))
 
 
 def _minilm(out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minilm-eval", type=int, default=64, help="sentences to score on")
     parser.add_argument("--minilm-calib", type=int, default=64, help="calibration sentences")
     parser.add_argument("--minilm-targets", default="onnx", help="onnx, or onnx,tflite")
+    parser.add_argument("--digits-targets", default="onnx,tflite", help="onnx, or onnx,tflite")
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of the CNN")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "optimize_bench")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: digits only, two ONNX candidates, 5 runs, short training")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.runs, args.epochs, args.digits_targets = "digits", 5, 3, "onnx"
+        args.candidates = args.candidates or "onnx:fp32,onnx:dynamic-per-tensor"
     args.candidates = args.candidates.split(",") if args.candidates else None
     args.minilm_targets = args.minilm_targets.split(",")
+    args.digits_targets = args.digits_targets.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,6 +13,10 @@ In one run, on one machine, against one mosquitto:
    during the swap (must be 0).
 
     .venv/bin/python benchmarks/ota_bench.py [--agents 20] [--size-mb 20] [--json out.json]
+    .venv/bin/python benchmarks/ota_bench.py --quick   # 2 agents, 1 MB, short probation
+
+``--quick`` (what the test suite runs) checks the same things on a small fleet: every agent
+succeeds and no request fails.
 """
 
 from __future__ import annotations
@@ -226,7 +230,7 @@ def wait_healthy(agents: list[tuple[subprocess.Popen[bytes], int]], timeout: flo
 # --------------------------------------------------------------------------- run
 
 
-def run(agents_n: int, size_mb: float) -> dict[str, Any]:
+def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ota-bench-"))
     broker, port = start_mosquitto(work)
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
@@ -249,7 +253,7 @@ def run(agents_n: int, size_mb: float) -> dict[str, Any]:
         server.ensure_reachable()
         served_before = server.stats.bytes
         doc = desired_for_package(info, "bench", probation=Probation(
-            requests=20, seconds=10.0, max_error_rate=0.0, max_nonfinite_rate=0.0,
+            requests=20, seconds=probation_s, max_error_rate=0.0, max_nonfinite_rate=0.0,
             max_latency_ms=None))
         downloaded: dict[str, float] = {}
 
@@ -312,8 +316,12 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--size-mb", type=float, default=20.0)
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 agents, a 1 MB model, 1 s of probation")
     args = parser.parse_args()
-    out = run(args.agents, args.size_mb)
+    if args.quick:
+        args.agents, args.size_mb = 2, 1.0
+    out = run(args.agents, args.size_mb, probation_s=1.0 if args.quick else 10.0)
     rows = [
         ("agents", out["agents"]),
         ("artifact size (MB)", round(out["artifact_bytes"] / 1e6, 2)),

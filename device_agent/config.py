@@ -2,8 +2,9 @@
 
 Sources, each overriding the one before: the defaults below, a TOML file (``--config``),
 ``EDGEKIT_<SECTION>_<KEY>`` environment variables (``EDGEKIT_MQTT_BROKER``), command-line
-flags. Every key has a default and a description (``edgekit-agent check-config --keys``
-lists them; docs/devices.md has the table). :func:`load_config` raises one
+flags. Every key has a default, a description and the values it allows, written on its
+field (``edgekit-agent check-config --keys`` lists them; docs/devices.md has the table,
+generated from the fields by ``python docs/config_tables.py``). :func:`load_config` raises one
 :class:`~edgekit.errors.ConfigError` that names the key, where its value came from and what
 is wrong with it; the agent does not start on a config error (exit 2).
 """
@@ -22,7 +23,9 @@ from urllib.parse import unquote, urlsplit
 from edgekit import typedconfig
 from edgekit.errors import ConfigError, UsageError
 from edgekit.protocol import check_id
+from edgekit.protocol.ota import MAX_CHUNK_BYTES as _MAX_CHUNK
 from edgekit.signing import load_public_key
+from edgekit.typedconfig import Invalid, Pattern
 from edgekit.typedconfig import opt as _opt
 
 __all__ = [
@@ -33,111 +36,153 @@ __all__ = [
     "config_keys",
     "http_address",
     "load_config",
+    "markdown",
 ]
 
 ENV_PREFIX = "EDGEKIT_"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_LISTEN_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})$")
+_CLIENT_ID = Pattern(r"[A-Za-z0-9_.:-]{1,128}", "a valid client id",
+                     "use up to 128 letters, digits or _ . : -")
+_PROVIDER = Pattern(r"[A-Za-z]+ExecutionProvider", "an execution provider name",
+                    "for example CUDAExecutionProvider")
+
+
+def _an_id(value: str) -> None:
+    try:
+        check_id(value, "id")
+    except UsageError as exc:
+        raise Invalid(f"{value!r} is not a valid id", exc.hint) from exc
+
+
+def _broker(value: str) -> None:
+    problem, hint = _parse_broker(value, "", "")[1]
+    if problem:
+        raise Invalid(problem, hint)
+
+
+def _public_key(value: str) -> None:
+    try:
+        load_public_key(value)
+    except UsageError as exc:
+        raise Invalid(exc.message,
+                      "give the PEM public key made by `edgekit keys generate`") from exc
+
+
+def _listen(value: str) -> None:
+    match = _LISTEN_RE.match(value)
+    if value and (not match or int(match.group(2)) > 65535):
+        raise Invalid(f"{value!r} is not HOST:PORT",
+                      "for example 127.0.0.1:8080 (port 0 picks a free port)")
 
 
 @dataclass
 class DeviceSection:
     id: str = _opt("", "Device id, unique in its fleet (letters, digits, _ . -). Empty: the host"
-                   " name.")
-    fleet: str = _opt("default", "Fleet the device belongs to; the second level of its topics.")
+                   " name.", check=_an_id)
+    fleet: str = _opt("default", "Fleet the device belongs to; the second level of its topics.",
+                      check=_an_id)
 
 
 @dataclass
 class MqttSection:
     broker: str = _opt("", "Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)."
-                       " Empty: no MQTT (Python and HTTP APIs only).")
+                       " Empty: no MQTT (Python and HTTP APIs only).",
+                       check=_broker, allows="empty, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     username: str = _opt("", "User name for the broker (also accepted in the URL).")
     password: str = _opt("", "Password for the broker; prefer EDGEKIT_MQTT_PASSWORD.",
                          secret=True)
     ca_file: str = _opt("", "CA certificate (PEM) that signed the broker's certificate;"
-                        " empty: the system's CAs.", path=True)
+                        " empty: the system's CAs.", file=True)
     cert_file: str = _opt("", "Client certificate (PEM) for brokers that require one.",
-                          path=True)
-    key_file: str = _opt("", "Private key (PEM) of the client certificate.", path=True)
-    client_id: str = _opt("", "MQTT client id. Empty: edgekit-<fleet>-<device>.")
+                          file=True)
+    key_file: str = _opt("", "Private key (PEM) of the client certificate.", file=True)
+    client_id: str = _opt("", "MQTT client id. Empty: edgekit-<fleet>-<device>.",
+                          pattern=_CLIENT_ID)
     keepalive_s: int = _opt(30, "Keep-alive in seconds; the broker declares the device"
-                            " offline after 1.5 times this without traffic.")
-    reconnect_min_s: float = _opt(1.0, "First wait before reconnecting; doubles per failure.")
+                            " offline after 1.5 times this without traffic.", ge=5, le=3600)
+    reconnect_min_s: float = _opt(1.0, "First wait before reconnecting; doubles per failure.",
+                                  gt=0)
     reconnect_max_s: float = _opt(60.0, "Longest wait between reconnection attempts.")
 
 
 @dataclass
 class ModelSection:
     dir: str = _opt("/var/lib/edgekit-agent/models", "Model folder: verified packages and the"
-                    " record of the active one.", path=True)
+                    " record of the active one.", path=True, required=True)
     package: str = _opt("", "Package to start with: activated when the folder has no active"
-                        " model or an older one.", path=True)
+                        " model or an older one.", file=True)
     trusted_keys: list[str] = _opt([], "Public keys (PEM) whose signatures are accepted.",
-                                   path=True)
+                                   path=True, check=_public_key, allows="PEM public keys")
     allow_unsigned: bool = _opt(False, "Accept packages without a signature (off: refused).")
-    keep: int = _opt(3, "Packages kept in the model folder (the active one included).")
+    keep: int = _opt(3, "Packages kept in the model folder (the active one included).", ge=1)
 
 
 @dataclass
 class RuntimeSection:
-    threads: int = _opt(0, "Inference threads; 0: the runtime's default.")
+    threads: int = _opt(0, "Inference threads; 0: the runtime's default.", ge=0)
     providers: list[str] = _opt([], "onnxruntime execution providers in order of preference,"
                                 " e.g. TensorrtExecutionProvider, CUDAExecutionProvider."
-                                " Empty: CPU.")
+                                " Empty: CPU.", pattern=_PROVIDER)
 
 
 @dataclass
 class HttpSection:
-    listen: str = _opt("", "HOST:PORT of the local HTTP API (127.0.0.1:8080). Empty: off.")
-    max_body_bytes: int = _opt(16 * 1024 * 1024, "Largest request body accepted (413 above).")
+    listen: str = _opt("", "HOST:PORT of the local HTTP API (127.0.0.1:8080). Empty: off.",
+                       check=_listen, allows="empty or HOST:PORT")
+    max_body_bytes: int = _opt(16 * 1024 * 1024, "Largest request body accepted (413 above).",
+                               ge=1024)
 
 
 @dataclass
 class RequestsSection:
-    max_batch: int = _opt(256, "Most rows one request may carry.")
-    workers: int = _opt(2, "Threads that answer MQTT requests.")
-    max_pending: int = _opt(64, "MQTT requests allowed to wait; more are answered 'busy'.")
+    max_batch: int = _opt(256, "Most rows one request may carry.", ge=1)
+    workers: int = _opt(2, "Threads that answer MQTT requests.", ge=1)
+    max_pending: int = _opt(64, "MQTT requests allowed to wait; more are answered 'busy'.", ge=1)
 
 
 @dataclass
 class TelemetrySection:
-    interval_s: float = _opt(10.0, "Seconds between metrics messages; 0: none.")
+    interval_s: float = _opt(10.0, "Seconds between metrics messages; 0: none.",
+                             ge=0.1, or_zero=True)
     queue_max: int = _opt(10000, "Bound of the on-disk store-and-forward queue, in messages;"
-                          " the oldest are dropped (and counted) past it.")
+                          " the oldest are dropped (and counted) past it.", ge=1)
     thermal_dir: str = _opt("/sys/class/thermal", "Where the board's thermal zones are read.",
                             path=True)
 
 
 @dataclass
 class QualitySection:
-    window: int = _opt(500, "Labelled predictions in the accuracy / F1 window.")
+    window: int = _opt(500, "Labelled predictions in the accuracy / F1 window.", ge=1)
     prediction_log: int = _opt(10000, "Recent predictions remembered so feedback can find"
-                               " them.")
+                               " them.", ge=1)
 
 
 @dataclass
 class SamplesSection:
     fraction: float = _opt(0.0, "Fraction of labelled predictions sent on the samples topic"
-                           " (input, label, prediction); 0: none.")
-    max_per_minute: int = _opt(30, "Rate limit of samples messages.")
+                           " (input, label, prediction); 0: none.", ge=0.0, le=1.0)
+    max_per_minute: int = _opt(30, "Rate limit of samples messages.", ge=0)
 
 
 @dataclass
 class OtaSection:
     enabled: bool = _opt(True, "Follow the desired documents and update the model over the air.")
-    chunk_bytes: int = _opt(256 * 1024, "Chunk size asked for over MQTT.")
-    window: int = _opt(4, "Chunk requests in flight.")
-    request_timeout_s: float = _opt(10.0, "A chunk request unanswered this long is sent again.")
-    stall_timeout_s: float = _opt(300.0, "A download without progress this long fails.")
-    max_artifact_bytes: int = _opt(1024**3, "Larger artifacts are refused (too_large).")
+    chunk_bytes: int = _opt(256 * 1024, "Chunk size asked for over MQTT.", ge=1024, le=_MAX_CHUNK)
+    window: int = _opt(4, "Chunk requests in flight.", ge=1)
+    request_timeout_s: float = _opt(10.0, "A chunk request unanswered this long is sent again.",
+                                    gt=0)
+    stall_timeout_s: float = _opt(300.0, "A download without progress this long fails.", gt=0)
+    max_artifact_bytes: int = _opt(1024**3, "Larger artifacts are refused (too_large).", ge=1)
     min_free_bytes: int = _opt(64 * 1024**2, "Disk space that must stay free after a download"
-                               " (no_space).")
+                               " (no_space).", ge=0)
 
 
 @dataclass
 class AgentSection:
     state_dir: str = _opt("", "Agent state (telemetry queue, counters). Empty:"
                           " <model.dir>/state.", path=True)
-    log_level: str = _opt("info", "debug, info, warning or error.")
+    log_level: str = _opt("info", "Log level.", choices=_LOG_LEVELS)
 
 
 @dataclass
@@ -181,6 +226,14 @@ def config_keys() -> list[ConfigKey]:
     return typedconfig.config_keys(AgentConfig, ConfigKey)
 
 
+def markdown() -> str:
+    """The table of every key, for docs/devices.md."""
+    return typedconfig.markdown_table(config_keys(), {
+        "key": lambda k: f"`{k.dotted}`",
+        "environment": lambda k: f"`{k.env}`" + (" (comma-separated)" if k.type == "list" else ""),
+    })
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -209,7 +262,10 @@ def load_config(
         if dotted not in keys:
             raise ConfigError(f"unknown config key {dotted}")
         typedconfig.set_value(cfg, keys[dotted], value, sources, "the command line", None)
-    _validate(cfg, sources)
+    if not cfg.device.id:
+        cfg.device.id = _default_device_id()
+    typedconfig.validate(cfg, keys.values(), sources)
+    _check_together(cfg, sources)
     return cfg
 
 
@@ -234,38 +290,36 @@ def broker_address(mqtt: MqttSection) -> BrokerAddress | None:
     Raises:
         ConfigError: the URL is not mqtt:// or mqtts:// with a host and a valid port.
     """
-    address, problem = _parse_broker(mqtt)
-    if problem[0]:
-        raise ConfigError(f"config mqtt.broker: {problem[0]}", hint=problem[1])
+    address, (problem, hint) = _parse_broker(mqtt.broker, mqtt.username, mqtt.password)
+    if problem:
+        raise ConfigError(f"config mqtt.broker: {problem}", hint=hint)
     return address
 
 
-def _parse_broker(mqtt: MqttSection) -> tuple[BrokerAddress | None, tuple[str, str | None]]:
-    if not mqtt.broker:
+def _parse_broker(url: str, username: str, password: str
+                  ) -> tuple[BrokerAddress | None, tuple[str, str | None]]:
+    if not url:
         return None, ("", None)
     try:
-        parts = urlsplit(mqtt.broker)
+        parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        return None, (f"{mqtt.broker!r} is not a URL ({exc})", None)
+        return None, (f"{url!r} is not a URL ({exc})", None)
     if parts.scheme not in ("mqtt", "mqtts"):
         return None, (f"scheme {parts.scheme or '(none)'!r} is not supported",
                       "use mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS")
     if not parts.hostname:
-        return None, (f"{mqtt.broker!r} names no host", "use mqtt://HOST:PORT")
+        return None, (f"{url!r} names no host", "use mqtt://HOST:PORT")
     if parts.path not in ("", "/") or parts.query:
-        return None, (f"{mqtt.broker!r} has a path or query", "give only scheme, host and port")
+        return None, (f"{url!r} has a path or query", "give only scheme, host and port")
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,
         port=port or (8883 if tls else 1883),
         tls=tls,
-        username=mqtt.username or unquote(parts.username or ""),
-        password=mqtt.password or unquote(parts.password or ""),
+        username=username or unquote(parts.username or ""),
+        password=password or unquote(parts.password or ""),
     ), ("", None)
-
-
-_LISTEN_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})$")
 
 
 def http_address(listen: str) -> tuple[str, int] | None:
@@ -274,13 +328,12 @@ def http_address(listen: str) -> tuple[str, int] | None:
     Raises:
         ConfigError: no port, or a port outside 0..65535.
     """
-    if not listen:
-        return None
+    try:
+        _listen(listen)
+    except Invalid as exc:
+        raise ConfigError(f"config http.listen: {exc.problem}", hint=exc.hint) from exc
     match = _LISTEN_RE.match(listen)
-    if not match or int(match.group(2)) > 65535:
-        raise ConfigError(f"config http.listen: {listen!r} is not HOST:PORT",
-                          hint="for example 127.0.0.1:8080 (port 0 picks a free port)")
-    return match.group(1).strip("[]"), int(match.group(2))
+    return (match.group(1).strip("[]"), int(match.group(2))) if match else None
 
 
 def _default_device_id() -> str:
@@ -288,89 +341,23 @@ def _default_device_id() -> str:
     return name or "device"
 
 
-def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
+def _check_together(cfg: AgentConfig, sources: dict[str, str]) -> None:
+    """The rules that tie several keys together (each key's own rules are on its field)."""
     def fail(dotted: str, problem: str, hint: str | None = None) -> ConfigError:
-        where = sources.get(dotted.split("[")[0], "the default")
-        return ConfigError(f"config {dotted} (from {where}): {problem}", hint=hint)
+        return typedconfig.config_error(sources, dotted, problem, hint)
 
-    if not cfg.device.id:
-        cfg.device.id = _default_device_id()
-    for dotted, value in (("device.id", cfg.device.id), ("device.fleet", cfg.device.fleet)):
-        try:
-            check_id(value, dotted)
-        except UsageError as exc:
-            raise fail(dotted, exc.message, exc.hint) from exc
-    if cfg.agent.log_level not in _LOG_LEVELS:
-        raise fail("agent.log_level", f"{cfg.agent.log_level!r} is not one of {_LOG_LEVELS}")
-    address, problem = _parse_broker(cfg.mqtt)
-    if problem[0]:
-        raise fail("mqtt.broker", *problem)
-    tls_files = [k for k in ("ca_file", "cert_file", "key_file") if getattr(cfg.mqtt, k)]
-    if tls_files and (address is None or not address.tls):
+    mqtt = cfg.mqtt
+    tls_files = [k for k in ("ca_file", "cert_file", "key_file") if getattr(mqtt, k)]
+    if tls_files and urlsplit(mqtt.broker).scheme != "mqtts":
         raise fail(f"mqtt.{tls_files[0]}", "TLS files are set but the broker URL is not mqtts://",
                    hint="use mqtts://HOST:PORT, or remove the TLS files")
-    if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
-        missing = "mqtt.key_file" if cfg.mqtt.cert_file else "mqtt.cert_file"
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        missing = "mqtt.key_file" if mqtt.cert_file else "mqtt.cert_file"
         raise fail(missing, "a client certificate needs both cert_file and key_file")
-    for name in tls_files:
-        typedconfig.check_file(fail, f"mqtt.{name}", getattr(cfg.mqtt, name))
-    if not 5 <= cfg.mqtt.keepalive_s <= 3600:
-        raise fail("mqtt.keepalive_s", f"{cfg.mqtt.keepalive_s} is outside 5..3600 seconds")
-    if cfg.mqtt.reconnect_min_s <= 0:
-        raise fail("mqtt.reconnect_min_s", "must be more than 0")
-    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+    if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise fail("mqtt.reconnect_max_s", "must be at least mqtt.reconnect_min_s")
-    if cfg.mqtt.client_id and not re.match(r"^[A-Za-z0-9_.:-]{1,128}$", cfg.mqtt.client_id):
-        raise fail("mqtt.client_id", "use up to 128 letters, digits or _ . : -")
-    if not cfg.model.dir:
-        raise fail("model.dir", "must name a folder")
-    if cfg.model.package:
-        typedconfig.check_file(fail, "model.package", cfg.model.package)
-    for i, key_path in enumerate(cfg.model.trusted_keys):
-        try:
-            load_public_key(key_path)
-        except UsageError as exc:
-            raise fail(f"model.trusted_keys[{i}]", exc.message,
-                       "give the PEM public key made by `edgekit keys generate`") from exc
     if not cfg.model.trusted_keys and not cfg.model.allow_unsigned:
         raise fail("model.trusted_keys", "no trusted keys, and unsigned packages are refused:"
                    " no model could ever be accepted",
                    hint="pass --trusted-key PUB (the signer's public key), or --allow-unsigned"
                    " for unsigned test packages")
-    _positive: list[tuple[str, int, int]] = [
-        ("model.keep", cfg.model.keep, 1), ("http.max_body_bytes", cfg.http.max_body_bytes, 1024),
-        ("requests.max_batch", cfg.requests.max_batch, 1),
-        ("requests.workers", cfg.requests.workers, 1),
-        ("requests.max_pending", cfg.requests.max_pending, 1),
-        ("telemetry.queue_max", cfg.telemetry.queue_max, 1),
-        ("quality.window", cfg.quality.window, 1),
-        ("quality.prediction_log", cfg.quality.prediction_log, 1),
-        ("runtime.threads", cfg.runtime.threads, 0),
-        ("samples.max_per_minute", cfg.samples.max_per_minute, 0),
-        ("ota.chunk_bytes", cfg.ota.chunk_bytes, 1024), ("ota.window", cfg.ota.window, 1),
-        ("ota.max_artifact_bytes", cfg.ota.max_artifact_bytes, 1),
-        ("ota.min_free_bytes", cfg.ota.min_free_bytes, 0),
-    ]
-    for dotted, number, low in _positive:
-        if number < low:
-            raise fail(dotted, f"{number} is less than {low}")
-    if cfg.telemetry.interval_s != 0 and cfg.telemetry.interval_s < 0.1:
-        raise fail("telemetry.interval_s", f"{cfg.telemetry.interval_s} must be 0 (off) or at"
-                   " least 0.1 seconds")
-    for dotted, seconds in (("ota.request_timeout_s", cfg.ota.request_timeout_s),
-                            ("ota.stall_timeout_s", cfg.ota.stall_timeout_s)):
-        if seconds <= 0:
-            raise fail(dotted, f"{seconds} must be more than 0 seconds")
-    if cfg.ota.chunk_bytes > 4 * 1024 * 1024:
-        raise fail("ota.chunk_bytes", f"{cfg.ota.chunk_bytes} is over the protocol's 4 MiB")
-    if not 0.0 <= cfg.samples.fraction <= 1.0:
-        raise fail("samples.fraction", f"{cfg.samples.fraction} is outside 0..1")
-    for i, provider in enumerate(cfg.runtime.providers):
-        if not re.match(r"^[A-Za-z]+ExecutionProvider$", provider):
-            raise fail(f"runtime.providers[{i}]", f"{provider!r} is not an execution provider"
-                       " name", hint="for example CUDAExecutionProvider")
-    if cfg.http.listen:
-        match = _LISTEN_RE.match(cfg.http.listen)
-        if not match or int(match.group(2)) > 65535:
-            raise fail("http.listen", f"{cfg.http.listen!r} is not HOST:PORT",
-                       "for example 127.0.0.1:8080 (port 0 picks a free port)")

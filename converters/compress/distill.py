@@ -113,6 +113,87 @@ def _teacher_figures(loaded: Any, logits_eval: np.ndarray | None, eval_set: Data
     return doc
 
 
+def _build_student(student: str | Callable[[], Any], seed: int) -> Any:
+    """The student model, built by its factory under ``seed``.
+
+    Raises:
+        UsageError: the factory cannot be imported, fails, or returns no ``nn.Module``.
+    """
+    import torch
+
+    factory = T.resolve_factory(student) if isinstance(student, str) else student
+    try:
+        with T.deterministic(seed):
+            model = factory()
+    except Exception as exc:  # the user's factory raises anything
+        raise UsageError(f"the student factory failed: {type(exc).__name__}: {exc}",
+                         hint="check that it builds the model without arguments") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"the student factory returned {type(model).__name__}, not an nn.Module",
+                         hint="the factory must build and return a torch.nn.Module")
+    return model
+
+
+@dataclass
+class _Teacher:
+    """The teacher's outputs on the (checked) training data, and its figures on the data
+    the student is scored on."""
+
+    train_set: Dataset
+    scored: Dataset
+    names: list[str]
+    train_logits: np.ndarray
+    figures: dict[str, Any]
+
+    @classmethod
+    def run(cls, teacher: Any, weights: str | os.PathLike[str] | None, train_set: Dataset,
+            eval_set: Dataset | None, threads: int, progress: Progress) -> _Teacher:
+        """Load the teacher, check the data against its inputs and run it on them.
+
+        Raises:
+            ModelError: the teacher cannot be loaded.
+            DataError: the data do not fit the teacher's inputs.
+        """
+        from converters import ConvertOptions, load_source, run_batches
+
+        loaded = load_source(teacher, ConvertOptions(), weights=weights,
+                             example={k: v[:1] for k, v in train_set.inputs.items()})
+        names = [s.name for s in loaded.inputs]
+        train_set = Dataset(check_inputs(train_set.inputs, loaded.inputs,
+                                         f"training data {train_set.source}"),
+                            train_set.labels, train_set.source)
+        scored = train_set
+        if eval_set is not None:
+            scored = Dataset(check_inputs(eval_set.inputs, loaded.inputs,
+                                          f"evaluation data {eval_set.source}"),
+                             eval_set.labels, eval_set.source)
+        progress("computing the teacher's outputs")
+        with T.threads(1):
+            first = loaded.outputs[0].name
+            train_logits = run_batches(loaded.predict, train_set, 256)[first]
+            eval_logits = run_batches(loaded.predict, scored, 256)[first]
+        one = {k: v[:1] for k, v in scored.inputs.items()}
+        figures = _teacher_figures(loaded, eval_logits, scored, one, threads)
+        return cls(train_set, scored, names, train_logits, figures)
+
+
+def _check_student_outputs(model: Any, example: tuple[Any, ...], teacher_logits: np.ndarray
+                           ) -> None:
+    """Raises UsageError: the student's output per sample differs in shape from the teacher's."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        probe = model(*example)
+    probe = probe[0] if isinstance(probe, (tuple, list)) else probe
+    if tuple(probe.shape[1:]) != tuple(teacher_logits.shape[1:]):
+        raise UsageError(
+            f"the student outputs shape {list(probe.shape[1:])} per sample, the teacher"
+            f" {list(teacher_logits.shape[1:])}",
+            hint="build the student with the same number of classes as the teacher",
+        )
+
+
 def distill(
     teacher: Any,
     student: str | Callable[[], Any],
@@ -145,56 +226,19 @@ def distill(
     """
     import torch
 
-    from converters import ConvertOptions, load_source, run_batches
-
     _check_args(temperature, alpha, epochs, lr, batch)
     if output is not None:
         T.check_output_path(output)
-    factory = T.resolve_factory(student) if isinstance(student, str) else student
-    try:
-        with T.deterministic(seed):
-            model = factory()
-    except Exception as exc:  # the user's factory raises anything
-        raise UsageError(f"the student factory failed: {type(exc).__name__}: {exc}",
-                         hint="check that it builds the model without arguments") from exc
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"the student factory returned {type(model).__name__}, not an nn.Module",
-                         hint="the factory must build and return a torch.nn.Module")
-    train_set = _labelled(data, "training data")
-    eval_set = _labelled(eval_data, "evaluation data") if eval_data is not None else None
-
+    model = _build_student(student, seed)
+    train = _labelled(data, "training data")
+    evaluation = _labelled(eval_data, "evaluation data") if eval_data is not None else None
     progress("loading the teacher")
-    loaded = load_source(teacher, ConvertOptions(), weights=teacher_weights,
-                         example={k: v[:1] for k, v in train_set.inputs.items()})
-    names = [s.name for s in loaded.inputs]
-    train_set = Dataset(check_inputs(train_set.inputs, loaded.inputs,
-                                     f"training data {train_set.source}"),
-                        train_set.labels, train_set.source)
-    scored = eval_set or train_set
-    if eval_set is not None:
-        scored = Dataset(check_inputs(eval_set.inputs, loaded.inputs,
-                                      f"evaluation data {eval_set.source}"),
-                         eval_set.labels, eval_set.source)
-    progress("computing the teacher's outputs")
-    with T.threads(1):
-        first = loaded.outputs[0].name
-        teacher_train = run_batches(loaded.predict, train_set, 256)[first]
-        teacher_eval = run_batches(loaded.predict, scored, 256)[first]
-    one = {k: v[:1] for k, v in scored.inputs.items()}
-    teacher_doc = _teacher_figures(loaded, teacher_eval, scored, one, threads)
-
+    taught = _Teacher.run(teacher, teacher_weights, train, evaluation, threads, progress)
+    train_set, scored, names, teacher_train = (taught.train_set, taught.scored, taught.names,
+                                               taught.train_logits)
     example = tuple(torch.from_numpy(np.ascontiguousarray(train_set.inputs[n][:1]))
                     for n in names)
-    model.eval()
-    with torch.no_grad():
-        probe = model(*example)
-    probe = probe[0] if isinstance(probe, (tuple, list)) else probe
-    if tuple(probe.shape[1:]) != tuple(teacher_train.shape[1:]):
-        raise UsageError(
-            f"the student outputs shape {list(probe.shape[1:])} per sample, the teacher"
-            f" {list(teacher_train.shape[1:])}",
-            hint="build the student with the same number of classes as the teacher",
-        )
+    _check_student_outputs(model, example, teacher_train)
 
     progress(f"distilling for {epochs} epochs (T={temperature:g}, alpha={alpha:g}, seed={seed})")
     model.train()
@@ -209,7 +253,7 @@ def distill(
     figures = T.figures(model, example, names, program=program, eval_data=scored,
                         thread_count=threads)
     report = DistillReport(
-        teacher=teacher_doc, student=figures,
+        teacher=taught.figures, student=figures,
         settings={"temperature": temperature, "alpha": alpha, "epochs": epochs, "seed": seed,
                   "lr": lr, "batch": batch, "data": train_set.source,
                   "eval": scored.source, "student": student if isinstance(student, str)

@@ -79,20 +79,7 @@ def keep_sensitive_in_float(runner: Any, base_row: dict[str, Any], base: Recipe,
     record["probe_samples"] = subset
     progress(f"no int8 candidate meets the budget: probing {len(names)} nodes of {base.name}"
              f" in {len(groups)} probe(s) on {subset} samples")
-    losses: list[float] = []
-    for i, group in enumerate(groups, 1):
-        others = [n for n in names if n not in group]
-        row = runner.run(base.with_float_nodes(others, "probe"), subset=subset, keep=False)
-        # A probe that fails to convert is treated as most sensitive: safe to keep in float.
-        loss = row["drop"] if row["status"] == "ok" else float("inf")
-        losses.append(loss)
-        record["probes"].append({"int8_nodes": group, "metric": row["metric"],
-                                 "loss": row["drop"], "status": row["status"],
-                                 "error": row["error"]})
-        shown = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
-        progress(f"  probe {i}/{len(groups)}: only {shown} in int8 -> "
-                 + (f"{metric} {row['metric']:.4f} (loss {row['drop']:+.4f})"
-                    if row["status"] == "ok" else f"failed ({row['error']})"))
+    losses = _probe(runner, base, names, groups, subset, record, progress)
     ranked = sorted(range(len(groups)), key=lambda i: losses[i], reverse=True)
     record["ranking"] = [groups[i] for i in ranked]
     order = {n: i for i, n in enumerate(names)}
@@ -111,28 +98,13 @@ def keep_sensitive_in_float(runner: Any, base_row: dict[str, Any], base: Recipe,
                         if row["status"] == "ok" else f"failed ({row['error']})"))
         return tried[k]
 
-    # Doubling finds a passing prefix length; bisection then finds the shortest one.
-    lo, hi, k = 0, None, 1
-    while hi is None:
-        k = min(k, len(groups))
-        if attempt(k)["meets_budget"]:
-            hi = k
-        elif k == len(groups):
-            break
-        else:
-            lo, k = k, k * 2
-    if hi is None:
+    shortest = _shortest_passing(lambda k: bool(attempt(k)["meets_budget"]), len(groups))
+    if shortest is None:
         record["outcome"] = (f"even with all {len(names)} nodes in float the budget is not"
                              " met: the loss comes from elsewhere (inputs, other operators)")
         final = tried[len(groups)]
     else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if attempt(mid)["meets_budget"]:
-                hi = mid
-            else:
-                lo = mid
-        final = tried[hi]
+        final = tried[shortest]
         record["kept_in_float"] = final["nodes_in_float"]
         record["outcome"] = (f"{len(final['nodes_in_float'])} of {len(names)} nodes kept in"
                              " float meet the budget")
@@ -142,3 +114,47 @@ def keep_sensitive_in_float(runner: Any, base_row: dict[str, Any], base: Recipe,
             if path is not None:
                 path.unlink(missing_ok=True)
     return final, record
+
+
+def _probe(runner: Any, base: Recipe, names: list[str], groups: list[list[str]], subset: int,
+           record: dict[str, Any], progress: Callable[[str], None]) -> list[float]:
+    """The metric loss with only each group in int8 (infinite for a probe that failed);
+    each probe is added to ``record``."""
+    losses: list[float] = []
+    for i, group in enumerate(groups, 1):
+        others = [n for n in names if n not in group]
+        row = runner.run(base.with_float_nodes(others, "probe"), subset=subset, keep=False)
+        # A probe that fails to convert is treated as most sensitive: safe to keep in float.
+        loss = row["drop"] if row["status"] == "ok" else float("inf")
+        losses.append(loss)
+        record["probes"].append({"int8_nodes": group, "metric": row["metric"],
+                                 "loss": row["drop"], "status": row["status"],
+                                 "error": row["error"]})
+        shown = group[0] if len(group) == 1 else f"{group[0]} .. {group[-1]}"
+        progress(f"  probe {i}/{len(groups)}: only {shown} in int8 -> "
+                 + (f"{runner.metric} {row['metric']:.4f} (loss {row['drop']:+.4f})"
+                    if row["status"] == "ok" else f"failed ({row['error']})"))
+    return losses
+
+
+def _shortest_passing(passes: Callable[[int], bool], count: int) -> int | None:
+    """The smallest k in 1..count for which ``passes(k)`` (which grows with k), or None.
+
+    Doubling finds a passing k; bisection then finds the smallest one.
+    """
+    lo, hi, k = 0, None, 1
+    while hi is None:
+        k = min(k, count)
+        if passes(k):
+            hi = k
+        elif k == count:
+            return None
+        else:
+            lo, k = k, k * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

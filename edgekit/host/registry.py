@@ -24,13 +24,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edgekit.artifact import open_package, sha256_file, verify_package
+from edgekit.artifact import Package, VerifyReport, open_package, sha256_file, verify_package
 from edgekit.errors import ArtifactError, EdgekitError, OutputWriteError, UsageError
 from edgekit.fsutil import fsync_dir
 from edgekit.host.db import Store
 from edgekit.host.db._records import ModelRecord
 from edgekit.host.db._timeutil import as_utc, utcnow
-from edgekit.manifest import parse_version
+from edgekit.manifest import Manifest, parse_version
 
 __all__ = ["PushResult", "Registry", "default_store_dir", "evaluation_summary", "parse_ref"]
 
@@ -182,7 +182,22 @@ class Registry:
         keys: list[Ed25519PublicKey] = list(trusted_keys or [])
         report = verify_package(src, keys or None, require_signature=bool(keys))
         pkg = open_package(src)
-        manifest = pkg.manifest
+        ref = self._check_name_and_parent(src, pkg.manifest, parent)
+        sha = sha256_file(src)
+        # The lease keeps two pushes of one version apart, from the check on: a push that
+        # checked before another one finished must not place its file over the other's.
+        lock, owner = f"registry:{ref}", uuid.uuid4().hex
+        if not self.store.acquire_lease(lock, owner, _PUSH_LEASE_S):
+            raise UsageError(f"another push of {ref} is in progress",
+                             hint="wait for it to finish, then push again")
+        try:
+            return self._push_leased(src, pkg, report, sha, keys, parent=parent, data=data,
+                                     now=now)
+        finally:
+            self.store.release_lease(lock, owner)
+
+    def _check_name_and_parent(self, src: Path, manifest: Manifest, parent: str | None) -> str:
+        """The package's ``name:version``, once its name and ``parent`` are fit to record."""
         if not _NAME_RE.match(manifest.name):
             raise ArtifactError(
                 f"{src}: model name {manifest.name!r} cannot be used in the registry",
@@ -195,13 +210,14 @@ class Registry:
             if self.store.get_model(pname, pversion) is None:
                 raise UsageError(f"parent {parent} is not in the registry",
                                  hint="push the parent model first, or leave out --parent")
-        sha = sha256_file(src)
-        # The lease keeps two pushes of one version apart, from the check on: a push that
-        # checked before another one finished must not place its file over the other's.
-        lock, owner = f"registry:{ref}", uuid.uuid4().hex
-        if not self.store.acquire_lease(lock, owner, _PUSH_LEASE_S):
-            raise UsageError(f"another push of {ref} is in progress",
-                             hint="wait for it to finish, then push again")
+        return ref
+
+    def _push_leased(self, src: Path, pkg: Package, report: VerifyReport, sha: str,
+                     keys: list[Ed25519PublicKey], *, parent: str | None, data: str | None,
+                     now: dt.datetime | None) -> PushResult:
+        """The part of :meth:`push` done under the version's lease: place the file, record it."""
+        manifest = pkg.manifest
+        ref = f"{manifest.name}:{manifest.version}"
         relative = f"{manifest.name}/{manifest.version}/{PACKAGE_FILE}"
         final = self.root / relative
         staged: Path | None = None
@@ -215,15 +231,7 @@ class Registry:
                     hint="give the new package a higher version (edgekit convert --version)")
             if existing is not None and self._intact(existing):
                 return PushResult(existing, False, self.path_of(existing))
-            staged, staged_sha, size = self._stage(src)
-            try:
-                verify_package(staged, keys or None, require_signature=bool(keys))
-            except EdgekitError as err:
-                raise ArtifactError(f"{src} changed while it was being pushed ({err.message})",
-                                    hint="push it again once it is complete") from err
-            if staged_sha != sha:
-                raise ArtifactError(f"{src} changed while it was being pushed",
-                                    hint="push it again once it is complete")
+            staged, size = self._stage_unchanged(src, sha, keys)
             self._place(staged, final)
             placed = existing is None
             signature = pkg.signature or {}
@@ -246,7 +254,28 @@ class Registry:
                 # Recording failed: the file we placed belongs to no row, take it back.
                 final.unlink(missing_ok=True)
                 _remove_empty(final.parent, self.root)
-            self.store.release_lease(lock, owner)
+
+    def _stage_unchanged(self, src: Path, sha: str,
+                         keys: list[Ed25519PublicKey]) -> tuple[Path, int]:
+        """A verified staged copy of ``src`` and its size; the copy is removed on an error.
+
+        Raises:
+            ArtifactError: the package changed since it was first verified.
+        """
+        staged, staged_sha, size = self._stage(src)
+        try:
+            try:
+                verify_package(staged, keys or None, require_signature=bool(keys))
+            except EdgekitError as err:
+                raise ArtifactError(f"{src} changed while it was being pushed ({err.message})",
+                                    hint="push it again once it is complete") from err
+            if staged_sha != sha:
+                raise ArtifactError(f"{src} changed while it was being pushed",
+                                    hint="push it again once it is complete")
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return staged, size
 
     def _intact(self, record: ModelRecord) -> bool:
         path = self.path_of(record)

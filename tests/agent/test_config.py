@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 from _agent_support import Models
 
-from device_agent.config import broker_address, config_keys, http_address, load_config
+from device_agent.config import (
+    broker_address,
+    config_keys,
+    http_address,
+    load_config,
+    markdown,
+)
 from edgekit.errors import ConfigError
+from edgekit.typedconfig import docs_block
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,3 +150,5 @@ def test_every_key_has_a_default_description_and_doc_row() -> None:
         assert key.help and key.help.endswith("."), key.dotted
         assert re.match(r"^EDGEKIT_[A-Z]+_[A-Z_]+$", key.env)
         assert f"`{key.dotted}`" in doc, f"docs/devices.md does not describe {key.dotted}"
+    # The table is generated from the fields: defaults, bounds and help cannot drift.
+    assert docs_block(doc) == markdown(), "run `python docs/config_tables.py`"

@@ -256,6 +256,11 @@ def test_docs_describe_every_config_key() -> None:
     for key in config_keys():
         section = next(s for s in sections if s.startswith(f"{key.section}]`"))
         assert f"| `{key.name}` |" in section, f"{key.dotted} is not in docs/controller.md"
+    # The tables are generated from the fields: defaults, bounds and help cannot drift.
+    from edgekit.host.controller.config import markdown
+    from edgekit.typedconfig import docs_block
+
+    assert docs_block(text) == markdown(), "run `python docs/config_tables.py`"
 
 
 @pytest.mark.parametrize("module", ["edgekit.host.controller", "edgekit.host.controller.config",

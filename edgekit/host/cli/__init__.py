@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from edgekit.host.cli import _controller as _controller_cmds  # noqa: F401
 from edgekit.host.cli import _convert as _convert_cmds  # noqa: F401  (registers commands)
+from edgekit.host.cli import _db as _db_cmds  # noqa: F401
 from edgekit.host.cli import _demo as _demo_cmds  # noqa: F401
 from edgekit.host.cli import _deploy as _deploy_cmds  # noqa: F401
 from edgekit.host.cli import _doctor as _doctor_cmds  # noqa: F401

@@ -1,4 +1,4 @@
-"""Database connections: URL handling, SQLite settings, transactions, schema creation."""
+"""Database connections: URL handling, SQLite settings, transactions, schema migration."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import Engine, create_engine, event, exc, insert, select, text
+from sqlalchemy import Engine, create_engine, event, exc, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
 from edgekit.errors import ConfigError
-from edgekit.host.db._schema import SCHEMA_VERSION, Base, SchemaInfo
-from edgekit.host.db._timeutil import utcnow
+from edgekit.host.db._migrate import Upgrade, upgrade
+from edgekit.host.db._schema import SchemaInfo
 from edgekit.host.errors import StoreError
 
 ENV_DB = "EDGEKIT_DB"
-# Arbitrary constant key of the advisory lock that serialises schema creation on PostgreSQL.
+# Arbitrary constant key of the advisory lock that serialises migrations on PostgreSQL.
 _SCHEMA_LOCK_KEY = 0x6564_6B74
 _SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -107,7 +107,8 @@ class StoreBase:
     """Connection handling that the parts of :class:`~edgekit.host.db.Store` share."""
 
     def __init__(self, url: str | None = None, *, echo: bool = False) -> None:
-        """Open (and on first use create) the database at ``url``.
+        """Open the database at ``url`` and migrate it to this edgekit's schema (an empty one
+        gets the whole schema); ``self.migrated`` says from which revision.
 
         Raises:
             ConfigError: the URL is invalid, or the database was made by a newer edgekit.
@@ -116,6 +117,7 @@ class StoreBase:
         self.url = url or default_db_url()
         self.engine = make_engine(self.url, echo=echo)
         self.dialect = self.engine.dialect.name
+        self.migrated: Upgrade
         try:
             self._ensure_schema()
         except BaseException:
@@ -160,20 +162,9 @@ class StoreBase:
     def _ensure_schema(self) -> None:
         with self._tx() as conn:
             if self.dialect == "postgresql":
-                # Two controllers starting at once on an empty database must not both
-                # run CREATE TABLE.
+                # Two controllers starting at once must not both migrate the schema.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-            Base.metadata.create_all(conn)
-            found = conn.execute(select(SchemaInfo.version).where(SchemaInfo.id == 1)).scalar()
-            if found is None:
-                conn.execute(insert(SchemaInfo).values(id=1, version=SCHEMA_VERSION,
-                                                       created=utcnow()))
-            elif found > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"database {redact(self.url)} has schema version {found}, newer than this"
-                    f" edgekit understands ({SCHEMA_VERSION})",
-                    hint="upgrade edgekit on this machine",
-                )
+            self.migrated = upgrade(conn, redact(self.url))
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""

@@ -163,120 +163,182 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         EdgekitError: a part failed to start or a phase did not finish in time; the message
             says which and where the logs are.
     """
-    from edgekit.host.db import Store
-    from edgekit.host.demo.digits import drift, load_digits_split
-    from edgekit.host.registry import Registry
-    from edgekit.signing import generate_keypair
-
-    out = opts.out.resolve()
-    work = out / "work"
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    clock = _Clock(opts.echo)
-    phase_t: dict[str, float] = {"start": time.time()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
-    env.update(PYTHONUNBUFFERED="1", EDGEKIT_SAMPLES_FRACTION="1.0",
-               EDGEKIT_SAMPLES_MAX_PER_MINUTE="6000", EDGEKIT_QUALITY_WINDOW="60")
-    procs: list[subprocess.Popen[bytes]] = []
-    broker: EmbeddedBroker | None = None
-    traffic: TrafficGenerator | None = None
+    run = _DemoRun(opts)
     try:
+        package = run.start_parts()
+        data = _demo_data(opts.seed)
+        run.start_traffic(data)
+        run.first_deploy(package)
+        run.seen = _follow_for(run.store, run.clock, run.seen, opts.baseline_s)
+        run.phase_t["drift"] = time.time()
+        run.traffic_gen().set_phase(Phase("drift", data.drift_x, data.all_y))
+        run.clock.say("phase drift: digits rotated 25-45 degrees with noise")
+        new_version, fired_at = run.wait_for_update()
+        run.phase_t["updated"] = time.time()
+        run.clock.say(f"every device runs {new_version}: phase recovered (drifted digits go on)")
+        run.traffic_gen().set_phase(Phase("recovered", data.drift_x, data.all_y))
+        _follow_for(run.store, run.clock, run.seen, opts.recovered_s)
+        run.phase_t["end"] = time.time()
+        return run.finish(new_version, fired_at)
+    finally:
+        run.stop()
+
+
+@dataclass
+class _DemoData:
+    clean_x: np.ndarray
+    clean_y: np.ndarray
+    drift_x: np.ndarray
+    all_y: np.ndarray
+
+
+def _demo_data(seed: int) -> _DemoData:
+    """Clean digits (calibration and evaluation splits), and every digit rotated and noisy."""
+    from edgekit.host.demo.digits import drift, load_digits_split
+
+    split = load_digits_split(seed)
+    clean_x = np.concatenate([split["calib"][0], split["eval"][0]])
+    clean_y = np.concatenate([split["calib"][1], split["eval"][1]])
+    all_x = np.concatenate([split["train"][0], clean_x])
+    all_y = np.concatenate([split["train"][1], clean_y])
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(25, 45, size=len(all_y)) * rng.choice([-1, 1], size=len(all_y))
+    drift_x = np.concatenate([drift(all_x[i : i + 1], float(a), 0.15, seed=i)
+                              for i, a in enumerate(angles)])
+    return _DemoData(clean_x, clean_y, drift_x, all_y)
+
+
+class _DemoRun:
+    """The parts of one demo run (broker, controller, agents, traffic) and what they saw."""
+
+    def __init__(self, opts: DemoOptions) -> None:
+        self.opts = opts
+        self.out = opts.out.resolve()
+        self.work = self.out / "work"
+        if self.work.exists():
+            import shutil
+
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        self.clock = _Clock(opts.echo)
+        self.phase_t: dict[str, float] = {"start": time.time()}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+        self.env.update(PYTHONUNBUFFERED="1", EDGEKIT_SAMPLES_FRACTION="1.0",
+                        EDGEKIT_SAMPLES_MAX_PER_MINUTE="6000", EDGEKIT_QUALITY_WINDOW="60")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.broker: EmbeddedBroker | None = None
+        self.traffic: TrafficGenerator | None = None
+        self.store: Any = None
+        self.url = ""
+        self.ports: dict[str, int] = {}
+        self.seen = 0  # id of the last event shown
+
+    def start_parts(self) -> Path:
+        """Start the broker, controller and agents, with a signed, registered package; wait
+        for the agents to come online. Returns the package."""
+        from edgekit.host.db import Store
+        from edgekit.host.registry import Registry
+        from edgekit.signing import generate_keypair
+
+        opts, work, clock = self.opts, self.work, self.clock
         if opts.broker:
-            url = opts.broker
-            _check_broker(url)
-            clock.say(f"using the broker at {url}")
+            self.url = opts.broker
+            _check_broker(self.url)
+            clock.say(f"using the broker at {self.url}")
         else:
-            broker = EmbeddedBroker(work / "broker").start()
-            url = broker.url
-            clock.say(f"started the embedded MQTT broker (amqtt) at {url}")
+            self.broker = EmbeddedBroker(work / "broker").start()
+            self.url = self.broker.url
+            clock.say(f"started the embedded MQTT broker (amqtt) at {self.url}")
         keys = generate_keypair(work / "signing")
         package = _train_and_package(work, clock, keys.private_path)
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
-        config = _controller_config(work, url, db_url, keys.private_path, keys.public_path)
-        procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller", "run",
-                             "--config", str(config)], work / "controller.log", env))
+        config = _controller_config(work, self.url, db_url, keys.private_path,
+                                    keys.public_path)
+        self.procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller",
+                                  "run", "--config", str(config)], work / "controller.log",
+                                 self.env))
         clock.say("started the controller (policy: accuracy 10% under the baseline for 3"
                   " windows of 4 s)")
-        ports = {f"pi-{i + 1}": free_port() for i in range(opts.devices)}
-        for device, port in ports.items():
-            procs.append(_spawn(
+        self.ports = {f"pi-{i + 1}": free_port() for i in range(opts.devices)}
+        for device, port in self.ports.items():
+            self.procs.append(_spawn(
                 [sys.executable, "-m", "device_agent", "run", "--device-id", device,
-                 "--fleet", FLEET, "--broker", url, "--model-dir", str(work / device),
+                 "--fleet", FLEET, "--broker", self.url, "--model-dir", str(work / device),
                  "--trusted-key", str(keys.public_path), "--http", f"127.0.0.1:{port}",
-                 "--telemetry-interval", "1"], work / f"{device}.log", env))
-        clock.say(f"started {opts.devices} agents: {', '.join(ports)}")
-        store = Store(db_url)
+                 "--telemetry-interval", "1"], work / f"{device}.log", self.env))
+        clock.say(f"started {opts.devices} agents: {', '.join(self.ports)}")
+        self.store = Store(db_url)
         _wait("the agents to come online",
-              lambda: len(store.list_devices(FLEET, online=True)) == opts.devices, 90, procs)
-        split = load_digits_split(opts.seed)
-        clean_x = np.concatenate([split["calib"][0], split["eval"][0]])
-        clean_y = np.concatenate([split["calib"][1], split["eval"][1]])
-        all_x = np.concatenate([split["train"][0], clean_x])
-        all_y = np.concatenate([split["train"][1], clean_y])
-        rng = np.random.default_rng(opts.seed)
-        angles = rng.uniform(25, 45, size=len(all_y)) * rng.choice([-1, 1], size=len(all_y))
-        drift_x = np.concatenate([drift(all_x[i : i + 1], float(a), 0.15, seed=i)
-                                  for i, a in enumerate(angles)])
-        traffic = TrafficGenerator({d: ("127.0.0.1", p) for d, p in ports.items()},
-                                   rate=opts.rate, seed=opts.seed)
-        traffic.set_phase(Phase("baseline", clean_x, clean_y))
-        traffic.start()
-        clock.say(f"traffic: clean digits, {opts.rate:g} requests/s per device, labels sent"
-                  " back as feedback")
-        clock.say(f"deploying {MODEL} 1.0.0 to fleet '{FLEET}' through the controller")
-        seen = _follow_events(store, clock, 0)
+              lambda: len(self.store.list_devices(FLEET, online=True)) == opts.devices, 90,
+              self.procs)
+        return package
+
+    def traffic_gen(self) -> TrafficGenerator:
+        assert self.traffic is not None, "start_traffic comes first"
+        return self.traffic
+
+    def start_traffic(self, data: _DemoData) -> None:
+        self.traffic = TrafficGenerator({d: ("127.0.0.1", p) for d, p in self.ports.items()},
+                                        rate=self.opts.rate, seed=self.opts.seed)
+        self.traffic.set_phase(Phase("baseline", data.clean_x, data.clean_y))
+        self.traffic.start()
+        self.clock.say(f"traffic: clean digits, {self.opts.rate:g} requests/s per device,"
+                       " labels sent back as feedback")
+
+    def first_deploy(self, package: Path) -> None:
+        """Deploy 1.0.0 through the controller and wait until every device runs it."""
+        self.clock.say(f"deploying {MODEL} 1.0.0 to fleet '{FLEET}' through the controller")
+        self.seen = _follow_events(self.store, self.clock, 0)
         deploy = subprocess.run(
             [sys.executable, "-m", "edgekit.host.cli", "deploy", str(package), "--fleet", FLEET,
-             "--broker", url, "--timeout", "120", "--probation-seconds", "2",
+             "--broker", self.url, "--timeout", "120", "--probation-seconds", "2",
              "--probation-requests", "10", "--json"],
-            capture_output=True, text=True, env=env, timeout=180)
-        (work / "deploy-1.0.0.log").write_text(deploy.stdout + deploy.stderr)
+            capture_output=True, text=True, env=self.env, timeout=180)
+        (self.work / "deploy-1.0.0.log").write_text(deploy.stdout + deploy.stderr)
         if deploy.returncode != 0:
             raise EdgekitError(f"the first deployment failed (exit {deploy.returncode}):"
                                f" {deploy.stderr.strip().splitlines()[-1:] or deploy.stdout}")
         _wait("every device to run 1.0.0", lambda: all(
-            d.model_version == "1.0.0" for d in store.list_devices(FLEET)), 60, procs)
-        phase_t["deployed"] = time.time()
-        seen = _follow_events(store, clock, seen)
-        clock.say("every device runs 1.0.0: phase baseline")
+            d.model_version == "1.0.0" for d in self.store.list_devices(FLEET)), 60, self.procs)
+        self.phase_t["deployed"] = time.time()
+        self.seen = _follow_events(self.store, self.clock, self.seen)
+        self.clock.say("every device runs 1.0.0: phase baseline")
 
-        seen = _follow_for(store, clock, seen, opts.baseline_s)
-        phase_t["drift"] = time.time()
-        traffic.set_phase(Phase("drift", drift_x, all_y))
-        clock.say("phase drift: digits rotated 25-45 degrees with noise")
-        deadline = time.monotonic() + opts.drift_timeout_s
-        new_version = None
+    def wait_for_update(self) -> tuple[str, float | None]:
+        """Wait for the policy to fire and every device to run one new version.
+
+        Returns:
+            The new version, and when the policy fired (epoch seconds).
+
+        Raises:
+            EdgekitError: a demo process exited, or the fleet was not updated in time.
+        """
+        deadline = time.monotonic() + self.opts.drift_timeout_s
         fired_at = None
         while time.monotonic() < deadline:
-            seen = _follow_events(store, clock, seen)
+            self.seen = _follow_events(self.store, self.clock, self.seen)
             if fired_at is None:
-                fired = store.list_events(fleet=FLEET, kinds=["policy.fired"], limit=1)
+                fired = self.store.list_events(fleet=FLEET, kinds=["policy.fired"], limit=1)
                 if fired:
                     fired_at = fired[0].ts.timestamp()
-            devices = store.list_devices(FLEET)
+            devices = self.store.list_devices(FLEET)
             versions = {d.model_version for d in devices}
-            if fired_at and len(devices) == opts.devices and len(versions) == 1 and \
+            if fired_at and len(devices) == self.opts.devices and len(versions) == 1 and \
                     "1.0.0" not in versions and None not in versions:
-                new_version = versions.pop()
-                break
-            for proc in procs:
+                return versions.pop(), fired_at
+            for proc in self.procs:
                 if proc.poll() is not None:
                     raise EdgekitError(f"a demo process exited (code {proc.returncode});"
-                                       f" see {work}")
+                                       f" see {self.work}")
             time.sleep(0.5)
-        if new_version is None:
-            raise EdgekitError(f"the fleet was not updated within {opts.drift_timeout_s:.0f} s"
-                               " of the drift", hint=f"see {work / 'controller.log'}")
-        phase_t["updated"] = time.time()
-        clock.say(f"every device runs {new_version}: phase recovered (drifted digits go on)")
-        traffic.set_phase(Phase("recovered", drift_x, all_y))
-        _follow_for(store, clock, seen, opts.recovered_s)
-        phase_t["end"] = time.time()
+        raise EdgekitError(f"the fleet was not updated within {self.opts.drift_timeout_s:.0f} s"
+                           " of the drift", hint=f"see {self.work / 'controller.log'}")
+
+    def finish(self, new_version: str, fired_at: float | None) -> dict[str, Any]:
+        """Stop the traffic, write the report and ``summary.json``; return the summary."""
+        traffic, phase_t = self.traffic_gen(), self.phase_t
         traffic.stop()
         records = traffic.snapshot()
         drift_old = [r for r in records if r.phase == "drift" and r.version == "1.0.0"]
@@ -284,8 +346,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         fleet_acc["drift_on_1.0.0"] = (float(np.mean([r.correct for r in drift_old]))
                                        if drift_old else None)
         summary: dict[str, Any] = {
-            "devices": opts.devices,
-            "broker": url,
+            "devices": self.opts.devices,
+            "broker": self.url,
             "initial_version": "1.0.0",
             "final_version": new_version,
             "fleet_accuracy": {"before_drift": fleet_acc["baseline"],
@@ -303,28 +365,31 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 "total": phase_t["end"] - phase_t["start"],
             },
         }
-        events = [e.to_dict() for e in store.list_events(fleet=FLEET, limit=5000)]
+        events = [e.to_dict() for e in self.store.list_events(fleet=FLEET, limit=5000)]
         markers = [(phase_t["drift"], "drift starts"), (phase_t["updated"], "fleet updated")]
         markers += [(dt.datetime.fromisoformat(str(e["ts"])).timestamp(), str(e["kind"]))
                     for e in events if str(e["kind"]).startswith(("policy.fired",
                                                                   "rollout.wave"))]
-        report = write_report(out, summary, records, events, markers, phase_t["start"])
-        store.close()
-        clock.say(f"wrote {report} and {out / 'summary.json'}")
+        report = write_report(self.out, summary, records, events, markers, phase_t["start"])
+        self.clock.say(f"wrote {report} and {self.out / 'summary.json'}")
         return summary
-    finally:
-        if traffic is not None:
-            traffic.stop()
-        for proc in procs:
+
+    def stop(self) -> None:
+        """Stop every part that was started (each at most once)."""
+        if self.traffic is not None:
+            self.traffic.stop()
+        for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in self.procs:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if broker is not None:
-            broker.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.store is not None:
+            self.store.close()
 
 
 _SHOWN = ("policy.", "rollout.", "update.succeeded", "update.rolled_back", "update.failed")

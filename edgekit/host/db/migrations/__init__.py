@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet database (``edgekit db upgrade``; docs/database.md)."""

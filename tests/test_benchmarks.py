@@ -1,0 +1,53 @@
+"""The benchmarks still run: each one's ``--quick`` mode, as a user would start it.
+
+Only that each finishes and prints its table is checked; the figures are for people (and
+benchmarks/RESULTS.md), never thresholds here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_convert_bench_quick(tmp_path: Path) -> None:
+    out = _run("convert_bench.py", tmp_path=tmp_path)
+    assert "## digits (batch 1" in out
+    for variant in ("pytorch eager", "onnx none", "onnx int8", "onnx int8 per-tensor"):
+        assert any(line.startswith(variant) for line in out.splitlines()), variant
+    assert "failed:" not in out
+    assert "goal " in out
+
+
+def test_optimize_bench_quick(tmp_path: Path) -> None:
+    out = _run("optimize_bench.py", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
+    assert "## digits (threads 1" in out
+    assert "onnx:fp32" in out and "onnx:dynamic-per-tensor" in out
+    assert "\nchosen: onnx:" in out
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_ota_bench_quick(tmp_path: Path) -> None:
+    from mqtt_broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("the OTA benchmark starts mosquitto, which is not installed (.ci/run installs it)")
+    out = _run("ota_bench.py", tmp_path=tmp_path)
+    rows = dict(line.rsplit("  ", 1) for line in out.splitlines() if "  " in line)
+    assert rows["agents succeeded"].strip() == "2 / 2"
+    assert rows["requests failed during the run"].strip() == "0"
+    assert "chunk throughput (MB/s)" in out
