@@ -35,11 +35,11 @@ from edgekit.protocol import (
     Kind,
     MetricsPayload,
     SamplePayload,
-    Schema,
     encode,
     encode_array,
     topic,
 )
+from edgekit.protocol.telemetry import MAX_EVENT_MESSAGE
 from edgekit.runtimes import RuntimeOptions
 
 from ._model import LoadedModel, ModelSlot, Prediction, TrustPolicy, load_model
@@ -279,8 +279,8 @@ class Agent:
         self.window.reset(new.num_classes, new.manifest.labels)
         self.event(EventKind.MODEL_ACTIVATED, EventLevel.INFO,
                    f"serving {new.name} {new.version}",
-                   data={"model": dict(new.ref), "signed": new.signed, "key_id": new.key_id,
-                         "previous": dict(old.ref) if old is not None else None})
+                   data={"model": new.ref.as_dict(), "signed": new.signed, "key_id": new.key_id,
+                         "previous": old.ref.as_dict() if old is not None else None})
         if self.link is not None and self.link.connected:
             self.link.publish(self.status_topic, self.status_bytes(self.link.session,
                                                                    DeviceState.ONLINE, None),
@@ -305,15 +305,15 @@ class Agent:
                 logging.WARNING if level == EventLevel.WARNING else logging.INFO, "%s", message)
         if self.outbox is None:
             return
-        payload = EventPayload(schema=Schema.EVENT.value, device=self.config.device.id,
-                               fleet=self.config.device.fleet, seq=0, ts=time.time(),
+        # ``session`` keys the event with ``seq`` on the host: the connection session the
+        # agent is on (0 before the MQTT link starts).
+        payload = EventPayload(device=self.config.device.id, fleet=self.config.device.fleet,
+                               seq=0, ts=time.time(),
+                               session=self.link.session if self.link is not None else 0,
                                kind=kind.value if isinstance(kind, EventKind) else kind,
-                               level=level.value, message=message)
-        if reason:
-            payload["reason"] = reason
-        if data:
-            payload["data"] = data
-        self._queue(Kind.EVENTS, dict(payload))
+                               level=level, message=message[:MAX_EVENT_MESSAGE],
+                               reason=reason or None, data=data or None)
+        self._queue(Kind.EVENTS, payload)
 
     def tick(self) -> MetricsPayload:
         """Close the telemetry interval, queue its metrics (with MQTT) and return them."""
@@ -321,14 +321,15 @@ class Agent:
             metrics = build_metrics(self, self.stats.take())
             self.last_metrics = metrics
             if self.outbox is not None:
-                metrics["seq"] = self._queue(Kind.METRICS, dict(metrics))
+                self._queue(Kind.METRICS, metrics)
         return metrics
 
-    def _queue(self, kind: Kind, payload: dict[str, Any]) -> int:
+    def _queue(self, kind: Kind, payload: EventPayload | MetricsPayload | SamplePayload) -> int:
+        """Queue ``payload`` with the next ``seq`` of its kind (set on it); return the seq."""
         assert self.outbox is not None
 
         def make(seq: int) -> bytes:
-            payload["seq"] = seq
+            payload.seq = seq
             return encode(payload)
 
         seq = self.outbox.put(self.topic(kind), make, f"seq.{kind.value}")
@@ -343,11 +344,10 @@ class Agent:
         except EdgekitError as exc:
             log.warning("sample %s not sent: %s", pid, exc.message)
             return
-        payload = SamplePayload(schema=Schema.SAMPLE.value, device=self.config.device.id,
-                                fleet=self.config.device.fleet, seq=0, ts=time.time(),
-                                prediction_id=pid, model=model.ref, inputs=encoded,
-                                label=truth, prediction=predicted)
-        self._queue(Kind.SAMPLES, dict(payload))
+        payload = SamplePayload(device=self.config.device.id, fleet=self.config.device.fleet,
+                                seq=0, ts=time.time(), prediction_id=pid, model=model.ref,
+                                inputs=encoded, label=truth, prediction=predicted)
+        self._queue(Kind.SAMPLES, payload)
 
     def _telemetry_loop(self, interval: float) -> None:
         next_at = time.monotonic() + interval

@@ -15,9 +15,9 @@ import numpy as np
 
 from edgekit.errors import InputError, ProtocolError
 from edgekit.manifest import TensorSpec
-from edgekit.protocol import decode_array
+from edgekit.protocol import EncodedArray, PredictRequest, decode_array
 
-__all__ = ["InputValidator", "inputs_from_json", "inputs_from_npy", "inputs_from_npz"]
+__all__ = ["InputValidator", "inputs_from_npy", "inputs_from_npz", "inputs_from_request"]
 
 SINGLE_INPUT_ALIAS = "x"
 
@@ -194,22 +194,18 @@ def _fmt(shape: Any) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def inputs_from_json(doc: Any) -> dict[str, Any]:
-    """The ``inputs`` object of a JSON request: nested lists, or encoded arrays.
+def inputs_from_request(request: PredictRequest) -> dict[str, Any]:
+    """The inputs of a decoded predict request: nested lists as they are, encoded arrays
+    as arrays.
 
     Raises:
-        ProtocolError: no ``inputs`` object, or an encoded array is malformed.
+        ProtocolError: an encoded array does not match its dtype and shape.
     """
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
-        raise ProtocolError("the request has no 'inputs' object",
-                            hint='send {"inputs": {"<input name>": [[...]]}}')
-    feeds: dict[str, Any] = {}
-    for name, value in doc["inputs"].items():
-        if isinstance(value, dict):
-            feeds[name] = decode_array(value, f"inputs.{name}")
-        else:
-            feeds[name] = value
-    return feeds
+    feeds = request.inputs
+    if not any(value.__class__ is EncodedArray for value in feeds.values()):
+        return feeds
+    return {name: decode_array(value, f"inputs.{name}") if isinstance(value, EncodedArray)
+            else value for name, value in feeds.items()}
 
 
 def inputs_from_npy(body: bytes, specs: list[TensorSpec]) -> dict[str, Any]:

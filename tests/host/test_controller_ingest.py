@@ -23,7 +23,7 @@ from edgekit.host.controller import Controller
 from edgekit.host.db import Store
 from edgekit.protocol import Kind, Schema, encode, encode_array, topic
 
-from ._controller_sim import broker, controller_config, metrics_payload, wait_until
+from ._controller_sim import HARDWARE, broker, controller_config, metrics_payload, wait_until
 
 __all__ = ["broker"]  # the fixture, imported for pytest
 
@@ -65,7 +65,7 @@ def status(fleet: str, device: str, state: str, session: int,
            version: str = "1.0.0") -> dict[str, Any]:
     return {"schema": Schema.STATUS.value, "state": state, "device": device, "fleet": fleet,
             "session": session, "ts": time.time(), "agent_version": "0.1.0", "runtimes": [],
-            "hardware": {}, "model": {"name": "tiny", "version": version, "sha256": "a" * 64,
+            "hardware": HARDWARE, "model": {"name": "tiny", "version": version, "sha256": "a" * 64,
                                       "format": "onnx", "runtime": "onnxruntime"},
             "http": None, "started": time.time()}
 

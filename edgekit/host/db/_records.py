@@ -94,6 +94,7 @@ class EventRecord:
     data: dict[str, Any] | None
     ts: dt.datetime
     rollout_id: int | None
+    session: int = 0  # the device session the seq belongs to (0 for the controller's own)
 
     def to_dict(self) -> dict[str, Any]:
         return _json_form(self)

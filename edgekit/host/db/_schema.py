@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -199,15 +200,17 @@ class MetricRow(Base):
 class EventRow(Base):
     __tablename__ = "events"
     __table_args__ = (
-        # Device events carry a per-device seq; a second delivery of one is dropped. The
-        # controller's own events have no seq (NULLs never collide).
-        UniqueConstraint("fleet", "device_id", "seq", name="uq_events_device_seq"),
+        # Device events carry a seq per device session; a second delivery of one is dropped.
+        # The controller's own events have no seq (NULLs never collide).
+        UniqueConstraint("fleet", "device_id", "session", "seq",
+                         name="uq_events_device_session_seq"),
         Index("ix_events_fleet_id", "fleet", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     fleet: Mapped[str] = mapped_column(String(128))
     device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    session: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     kind: Mapped[str] = mapped_column(String(64))
     level: Mapped[str] = mapped_column(String(16), default="info")

@@ -288,13 +288,16 @@ class Store(SampleStore, RolloutStore):
     # -- events --------------------------------------------------------------------------
 
     def record_event(self, fleet: str, kind: str, message: str = "", *,
-                     device: str | None = None, seq: int | None = None, level: str = "info",
-                     reason: str | None = None, data: dict[str, Any] | None = None,
-                     rollout_id: int | None = None, ts: dt.datetime | None = None) -> int | None:
+                     device: str | None = None, seq: int | None = None, session: int = 0,
+                     level: str = "info", reason: str | None = None,
+                     data: dict[str, Any] | None = None, rollout_id: int | None = None,
+                     ts: dt.datetime | None = None) -> int | None:
         """Append an event.
 
-        A device's event carries its ``seq``: a second delivery of ``(fleet, device, seq)``
-        is dropped. The controller's own events leave ``seq`` unset.
+        A device's event carries its ``session`` and ``seq`` (which starts again with each
+        session): a second delivery of ``(fleet, device, session, seq)`` is dropped. Agents
+        whose seq runs on across restarts use session 0. The controller's own events leave
+        ``seq`` unset.
 
         Returns:
             The new event's id (the cursor :meth:`list_events` takes), or None for a
@@ -304,10 +307,10 @@ class Store(SampleStore, RolloutStore):
             UsageError: ``rollout_id`` names no rollout.
         """
         stmt = self._insert(EventRow).values(
-            fleet=fleet, device_id=device, seq=seq, kind=kind, level=level, reason=reason,
-            message=message, data=data, rollout_id=rollout_id,
+            fleet=fleet, device_id=device, session=session, seq=seq, kind=kind, level=level,
+            reason=reason, message=message, data=data, rollout_id=rollout_id,
             ts=as_utc(ts) if ts else utcnow(),
-        ).on_conflict_do_nothing(index_elements=["fleet", "device_id", "seq"]
+        ).on_conflict_do_nothing(index_elements=["fleet", "device_id", "session", "seq"]
                                  ).returning(EventRow.id)
         try:
             with self._tx() as conn:
@@ -343,8 +346,9 @@ class Store(SampleStore, RolloutStore):
         if latest:
             rows.reverse()
         return [EventRecord(id=r.id, fleet=r.fleet, device=r.device_id, seq=r.seq,
-                            kind=r.kind, level=r.level, reason=r.reason, message=r.message, data=r.data, ts=r.ts,
-                            rollout_id=r.rollout_id) for r in rows]
+                            kind=r.kind, level=r.level, reason=r.reason, message=r.message,
+                            data=r.data, ts=r.ts, rollout_id=r.rollout_id, session=r.session)
+                for r in rows]
 
     # -- model registry rows -------------------------------------------------------------
 
