@@ -27,6 +27,7 @@ from edgekit.errors import (
 )
 from edgekit.manifest import compare_versions
 from edgekit.protocol import (
+    MAX_EVENT_MESSAGE,
     DeviceState,
     ErrorCode,
     EventKind,
@@ -39,7 +40,6 @@ from edgekit.protocol import (
     encode_array,
     topic,
 )
-from edgekit.protocol.telemetry import MAX_EVENT_MESSAGE
 from edgekit.runtimes import RuntimeOptions
 
 from ._model import LoadedModel, ModelSlot, Prediction, TrustPolicy, load_model

@@ -18,6 +18,8 @@ import msgspec
 
 from edgekit.errors import InputError, ProtocolError
 from edgekit.protocol import (
+    MAX_REQUEST_ID,
+    MAX_TOPIC,
     Document,
     ErrorCode,
     FeedbackMessage,
@@ -28,7 +30,6 @@ from edgekit.protocol import (
     encode,
     parse_topic,
 )
-from edgekit.protocol.inference import MAX_REQUEST_ID, MAX_TOPIC
 
 from ._inputs import inputs_from_request
 from ._mqtt import ThrottledLog

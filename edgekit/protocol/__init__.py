@@ -19,6 +19,8 @@ from __future__ import annotations
 from edgekit.protocol.arrays import MAX_ARRAY_BYTES, EncodedArray, decode_array, encode_array
 from edgekit.protocol.codec import Document, decode, encode, schema_of
 from edgekit.protocol.inference import (
+    MAX_REQUEST_ID,
+    MAX_TOPIC,
     ErrorCode,
     ErrorInfo,
     FeedbackMessage,
@@ -27,6 +29,7 @@ from edgekit.protocol.inference import (
     PredictRequest,
 )
 from edgekit.protocol.telemetry import (
+    MAX_EVENT_MESSAGE,
     DeviceState,
     EventKind,
     EventLevel,
@@ -61,6 +64,9 @@ from edgekit.protocol.topics import (
 __all__ = [
     "FLEET_SCOPE",
     "MAX_ARRAY_BYTES",
+    "MAX_EVENT_MESSAGE",
+    "MAX_REQUEST_ID",
+    "MAX_TOPIC",
     "ROOT",
     "DeviceState",
     "Document",
