@@ -111,6 +111,7 @@ class Agent:
             # The updater first undoes an update a crash interrupted after its switch, so
             # the model loaded next is one that passed its probation.
             self.ota = Updater(self, OtaSettings.from_config(config.ota))
+            self._guard = self.ota.guard
             self.ota.recover()
             self._load_initial()
         except BaseException:
@@ -142,9 +143,13 @@ class Agent:
                                hint="start the agent with --model PKG, or deploy one")
         try:
             feeds = model.validator.check(inputs)
-            # In probation the guard watches the new model and answers with the previous
-            # one when it fails; ``model`` is then the one that answered.
-            model, outputs = self.ota.guard.run(model, feeds)
+            guard = self._guard
+            if guard.watch is None:
+                outputs = model.session.run_checked(feeds)
+            else:
+                # In probation the guard watches the new model and answers with the previous
+                # one when it fails; ``model`` is then the one that answered.
+                model, outputs = guard.run(model, feeds)
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
