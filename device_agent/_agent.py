@@ -35,6 +35,7 @@ from edgekit.protocol import (
     EventPayload,
     Kind,
     MetricsPayload,
+    RuntimeInfo,
     SamplePayload,
     encode,
     encode_array,
@@ -90,7 +91,7 @@ class Agent:
         self.class_totals: Counter[str] = Counter()
         self.system = SystemSampler(config.telemetry.thermal_dir)
         self.hardware = hardware_info()
-        self.runtimes = runtime_info()
+        self.runtimes: list[RuntimeInfo] = []
         self.last_metrics: MetricsPayload | None = None
         self.http_address: str | None = None
         self._ids = itertools.count(1)
@@ -114,6 +115,9 @@ class Agent:
             self._guard = self.ota.guard
             self.ota.recover()
             self._load_initial()
+            # After the model's runtime is imported (it reports its providers then); the
+            # others are read from package metadata, not imported.
+            self.runtimes = runtime_info()
         except BaseException:
             if self.outbox is not None:
                 self.outbox.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -118,6 +120,27 @@ class RuntimeBackend(ABC):
 
     KEY: ClassVar[str]
     FORMAT: ClassVar[str]
+    # The SDK: its importable modules and the pip distributions that install them, in the
+    # order ``load`` tries them (``installed`` reads these without importing anything).
+    MODULES: ClassVar[tuple[str, ...]] = ()
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def installed(cls) -> BackendInfo:
+        """:meth:`info` without importing the SDK when it is not imported yet: from package
+        metadata (a runtime's native libraries cost tens of MB of memory; an agent serving an
+        ONNX model need not load LiteRT to say that it is there). A broken installation
+        shows up only when a model is loaded."""
+        if any(m in sys.modules for m in cls.MODULES):
+            return cls.info()
+        for dist in cls.DISTRIBUTIONS:
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            return BackendInfo(cls.KEY, cls.FORMAT, True, version, f"{dist} installed")
+        return BackendInfo(cls.KEY, cls.FORMAT, False, None,
+                           f"none of {', '.join(cls.DISTRIBUTIONS)} is installed")
 
     @classmethod
     @abstractmethod
@@ -146,8 +169,10 @@ def register(cls: type[RuntimeBackend]) -> type[RuntimeBackend]:
     return cls
 
 
-def availability() -> list[BackendInfo]:
-    return [cls.info() for cls in _BACKENDS.values()]
+def availability(*, import_sdks: bool = True) -> list[BackendInfo]:
+    """Every registered runtime and whether it works here; ``import_sdks=False`` reads
+    package metadata instead of importing SDKs not imported yet (:meth:`RuntimeBackend.installed`)."""
+    return [cls.info() if import_sdks else cls.installed() for cls in _BACKENDS.values()]
 
 
 def backend_for(fmt: str) -> type[RuntimeBackend]:

@@ -62,6 +62,8 @@ def _direct_run(sess: Any) -> Any:
 class OnnxRuntimeBackend(RuntimeBackend):
     KEY: ClassVar[str] = "onnxruntime"
     FORMAT: ClassVar[str] = "onnx"
+    MODULES: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxruntime-gpu")
 
     @classmethod
     def info(cls) -> BackendInfo:
