@@ -61,7 +61,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, echo=echo, pool_pre_ping=True, json_serializer=_json_text)
+        return create_engine(parsed, echo=echo, pool_pre_ping=True, json_serializer=json_text)
     if backend == "sqlite":
         return _sqlite_engine(parsed, echo)
     raise ConfigError(
@@ -70,7 +70,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     )
 
 
-def _json_text(value: Any) -> str:
+def json_text(value: Any) -> str:
     """JSON columns' serializer: msgspec writes a metrics payload ~10x faster than json.dumps
     (the controller stores one per device message); NaN and infinities become null."""
     return msgspec.json.encode(value).decode()
@@ -78,7 +78,7 @@ def _json_text(value: Any) -> str:
 
 def _sqlite_engine(url: URL, echo: bool) -> Engine:
     memory = url.database in (None, "", ":memory:")
-    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_text,
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": json_text,
                               "connect_args": {"timeout": _SQLITE_BUSY_TIMEOUT_S,
                                                "check_same_thread": False}}
     if memory:
