@@ -22,7 +22,10 @@ when no server answers at 127.0.0.1:5432).
 Run from the repository root::
 
     python benchmarks/controller_bench.py [--seconds 20] [--start 1000] [--max 64000]
-                                          [--flood 20000] [--json results.json]
+                                          [--flood 20000] [--json results.json] [--quick]
+
+``--quick`` (the test suite runs it) floods 2,000 messages and tries one fleet of 100
+devices on SQLite only: it shows the script works, its numbers are not results.
 """
 
 from __future__ import annotations
@@ -425,7 +428,14 @@ def main() -> None:
     parser.add_argument("--configs", default="sqlite,postgresql,shared",
                         help="Which of sqlite, postgresql, shared to run.")
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
+    parser.add_argument("--quick", action="store_true",
+                        help="A smoke run in well under a minute (SQLite, one small fleet).")
     args = parser.parse_args()
+    if args.quick:
+        args.flood, args.start, args.max, args.refine = 2000, 100, 100, 0
+        args.seconds = INTERVAL_S
+        if "--configs" not in sys.argv:
+            args.configs = "sqlite"
     from mqtt_broker import MqttBroker
 
     from edgekit.host.cli._table import format_table
@@ -458,7 +468,8 @@ def main() -> None:
     print(format_table(["CONFIGURATION", "MAX FLEET @0.1HZ", "MSG/S", "FLOOD MSG/S",
                         "BARE PAHO MSG/S", "RATIO"], rows))
     print(f"\n(ingest lag p95 < {LAG_LIMIT_S:g} s and every message stored; {os.cpu_count()}"
-          f" CPUs shared by broker, publishers and controllers)")
+          f" CPUs shared by broker, publishers and controllers"
+          + ("; --quick: a smoke run, not results)" if args.quick else ")"))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

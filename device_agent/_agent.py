@@ -27,6 +27,7 @@ from edgekit.errors import (
 )
 from edgekit.manifest import compare_versions
 from edgekit.protocol import (
+    MAX_EVENT_MESSAGE,
     DeviceState,
     ErrorCode,
     EventKind,
@@ -34,8 +35,8 @@ from edgekit.protocol import (
     EventPayload,
     Kind,
     MetricsPayload,
+    RuntimeInfo,
     SamplePayload,
-    Schema,
     encode,
     encode_array,
     topic,
@@ -90,7 +91,7 @@ class Agent:
         self.class_totals: Counter[str] = Counter()
         self.system = SystemSampler(config.telemetry.thermal_dir)
         self.hardware = hardware_info()
-        self.runtimes = runtime_info()
+        self.runtimes: list[RuntimeInfo] = []
         self.last_metrics: MetricsPayload | None = None
         self.http_address: str | None = None
         self._ids = itertools.count(1)
@@ -111,8 +112,12 @@ class Agent:
             # The updater first undoes an update a crash interrupted after its switch, so
             # the model loaded next is one that passed its probation.
             self.ota = Updater(self, OtaSettings.from_config(config.ota))
+            self._guard = self.ota.guard
             self.ota.recover()
             self._load_initial()
+            # After the model's runtime is imported (it reports its providers then); the
+            # others are read from package metadata, not imported.
+            self.runtimes = runtime_info()
         except BaseException:
             if self.outbox is not None:
                 self.outbox.close()
@@ -142,9 +147,13 @@ class Agent:
                                hint="start the agent with --model PKG, or deploy one")
         try:
             feeds = model.validator.check(inputs)
-            # In probation the guard watches the new model and answers with the previous
-            # one when it fails; ``model`` is then the one that answered.
-            model, outputs = self.ota.guard.run(model, feeds)
+            guard = self._guard
+            if guard.watch is None:
+                outputs = model.session.run_checked(feeds)
+            else:
+                # In probation the guard watches the new model and answers with the previous
+                # one when it fails; ``model`` is then the one that answered.
+                model, outputs = guard.run(model, feeds)
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
@@ -279,8 +288,8 @@ class Agent:
         self.window.reset(new.num_classes, new.manifest.labels)
         self.event(EventKind.MODEL_ACTIVATED, EventLevel.INFO,
                    f"serving {new.name} {new.version}",
-                   data={"model": dict(new.ref), "signed": new.signed, "key_id": new.key_id,
-                         "previous": dict(old.ref) if old is not None else None})
+                   data={"model": new.ref.as_dict(), "signed": new.signed, "key_id": new.key_id,
+                         "previous": old.ref.as_dict() if old is not None else None})
         if self.link is not None and self.link.connected:
             self.link.publish(self.status_topic, self.status_bytes(self.link.session,
                                                                    DeviceState.ONLINE, None),
@@ -305,15 +314,15 @@ class Agent:
                 logging.WARNING if level == EventLevel.WARNING else logging.INFO, "%s", message)
         if self.outbox is None:
             return
-        payload = EventPayload(schema=Schema.EVENT.value, device=self.config.device.id,
-                               fleet=self.config.device.fleet, seq=0, ts=time.time(),
+        # ``session`` keys the event with ``seq`` on the host: the connection session the
+        # agent is on (0 before the MQTT link starts).
+        payload = EventPayload(device=self.config.device.id, fleet=self.config.device.fleet,
+                               seq=0, ts=time.time(),
+                               session=self.link.session if self.link is not None else 0,
                                kind=kind.value if isinstance(kind, EventKind) else kind,
-                               level=level.value, message=message)
-        if reason:
-            payload["reason"] = reason
-        if data:
-            payload["data"] = data
-        self._queue(Kind.EVENTS, dict(payload))
+                               level=level, message=message[:MAX_EVENT_MESSAGE],
+                               reason=reason or None, data=data or None)
+        self._queue(Kind.EVENTS, payload)
 
     def tick(self) -> MetricsPayload:
         """Close the telemetry interval, queue its metrics (with MQTT) and return them."""
@@ -321,14 +330,15 @@ class Agent:
             metrics = build_metrics(self, self.stats.take())
             self.last_metrics = metrics
             if self.outbox is not None:
-                metrics["seq"] = self._queue(Kind.METRICS, dict(metrics))
+                self._queue(Kind.METRICS, metrics)
         return metrics
 
-    def _queue(self, kind: Kind, payload: dict[str, Any]) -> int:
+    def _queue(self, kind: Kind, payload: EventPayload | MetricsPayload | SamplePayload) -> int:
+        """Queue ``payload`` with the next ``seq`` of its kind (set on it); return the seq."""
         assert self.outbox is not None
 
         def make(seq: int) -> bytes:
-            payload["seq"] = seq
+            payload.seq = seq
             return encode(payload)
 
         seq = self.outbox.put(self.topic(kind), make, f"seq.{kind.value}")
@@ -343,11 +353,10 @@ class Agent:
         except EdgekitError as exc:
             log.warning("sample %s not sent: %s", pid, exc.message)
             return
-        payload = SamplePayload(schema=Schema.SAMPLE.value, device=self.config.device.id,
-                                fleet=self.config.device.fleet, seq=0, ts=time.time(),
-                                prediction_id=pid, model=model.ref, inputs=encoded,
-                                label=truth, prediction=predicted)
-        self._queue(Kind.SAMPLES, dict(payload))
+        payload = SamplePayload(device=self.config.device.id, fleet=self.config.device.fleet,
+                                seq=0, ts=time.time(), prediction_id=pid, model=model.ref,
+                                inputs=encoded, label=truth, prediction=predicted)
+        self._queue(Kind.SAMPLES, payload)
 
     def _telemetry_loop(self, interval: float) -> None:
         next_at = time.monotonic() + interval

@@ -12,21 +12,20 @@ an exception inside a handler becomes a 500 and the server goes on.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import socket
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from edgekit.errors import ProtocolError, UsageError
-from edgekit.protocol import ErrorCode, Schema, encode
+from edgekit.protocol import Document, ErrorCode, FeedbackMessage, PredictRequest, decode, encode
 
-from ._inputs import inputs_from_json, inputs_from_npy, inputs_from_npz
+from ._inputs import inputs_from_npy, inputs_from_npz, inputs_from_request
 from ._replies import prediction_reply
 from ._telemetry import prometheus_text
 from .errors import RequestError, describe
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["HttpApi"]
 
 log = logging.getLogger("device_agent.http")
+
+D = TypeVar("D", bound=Document)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -118,12 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "npz":
             feeds = inputs_from_npz(body, agent.config.http.max_body_bytes * 8)
         else:
-            doc = _json(body)
-            if "schema" in doc and doc["schema"] != Schema.PREDICT_REQUEST.value:
-                raise ProtocolError(f"schema {doc['schema']!r} is not"
-                                    f" {Schema.PREDICT_REQUEST.value!r}")
-            mode = str(doc.get("outputs", mode))
-            feeds = inputs_from_json(doc)
+            doc = self._decode(body, PredictRequest)
+            mode = doc.outputs or mode
+            feeds = inputs_from_request(doc)
         if mode not in ("lists", "encoded", "none"):
             raise ProtocolError(f"outputs={mode!r}: use lists, encoded or none")
         prediction = agent.predict(feeds, channel="http")
@@ -138,11 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, encode(reply), "application/json")
 
     def _feedback(self, body: bytes) -> None:
-        doc = _json(body)
-        if "schema" in doc and doc["schema"] != Schema.FEEDBACK.value:
-            raise ProtocolError(f"schema {doc['schema']!r} is not {Schema.FEEDBACK.value!r}")
-        count = self.server.agent.feedback(doc.get("prediction_id"),  # type: ignore[arg-type]
-                                           label=doc.get("label"), labels=doc.get("labels"))
+        doc = self._decode(body, FeedbackMessage)
+        count = self.server.agent.feedback(doc.prediction_id, label=doc.label, labels=doc.labels)
         self._send(HTTPStatus.OK, encode({"ok": True, "labelled": count}), "application/json")
 
     def _health(self) -> None:
@@ -166,6 +161,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------ plumbing
+
+    def _decode(self, body: bytes, cls: type[D]) -> D:
+        """A JSON body as a ``cls`` document (the URL says what it is: ``schema`` optional).
+
+        Raises:
+            ProtocolError: not JSON, or it does not fit ``cls``.
+        """
+        return decode(body, cls, max_bytes=self.server.agent.config.http.max_body_bytes,
+                      require_schema=False)
 
     def _content_kind(self, body: bytes) -> str:
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -233,17 +237,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"the body is not valid JSON: {str(exc)[:200]}",
-                            hint="send Content-Type application/json, or a .npy/.npz body") from exc
-    if not isinstance(doc, dict):
-        raise ProtocolError(f"the body is a JSON {type(doc).__name__}, expected an object")
-    return doc
 
 
 class HttpApi:

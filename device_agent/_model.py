@@ -72,6 +72,7 @@ class LoadedModel:
     key_id: str | None
     ref: ModelRef = field(init=False)
     num_classes: int | None = field(init=False)
+    primary_output: str = field(init=False)  # the output whose argmax is the class
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -79,6 +80,7 @@ class LoadedModel:
                                                  sha256=self.sha256, format=m.format.value,
                                                  runtime=self.runtime))
         object.__setattr__(self, "num_classes", _num_classes(m))
+        object.__setattr__(self, "primary_output", m.outputs[0].name)
 
     @property
     def name(self) -> str:
@@ -87,10 +89,6 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.manifest.version
-
-    @property
-    def primary_output(self) -> str:
-        return self.manifest.outputs[0].name
 
     def label_name(self, index: int) -> str:
         labels = self.manifest.labels

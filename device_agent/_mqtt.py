@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgekit.errors import ProtocolError
-from edgekit.protocol import DeviceState, Schema, decode
+from edgekit.protocol import DeviceState, StatusPayload, decode
 
 from ._outbox import Outbox
 from .config import AgentConfig, BrokerAddress
@@ -213,14 +213,13 @@ class MqttLink:
 
     def _on_own_status(self, topic: str, payload: bytes) -> None:
         try:
-            doc = decode(payload, Schema.STATUS)
+            doc = decode(payload, StatusPayload)
         except ProtocolError as exc:
             self._log.warn(topic, "ignored a malformed status message on %s: %s", topic,
                            exc.message)
             return
-        state, session = doc.get("state"), doc.get("session")
-        stale = (state in (DeviceState.OFFLINE.value, DeviceState.STOPPED.value)
-                 and isinstance(session, int) and session < self.session)
+        state, session = doc.state, doc.session
+        stale = state in (DeviceState.OFFLINE, DeviceState.STOPPED) and session < self.session
         if stale and self.connected and not self._stopping.is_set():
             log.info("a stale %s status (session %s) replaced the birth; publishing it again",
                      state, session)

@@ -9,25 +9,31 @@ ones not logged), counts it, answers when it can, and goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from edgekit.errors import InputError, ProtocolError
 from edgekit.protocol import (
+    MAX_REQUEST_ID,
+    MAX_TOPIC,
+    Document,
     ErrorCode,
+    FeedbackMessage,
     FeedbackReply,
     Kind,
-    Schema,
+    PredictRequest,
+    decode,
     encode,
     parse_topic,
 )
 
-from ._inputs import inputs_from_json
+from ._inputs import inputs_from_request
 from ._mqtt import ThrottledLog
-from ._replies import error_reply, prediction_reply
+from ._replies import error_info, error_reply, prediction_reply
 from .errors import RequestError, describe
 
 if TYPE_CHECKING:
@@ -38,8 +44,17 @@ __all__ = ["MqttApi", "check_reply_topic"]
 
 log = logging.getLogger("device_agent.mqtt")
 
-_MAX_ID = 128
-_MAX_TOPIC = 512
+R = TypeVar("R", PredictRequest, FeedbackMessage)
+
+
+class _ReturnAddress(msgspec.Struct):
+    """The two fields a refused request is answered with; anything else is ignored."""
+
+    request_id: Any = None
+    reply_to: Any = None
+
+
+_address_decoder = msgspec.json.Decoder(_ReturnAddress)
 # Kinds a reply may never be published to: it would forge telemetry or loop into requests.
 _FORBIDDEN_REPLY_KINDS = {k.value for k in Kind} - {Kind.REPLY.value}
 
@@ -51,7 +66,7 @@ def check_reply_topic(value: Any) -> str:
         ProtocolError: not a string, empty, too long, a wildcard, a ``$`` system topic, or a
             topic of the edgekit tree other than a ``reply`` one.
     """
-    if not isinstance(value, str) or not value or len(value) > _MAX_TOPIC:
+    if not isinstance(value, str) or not value or len(value) > MAX_TOPIC:
         raise ProtocolError("reply_to must be a topic name of 1 to 512 characters")
     if "+" in value or "#" in value or "\x00" in value or value.startswith("$"):
         raise ProtocolError(f"reply_to {value!r} is a wildcard or a system topic")
@@ -116,18 +131,15 @@ class MqttApi:
     # ------------------------------------------------------------------ workers
 
     def _serve_predict(self, topic: str, payload: bytes) -> None:
-        doc, request_id, reply_to = self._envelope(topic, payload, Schema.PREDICT_REQUEST)
+        doc, request_id, reply_to = self._envelope(topic, payload, PredictRequest)
         if reply_to is None:
             self.agent.stats.error("mqtt", ErrorCode.BAD_REQUEST.value)
             return
         try:
             if isinstance(doc, Exception):
                 raise doc
-            mode = doc.get("outputs", "lists")
-            if mode not in ("lists", "encoded", "none"):
-                raise ProtocolError(f"outputs={mode!r}: use lists, encoded or none")
-            prediction = self.agent.predict(inputs_from_json(doc), channel="mqtt")
-            reply = prediction_reply(prediction, request_id, mode)
+            prediction = self.agent.predict(inputs_from_request(doc), channel="mqtt")
+            reply = prediction_reply(prediction, request_id, doc.outputs or "lists")
         except Exception as exc:
             code, _status, message = describe(exc)
             if not isinstance(exc, InputError | RequestError):
@@ -141,68 +153,79 @@ class MqttApi:
         self.link.publish(reply_to, encode(reply))
 
     def _serve_feedback(self, topic: str, payload: bytes) -> None:
-        doc, request_id, reply_to = self._envelope(topic, payload, Schema.FEEDBACK,
+        doc, request_id, reply_to = self._envelope(topic, payload, FeedbackMessage,
                                                    reply_required=False)
         if isinstance(doc, Exception) and reply_to is None:
             self.agent.window.rejected()
             self._log.warn(topic + "#feedback", "refused feedback on %s: %s", topic, doc)
             return
-        reply = FeedbackReply(schema=Schema.FEEDBACK_REPLY.value, request_id=request_id, ok=True)
+        reply = FeedbackReply(request_id=request_id, ok=True)
         try:
             if isinstance(doc, Exception):
                 raise doc
-            self.agent.feedback(doc.get("prediction_id"),  # type: ignore[arg-type]
-                                label=doc.get("label"), labels=doc.get("labels"))
+            self.agent.feedback(doc.prediction_id, label=doc.label, labels=doc.labels)
         except Exception as exc:
             if not isinstance(exc, RequestError):
                 self.agent.window.rejected()
-            code, _status, message = describe(exc)
-            self._log.warn(topic, "refused feedback on %s: %s", topic, message)
-            reply["ok"] = False
-            reply["error"] = {"code": code.value, "message": message}
+            reply.ok = False
+            reply.error = error_info(exc)
+            self._log.warn(topic, "refused feedback on %s: %s", topic, reply.error.message)
         if reply_to is not None:
             self.link.publish(reply_to, encode(reply))
 
-    def _envelope(self, topic: str, payload: bytes, schema: Schema, *,
-                  reply_required: bool = True) -> tuple[Any, str, str | None]:
-        """Parse a request far enough to know whom to answer.
+    def _envelope(self, topic: str, payload: bytes, cls: type[R], *,
+                  reply_required: bool = True) -> tuple[R | ProtocolError, str, str | None]:
+        """Decode a request, and know whom to answer even when it does not decode.
 
         Returns (document or the ProtocolError that refuses it, request id, reply topic);
         the reply topic is None when the request names no usable one (it is logged).
         """
         try:
-            doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            return self._unanswerable(topic, f"not valid JSON ({str(exc)[:200]})"), "", None
-        if not isinstance(doc, dict):
-            return self._unanswerable(topic, f"a JSON {type(doc).__name__}, not an object"), "", None
-        request_id = doc.get("request_id", "")
-        if not isinstance(request_id, str) or len(request_id) > _MAX_ID:
-            request_id = ""
-        reply_to: str | None = None
-        if "reply_to" in doc or reply_required:
-            try:
-                reply_to = check_reply_topic(doc.get("reply_to"))
-            except ProtocolError as exc:
-                return self._unanswerable(topic, exc.message), request_id, None
-        if doc.get("schema") != schema.value:
-            return ProtocolError(f"schema {doc.get('schema')!r} is not {schema.value!r}",
-                                 hint="see docs/protocol.md"), request_id, reply_to
-        if schema == Schema.PREDICT_REQUEST and not request_id:
-            return ProtocolError("request_id must be a string of 1 to 128 characters"), \
-                request_id, reply_to
-        return doc, request_id, reply_to
+            doc = decode(payload, cls)
+        except ProtocolError as exc:
+            request_id, reply_to = self._return_address(topic, payload, cls, reply_required)
+            return exc, request_id, reply_to
+        if doc.reply_to is None and not reply_required:
+            return doc, doc.request_id, None
+        try:
+            reply_to = check_reply_topic(doc.reply_to)
+        except ProtocolError as exc:
+            return self._unanswerable(topic, exc.message), doc.request_id, None
+        if cls is PredictRequest and not doc.request_id:
+            return ProtocolError("request_id must be a string of 1 to 128 characters"), "", \
+                reply_to
+        return doc, doc.request_id, reply_to
+
+    def _return_address(self, topic: str, payload: bytes, cls: type[Document],
+                        reply_required: bool) -> tuple[str, str | None]:
+        """The request id and reply topic of a request that does not fit its schema, read
+        leniently so that the sender hears why; ("", None) when there is none to read."""
+        if len(payload) > cls.max_bytes:
+            self._unanswerable(topic, f"{len(payload)} bytes, over the {cls.max_bytes}-byte"
+                               " limit")
+            return "", None
+        try:
+            found = _address_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._unanswerable(topic, f"not a JSON object ({str(exc)[:200]})")
+            return "", None
+        request_id = found.request_id if isinstance(found.request_id, str) and \
+            len(found.request_id) <= MAX_REQUEST_ID else ""
+        if found.reply_to is None and not reply_required:
+            return request_id, None
+        try:
+            return request_id, check_reply_topic(found.reply_to)
+        except ProtocolError as exc:
+            self._unanswerable(topic, exc.message)
+            return request_id, None
 
     def _unanswerable(self, topic: str, why: str) -> ProtocolError:
         self._log.warn(topic, "ignored a message on %s that cannot be answered: %s", topic, why)
         return ProtocolError(why)
 
     def _answer_error(self, topic: str, payload: bytes, exc: Exception) -> None:
-        try:
-            doc = json.loads(payload)
-            reply_to = check_reply_topic(doc.get("reply_to"))
-            request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else ""
-        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, ProtocolError):
+        request_id, reply_to = self._return_address(topic, payload, PredictRequest, True)
+        if reply_to is None:
             self._log.warn(topic, "dropped a message on %s while busy", topic)
             return
-        self.link.publish(reply_to, encode(error_reply(str(request_id)[:_MAX_ID], exc)))
+        self.link.publish(reply_to, encode(error_reply(request_id, exc)))

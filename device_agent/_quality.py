@@ -119,10 +119,10 @@ class QualityWindow:
             y_true, y_pred = zip(*pairs, strict=True)
             report = classification_report(list(y_true), list(y_pred), self.num_classes,
                                            self.class_names)
-            section["accuracy"] = report.accuracy
-            section["f1_macro"] = report.f1
+            section.accuracy = report.accuracy
+            section.f1_macro = report.f1
             if len(report.confusion) <= 32:
-                section["confusion"] = report.confusion
+                section.confusion = report.confusion
         return section
 
 

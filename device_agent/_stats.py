@@ -7,6 +7,7 @@ interval under one lock; the telemetry thread takes the interval and does the nu
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -57,7 +58,8 @@ class RequestStats:
         self.requests_total = 0
         self.errors_total = 0
         self._interval = Interval(time.time(), 0.0)
-        self._rng = np.random.default_rng()
+        # The stdlib generator: a reservoir slot costs 0.1 us with it, ~2 us with numpy's.
+        self._random = random.Random()
 
     def record(self, channel: str, latency_s: float, primary: np.ndarray | None) -> None:
         with self._lock:
@@ -70,7 +72,7 @@ class RequestStats:
                 if primary is not None:
                     iv.outputs.append(primary)
             else:
-                slot = int(self._rng.integers(0, iv.requests))
+                slot = int(self._random.random() * iv.requests)
                 if slot < _MAX_SAMPLES:
                     iv.latencies_s[slot] = latency_s
                     if primary is not None and slot < len(iv.outputs):

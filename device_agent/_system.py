@@ -31,8 +31,10 @@ def hardware_info() -> HardwareInfo:
 
 
 def runtime_info() -> list[RuntimeInfo]:
+    """The runtimes installed here; SDKs not imported yet are read from package metadata."""
     return [RuntimeInfo(key=i.key, format=i.format, available=i.available, version=i.version,
-                        providers=list(i.providers)) for i in availability()]
+                        providers=list(i.providers))
+            for i in availability(import_sdks=False)]
 
 
 def _os_name() -> str:

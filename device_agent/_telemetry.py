@@ -13,7 +13,6 @@ from edgekit.protocol import (
     MetricsPayload,
     PredictionsSection,
     RequestsSection,
-    Schema,
     StatusPayload,
     TelemetrySection,
 )
@@ -30,9 +29,8 @@ __all__ = ["build_metrics", "build_status", "prometheus_text"]
 def build_status(agent: Agent, session: int, state: DeviceState, reason: str | None
                  ) -> StatusPayload:
     model = agent.slot.current
-    payload = StatusPayload(
-        schema=Schema.STATUS.value,
-        state=state.value,
+    return StatusPayload(
+        state=state,
         device=agent.config.device.id,
         fleet=agent.config.device.fleet,
         session=session,
@@ -45,13 +43,9 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
         model=model.ref if model is not None and state != DeviceState.OFFLINE else None,
         http=agent.http_address,
         started=agent.started,
+        reason=reason or None,
+        update=agent.ota.status_section(),
     )
-    if reason:
-        payload["reason"] = reason
-    update = agent.ota.status_section()
-    if update is not None:
-        payload["update"] = update
-    return payload
 
 
 def predictions_section(agent: Agent, interval: Interval) -> PredictionsSection:
@@ -82,7 +76,6 @@ def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
     stats = agent.stats
     outbox = agent.outbox
     return MetricsPayload(
-        schema=Schema.METRICS.value,
         device=agent.config.device.id,
         fleet=agent.config.device.fleet,
         seq=0,
@@ -146,14 +139,14 @@ def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
            [("", 1 if agent.link is not None and agent.link.connected else 0)])
     quality = agent.window.snapshot()
     metric("edgekit_agent_window_labels", "gauge", "Labelled predictions in the window.",
-           [("", quality["labels"])])
-    if quality["accuracy"] is not None and quality["f1_macro"] is not None:
+           [("", quality.labels)])
+    if quality.accuracy is not None and quality.f1_macro is not None:
         metric("edgekit_agent_window_accuracy", "gauge", "Accuracy over the labelled window.",
-               [("", quality["accuracy"])])
+               [("", quality.accuracy)])
         metric("edgekit_agent_window_f1_macro", "gauge", "Macro F1 over the labelled window.",
-               [("", quality["f1_macro"])])
+               [("", quality.f1_macro)])
     metric("edgekit_agent_feedback_total", "counter", "Labels received.",
-           [("", quality["feedback_total"])])
+           [("", quality.feedback_total)])
     totals: Counter[str] = agent.class_totals
     metric("edgekit_agent_predictions_total", "counter",
            "Predicted rows per class (updated each telemetry interval).",
@@ -166,24 +159,24 @@ def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
     metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.",
            [("", agent.system.rss_bytes())])
     if last is not None:
-        lat = last["latency"]
+        lat = last.latency
         quantiles: list[tuple[str, float]] = [
             (_labels(quantile=q), value) for q, value in
-            (("0.5", lat["p50_ms"]), ("0.95", lat["p95_ms"]), ("0.99", lat["p99_ms"]))
+            (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms))
             if value is not None
         ]
         metric("edgekit_agent_latency_ms", "summary",
                "Request latency in milliseconds over the last interval.",
-               [*quantiles, ("_count", lat["count"])])
+               [*quantiles, ("_count", lat.count)])
         metric("edgekit_agent_throughput_rps", "gauge", "Requests per second, last interval.",
-               [("", last["throughput_rps"])])
-        system = last["system"]
-        if system["cpu_percent"] is not None:
+               [("", last.throughput_rps)])
+        system = last.system
+        if system.cpu_percent is not None:
             metric("edgekit_agent_cpu_percent", "gauge", "CPU of the agent, last interval.",
-                   [("", system["cpu_percent"])])
-        if system["temperature_c"] is not None:
+                   [("", system.cpu_percent)])
+        if system.temperature_c is not None:
             metric("edgekit_agent_temperature_celsius", "gauge", "Hottest thermal zone.",
-                   [("", system["temperature_c"])])
+                   [("", system.temperature_c)])
     return "\n".join(lines) + "\n"
 
 

@@ -246,7 +246,7 @@ class Updater:
         data: dict[str, Any] = {
             "deployment": deployment, "step": step.value, "model": model,
             "serving": serving if serving is not None else (
-                _short(dict(current.ref)) if current is not None else None),
+                _short(current.ref.as_dict()) if current is not None else None),
         }
         if source:
             data["source"] = source

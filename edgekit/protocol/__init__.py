@@ -1,51 +1,59 @@
 """Every document that crosses the wire, typed, in one package.
 
-- :mod:`edgekit.protocol.device`: the topic tree and the device's documents (status,
-  metrics, events, samples, predict and feedback requests and replies).
+- :mod:`edgekit.protocol.codec`: the :class:`Document` base (a msgspec Struct whose
+  ``schema`` field is its tag, ``edgekit.<name>/<major>``), :func:`encode`, and the
+  size-capped :func:`decode` that raises :class:`~edgekit.errors.ProtocolError`.
+- :mod:`edgekit.protocol.topics`: the topic tree, ids, and the schema of each payload.
+- :mod:`edgekit.protocol.telemetry`: what a device reports (status, metrics, events, samples).
+- :mod:`edgekit.protocol.inference`: predict and feedback requests and their replies.
+- :mod:`edgekit.protocol.arrays`: arrays as nested lists or base64 (:class:`EncodedArray`).
 - :mod:`edgekit.protocol.ota`: over-the-air update documents (desired state, chunks,
   rollback instructions, update events).
 - :mod:`edgekit.protocol.controller`: requests to the fleet controller and its replies.
 
-docs/protocol.md is the prose form. The names of :mod:`.device` are re-exported here.
+docs/protocol.md is the prose form. The device documents' names are re-exported here.
 """
 
 from __future__ import annotations
 
-from edgekit.protocol.device import (
-    FLEET_SCOPE,
-    MAX_ARRAY_BYTES,
-    ROOT,
-    DeviceState,
-    EncodedArray,
+from edgekit.protocol.arrays import MAX_ARRAY_BYTES, EncodedArray, decode_array, encode_array
+from edgekit.protocol.codec import Document, decode, encode, schema_of
+from edgekit.protocol.inference import (
+    MAX_REQUEST_ID,
+    MAX_TOPIC,
     ErrorCode,
     ErrorInfo,
+    FeedbackMessage,
+    FeedbackReply,
+    PredictReply,
+    PredictRequest,
+)
+from edgekit.protocol.telemetry import (
+    MAX_EVENT_MESSAGE,
+    DeviceState,
     EventKind,
     EventLevel,
     EventPayload,
-    FeedbackMessage,
-    FeedbackReply,
     HardwareInfo,
-    Kind,
     LatencySection,
     MetricsPayload,
     ModelRef,
     PredictionsSection,
-    PredictReply,
-    PredictRequest,
     QualitySection,
     RequestsSection,
     RuntimeInfo,
     SamplePayload,
-    Schema,
     StatusPayload,
     SystemSection,
     TelemetrySection,
+)
+from edgekit.protocol.topics import (
+    FLEET_SCOPE,
+    ROOT,
+    Kind,
+    Schema,
     TopicParts,
     check_id,
-    decode,
-    decode_array,
-    encode,
-    encode_array,
     fleet_topic,
     is_valid_id,
     parse_topic,
@@ -56,8 +64,12 @@ from edgekit.protocol.device import (
 __all__ = [
     "FLEET_SCOPE",
     "MAX_ARRAY_BYTES",
+    "MAX_EVENT_MESSAGE",
+    "MAX_REQUEST_ID",
+    "MAX_TOPIC",
     "ROOT",
     "DeviceState",
+    "Document",
     "EncodedArray",
     "ErrorCode",
     "ErrorInfo",
@@ -91,6 +103,7 @@ __all__ = [
     "fleet_topic",
     "is_valid_id",
     "parse_topic",
+    "schema_of",
     "subscription",
     "topic",
 ]

@@ -20,6 +20,7 @@ one error type the protocol raises.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
@@ -40,7 +41,7 @@ DEFAULT_MAX_BYTES = 64 * 1024
 D = TypeVar("D", bound="Document")
 
 _encoder = msgspec.json.Encoder()
-_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+_decoders: dict[tuple[type, bool], msgspec.json.Decoder[Any]] = {}
 
 
 class Document(msgspec.Struct, kw_only=True, tag_field="schema", omit_defaults=True):
@@ -60,8 +61,9 @@ def schema_of(cls: type[Document]) -> str:
     return str(info.tag)
 
 
-def encode(doc: Document) -> bytes:
-    """The JSON bytes of ``doc`` (compact, with its ``schema`` field)."""
+def encode(doc: Document | Mapping[str, Any]) -> bytes:
+    """The JSON bytes of ``doc`` (compact, with its ``schema`` field); NaN and infinities
+    become ``null`` (JSON has no such numbers)."""
     return _encoder.encode(doc)
 
 
@@ -70,18 +72,21 @@ class _Absent(Document, tag="edgekit.absent/0"):
     which it treats as optional when a tagged Struct is decoded on its own."""
 
 
-def _decoder(cls: type[D]) -> msgspec.json.Decoder[Any]:
-    decoder = _decoders.get(cls)
+def _decoder(cls: type[D], require_schema: bool) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get((cls, require_schema))
     if decoder is None:
-        decoder = _decoders[cls] = msgspec.json.Decoder(cls | _Absent)  # type: ignore[operator]
+        target: Any = cls | _Absent if require_schema else cls  # type: ignore[operator]
+        decoder = _decoders[(cls, require_schema)] = msgspec.json.Decoder(target)
     return decoder
 
 
 def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
-           max_bytes: int | None = None) -> D:
+           max_bytes: int | None = None, require_schema: bool = True) -> D:
     """Parse ``payload`` as a ``cls`` document after checking its size.
 
     ``max_bytes`` overrides the class's cap (for a reader configured tighter or looser).
+    ``require_schema=False`` accepts a payload without a ``schema`` field (one with another
+    schema is still refused): for the HTTP API, where the URL says what the body is.
 
     Raises:
         ProtocolError: the payload is larger than the cap, not JSON, of another schema, or a
@@ -95,9 +100,10 @@ def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
             hint="the sender must split or shrink it; nothing of it was parsed",
         )
     try:
-        doc = _decoder(cls).decode(payload)
+        doc = _decoder(cls, require_schema).decode(payload)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"payload does not fit {schema_of(cls)}: {exc}") from None
+        raise ProtocolError(f"payload does not fit {schema_of(cls)}: {exc}",
+                            hint="see docs/protocol.md") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(doc, cls):

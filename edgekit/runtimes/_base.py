@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -48,6 +50,11 @@ class Session(ABC):
     def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
         self.inputs = inputs
         self.outputs = outputs
+        # Without quantization a run only checks names and dtypes: the per-request path
+        # (the agent's, ~10 us models) skips the general conversion below.
+        self._plain = all(s.quantization is None for s in (*inputs, *outputs))
+        self._input_dtypes = [(s.name, np.dtype(s.dtype)) for s in inputs]
+        self._output_names = [s.name for s in outputs]
 
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -60,6 +67,14 @@ class Session(ABC):
             InputError: a required input is missing.
             RuntimeBackendError: the runtime failed on the inputs.
         """
+        if self._plain:
+            for name, dtype in self._input_dtypes:
+                arr = feeds.get(name)
+                if arr is None or arr.__class__ is not np.ndarray or arr.dtype != dtype:
+                    break
+            else:
+                return self.run_checked(feeds if len(feeds) == len(self._input_dtypes) else
+                                        {n: feeds[n] for n, _ in self._input_dtypes})
         prepared: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             if spec.name not in feeds:
@@ -83,11 +98,49 @@ class Session(ABC):
         return result
 
 
+    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` for feeds already checked against the inputs (exactly the model's
+        input names, as ndarrays of the manifest's dtypes), as an input validator returns
+        them: the per-request path of the agent.
+
+        Raises:
+            RuntimeBackendError: the runtime failed on the inputs.
+        """
+        if not self._plain:
+            return self.run(feeds)
+        try:
+            raw = self._run(feeds)
+        except Exception as exc:  # runtimes raise their own exception types
+            raise RuntimeBackendError(f"inference failed: {exc}") from exc
+        return dict(zip(self._output_names, raw, strict=True))
+
+
 class RuntimeBackend(ABC):
     """One runtime: loads model bytes of one format into a :class:`Session`."""
 
     KEY: ClassVar[str]
     FORMAT: ClassVar[str]
+    # The SDK: its importable modules and the pip distributions that install them, in the
+    # order ``load`` tries them (``installed`` reads these without importing anything).
+    MODULES: ClassVar[tuple[str, ...]] = ()
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def installed(cls) -> BackendInfo:
+        """:meth:`info` without importing the SDK when it is not imported yet: from package
+        metadata (a runtime's native libraries cost tens of MB of memory; an agent serving an
+        ONNX model need not load LiteRT to say that it is there). A broken installation
+        shows up only when a model is loaded."""
+        if any(m in sys.modules for m in cls.MODULES):
+            return cls.info()
+        for dist in cls.DISTRIBUTIONS:
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            return BackendInfo(cls.KEY, cls.FORMAT, True, version, f"{dist} installed")
+        return BackendInfo(cls.KEY, cls.FORMAT, False, None,
+                           f"none of {', '.join(cls.DISTRIBUTIONS)} is installed")
 
     @classmethod
     @abstractmethod
@@ -116,8 +169,10 @@ def register(cls: type[RuntimeBackend]) -> type[RuntimeBackend]:
     return cls
 
 
-def availability() -> list[BackendInfo]:
-    return [cls.info() for cls in _BACKENDS.values()]
+def availability(*, import_sdks: bool = True) -> list[BackendInfo]:
+    """Every registered runtime and whether it works here; ``import_sdks=False`` reads
+    package metadata instead of importing SDKs not imported yet (:meth:`RuntimeBackend.installed`)."""
+    return [cls.info() if import_sdks else cls.installed() for cls in _BACKENDS.values()]
 
 
 def backend_for(fmt: str) -> type[RuntimeBackend]:

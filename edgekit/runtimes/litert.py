@@ -113,6 +113,9 @@ class LiteRTSession(Session):
 class LiteRTBackend(RuntimeBackend):
     KEY: ClassVar[str] = "litert"
     FORMAT: ClassVar[str] = "tflite"
+    MODULES: ClassVar[tuple[str, ...]] = tuple(m for m, _ in _CANDIDATES)
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("ai-edge-litert", "tflite-runtime",
+                                                "tensorflow", "tensorflow-cpu")
 
     @classmethod
     def info(cls) -> BackendInfo:

@@ -22,7 +22,7 @@ class OnnxSession(Session):
     def __init__(self, sess: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
         super().__init__(inputs, outputs)
         self._sess = sess
-        self._output_names = [o.name for o in outputs]
+        self._call = _direct_run(sess)
         # A graph with a fixed batch (a torch.export program traced at batch 1) runs larger
         # batches in slices of that size, as the LiteRT session does.
         graph_inputs = sess.get_inputs()
@@ -31,20 +31,39 @@ class OnnxSession(Session):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         step = self._fixed_batch
+        if step is None:
+            return self._call(self._output_names, feeds, None)  # type: ignore[no-any-return]
         batch = next(iter(feeds.values())).shape[0] if feeds else 0
-        if step is None or batch == step or not step:
-            return list(self._sess.run(self._output_names, feeds))
+        if batch == step or not step:
+            return self._call(self._output_names, feeds, None)  # type: ignore[no-any-return]
         if batch % step:
             raise RuntimeBackendError(f"the model takes batches of {step}; got a batch of {batch}")
-        parts = [self._sess.run(self._output_names, {k: v[i : i + step] for k, v in feeds.items()})
-                 for i in range(0, batch, step)]
+        parts = [self._call(self._output_names, {k: v[i : i + step] for k, v in feeds.items()},
+                            None) for i in range(0, batch, step)]
         return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
+
+
+def _direct_run(sess: Any) -> Any:
+    """``run(output_names, feeds, run_options)`` of the session.
+
+    On the CPU provider this is the compiled session's own ``run``: the public
+    ``InferenceSession.run`` re-validates the input names and checks for graph capture in
+    Python on every call (1-2 us, a fifth of a small model's run), which a
+    :class:`~edgekit.runtimes.Session` has checked already. With other providers the public
+    one is kept, for its fallback to the CPU when a provider fails.
+    """
+    compiled = getattr(sess, "_sess", None)
+    if compiled is None or sess.get_providers() != ["CPUExecutionProvider"]:
+        return sess.run
+    return compiled.run
 
 
 @register
 class OnnxRuntimeBackend(RuntimeBackend):
     KEY: ClassVar[str] = "onnxruntime"
     FORMAT: ClassVar[str] = "onnx"
+    MODULES: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxruntime-gpu")
 
     @classmethod
     def info(cls) -> BackendInfo:

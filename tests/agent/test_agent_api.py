@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from _agent_support import Models
 from _digits import INT8_QUANT
+from msgspec import to_builtins
 
 from device_agent import Agent, ModelStore, RequestError, load_config
 from edgekit.artifact import open_package, write_package
@@ -47,8 +48,8 @@ def test_predict_matches_the_runtime_and_ids_are_unique(tmp_path: Path, models: 
         np.testing.assert_allclose(p.confidence, expected.max(axis=1), rtol=1e-6)
         ids = {agent.predict({"x": x[i : i + 1]}).id for i in range(50)}
         assert len(ids) == 50 and p.id not in ids
-        assert agent.model is not None and agent.model.ref["version"] == "1.0.0"
-        metrics = agent.tick()
+        assert agent.model is not None and agent.model.ref.version == "1.0.0"
+        metrics = to_builtins(agent.tick())
         assert metrics["requests"]["interval"] == 51 and metrics["requests"]["by_channel"] == {
             "python": 51}
         assert metrics["predictions"]["count"] == 16 + 50
@@ -72,7 +73,7 @@ def test_bad_inputs_are_refused_and_the_agent_keeps_serving(tmp_path: Path, mode
             with pytest.raises(InputError):
                 agent.predict(feeds)
         assert agent.predict({"x": x[:1]}).classes is not None
-        metrics = agent.tick()
+        metrics = to_builtins(agent.tick())
         assert metrics["requests"]["errors_interval"] == len(bad)
         assert metrics["requests"]["errors_by_code"] == {"invalid_input": len(bad)}
         assert metrics["requests"]["interval"] == 1
@@ -91,7 +92,7 @@ def test_feedback_drives_the_window_metrics(tmp_path: Path, models: Models) -> N
         for p, label in zip(preds[:100], test_y[:100], strict=True):
             assert agent.feedback(p.id, label=int(label)) == 1
         expected = classification_report(test_y[:100], predicted[:100], num_classes=10)
-        q = agent.tick()["quality"]
+        q = to_builtins(agent.tick())["quality"]
         assert q["labels"] == 100 and q["accuracy"] == pytest.approx(expected.accuracy)
         assert q["f1_macro"] == pytest.approx(expected.f1)
         assert expected.accuracy > 0.8
@@ -100,7 +101,7 @@ def test_feedback_drives_the_window_metrics(tmp_path: Path, models: Models) -> N
         for p, label in zip(preds[100:200], wrong, strict=True):
             agent.feedback(p.id, label=f"digit-{label}")
         both = classification_report(list(test_y[:100]) + wrong, predicted, num_classes=10)
-        q = agent.tick()["quality"]
+        q = to_builtins(agent.tick())["quality"]
         assert q["labels"] == 200 and q["accuracy"] == pytest.approx(both.accuracy)
         assert q["f1_macro"] == pytest.approx(both.f1) and q["f1_macro"] < expected.f1
         assert q["confusion"] == both.confusion
@@ -119,7 +120,7 @@ def test_feedback_drives_the_window_metrics(tmp_path: Path, models: Models) -> N
                 call()
             assert err.value.code == code
         assert agent.feedback(batch.id, labels=[0, "1", "digit-2"]) == 3  # released, then OK
-        q = agent.tick()["quality"]
+        q = to_builtins(agent.tick())["quality"]
         assert q["labels"] == 200 and q["feedback_rejected"] == len(cases)
         assert q["feedback_total"] == 203
     finally:
@@ -264,7 +265,7 @@ def test_runtime_failures_are_reported_and_serving_goes_on(tmp_path: Path,
             agent.predict({"idx": [[1]]})
         assert list(agent.predict({"idx": [3, 7]}).classes) == [3, 7]
         assert seen == [("lookup", False, True), ("lookup", True, False)]
-        metrics = agent.tick()
+        metrics = to_builtins(agent.tick())
         assert metrics["requests"]["errors_by_code"] == {"internal": 1, "invalid_input": 1}
     finally:
         agent.stop()
@@ -339,7 +340,7 @@ def test_temperature_from_thermal_zones(tmp_path: Path, models: Models) -> None:
     agent = make_agent(tmp_path, model__package=str(models.unsigned_v1), model__allow_unsigned=True,
                        telemetry__thermal_dir=str(thermal))
     try:
-        system = agent.tick()["system"]
+        system = to_builtins(agent.tick())["system"]
         assert system["temperature_c"] == 51.0
         assert system["rss_bytes"] and system["rss_bytes"] > 1_000_000
     finally:
@@ -347,7 +348,7 @@ def test_temperature_from_thermal_zones(tmp_path: Path, models: Models) -> None:
     empty = make_agent(tmp_path / "e", model__package=str(models.unsigned_v1),
                        model__allow_unsigned=True, telemetry__thermal_dir=str(tmp_path / "none"))
     try:
-        assert empty.tick()["system"]["temperature_c"] is None
+        assert to_builtins(empty.tick())["system"]["temperature_c"] is None
     finally:
         empty.stop()
 

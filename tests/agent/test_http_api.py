@@ -14,7 +14,7 @@ import pytest
 from _agent_support import Models
 
 from device_agent import Agent, load_config
-from edgekit.protocol import encode_array
+from edgekit.protocol import encode, encode_array
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def call(agent: Agent, method: str, path: str, body: bytes | None = None,
 
 
 def post_json(agent: Agent, path: str, doc: object) -> tuple[int, dict]:
-    status, _, body = call(agent, "POST", path, json.dumps(doc).encode(),
+    status, _, body = call(agent, "POST", path, encode(doc),
                            {"Content-Type": "application/json"})
     return status, json.loads(body)
 
@@ -84,13 +84,13 @@ def test_predict_json_npy_npz_agree(served: Agent, models: Models) -> None:
     ("body", "ctype", "status", "code", "fragment"),
     [
         (b"{not json", "application/json", 400, "bad_request", "not valid JSON"),
-        (b"[1, 2]", "application/json", 400, "bad_request", "JSON list"),
+        (b"[1, 2]", "application/json", 400, "bad_request", "Expected `object`, got `array`"),
         (b'{"inputs": {"x": [[1, 2, 3]]}}', "application/json", 422, "invalid_input",
          "expected [batch, 64]"),
         (b'{"inputs": {"image": [[0]]}}', "application/json", 422, "invalid_input",
          "input 'x' is missing"),
         (b'{"schema": "edgekit.predict-request/9", "inputs": {}}', "application/json", 400,
-         "bad_request", "is not 'edgekit.predict-request/1'"),
+         "bad_request", "Invalid value 'edgekit.predict-request/9' - at `$.schema`"),
         (b'{"inputs": {"x": {"dtype": "float32", "shape": [1, 64], "data": "AAAA"}}}',
          "application/json", 400, "bad_request", "needs 256"),
         (b"\x93NUMPY junk", "application/x-npy", 400, "bad_request", "not a readable .npy"),
@@ -149,5 +149,5 @@ def test_feedback_over_http_and_prometheus_metrics(served: Agent, models: Models
     assert 'edgekit_agent_model_info{name="digits",version="1.0.0",' in text
     assert values["process_resident_memory_bytes"] > 1e6
     assert values["edgekit_agent_requests_total"] == served.stats.requests_total
-    assert served.window.snapshot()["labels"] >= 10 and correct >= 8
+    assert served.window.snapshot().labels >= 10 and correct >= 8
     assert 'edgekit_agent_latency_ms{quantile="0.99"}' in text

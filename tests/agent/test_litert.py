@@ -29,7 +29,7 @@ from edgekit.manifest import Manifest, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_REQUIREMENTS = ["numpy<2", "tflite-runtime==2.14.0", "cryptography", "click", "psutil",
-                     "paho-mqtt>=2"]
+                     "paho-mqtt>=2", "msgspec>=0.18"]
 
 
 @pytest.fixture(scope="module")

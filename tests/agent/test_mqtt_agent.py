@@ -18,6 +18,7 @@ from _agent_support import AgentProcess, Models, Watcher, wait_until
 
 from edgekit.artifact import sha256_file
 from edgekit.metrics import classification_report
+from edgekit.protocol import encode
 
 FLEET = "lab"
 
@@ -45,7 +46,7 @@ class Requester:
              **extra: Any) -> None:
         doc = {"schema": schema, "request_id": request_id, "reply_to": self.reply_to,
                "inputs": inputs, **extra}
-        self.watcher.publish(_t(self.device, "predict"), json.dumps(doc))
+        self.watcher.publish(_t(self.device, "predict"), encode(doc))
 
     def feedback(self, request_id: str, prediction_id: str, label: Any) -> None:
         doc = {"schema": "edgekit.feedback/1", "request_id": request_id,

@@ -32,9 +32,14 @@ from edgekit.protocol.ota.desired import parse_desired
 from edgekit.protocol.ota.rollback import verify_rollback
 from edgekit.protocol.ota.topics import desired_topic, ota_reply_topic
 
-__all__ = ["SimDevice", "broker", "controller_config", "metrics_payload", "wait_until"]
+__all__ = ["HARDWARE", "SimDevice", "broker", "controller_config", "metrics_payload",
+           "wait_until"]
 
 CHUNK = 64 * 1024
+# The hardware section of a status (edgekit.protocol.HardwareInfo) of a simulated device.
+HARDWARE = {"hostname": "sim", "system": "Linux", "machine": "x86_64", "release": "6.1",
+            "os": "Debian GNU/Linux 12", "board": None, "cpu_count": 2,
+            "memory_total_bytes": 1 << 30, "python": "3.11.7"}
 
 
 
@@ -182,7 +187,7 @@ class SimDevice:
             model = {**self.serving, "format": "onnx", "runtime": "onnxruntime"}
         return {"schema": Schema.STATUS.value, "state": state, "device": self.device,
                 "fleet": self.fleet, "session": self.session, "ts": time.time(),
-                "agent_version": "sim", "runtimes": [], "hardware": {}, "model": model,
+                "agent_version": "sim", "runtimes": [], "hardware": HARDWARE, "model": model,
                 "http": None, "started": time.time()}
 
     def _event(self, kind: str, deployment: str, model: dict[str, Any], *,

@@ -23,7 +23,7 @@ from edgekit.host.controller import Controller
 from edgekit.host.db import Store
 from edgekit.protocol import Kind, Schema, encode, encode_array, topic
 
-from ._controller_sim import broker, controller_config, metrics_payload, wait_until
+from ._controller_sim import HARDWARE, broker, controller_config, metrics_payload, wait_until
 
 __all__ = ["broker"]  # the fixture, imported for pytest
 
@@ -65,7 +65,7 @@ def status(fleet: str, device: str, state: str, session: int,
            version: str = "1.0.0") -> dict[str, Any]:
     return {"schema": Schema.STATUS.value, "state": state, "device": device, "fleet": fleet,
             "session": session, "ts": time.time(), "agent_version": "0.1.0", "runtimes": [],
-            "hardware": {}, "model": {"name": "tiny", "version": version, "sha256": "a" * 64,
+            "hardware": HARDWARE, "model": {"name": "tiny", "version": version, "sha256": "a" * 64,
                                       "format": "onnx", "runtime": "onnxruntime"},
             "http": None, "started": time.time()}
 
@@ -290,3 +290,35 @@ def test_controller_run_reports_what_is_wrong(tmp_path: Path) -> None:
     assert closed.exit_code == 1 and "cannot reach the MQTT broker" in closed.output
     bad_db = runner.invoke(cli, ["controller", "run", "--db", "nosuch://x"])
     assert bad_db.exit_code == 2 and "nosuch is not supported" in bad_db.output
+
+
+def test_events_are_keyed_by_session_and_garbage_is_counted_per_kind(tmp_path: Path) -> None:
+    """Straight into Ingest.handle with a real SQLite store (no broker: the MQTT path is the
+    test above). A forged event with a device's next seq cannot silence the device's own event
+    of another session; garbage of every kind is counted as rejected."""
+    from edgekit.host.controller.ingest import Ingest
+
+    fleet = "sess"
+    with Store(f"sqlite:///{tmp_path / 'ingest.db'}") as store:
+        ingest = Ingest(store, None, fleets=[fleet])  # type: ignore[arg-type]
+        t = topic(fleet, "d1", Kind.EVENTS)
+        forged = {**event(fleet, "d1", 5), "session": 1, "message": "forged"}
+        real = {**event(fleet, "d1", 5), "session": 2, "message": "real"}
+        assert ingest.handle(t, encode(forged)) == "stored"
+        assert ingest.handle(t, encode(real)) == "stored"
+        assert ingest.handle(t, encode(real)) == "duplicate"
+        assert ingest.handle(t, encode(event(fleet, "d1", 5))) == "stored"  # session 0
+        evs = store.list_events(fleet=fleet, device="d1")
+        assert sorted((e.session, e.seq, e.message) for e in evs) == [
+            (0, 5, "event 5"), (1, 5, "forged"), (2, 5, "real")]
+
+        oversize = {Kind.STATUS: 64 * 1024, Kind.METRICS: 64 * 1024, Kind.EVENTS: 64 * 1024,
+                    Kind.SAMPLES: 16 * 1024 * 1024}
+        for kind, limit in oversize.items():
+            kt = topic(fleet, "d1", kind)
+            for payload in (b"{" + b" " * limit, b"\xff", b"[]", b'{"schema": "edgekit.x/1"}',
+                            encode({"schema": f"edgekit.{kind.value}/1"})):
+                assert ingest.handle(kt, payload) == "rejected", (kind, payload[:40])
+        assert ingest.stats.rejected == {k.value: 5 for k in oversize}
+        assert ingest.handle(topic(fleet, "d1", Kind.STATUS),
+                             encode(status(fleet, "d1", "online", 4))) == "stored"

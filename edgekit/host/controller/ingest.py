@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import paho.mqtt.client as mqtt
 
@@ -32,8 +33,12 @@ from edgekit.host.errors import StoreError
 from edgekit.host.mqtt_client import HostClient
 from edgekit.protocol import (
     DeviceState,
+    Document,
+    EventPayload,
     Kind,
-    Schema,
+    MetricsPayload,
+    SamplePayload,
+    StatusPayload,
     decode,
     decode_array,
     is_valid_id,
@@ -47,12 +52,12 @@ __all__ = ["Ingest", "IngestStats", "metrics_summary", "sample_rows", "status_fi
 
 log = logging.getLogger("edgekit.controller.ingest")
 
-Listener = Callable[[str, str, str, dict[str, Any]], None]  # kind, fleet, device, payload
+Listener = Callable[[str, str, str, Document], None]  # kind, fleet, device, document
 _KINDS = (Kind.STATUS, Kind.METRICS, Kind.EVENTS, Kind.SAMPLES)
-_SCHEMAS = {Kind.STATUS.value: Schema.STATUS, Kind.METRICS.value: Schema.METRICS,
-            Kind.EVENTS.value: Schema.EVENT, Kind.SAMPLES.value: Schema.SAMPLE}
+_DOCUMENTS: dict[str, type[Document]] = {
+    Kind.STATUS.value: StatusPayload, Kind.METRICS.value: MetricsPayload,
+    Kind.EVENTS.value: EventPayload, Kind.SAMPLES.value: SamplePayload}
 _STORE_RETRIES = 3
-_MAX_TEXT = 2000
 
 
 @dataclass
@@ -79,7 +84,7 @@ class _Prepared:
     kind: str
     fleet: str
     device: str
-    doc: dict[str, Any]
+    doc: Document
     call: Callable[[], bool] = lambda: False
     batch: dict[str, Any] | None = None  # metrics: the arguments of one batched write
 
@@ -212,7 +217,7 @@ class Ingest:
         """The store call a message needs, or the outcome (``ignored``, ``rejected``,
         counted) of one that needs none."""
         parts = parse_topic(topic)
-        if parts is None or parts.kind not in _SCHEMAS or parts.rest:
+        if parts is None or parts.kind not in _DOCUMENTS or parts.rest:
             return "ignored"
         kind = parts.kind
         self._count("received", kind)
@@ -221,9 +226,8 @@ class Ingest:
         if not (is_valid_id(parts.fleet) and is_valid_id(parts.device)):
             return self._reject(kind, topic, "the topic's fleet or device is not a valid id")
         try:
-            doc = decode(payload, _SCHEMAS[kind])
-            if doc.get("fleet", parts.fleet) != parts.fleet or \
-                    doc.get("device", parts.device) != parts.device:
+            doc: Any = decode(payload, _DOCUMENTS[kind])
+            if doc.fleet != parts.fleet or doc.device != parts.device:
                 raise ProtocolError("the payload's fleet or device differs from its topic")
             return self._prepare(topic, kind, parts.fleet, parts.device, doc, received)
         except (ProtocolError, DataError, UsageError) as exc:
@@ -238,23 +242,27 @@ class Ingest:
             except Exception:
                 log.exception("ingest listener failed")
 
-    def _prepare(self, topic: str, kind: str, fleet: str, device: str, doc: dict[str, Any],
+    def _prepare(self, topic: str, kind: str, fleet: str, device: str, doc: Any,
                  received: float) -> _Prepared:
-        """Validate a payload and pair it with the store call that writes it (True: new)."""
+        """Pair a decoded document with the store call that writes it (True: new).
+
+        Raises:
+            ProtocolError: a sample whose inputs, labels and predictions do not agree.
+        """
         store = self.store
         done = _Prepared(topic, kind, fleet, device, doc)
-        if kind == Kind.STATUS:
+        if isinstance(doc, MetricsPayload):
+            # ``received`` stays the time of writing, so it minus ``ts`` is the ingest lag.
+            done.batch = {"fleet": fleet, "device": device, "seq": doc.seq,
+                          "payload": msgspec.to_builtins(doc), "summary": metrics_summary(doc),
+                          "ts": _timestamp(doc.ts, received)}
+            batch = done.batch
+            done.call = lambda: store.record_metrics(**batch)
+        elif isinstance(doc, StatusPayload):
             values = status_fields(doc)
             done.call = lambda: store.upsert_device_status(fleet, device, **values,
                                                            seen_at=_when(received))
-        elif kind == Kind.METRICS:
-            # ``received`` stays the time of writing, so it minus ``ts`` is the ingest lag.
-            done.batch = {"fleet": fleet, "device": device, "seq": _count_field(doc, "seq"),
-                          "payload": doc, "summary": metrics_summary(doc),
-                          "ts": _timestamp(doc.get("ts"), received)}
-            batch = done.batch
-            done.call = lambda: store.record_metrics(**batch)
-        elif kind == Kind.EVENTS:
+        elif isinstance(doc, EventPayload):
             done.call = self._event_call(fleet, device, doc, received)
         else:
             rows = sample_rows(doc)
@@ -281,32 +289,21 @@ class Ingest:
             return outcomes
         return ["failed"] * len(metrics)
 
-    def _event_call(self, fleet: str, device: str, doc: dict[str, Any],
+    def _event_call(self, fleet: str, device: str, doc: EventPayload,
                     received: float) -> Callable[[], bool]:
-        seq = _count_field(doc, "seq")
-        kind = doc.get("kind")
-        if not isinstance(kind, str) or not kind or len(kind) > 64:
-            raise ProtocolError("event: kind must be a string of 1 to 64 characters")
-        level = doc.get("level", "info")
-        level = level if level in ("info", "warning", "error") else "info"
-        reason = doc.get("reason")
-        reason = reason[:64] if isinstance(reason, str) else None
-        message = doc.get("message", "")
-        message = message[:_MAX_TEXT] if isinstance(message, str) else ""
-        data = doc.get("data")
-        data = data if isinstance(data, dict) else None
+        data = doc.data
         rollout = rollout_of_deployment(data.get("deployment")) if data else None
-        ts = _timestamp(doc.get("ts"), received)
+        args: dict[str, Any] = dict(device=device, session=doc.session, seq=doc.seq,
+                                    level=doc.level.value, reason=doc.reason, data=data,
+                                    ts=_timestamp(doc.ts, received))
 
         def call() -> bool:
-            args: dict[str, Any] = dict(device=device, seq=seq, level=level, reason=reason,
-                                        data=data, ts=ts)
             try:
-                return self.store.record_event(fleet, kind, message, rollout_id=rollout,
-                                               **args) is not None
+                return self.store.record_event(fleet, doc.kind, doc.message,
+                                               rollout_id=rollout, **args) is not None
             except UsageError:
                 # The deployment names a rollout this database does not hold.
-                return self.store.record_event(fleet, kind, message, **args) is not None
+                return self.store.record_event(fleet, doc.kind, doc.message, **args) is not None
 
         return call
 
@@ -342,119 +339,61 @@ class Ingest:
 # --------------------------------------------------------------------------- payloads
 
 
-def status_fields(doc: dict[str, Any]) -> dict[str, Any]:
-    """The :meth:`Store.upsert_device_status` arguments of a status payload.
-
-    Raises:
-        ProtocolError: ``state`` or ``session`` is missing or of the wrong type.
-    """
-    state = doc.get("state")
-    if state not in {s.value for s in DeviceState}:
-        raise ProtocolError(f"status: state {state!r} is not one of"
-                            f" {', '.join(s.value for s in DeviceState)}")
-    session = _count_field(doc, "session")
-    model = doc.get("model")
-    if model is not None and not isinstance(model, dict):
-        raise ProtocolError("status: model must be an object or null")
-    model = model or {}
-    agent_version = doc.get("agent_version")
+def status_fields(doc: StatusPayload) -> dict[str, Any]:
+    """The :meth:`Store.upsert_device_status` arguments of a status document."""
+    model = doc.model
     return {
-        "online": state == DeviceState.ONLINE,
-        "session": session,
-        "agent_version": str(agent_version)[:64] if agent_version is not None else None,
-        "model_name": _short(model.get("name"), 128),
-        "model_version": _short(model.get("version"), 64),
-        "model_sha256": _short(model.get("sha256"), 64),
-        "status": doc,
+        "online": doc.state == DeviceState.ONLINE,
+        "session": doc.session,
+        "agent_version": doc.agent_version,
+        "model_name": model.name if model is not None else None,
+        "model_version": model.version if model is not None else None,
+        "model_sha256": model.sha256 if model is not None else None,
+        "status": msgspec.to_builtins(doc),
     }
 
 
-def metrics_summary(doc: dict[str, Any]) -> MetricsSummary:
-    """The device summary ``fleet status`` shows, from a metrics payload (missing parts are
-    None; a section of the wrong type is an error)."""
-    latency = _section(doc, "latency")
-    quality = _section(doc, "quality")
-    labels = quality.get("labels")
+def metrics_summary(doc: MetricsPayload) -> MetricsSummary:
+    """The device summary ``fleet status`` shows, from a metrics document."""
+    latency, quality = doc.latency, doc.quality
     return MetricsSummary(
-        latency_p50_ms=_number(latency.get("p50_ms")),
-        latency_p95_ms=_number(latency.get("p95_ms")),
-        latency_p99_ms=_number(latency.get("p99_ms")),
-        accuracy=_number(quality.get("accuracy")),
-        f1=_number(quality.get("f1_macro")),
-        label_count=labels if isinstance(labels, int) and not isinstance(labels, bool)
-        and labels >= 0 else None,
+        latency_p50_ms=_finite(latency.p50_ms), latency_p95_ms=_finite(latency.p95_ms),
+        latency_p99_ms=_finite(latency.p99_ms), accuracy=_finite(quality.accuracy),
+        f1=_finite(quality.f1_macro), label_count=quality.labels,
     )
 
 
-def sample_rows(doc: dict[str, Any]) -> list[SampleIn]:
-    """One :class:`SampleIn` per row of a samples payload (inputs without the batch axis).
+def sample_rows(doc: SamplePayload) -> list[SampleIn]:
+    """One :class:`SampleIn` per row of a samples document (inputs without the batch axis).
 
     Raises:
-        ProtocolError: no prediction id, inputs that do not decode or do not share a batch
-            size, or labels / predictions that are not one class id per row.
+        ProtocolError: inputs that do not decode or do not share a batch size, or labels /
+            predictions that are not one class id per row.
     """
-    pid = doc.get("prediction_id")
-    if not isinstance(pid, str) or not pid or len(pid) > 128:
-        raise ProtocolError("samples: prediction_id must be a string of 1 to 128 characters")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, dict) or not raw_inputs:
-        raise ProtocolError("samples: inputs must be an object of encoded arrays")
-    arrays = {str(k): decode_array(v, f"samples.inputs.{k}") for k, v in raw_inputs.items()}
+    arrays = {k: decode_array(v, f"samples.inputs.{k}") for k, v in doc.inputs.items()}
     rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
     if len(rows) != 1 or -1 in rows:
         raise ProtocolError("samples: every input needs the same batch size (axis 0)")
     count = rows.pop()
-    labels, predictions = doc.get("label"), doc.get("prediction")
-    for name, values in (("label", labels), ("prediction", predictions)):
-        if not isinstance(values, list) or len(values) != count or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in values):
+    for name, values in (("label", doc.label), ("prediction", doc.prediction)):
+        if len(values) != count:
             raise ProtocolError(f"samples: {name} must be one class id per row ({count})")
-    assert isinstance(labels, list) and isinstance(predictions, list)
-    raw_model = doc.get("model")
-    model: dict[str, Any] = raw_model if isinstance(raw_model, dict) else {}
-    ts = _timestamp(doc.get("ts"), time.time())
-    return [SampleIn(prediction_id=pid, row=i,
+    ts = _timestamp(doc.ts, time.time())
+    return [SampleIn(prediction_id=doc.prediction_id, row=i,
                      inputs={k: np.ascontiguousarray(a[i]) for k, a in arrays.items()},
-                     label=labels[i], prediction=predictions[i],
-                     model_name=_short(model.get("name"), 128),
-                     model_version=_short(model.get("version"), 64), ts=ts)
+                     label=doc.label[i], prediction=doc.prediction[i],
+                     model_name=doc.model.name, model_version=doc.model.version, ts=ts)
             for i in range(count)]
 
 
-def _section(doc: dict[str, Any], key: str) -> dict[str, Any]:
-    value = doc.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ProtocolError(f"metrics: {key} must be an object")
-    return value
-
-
-def _count_field(doc: dict[str, Any], key: str) -> int:
-    value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"{key} must be a non-negative integer, found {value!r}")
-    return value
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _short(value: Any, limit: int) -> str | None:
-    return value[:limit] if isinstance(value, str) else None
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _when(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.UTC)
 
 
-def _timestamp(value: Any, fallback: float) -> dt.datetime:
-    """The device's time of a message, or ``fallback`` when it is missing or absurd."""
-    number = _number(value)
-    if number is None or not 0 < number < 1e11:
-        number = fallback
-    return _when(number)
-
+def _timestamp(value: float, fallback: float) -> dt.datetime:
+    """The device's time of a message, or ``fallback`` when it is absurd."""
+    return _when(value if 0 < value < 1e11 and math.isfinite(value) else fallback)

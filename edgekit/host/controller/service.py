@@ -37,7 +37,7 @@ from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer
 from edgekit.host.ota.store import ArtifactStore
 from edgekit.host.registry import Registry, default_store_dir
-from edgekit.protocol import ROOT, encode
+from edgekit.protocol import ROOT, Document, EventPayload, encode
 from edgekit.protocol.controller import (
     ROLLOUT_REPLY_SCHEMA,
     RolloutReply,
@@ -284,9 +284,9 @@ class Controller:
             self.server.ensure_reachable()
         self._served_models = len(models)
 
-    def _on_stored(self, kind: str, fleet: str, device: str, payload: dict[str, Any]) -> None:
+    def _on_stored(self, kind: str, fleet: str, device: str, doc: Document) -> None:
         # An update outcome may let a rollout move on: do not wait for the next tick.
-        if kind == "events" and str(payload.get("kind", "")).startswith("update."):
+        if isinstance(doc, EventPayload) and doc.kind.startswith("update."):
             self._wake.set()
 
     def _announce(self) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
+import msgspec
 from sqlalchemy import Engine, create_engine, event, exc, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
@@ -60,7 +61,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+        return create_engine(parsed, echo=echo, pool_pre_ping=True, json_serializer=json_text)
     if backend == "sqlite":
         return _sqlite_engine(parsed, echo)
     raise ConfigError(
@@ -69,9 +70,15 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     )
 
 
+def json_text(value: Any) -> str:
+    """JSON columns' serializer: msgspec writes a metrics payload ~10x faster than json.dumps
+    (the controller stores one per device message); NaN and infinities become null."""
+    return msgspec.json.encode(value).decode()
+
+
 def _sqlite_engine(url: URL, echo: bool) -> Engine:
     memory = url.database in (None, "", ":memory:")
-    kwargs: dict[str, Any] = {"echo": echo,
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": json_text,
                               "connect_args": {"timeout": _SQLITE_BUSY_TIMEOUT_S,
                                                "check_same_thread": False}}
     if memory:

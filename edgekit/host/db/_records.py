@@ -7,7 +7,7 @@ They hold no database session, so they can be kept, compared and sent anywhere. 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,9 @@ class MetricsSummary:
     label_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields: a shallow copy, not dataclasses.asdict's deep one (ingest calls this
+        # once per metrics message).
+        return dict(vars(self))
 
 
 @dataclass(frozen=True)

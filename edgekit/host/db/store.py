@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     and_,
-    bindparam,
     case,
     exc,
     insert,
@@ -29,7 +28,7 @@ from sqlalchemy import (
 )
 
 from edgekit.errors import ArtifactError, UsageError
-from edgekit.host.db._engine import default_db_url, make_engine
+from edgekit.host.db._engine import default_db_url, json_text, make_engine
 from edgekit.host.db._records import (
     DeviceRecord,
     EventRecord,
@@ -182,11 +181,8 @@ class Store(SampleStore, RolloutStore):
                          "received": received, "payload": m["payload"]})
         if not rows:
             return []
-        insert_rows = self._insert(MetricRow).on_conflict_do_nothing(
-            index_elements=["fleet", "device_id", "session", "seq"]).returning(
-            MetricRow.fleet, MetricRow.device_id, MetricRow.session, MetricRow.seq)
         with self._tx() as conn:
-            fresh = {tuple(r) for r in conn.execute(insert_rows, rows)}
+            fresh = self._insert_metric_rows(conn, rows)
             new: list[bool] = []
             last_seen: dict[tuple[str, str], dt.datetime] = {}
             newest: dict[tuple[str, str], tuple[int, int, int]] = {}  # -> session, seq, index
@@ -203,40 +199,78 @@ class Store(SampleStore, RolloutStore):
                 if messages[i].get("summary") is not None and (
                         device not in newest or newest[device][:2] < order):
                     newest[device] = (*order, i)
-            if not last_seen:
-                return new
-            # Rows in one order in every batch: concurrent writers never deadlock on them.
-            last_seen = dict(sorted(last_seen.items()))
-            newest = dict(sorted(newest.items()))
-            conn.execute(self._insert(DeviceRow).on_conflict_do_nothing(
-                index_elements=["fleet", "device_id"]),
-                [{"fleet": f, "device_id": d, "online": False, "session_seq": -1,
-                  "first_seen": at} for (f, d), at in last_seen.items()])
-            key = and_(DeviceRow.fleet == bindparam("k_fleet"),
-                       DeviceRow.device_id == bindparam("k_device"))
-            at = bindparam("k_at", type_=UTCDateTime())
-            conn.execute(update(DeviceRow).where(key).values(last_seen=case(
-                (or_(DeviceRow.last_seen.is_(None), DeviceRow.last_seen < at), at),
-                else_=DeviceRow.last_seen)),
-                [{"k_fleet": f, "k_device": d, "k_at": when}
-                 for (f, d), when in last_seen.items()])
-            if newest:
-                session: Any = bindparam("k_session")
-                seq: Any = bindparam("k_seq")
-                is_newer = or_(DeviceRow.metrics_session.is_(None),
-                               DeviceRow.metrics_session < session,
-                               and_(DeviceRow.metrics_session == session,
-                                    DeviceRow.metrics_seq < seq))
-                names = list(MetricsSummary().to_dict())
-                conn.execute(update(DeviceRow).where(key, is_newer).values(
-                    metrics_session=session, metrics_seq=seq,
-                    metrics_at=bindparam("k_ts", type_=UTCDateTime()),
-                    **{n: bindparam(f"k_{n}") for n in names}),
-                    [{"k_fleet": f, "k_device": d, "k_session": ss, "k_seq": sq,
-                      "k_ts": rows[i]["ts"],
-                      **{f"k_{n}": v for n, v in messages[i]["summary"].to_dict().items()}}
-                     for (f, d), (ss, sq, i) in newest.items()])
+            if last_seen:
+                self._upsert_device_figures(conn, last_seen, {
+                    device: (session, seq, rows[i]["ts"], messages[i]["summary"])
+                    for device, (session, seq, i) in newest.items()})
             return new
+
+    def _upsert_device_figures(
+            self, conn: Connection, last_seen: dict[tuple[str, str], dt.datetime],
+            newest: dict[tuple[str, str], tuple[int, int, dt.datetime, MetricsSummary]]) -> None:
+        """Create the devices not known yet, move ``last_seen`` forward, and replace the
+        summary where the batch's message is newer by (session, seq) than the stored one:
+        one INSERT ... ON CONFLICT DO UPDATE per 500 devices, driver-level parameters."""
+        pg = self.dialect == "postgresql"
+        mark = "%s" if pg else "?"
+        names = [f.name for f in fields(MetricsSummary)]
+        columns = ["fleet", "device_id", "online", "session_seq", "first_seen", "last_seen",
+                   "metrics_session", "metrics_seq", "metrics_at", *names]
+        table = DeviceRow.__tablename__
+        newer = (f"excluded.metrics_session IS NOT NULL AND ({table}.metrics_session IS NULL"
+                 f" OR {table}.metrics_session < excluded.metrics_session"
+                 f" OR ({table}.metrics_session = excluded.metrics_session"
+                 f" AND {table}.metrics_seq < excluded.metrics_seq))")
+        updates = [f"last_seen = CASE WHEN {table}.last_seen IS NULL OR {table}.last_seen <"
+                   f" excluded.last_seen THEN excluded.last_seen ELSE {table}.last_seen END"]
+        updates += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {table}.{c} END"
+                    for c in columns[6:]]
+        one = "(" + ", ".join([mark] * len(columns)) + ")"
+        # Rows in one order in every batch: concurrent writers never deadlock on them.
+        devices = sorted(last_seen)
+        for start in range(0, len(devices), 500):
+            chunk = devices[start:start + 500]
+            params: list[Any] = []
+            for device in chunk:
+                at = _bind_time(last_seen[device], pg)
+                params += (*device, False, -1, at, at)
+                figures = newest.get(device)
+                if figures is None:
+                    params += [None] * (3 + len(names))
+                    continue
+                session, seq, ts, summary = figures
+                params += (session, seq, _bind_time(ts, pg), *(getattr(summary, n) for n in names))
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
+                f" {', '.join([one] * len(chunk))} ON CONFLICT (fleet, device_id) DO UPDATE SET"
+                f" {', '.join(updates)}", tuple(params))
+
+    def _insert_metric_rows(self, conn: Connection, rows: list[dict[str, Any]]
+                            ) -> set[tuple[Any, ...]]:
+        """Insert metrics rows, dropping those already stored; return the keys
+        ``(fleet, device_id, session, seq)`` that were new.
+
+        One multi-row INSERT per 500 rows with the driver's own parameters: SQLAlchemy's
+        per-value type processing cost more than the database's work here, and a busy
+        controller runs this for every metrics message.
+        """
+        pg = self.dialect == "postgresql"
+        mark = "%s" if pg else "?"
+        one = f"({mark}, {mark}, {mark}, {mark}, {mark}, {mark}, {mark}{'::jsonb' if pg else ''})"
+        fresh: set[tuple[Any, ...]] = set()
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            params: list[Any] = []
+            for r in chunk:
+                params += (r["fleet"], r["device_id"], r["session"], r["seq"],
+                           _bind_time(r["ts"], pg), _bind_time(r["received"], pg),
+                           json_text(r["payload"]))
+            sql = (f"INSERT INTO {MetricRow.__tablename__} (fleet, device_id, session, seq, ts,"
+                   f" received, payload) VALUES {', '.join([one] * len(chunk))}"
+                   " ON CONFLICT (fleet, device_id, session, seq) DO NOTHING"
+                   " RETURNING fleet, device_id, session, seq")
+            fresh.update(tuple(r) for r in conn.exec_driver_sql(sql, tuple(params)))
+        return fresh
 
     def _record_metrics(self, conn: Connection, fleet: str, device: str, *, seq: int,
                         payload: dict[str, Any], session: int = 0,
@@ -469,3 +503,10 @@ def _device(row: Any) -> DeviceRecord:
             label_count=row.label_count),
         metrics_at=row.metrics_at,
     )
+
+
+def _bind_time(value: dt.datetime, postgres: bool) -> Any:
+    """A UTC time as :class:`~edgekit.host.db._schema.UTCDateTime` stores it: aware on
+    PostgreSQL, the fixed-width text SQLAlchemy writes on SQLite (compared as text there)."""
+    value = value.astimezone(dt.UTC)
+    return value if postgres else value.replace(tzinfo=None).isoformat(" ", "microseconds")
