@@ -89,6 +89,11 @@ class RuntimeSection:
 class HttpSection:
     listen: str = _opt("", "HOST:PORT of the local HTTP API (127.0.0.1:8080). Empty: off.")
     max_body_bytes: int = _opt(16 * 1024 * 1024, "Largest request body accepted (413 above).")
+    workers: int = _opt(16, "Threads that serve connections; more connections wait (up to four"
+                        " per thread), then are closed at once.")
+    header_timeout_s: float = _opt(10.0, "A connection must send a request's line and headers"
+                                   " within this time (also the keep-alive idle limit).")
+    body_timeout_s: float = _opt(30.0, "A request's body must arrive within this time.")
 
 
 @dataclass
@@ -96,6 +101,8 @@ class RequestsSection:
     max_batch: int = _opt(256, "Most rows one request may carry.")
     workers: int = _opt(2, "Threads that answer MQTT requests.")
     max_pending: int = _opt(64, "MQTT requests allowed to wait; more are answered 'busy'.")
+    max_request_bytes: int = _opt(8 * 1024 * 1024, "Largest MQTT predict payload; a larger one"
+                                  " is answered with an error, never parsed.")
 
 
 @dataclass
@@ -342,6 +349,8 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         ("requests.max_batch", cfg.requests.max_batch, 1),
         ("requests.workers", cfg.requests.workers, 1),
         ("requests.max_pending", cfg.requests.max_pending, 1),
+        ("requests.max_request_bytes", cfg.requests.max_request_bytes, 1024),
+        ("http.workers", cfg.http.workers, 1),
         ("telemetry.queue_max", cfg.telemetry.queue_max, 1),
         ("quality.window", cfg.quality.window, 1),
         ("quality.prediction_log", cfg.quality.prediction_log, 1),
@@ -358,7 +367,9 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
         raise fail("telemetry.interval_s", f"{cfg.telemetry.interval_s} must be 0 (off) or at"
                    " least 0.1 seconds")
     for dotted, seconds in (("ota.request_timeout_s", cfg.ota.request_timeout_s),
-                            ("ota.stall_timeout_s", cfg.ota.stall_timeout_s)):
+                            ("ota.stall_timeout_s", cfg.ota.stall_timeout_s),
+                            ("http.header_timeout_s", cfg.http.header_timeout_s),
+                            ("http.body_timeout_s", cfg.http.body_timeout_s)):
         if seconds <= 0:
             raise fail(dotted, f"{seconds} must be more than 0 seconds")
     if cfg.ota.chunk_bytes > 4 * 1024 * 1024:
