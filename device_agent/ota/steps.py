@@ -112,6 +112,7 @@ class UpdateRun:
                                 f"verification of this package was interrupted {attempts} times"
                                 " (the agent stopped while checking it); refused")
         self.journal.step(JournalStep(self.record.step), verify_attempts=attempts + 1)
+        crash_point("verify")
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():

@@ -1,0 +1,174 @@
+"""Helpers for the limits and broker tests: hostile packages, a plain file server, peak-memory
+measurement of a subprocess or an agent, real agents and a host's view of a fleet (reused
+from tests/ota), and certificates for per-device broker identities.
+
+Everything runs for real: mosquitto on a free port, agent subprocesses, onnxruntime. Waits
+poll with generous timeouts; no test asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+for _folder in (TESTS, TESTS / "ota"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+from _ota_fleet import Agent, Fleet, Packages  # noqa: E402
+from _ota_models import build_package  # noqa: E402
+from mqtt_broker import MqttBroker, broker, free_port, mosquitto_binary, wait_until  # noqa: E402,F401
+
+from edgekit.signing import generate_keypair, load_private_key  # noqa: E402
+
+__all__ = ["Agent", "Fleet", "LimitsPackages", "MqttBroker", "broker", "build_package",
+           "file_server", "free_port", "limits_pkgs", "make_agent", "mosquitto_binary",
+           "peak_rss_kib", "python_peak_growth_mib", "wait_until", "write_bomb"]
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class LimitsPackages:
+    """Signed good packages (the agents' Packages) plus the trusted key's files."""
+
+    ota: Packages
+    key: Any
+    public_key: Path
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def limits_pkgs(tmp_path_factory: pytest.TempPathFactory) -> LimitsPackages:
+    root = tmp_path_factory.mktemp("limits-pkgs")
+    keys = generate_keypair(root / "signing")
+    other = generate_keypair(root / "other")
+    key, other_key = load_private_key(keys.private_path), load_private_key(other.private_path)
+
+    def make(name: str, version: str, **kw: Any) -> Path:
+        return build_package(root / f"{name}.edgepkg", version=version,
+                             sign_key=kw.pop("sign_key", key), **kw)
+
+    v1 = make("v1", "1.0.0", seed=1)
+    ota = Packages(public_key=keys.public_path, other_key=other_key, key=key, v1=v1,
+                   v2=make("v2", "2.0.0", seed=2), v3=v1, older=v1, unsigned=v1,
+                   bad_signature=v1, nan=v1, slow=v1, wide=v1, broken=v1)
+    return LimitsPackages(ota, key, keys.public_path, root)
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, broker: MqttBroker, limits_pkgs: LimitsPackages
+               ) -> Iterator[Callable[..., Agent]]:
+    made: list[Agent] = []
+
+    def make(fleet: str, device: str, env: dict[str, str] | None = None) -> Agent:
+        agent = Agent(tmp_path / device, broker, fleet, device, limits_pkgs.ota, env)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stop()
+
+
+def write_bomb(path: Path, *, member_bytes: int, name: str = "bomb") -> Path:
+    """A package of ~1 MB whose model member inflates to ``member_bytes`` of zeros, with a
+    manifest that declares that size and a signature that is junk (a valid-looking document
+    from no trusted key). Written as a stream: building it needs no memory."""
+    zeros = bytes(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(member_bytes >> 20):
+        digest.update(zeros)
+    manifest = {
+        "schema_version": 1, "name": name, "version": "9.0.0",
+        "created": "2026-01-01T00:00:00+00:00", "task": "classification", "labels": None,
+        "source": {"framework": "onnx"}, "recipe": {}, "tools": {},
+        "target": {"format": "onnx", "model_file": "model.onnx", "runtime": "onnxruntime"},
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}],
+        "outputs": [{"name": "probs", "dtype": "float32", "shape": ["batch", 10]}],
+        "files": {"model.onnx": {"sha256": digest.hexdigest(), "size": member_bytes}},
+    }
+    signature = {"algorithm": "ed25519", "key_id": "0123456789abcdef",
+                 "signature": "AAAA" * 22}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        zf.writestr("signature.json", json.dumps(signature))
+        with zf.open("model.onnx", "w", force_zip64=True) as member:
+            for _ in range(member_bytes >> 20):
+                member.write(zeros)
+    return path
+
+
+def python_peak_growth_mib(code: str, setup: str = "") -> dict[str, Any]:
+    """Run ``setup`` then ``code`` in a fresh interpreter; return the growth of its peak RSS
+    during ``code`` (MiB) and what ``code`` stored in ``result``."""
+    script = "\n".join([
+        "import json, resource",
+        setup,
+        "result = None",
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+        "try:",
+        *("    " + line for line in code.splitlines()),
+        "except Exception as exc:",
+        "    result = f'{type(exc).__name__}: {exc}'",
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+        "print(json.dumps({'growth_mib': (after - before) / 1024, 'result': result}))",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The high-water mark of a process's resident memory (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
+
+
+class _OneFile(http.server.BaseHTTPRequestHandler):
+    data_path: Path
+
+    def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+        data = self.data_path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class file_server:  # noqa: N801  (used as a context manager, like open)
+    """Serve one file over plain HTTP at ``.url`` (a host a desired document may name, when
+    the artifact server would refuse to hold the file)."""
+
+    def __init__(self, path: Path) -> None:
+        handler = type("Handler", (_OneFile,), {"data_path": path})
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/{path.name}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> file_server:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
