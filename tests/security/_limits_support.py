@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -172,3 +174,144 @@ class file_server:  # noqa: N801  (used as a context manager, like open)
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# --------------------------------------------------------------------------- broker identities
+
+SHIPPED = REPO / "deploy" / "mosquitto"
+HOST_IDENTITY = "edgekit-host"
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, Identity]
+
+
+def make_pki(folder: Path, client_names: list[str]) -> Pki:
+    """A CA, a server certificate for 127.0.0.1, and one client certificate per name (its CN),
+    made here with the cryptography package."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def write_key(k: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        path.chmod(0o600)
+        return path
+
+    def write_cert(cert: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgekit fleet CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, stem: str, server: bool = False
+             ) -> Identity:
+        k = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                   .issuer_name(ca_name).public_key(k.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return Identity(write_cert(cert, folder / f"{stem}.pem"),
+                        write_key(k, folder / f"{stem}.key"))
+
+    server = leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, "server", server=True)
+    clients = {name: leaf(name, ExtendedKeyUsageOID.CLIENT_AUTH, f"client-{name}")
+               for name in client_names}
+    return Pki(write_cert(ca, folder / "ca.pem"), server.cert, server.key, clients)
+
+
+def shipped_config(workdir: Path, pki: Pki, port: int, *, password_file: Path | None = None
+                   ) -> Path:
+    """deploy/mosquitto/mosquitto.conf with only its paths, port and log destination replaced
+    (every replacement must find its line, so the test follows the shipped file); with
+    ``password_file``, the documented per-device password variant."""
+    text = (SHIPPED / "mosquitto.conf").read_text()
+    replacements = {
+        "listener 8883": f"listener {port} 127.0.0.1",
+        "cafile /etc/mosquitto/certs/ca.pem": f"cafile {pki.ca}",
+        "certfile /etc/mosquitto/certs/server.pem": f"certfile {pki.server_cert}",
+        "keyfile /etc/mosquitto/certs/server.key": f"keyfile {pki.server_key}",
+        "acl_file /etc/mosquitto/edgekit.acl": f"acl_file {SHIPPED / 'acl'}",
+        "persistence_location /var/lib/mosquitto/": f"persistence_location {workdir}/",
+        "log_dest syslog": f"log_dest file {workdir / 'mosquitto.log'}",
+    }
+    if password_file is not None:
+        replacements["require_certificate true"] = "require_certificate false"
+        replacements["use_identity_as_username true"] = f"password_file {password_file}"
+    for old, new in replacements.items():
+        assert old in text, f"the shipped mosquitto.conf no longer has {old!r}"
+        text = text.replace(old, new)
+    if os.geteuid() == 0:
+        text += "user root\n"  # else mosquitto drops to a user that cannot read the test files
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(text)
+    return conf
+
+
+class ShippedBroker:
+    """mosquitto running the shipped configuration on a free port of 127.0.0.1."""
+
+    def __init__(self, workdir: Path, pki: Pki, *, password_file: Path | None = None) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            pytest.skip("mosquitto is not installed")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"mqtts://127.0.0.1:{self.port}"
+        conf = shipped_config(workdir, pki, self.port, password_file=password_file)
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        wait_until(self._listening, 20, "the shipped mosquitto to listen")
+
+    def _listening(self) -> bool:
+        assert self.proc.poll() is None, self.log()
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
