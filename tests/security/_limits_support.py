@@ -315,3 +315,16 @@ class ShippedBroker:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(20)
+
+
+def read_retained_doc(url: str, where: str, pki: Pki, username: str, password: str
+                      ) -> dict[str, Any]:
+    """The retained JSON document on ``where``, read as ``username`` over TLS."""
+    from edgekit.host.mqtt_client import HostClient
+    from edgekit.host.ota.deploy import read_retained
+
+    with HostClient(url, ca_file=str(pki.ca), username=username,
+                    password=password).connect() as c:
+        payload = read_retained(c, where).get(where)
+    assert payload, f"nothing retained on {where}"
+    return dict(json.loads(payload))
