@@ -53,6 +53,10 @@ _SCHEMAS = {Kind.STATUS.value: Schema.STATUS, Kind.METRICS.value: Schema.METRICS
             Kind.EVENTS.value: Schema.EVENT, Kind.SAMPLES.value: Schema.SAMPLE}
 _STORE_RETRIES = 3
 _MAX_TEXT = 2000
+# Largest payload per kind, checked in paho's thread before a message is queued or parsed
+# (samples carry an input array; the rest are small documents).
+_MAX_BYTES = {Kind.STATUS.value: 64 * 1024, Kind.METRICS.value: 256 * 1024,
+              Kind.EVENTS.value: 64 * 1024, Kind.SAMPLES.value: 4 * 1024 * 1024}
 
 
 @dataclass
@@ -153,6 +157,12 @@ class Ingest:
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # Only queue here: paho's network thread must keep reading (and acknowledging).
+        kind = msg.topic.rsplit("/", 1)[-1]
+        limit = _MAX_BYTES.get(kind, 64 * 1024)
+        if len(msg.payload) > limit:
+            self._count("received", kind)
+            self._reject(kind, msg.topic, f"{len(msg.payload)} bytes, over the limit of {limit}")
+            return
         self._queue.put((msg.topic, bytes(msg.payload), time.time()))
 
     # ---------------------------------------------------------------- workers
