@@ -6,7 +6,9 @@
     GET  /metrics    Prometheus text
 
 A refused request gets a JSON error body with the protocol's error code and a 4xx status;
-an exception inside a handler becomes a 500 and the server goes on.
+an exception inside a handler becomes a 500 and the server goes on. Connections are served
+by a fixed pool of ``http.workers`` threads, with deadlines on headers and bodies
+(:mod:`._http_pool`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import socket
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,6 +27,7 @@ import numpy as np
 from edgekit.errors import ProtocolError, UsageError
 from edgekit.protocol import Document, ErrorCode, FeedbackMessage, PredictRequest, decode, encode
 
+from ._http_pool import PooledHTTPServer
 from ._inputs import inputs_from_npy, inputs_from_npz, inputs_from_request
 from ._replies import prediction_reply
 from ._telemetry import prometheus_text
@@ -43,8 +46,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(PooledHTTPServer):
     allow_reuse_address = True
     agent: Agent
 
@@ -68,7 +70,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ routing
 
+    def handle_one_request(self) -> None:
+        deadlines = self.server.deadlines
+        # keep: the first request of a connection keeps the deadline set at the accept.
+        deadlines.arm(self.connection, self.server.header_timeout_s, keep=True)
+        try:
+            super().handle_one_request()
+        finally:
+            deadlines.disarm(self.connection)
+
     def do_GET(self) -> None:
+        self.server.deadlines.disarm(self.connection)  # the headers are in
         path = urlsplit(self.path).path
         if path == "/health":
             self._health()
@@ -80,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ErrorCode.BAD_REQUEST, f"no such endpoint {path}", HTTPStatus.NOT_FOUND)
 
     def do_POST(self) -> None:
+        self.server.deadlines.disarm(self.connection)  # the headers are in
         path = urlsplit(self.path).path
         if path not in ("/predict", "/feedback"):
             status = HTTPStatus.METHOD_NOT_ALLOWED if path in ("/health", "/metrics") else \
@@ -203,7 +216,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ErrorCode.BAD_REQUEST, f"the body is {length} bytes, over the limit of"
                         f" {limit} (http.max_body_bytes)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return None
-        body = self.rfile.read(length)
+        deadlines = self.server.deadlines
+        deadlines.arm(self.connection, self.server.body_timeout_s)
+        try:
+            body = self.rfile.read(length)
+        finally:
+            deadlines.disarm(self.connection)
         if len(body) != length:
             self.close_connection = True
             return None
@@ -215,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = 0
         if 0 < length <= self.server.agent.config.http.max_body_bytes:
+            self.server.deadlines.arm(self.connection, self.server.body_timeout_s)
             self.rfile.read(length)
         elif length:
             self.close_connection = True
@@ -246,8 +265,11 @@ class HttpApi:
         """Raises: UsageError: the address cannot be bound (in use, no permission)."""
         host, port = listen
         server_cls = _Server6 if ":" in host else _Server
+        cfg = agent.config.http
         try:
-            self._server = server_cls((host, port), _Handler)
+            self._server = server_cls((host, port), _Handler, workers=cfg.workers,
+                                      header_timeout_s=cfg.header_timeout_s,
+                                      body_timeout_s=cfg.body_timeout_s)
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              hint="choose another http.listen address") from exc

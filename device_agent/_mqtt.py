@@ -8,6 +8,10 @@ each successful connect the birth goes out with the same number and every subscr
 made again. A stale ``offline``/``stopped`` status of an older session (a late will) seen
 on the device's own status topic is answered by publishing the birth again, so the retained
 status always describes the live connection.
+
+Every subscription has a payload cap (:mod:`._limits`); a larger message never reaches its
+handler: it is counted in :attr:`MqttLink.rejected`, logged at most once a second per topic
+filter, and handed to the subscription's ``on_oversize`` callback when it has one.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -28,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from edgekit.errors import ProtocolError
 from edgekit.protocol import DeviceState, StatusPayload, decode
 
+from ._limits import payload_cap
 from ._outbox import Outbox
 from .config import AgentConfig, BrokerAddress
 
@@ -41,6 +47,13 @@ StatusBuilder = Callable[[int, DeviceState, str | None], bytes]
 SESSION_COUNTER = "mqtt.session"
 _SEND_WINDOW = 20  # messages in flight from the queue (paho's default in-flight limit)
 _ACK_TIMEOUT_S = 60.0  # a queued message unacknowledged this long on a live link is resent
+
+
+@dataclass(frozen=True)
+class _Route:
+    handler: Handler
+    max_bytes: int
+    on_oversize: Handler | None
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
@@ -82,7 +95,9 @@ class MqttLink:
         self.outbox = outbox
         self.status_topic = status_topic
         self._build_status = build_status
-        self._handlers: dict[str, Handler] = {}
+        self._routes: dict[str, _Route] = {}
+        self._predict_max_bytes = cfg.requests.max_request_bytes
+        self.rejected: Counter[str] = Counter()  # oversized messages refused, per filter
         self._log = ThrottledLog(log)
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -116,10 +131,17 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, *, max_bytes: int | None = None,
+                  on_oversize: Handler | None = None) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (in paho's thread: keep it
-        short). Subscriptions are made again on every reconnect."""
-        self._handlers[topic_filter] = handler
+        short). Subscriptions are made again on every reconnect.
+
+        A payload over ``max_bytes`` (default: the cap of the topic's kind, see
+        :func:`~device_agent._limits.payload_cap`) goes to ``on_oversize`` instead, if given,
+        after it is counted and logged."""
+        cap = max_bytes if max_bytes is not None else payload_cap(topic_filter,
+                                                                  self._predict_max_bytes)
+        self._routes[topic_filter] = _Route(handler, cap, on_oversize)
         if self.connected:
             self._client.subscribe(topic_filter, qos=1)
 
@@ -175,7 +197,7 @@ class MqttLink:
             return
         client.publish(self.status_topic, self._build_status(self.session, DeviceState.ONLINE,
                                                               None), qos=1, retain=True)
-        for topic_filter in self._handlers:
+        for topic_filter in self._routes:
             client.subscribe(topic_filter, qos=1)
         self._connected.set()
         self._wake.set()
@@ -203,13 +225,25 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
-        for topic_filter, handler in list(self._handlers.items()):
-            if mqtt.topic_matches_sub(topic_filter, message.topic):
-                try:
-                    handler(message.topic, bytes(message.payload))
-                except Exception:
-                    # Whatever arrives, the agent logs it and goes on.
-                    log.exception("handler for %s failed on a message", message.topic)
+        payload = bytes(message.payload)
+        for topic_filter, route in list(self._routes.items()):
+            if not mqtt.topic_matches_sub(topic_filter, message.topic):
+                continue
+            handler = route.handler
+            if len(payload) > route.max_bytes:
+                self.rejected[topic_filter] += 1
+                self._log.warn("oversize " + topic_filter, "refused a %d-byte message on %s:"
+                               " over the limit of %d bytes (not parsed; %d refused so far)",
+                               len(payload), message.topic, route.max_bytes,
+                               self.rejected[topic_filter])
+                if route.on_oversize is None:
+                    continue
+                handler = route.on_oversize
+            try:
+                handler(message.topic, payload)
+            except Exception:
+                # Whatever arrives, the agent logs it and goes on.
+                log.exception("handler for %s failed on a message", message.topic)
 
     def _on_own_status(self, topic: str, payload: bytes) -> None:
         try:

@@ -32,6 +32,7 @@ from edgekit.protocol import (
 )
 
 from ._inputs import inputs_from_request
+from ._limits import scan_envelope
 from ._mqtt import ThrottledLog
 from ._replies import error_info, error_reply, prediction_reply
 from .errors import RequestError, describe
@@ -87,7 +88,8 @@ class MqttApi:
         self._pending_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="mqtt-req")
         self._log = ThrottledLog(log)
-        link.subscribe(agent.topic(Kind.PREDICT), self._on_predict)
+        link.subscribe(agent.topic(Kind.PREDICT), self._on_predict,
+                       max_bytes=cfg.max_request_bytes, on_oversize=self._on_oversize)
         link.subscribe(agent.topic(Kind.FEEDBACK), self._on_feedback)
 
     def close(self) -> None:
@@ -97,6 +99,23 @@ class MqttApi:
 
     def _on_predict(self, topic: str, payload: bytes) -> None:
         self._dispatch(topic, payload, self._serve_predict)
+
+    def _on_oversize(self, topic: str, payload: bytes) -> None:
+        # Answered from a scan of the bytes: a document this large is never parsed.
+        self.agent.stats.error("mqtt", ErrorCode.BAD_REQUEST.value)
+        found = scan_envelope(payload)
+        if found is None:
+            return
+        request_id, reply_to = found
+        try:
+            reply_to = check_reply_topic(reply_to)
+        except ProtocolError:
+            return
+        limit = self.agent.config.requests.max_request_bytes
+        self.link.publish(reply_to, encode(error_reply(request_id, RequestError(
+            ErrorCode.BAD_REQUEST, f"the request is {len(payload)} bytes, over this device's"
+            f" limit of {limit} (requests.max_request_bytes)",
+            hint="send fewer rows per request, or use the HTTP API"))))
 
     def _on_feedback(self, topic: str, payload: bytes) -> None:
         self._dispatch(topic, payload, self._serve_feedback)

@@ -42,7 +42,10 @@ class Outbox:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: every commit is on disk before it returns. With NORMAL a power loss may
+            # undo the last commits of the WAL, and a sequence or session number already
+            # published would be handed out again (the host drops it as a duplicate).
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                 " topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)")
@@ -53,6 +56,12 @@ class Outbox:
             raise OutputWriteError(f"cannot open the telemetry queue {path}: {exc}",
                                    hint="check that the state folder is writable") from exc
         self._depth = self._count()
+
+    @property
+    def synchronous(self) -> int:
+        """SQLite's ``synchronous`` level of the queue's connection (2: FULL)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ Layout::
 
     <model.dir>/
         packages/<name>-<version>-<sha12>.edgepkg   copies, named by content
+        packages/<sha256>.staged                    a download being verified (OTA)
         active.json                                 which package serves, and the ones before
         state/                                      agent state (telemetry queue, counters)
 
@@ -29,11 +30,14 @@ from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
 from edgekit.fsutil import atomic_write, fsync_dir
 
-__all__ = ["ACTIVE_SCHEMA", "ActiveRecord", "ModelStore", "StoredPackage"]
+__all__ = ["ACTIVE_SCHEMA", "STAGED_SUFFIX", "ActiveRecord", "ModelStore", "StoredPackage"]
 
 ACTIVE_SCHEMA = "edgekit.active-model/1"
 ACTIVE_FILE = "active.json"
 PACKAGES_DIR = "packages"
+# Downloads wait for verification under their sha256 with this suffix, never under a name
+# taken from inside the file; they are not packages of the folder (never listed or pruned).
+STAGED_SUFFIX = ".staged"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class ModelStore:
         """Copy a package into the folder (once per content) and return it there.
 
         The package is opened (manifest parsed) but not verified; verify before activating.
+        A staged download of this folder (``<sha256>.staged``) is moved, not copied.
 
         Raises:
             ArtifactError: the file is missing or not a package.
@@ -119,8 +124,16 @@ class ModelStore:
         manifest = open_package(source).manifest
         digest = sha256_file(source)
         target = self.packages_dir / f"{manifest.name}-{manifest.version}-{digest[:12]}.edgepkg"
+        staged = source.parent.resolve() == self.packages_dir.resolve() and \
+            source.name == f"{digest}{STAGED_SUFFIX}"
         with self._lock:
             if target.exists() and sha256_file(target) == digest:
+                if staged:
+                    source.unlink(missing_ok=True)
+                return StoredPackage(target, digest, manifest.name, manifest.version)
+            if staged:
+                os.replace(source, target)
+                fsync_dir(self.packages_dir)
                 return StoredPackage(target, digest, manifest.name, manifest.version)
             with atomic_write(target) as out, open(source, "rb") as handle:
                 shutil.copyfileobj(handle, out, 1 << 20)

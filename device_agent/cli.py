@@ -23,6 +23,7 @@ import click
 from edgekit import __version__
 from edgekit.errors import EdgekitError, RuntimeBackendError, UsageError
 from edgekit.fsutil import write_bytes_atomic
+from edgekit.redact import redact_url
 from edgekit.runtimes import availability
 
 from ._agent import Agent
@@ -125,7 +126,7 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
         model = agent.model
         log.info("device %s/%s serving %s; broker %s", cfg.device.fleet, cfg.device.id,
                  f"{model.name} {model.version}" if model else "no model",
-                 cfg.mqtt.broker or "(none)")
+                 redact_url(cfg.mqtt.broker) or "(none)")
         while not stop.wait(1.0):
             pass
     finally:

@@ -132,6 +132,11 @@ class HttpSection:
                        check=_listen, allows="empty or HOST:PORT")
     max_body_bytes: int = _opt(16 * 1024 * 1024, "Largest request body accepted (413 above).",
                                ge=1024)
+    workers: int = _opt(16, "Threads that serve connections; more connections wait (up to four"
+                        " per thread), then are closed at once.", ge=1)
+    header_timeout_s: float = _opt(10.0, "A connection must send a request's line and headers"
+                                   " within this time (also the keep-alive idle limit).", gt=0)
+    body_timeout_s: float = _opt(30.0, "A request's body must arrive within this time.", gt=0)
 
 
 @dataclass
@@ -139,6 +144,8 @@ class RequestsSection:
     max_batch: int = _opt(256, "Most rows one request may carry.", ge=1)
     workers: int = _opt(2, "Threads that answer MQTT requests.", ge=1)
     max_pending: int = _opt(64, "MQTT requests allowed to wait; more are answered 'busy'.", ge=1)
+    max_request_bytes: int = _opt(8 * 1024 * 1024, "Largest MQTT predict payload; a larger one"
+                                  " is answered with an error, never parsed.", ge=1024)
 
 
 @dataclass

@@ -11,6 +11,11 @@ Members::
 Reading never extracts anything outside the destination folder: member names with ``..``,
 absolute paths or backslashes are refused, and so are members or manifests larger than the
 limits below (zip bombs included, since the limits apply to the decompressed size).
+
+Verification is ordered so that a hostile file costs little: the central directory is checked
+first (member count, names, each member's declared size against the manifest and the limits,
+its compression ratio), then the signature over the manifest bytes, and only then are members
+decompressed, as a stream into the hash, never whole into memory.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from edgekit.manifest import FileEntry, Manifest
 from edgekit.signing import sign_bytes, verify_bytes
 
 __all__ = [
+    "MAX_COMPRESSION_RATIO",
     "MAX_MANIFEST_BYTES",
+    "MAX_MEMBERS",
     "MAX_MEMBER_BYTES",
     "Package",
     "VerifyReport",
@@ -52,7 +59,14 @@ MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MEMBER_BYTES = 2 * 1024 * 1024 * 1024
-_MAX_MEMBERS = 64
+MAX_MEMBERS = 64
+# Model weights compress by a few times at most; deflate reaches ~1000x only on runs of one
+# byte, which is what a zip bomb is made of. Small members are exempt (a tiny zero-filled
+# tensor is legitimate and cannot hurt).
+MAX_COMPRESSION_RATIO = 200
+_RATIO_EXEMPT_BYTES = 1024 * 1024
+_MAX_SIGNATURE_BYTES = 64 * 1024
+_STREAM_BLOCK = 1 << 20
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -155,6 +169,37 @@ class Package:
             )
         return data
 
+    def check_member(self, name: str) -> None:
+        """Hash one member as a stream (bounded memory) and compare it with the manifest.
+
+        Raises:
+            ArtifactError: the member is missing, larger than declared, or altered.
+        """
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise ArtifactError(f"{self.path}: member {name} is not listed in the manifest")
+        digest = hashlib.sha256()
+        seen = 0
+        with _open_zip(self.path) as zf:
+            info = _member_info(zf, name, self.path)
+            try:
+                with zf.open(info) as handle:
+                    # Read at most one byte past the signed size: a member that inflates
+                    # beyond what its header says stops here.
+                    while block := handle.read(min(_STREAM_BLOCK, entry.size + 1 - seen)):
+                        seen += len(block)
+                        if seen > entry.size:
+                            raise ArtifactError(
+                                f"{self.path}: member {name} is larger than its manifest entry")
+                        digest.update(block)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                raise ArtifactError(f"{self.path}: member {name} is corrupt: {exc}") from exc
+        if seen != entry.size or digest.hexdigest() != entry.sha256:
+            raise ArtifactError(
+                f"{self.path}: member {name} does not match its sha256 in the manifest"
+                " (the package is corrupt or was altered)"
+            )
+
     def model_bytes(self) -> bytes:
         return self.read_member(self.manifest.model_file)
 
@@ -173,8 +218,9 @@ def open_package(path: str | os.PathLike[str]) -> Package:
     p = Path(path)
     with _open_zip(p) as zf:
         names = zf.namelist()
-        if len(names) > _MAX_MEMBERS:
-            raise ArtifactError(f"{p}: {len(names)} members, more than the limit of {_MAX_MEMBERS}")
+        infos = {info.filename: info for info in zf.infolist()}
+        if len(names) > MAX_MEMBERS:
+            raise ArtifactError(f"{p}: {len(names)} members, more than the limit of {MAX_MEMBERS}")
         for name in names:
             _check_member_name(name)
         if len(set(names)) != len(names):
@@ -184,7 +230,7 @@ def open_package(path: str | os.PathLike[str]) -> Package:
         signature = None
         if SIGNATURE in names:
             sig_info = _member_info(zf, SIGNATURE, p)
-            sig_raw = _read_bounded(zf, sig_info, 64 * 1024, p)
+            sig_raw = _read_bounded(zf, sig_info, _MAX_SIGNATURE_BYTES, p)
             try:
                 signature = json.loads(sig_raw)
             except ValueError as exc:
@@ -207,6 +253,7 @@ def open_package(path: str | os.PathLike[str]) -> Package:
         )
     if manifest.model_file not in listed:
         raise ArtifactError(f"{p}: the model file {manifest.model_file} is not in the package")
+    _check_declared_sizes(infos, manifest, p)
     return Package(p, manifest, manifest_bytes, signature)
 
 
@@ -239,15 +286,17 @@ def verify_package(
     *,
     require_signature: bool = True,
 ) -> VerifyReport:
-    """Check every member's sha256 and, with trusted keys, the signature.
+    """Check the signature over the manifest, then every member's sha256 against it.
+
+    Nothing is decompressed before the signature verifies (the manifest and the signature
+    members are read with small caps); members are then hashed as a stream, so memory stays
+    bounded whatever their size.
 
     Raises:
-        ArtifactError: a member is missing, altered or unsafe.
+        ArtifactError: a member is missing, altered, unsafe or over a size limit.
         SignatureError: a signature is required and missing, or does not verify.
     """
     pkg = open_package(path)
-    for name in pkg.manifest.files:
-        pkg.read_member(name)
     kid = None
     if pkg.signature is None:
         if require_signature:
@@ -261,6 +310,8 @@ def verify_package(
         elif require_signature:
             raise SignatureError("no trusted keys given to check the signature against",
                                  hint="pass --trusted-key PUB")
+    for name in pkg.manifest.files:
+        pkg.check_member(name)
     return VerifyReport(
         path=str(path),
         name=pkg.manifest.name,
@@ -349,6 +400,28 @@ def _member_info(zf: zipfile.ZipFile, name: str, path: Path) -> zipfile.ZipInfo:
         return zf.getinfo(name)
     except KeyError as exc:
         raise ArtifactError(f"{path}: member {name} is missing") from exc
+
+
+def _check_declared_sizes(infos: dict[str, zipfile.ZipInfo], manifest: Manifest,
+                          path: Path) -> None:
+    """Refuse, from the central directory alone, members whose declared size disagrees with
+    the manifest, is over :data:`MAX_MEMBER_BYTES`, or inflates suspiciously."""
+    for name, entry in manifest.files.items():
+        info = infos[name]  # open_package checked that every listed member is present
+        if entry.size < 0 or entry.size > MAX_MEMBER_BYTES:
+            raise ArtifactError(
+                f"{path}: member {name} is declared as {entry.size} bytes, over the limit of"
+                f" {MAX_MEMBER_BYTES}")
+        if info.file_size != entry.size:
+            raise ArtifactError(
+                f"{path}: member {name} is {info.file_size} bytes, the manifest says"
+                f" {entry.size}")
+        if info.file_size > _RATIO_EXEMPT_BYTES and \
+                info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+            raise ArtifactError(
+                f"{path}: member {name} inflates {info.file_size // max(info.compress_size, 1)}"
+                f" times, over the limit of {MAX_COMPRESSION_RATIO} (a zip bomb?)",
+                hint="this package was not made by edgekit, or was tampered with")
 
 
 def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: Path) -> bytes:

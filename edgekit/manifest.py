@@ -15,6 +15,7 @@ from typing import Any
 from edgekit.errors import ArtifactError
 
 __all__ = [
+    "NAME_RE",
     "SCHEMA_VERSION",
     "FileEntry",
     "Manifest",
@@ -29,7 +30,10 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 _DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
-_VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
+_VERSION_RE = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18}){0,15}")
+# A model name becomes part of file names on devices and hosts: letters, digits, ``.``,
+# ``_`` and ``-``, starting with a letter or digit (so never ``..`` or a path).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class TargetFormat(StrEnum):
@@ -49,7 +53,7 @@ def parse_version(text: str) -> tuple[int, ...]:
     Raises:
         ArtifactError: the text is not dots and digits.
     """
-    if not isinstance(text, str) or not _VERSION_RE.match(text):
+    if not isinstance(text, str) or not _VERSION_RE.fullmatch(text):
         raise ArtifactError(
             f"version {text!r} is not a dotted number",
             hint="use digits separated by dots, for example 1.4.0",
@@ -183,6 +187,10 @@ class Manifest:
             )
         pkg_version = _require(obj, "version", str, "manifest")
         parse_version(pkg_version)
+        name = _require(obj, "name", str, "manifest")
+        if not NAME_RE.fullmatch(name):
+            raise ArtifactError(f"manifest name: {name[:80]!r} is not a valid model name"
+                                " (letters, digits, '.', '_', '-'; at most 128)")
         task = _require(obj, "task", str, "manifest")
         if task not in {t.value for t in Task}:
             raise ArtifactError(f"manifest task: unknown task {task!r}")
@@ -206,7 +214,7 @@ class Manifest:
             raise ArtifactError("manifest labels: must be a list of strings or null")
         return cls(
             schema_version=version,
-            name=_require(obj, "name", str, "manifest"),
+            name=name,
             version=pkg_version,
             created=_require(obj, "created", str, "manifest"),
             task=task,

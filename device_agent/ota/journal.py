@@ -56,6 +56,7 @@ class UpdateRecord:
     started: float = field(default_factory=time.time)
     activated: float | None = None
     reason: str | None = None  # why a rollback started (rolling_back)
+    verify_attempts: int = 0  # starts of verification (a crash loop there ends the update)
 
 
 @dataclass

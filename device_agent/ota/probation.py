@@ -3,8 +3,11 @@
 While a probation runs, :meth:`ProbationGuard.run` answers each request with the new model
 and records what happened: a failure of the runtime, NaN or infinite outputs, the latency.
 A request the new model fails, or answers with non-finite numbers, is answered by the
-previous model (kept loaded until the probation ends), so no client sees the failure. The
-updater asks :meth:`ProbationWatch.verdict` for the outcome.
+previous model (kept loaded until the probation ends), so no client sees the failure. A
+non-finite output counts against the new model only when the previous model stays finite on
+the same input: an input that overflows both (one huge finite value) says nothing about the
+update and must not roll a good deployment back. The updater asks
+:meth:`ProbationWatch.verdict` for the outcome.
 """
 
 from __future__ import annotations
@@ -46,17 +49,19 @@ class ProbationWatch:
     requests: int = 0
     errors: int = 0
     nonfinite: int = 0
+    nonfinite_both: int = 0  # inputs on which the previous model was not finite either
     fallbacks: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     changed: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, *, latency_ms: float | None, error: bool = False, nonfinite: bool = False,
-               fallback: bool = False) -> None:
+               nonfinite_both: bool = False, fallback: bool = False) -> None:
         with self._lock:
             self.requests += 1
             self.errors += error
             self.nonfinite += nonfinite
+            self.nonfinite_both += nonfinite_both
             self.fallbacks += fallback
             if latency_ms is not None:
                 self.latencies_ms.append(latency_ms)
@@ -66,7 +71,8 @@ class ProbationWatch:
         with self._lock:
             lat = list(self.latencies_ms)
             return {"requests": self.requests, "errors": self.errors,
-                    "nonfinite": self.nonfinite, "answered_by_previous": self.fallbacks,
+                    "nonfinite": self.nonfinite, "nonfinite_on_both": self.nonfinite_both,
+                    "answered_by_previous": self.fallbacks,
                     "p95_ms": round(float(np.percentile(lat, 95)), 3) if lat else None,
                     "seconds": round(time.monotonic() - self.started, 3)}
 
@@ -137,11 +143,14 @@ class ProbationGuard:
                 raise
             return fallback
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        if all(np.isfinite(a).all() for a in outputs.values()
-               if np.issubdtype(a.dtype, np.floating)):
+        if _finite(outputs):
             watch.record(latency_ms=latency_ms)
             return model, outputs
         fallback = self._fallback(watch, feeds)
+        if fallback is not None and not _finite(fallback[1]):
+            # The serving model overflows on this input too: the input is at fault.
+            watch.record(latency_ms=latency_ms, nonfinite_both=True)
+            return model, outputs
         watch.record(latency_ms=latency_ms, nonfinite=True, fallback=fallback is not None)
         return fallback if fallback is not None else (model, outputs)
 
@@ -156,3 +165,8 @@ class ProbationGuard:
         except Exception:
             # A breaking update: the old model does not take the new inputs.
             return None
+
+
+def _finite(outputs: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(a).all() for a in outputs.values()
+               if np.issubdtype(a.dtype, np.floating))

@@ -8,6 +8,7 @@ restart. It is driven by :class:`~device_agent.ota.updater.Updater`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -16,12 +17,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgekit.artifact import open_package, sha256_file
+from edgekit.artifact import sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
 from edgekit.fsutil import fsync_dir
 from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
 
 from .._model import LoadedModel
+from .._store import STAGED_SUFFIX
 from .checks import check_compatible, check_version, stage, verify_package_file
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
@@ -36,6 +38,9 @@ log = logging.getLogger("device_agent.ota")
 
 CRASH_ENV = "EDGEKIT_TEST_CRASH_AT"
 _PROGRESS_EVERY_S = 2.0
+# Starts of verification for one update; a restart in the middle of each one means the
+# package itself stops the agent, so it is refused instead of tried again forever.
+MAX_VERIFY_ATTEMPTS = 3
 
 
 def crash_point(name: str) -> None:
@@ -74,6 +79,7 @@ class UpdateRun:
             if step in (JournalStep.QUEUED, JournalStep.DOWNLOADING):
                 self._fetch()
             self._check_cancel()
+            self._count_verify_attempt()
             model, issued = self._verify()
             self._check_cancel()
             self._stage(model)
@@ -93,6 +99,20 @@ class UpdateRun:
                                      f"the update stopped: {type(exc).__name__}: {exc}"))
             return
         self._activate(model, issued)
+
+    def _count_verify_attempt(self) -> None:
+        """Journal one more start of verification; refuse the update after too many.
+
+        Raises:
+            UpdateFailure: load_failed, when verification was interrupted too often.
+        """
+        attempts = self.record.verify_attempts
+        if attempts >= MAX_VERIFY_ATTEMPTS:
+            raise UpdateFailure(UpdateReason.LOAD_FAILED,
+                                f"verification of this package was interrupted {attempts} times"
+                                " (the agent stopped while checking it); refused")
+        self.journal.step(JournalStep(self.record.step), verify_attempts=attempts + 1)
+        crash_point("verify")
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -161,14 +181,9 @@ class UpdateRun:
             raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
                                 f"the downloaded file's sha256 is {digest[:16]}..., the desired"
                                 f" document names {sha[:16]}...")
-        try:
-            manifest = open_package(partial_path).manifest
-        except ArtifactError as exc:
-            partial_path.unlink(missing_ok=True)
-            raise UpdateFailure(UpdateReason.LOAD_FAILED,
-                                f"not a usable package: {exc.message}") from exc
-        target = self.agent.store.packages_dir / \
-            f"{manifest.name}-{manifest.version}-{sha[:12]}.edgepkg"
+        # Named by its sha256 (checked above), never by a field inside the unverified file;
+        # the model folder gives it its readable name only after verification (_activate).
+        target = self.agent.store.packages_dir / f"{sha}{STAGED_SUFFIX}"
         os.replace(partial_path, target)
         fsync_dir(target.parent)
         self.journal.step(JournalStep.VERIFYING, package=self.u.rel(target), sha256=sha)
@@ -268,8 +283,10 @@ class UpdateRun:
             self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
                                      else UpdateReason.LOAD_FAILED, exc.message))
             return
+        if stored.path != model.path:  # a staged download moved to its name in the folder
+            model = dataclasses.replace(model, path=stored.path)
         previous = self.u.serving_stored()
-        self.journal.step(JournalStep.ACTIVATING,
+        self.journal.step(JournalStep.ACTIVATING, package=self.u.rel(stored.path),
                           previous=previous.to_dict(agent.store.root) if previous else None)
         self.u.emit(UpdateStep.ACTIVATING, self.record, f"switching to {model.name}"
                     f" {model.version}")

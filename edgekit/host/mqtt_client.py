@@ -65,14 +65,18 @@ class HostClient:
 
     def __init__(self, url: str, *, client_id: str | None = None, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None,
-                 keepalive: int = 30, max_inflight: int = 256) -> None:
+                 keepalive: int = 30, max_inflight: int = 256, username: str | None = None,
+                 password: str | None = None) -> None:
+        """``username``/``password`` win over credentials in ``url``."""
         self.broker = BrokerURL.parse(url)
         self.client_id = client_id or f"edgekit-host-{uuid.uuid4().hex[:12]}"
         self.paho = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                 protocol=mqtt.MQTTv311, clean_session=True)
         self.paho.max_inflight_messages_set(max_inflight)
         self.paho.reconnect_delay_set(1, 30)
-        if self.broker.username:
+        if username:
+            self.paho.username_pw_set(username, password)
+        elif self.broker.username:
             self.paho.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
             self.paho.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)

@@ -175,10 +175,16 @@ def parse_rollout_request(data: bytes) -> RolloutRequest:
     return request
 
 
+_MAX_REQUEST_BYTES = 256 * 1024
+
+
 def _decode(data: bytes, schema: str) -> dict[str, Any]:
+    if len(data) > _MAX_REQUEST_BYTES:
+        raise ProtocolError(f"payload is {len(data)} bytes, over the limit of"
+                            f" {_MAX_REQUEST_BYTES}")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ProtocolError(f"payload is a JSON {type(doc).__name__}, expected an object")

@@ -172,7 +172,7 @@ class TelemetrySection(msgspec.Struct, kw_only=True):
 
 
 class MetricsPayload(Document, tag=Schema.METRICS.value):
-    max_bytes: ClassVar[int] = 64 * 1024
+    max_bytes: ClassVar[int] = 256 * 1024
     device: Id
     fleet: Id
     seq: Count  # contiguous per device, across restarts; duplicates may arrive (QoS 1)

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.cli._table import format_table
+from edgekit.redact import redact_url
 
 if TYPE_CHECKING:
     from edgekit.host.controller import RolloutStatePayload
@@ -62,13 +64,14 @@ def controller() -> None:
 @click.option("--id", "controller_id", help="Override controller.id.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Override controller.log_level.")
+@mqtt_options
 def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
                    store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
-                   log_level: str | None) -> None:
+                   log_level: str | None, mqtt_auth: MqttAuth) -> None:
     """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
     from edgekit.host.controller import Controller, load_config
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = mqtt_auth.overrides()
     for key, value in (("mqtt.broker", broker), ("database.url", db_url),
                        ("registry.store", store_dir), ("controller.id", controller_id),
                        ("controller.log_level", log_level)):
@@ -83,7 +86,7 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     ctl = Controller(cfg).start()
-    click.echo(f"controller {ctl.id} running: broker {cfg.mqtt.broker}, fleets"
+    click.echo(f"controller {ctl.id} running: broker {redact_url(cfg.mqtt.broker)}, fleets"
                f" {', '.join(cfg.controller.fleets)}", err=True)
     try:
         ctl.wait(stop)

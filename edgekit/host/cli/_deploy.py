@@ -12,6 +12,7 @@ import click
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import Deployer, desired_for_package, read_retained
 from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
@@ -56,9 +57,10 @@ _SHARE = click.option("--share-group", default=DEFAULT_SHARE_GROUP, show_default
               help="Certificate (PEM) to serve HTTPS instead of HTTP.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Key of --tls-cert.")
 @_SHARE
+@mqtt_options
 def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
           http_addr: str | None, tls_cert: str | None, tls_key: str | None,
-          share_group: str) -> None:
+          share_group: str, mqtt_auth: MqttAuth) -> None:
     """Serve PACKAGES to devices in chunks over MQTT (and HTTP), until interrupted.
 
     Devices ask for the artifact a desired document names; `edgekit deploy` serves its own
@@ -67,7 +69,7 @@ def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
     """
     store = ArtifactStore()
     infos = [store.add(p) for p in packages]
-    client = HostClient(broker).connect()
+    client = mqtt_auth.client(broker).connect()
     http_server = _start_http(store, http_addr, tls_cert, tls_key)
     try:
         server = start_artifact_server(client, store, list(fleets), share_group)
@@ -172,12 +174,13 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
               help="Publish to the fleet at once even when a controller looks after it"
                    " (without --direct such a deploy becomes a controller rollout: canary,"
                    " waves, abort criteria).")
+@mqtt_options
 def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
            no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
            sign_key: str | None, url: str | None, http_addr: str | None, allow_breaking: bool,
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
-           share_group: str, direct: bool) -> None:
+           share_group: str, direct: bool, mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     Publishes the retained desired document (fleet-wide, or per --device), serves PACKAGE
@@ -202,7 +205,7 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
                                  name=info.name, to_version=info.version, sha256=info.sha256)
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
-    with HostClient(broker).connect() as client:
+    with mqtt_auth.client(broker).connect() as client:
         if not direct:
             from edgekit.host.cli._controller import deploy_via_controller
 
@@ -240,11 +243,12 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
               help="Model name; default: the package's, else the current desired document's.")
 @_probation_options
 @_SHARE
+@mqtt_options
 def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, no_wait: bool,
              include_offline: bool, as_json: bool, quiet: bool, to_version: str,
              sign_key: str, package: str | None, model_name: str | None,
              probation_requests: int, probation_seconds: float, max_error_rate: float,
-             max_latency_ms: float | None, share_group: str) -> None:
+             max_latency_ms: float | None, share_group: str, mqtt_auth: MqttAuth) -> None:
     """Send a fleet, or some of its devices, back to version --to.
 
     Publishes a desired document carrying a rollback instruction signed with --sign-key
@@ -264,7 +268,7 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         if info.version != to_version:
             raise UsageError(f"--package {package} holds version {info.version}, not {to_version}")
         model_name = model_name or info.name
-    with HostClient(broker).connect() as client:
+    with mqtt_auth.client(broker).connect() as client:
         if model_name is None:
             model_name = _current_model_name(client, fleet, targets)
         instruction = sign_rollback(key, fleet=fleet, devices=targets, name=model_name,

@@ -158,6 +158,14 @@ class Ingest:
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # Only queue here: paho's network thread must keep reading (and acknowledging).
+        kind = msg.topic.rsplit("/", 1)[-1]
+        # Checked in paho's thread, before a message is queued or parsed.
+        document = _DOCUMENTS.get(kind)
+        limit = document.max_bytes if document is not None else 64 * 1024
+        if len(msg.payload) > limit:
+            self._count("received", kind)
+            self._reject(kind, msg.topic, f"{len(msg.payload)} bytes, over the limit of {limit}")
+            return
         self._queue.put((msg.topic, bytes(msg.payload), time.time()))
 
     # ---------------------------------------------------------------- workers

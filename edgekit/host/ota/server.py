@@ -7,6 +7,11 @@ subscribes once per (fleet, artifact), through a shared subscription by default,
 servers of one fleet split the requests between them and a request reaches only servers
 holding the artifact. :class:`ArtifactHttpServer` serves the same store at
 ``/artifacts/<sha256>``.
+
+A request is at most :data:`MAX_REQUEST_BYTES` (larger ones are dropped unparsed), and a chunk
+goes only to a reply topic the protocol gives requesters (:func:`reply_topic_allowed`): a
+device's ``reply/ota`` topic in the request's fleet, or the host's own probe topic. Nobody can
+make the server send a megabyte to a topic of their choosing.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -26,7 +32,7 @@ from edgekit.errors import ArtifactError, EdgekitError, ProtocolError
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota._http import ArtifactHttpServer
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
-from edgekit.protocol import ROOT, check_id
+from edgekit.protocol import ROOT, Kind, check_id, is_valid_id, parse_topic
 from edgekit.protocol.ota.chunks import (
     ChunkErrorCode,
     decode_chunk,
@@ -42,12 +48,29 @@ from edgekit.protocol.ota.topics import (
     artifact_subscription,
 )
 
-__all__ = ["DEFAULT_MAX_CHUNK", "ArtifactHttpServer", "ArtifactServer", "ServerStats",
-           "probe_artifact"]
+__all__ = ["DEFAULT_MAX_CHUNK", "MAX_REQUEST_BYTES", "ArtifactHttpServer", "ArtifactServer",
+           "ServerStats", "probe_artifact", "reply_topic_allowed"]
 
 log = logging.getLogger("edgekit.host.ota.server")
 
 DEFAULT_MAX_CHUNK = 1024 * 1024
+MAX_REQUEST_BYTES = 4 * 1024  # a chunk request is a few hundred bytes of JSON
+_HOST_SCOPE = "_host"
+_PROBE = "probe"
+_NONCE_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def reply_topic_allowed(request_topic: str, reply_to: str) -> bool:
+    """Whether a chunk for a request received on ``request_topic`` may go to ``reply_to``:
+    ``edgekit/v1/<fleet>/<device>/reply/ota`` of the same fleet, or the host's probe topic
+    ``edgekit/v1/<fleet>/_host/probe/<16 hex>``."""
+    levels = request_topic.split("/")
+    parts = parse_topic(reply_to)
+    if parts is None or len(levels) < 3 or parts.fleet != levels[2]:
+        return False
+    if parts.device == _HOST_SCOPE:
+        return parts.kind == _PROBE and bool(_NONCE_RE.fullmatch(parts.rest))
+    return is_valid_id(parts.device) and parts.kind == Kind.REPLY.value and parts.rest == "ota"
 
 
 @dataclass
@@ -169,6 +192,11 @@ class ArtifactServer:
 
     def _handle(self, msg: mqtt.MQTTMessage) -> None:
         self.stats.requests += 1
+        if len(msg.payload) > MAX_REQUEST_BYTES:
+            self.stats.errors += 1
+            log.warning("ignoring a %d-byte chunk request on %s: over the limit of %d bytes",
+                        len(msg.payload), msg.topic, MAX_REQUEST_BYTES)
+            return
         try:
             request = parse_request(bytes(msg.payload))
         except ProtocolError as exc:
@@ -177,6 +205,11 @@ class ArtifactServer:
             log.warning("ignoring a chunk request on %s: %s", msg.topic, exc.message)
             return
         reply_to = request["reply_to"]
+        if not reply_topic_allowed(msg.topic, reply_to):
+            self.stats.errors += 1
+            log.warning("ignoring a chunk request on %s: its reply topic %r is not a device's"
+                        " reply/ota topic of this fleet", msg.topic, reply_to[:200])
+            return
         if not msg.topic.endswith("/" + request["sha256"]):
             self._error(reply_to, request["request_id"], request["sha256"],
                         request["offset"], ChunkErrorCode.BAD_REQUEST,
@@ -234,7 +267,7 @@ def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float =
     """Whether some server answers chunk requests for ``sha256`` in ``fleet`` within
     ``timeout`` seconds (a one-byte request)."""
     nonce = secrets.token_hex(8)
-    reply_to = "/".join([ROOT, fleet, "_host", "probe", nonce])
+    reply_to = "/".join([ROOT, fleet, _HOST_SCOPE, _PROBE, nonce])
     request = make_request(nonce, sha256, 0, 1, reply_to)
     answered = threading.Event()
 
