@@ -18,7 +18,7 @@ from _limits_support import REPO, MqttBroker, broker, peak_rss_kib, wait_until  
 
 from edgekit.host.db import Store
 from edgekit.host.mqtt_client import HostClient
-from edgekit.protocol import Kind, topic
+from edgekit.protocol import DeviceState, HardwareInfo, Kind, StatusPayload, encode, topic
 from edgekit.protocol.controller import rollout_request_topic
 
 MIB = 1024 * 1024
@@ -33,9 +33,13 @@ def _bundle() -> list[bytes]:
 
 
 def _status(session: int) -> bytes:
-    return json.dumps({"schema": "edgekit.status/1", "fleet": FLEET, "device": "d1",
-                       "state": "online", "session": session, "ts": time.time(),
-                       "reason": None, "model": None, "agent": {"version": "0.1.0"}}).encode()
+    now = time.time()
+    return encode(StatusPayload(
+        state=DeviceState.ONLINE, device="d1", fleet=FLEET, session=session, ts=now,
+        agent_version="0.1.0", runtimes=[], model=None, http=None, started=now,
+        hardware=HardwareInfo(hostname="d1", system="Linux", machine="x86_64", release="6",
+                              os="Debian", board=None, cpu_count=2,
+                              memory_total_bytes=1 << 30, python="3.11")))
 
 
 def test_malformed_bundle_on_every_controller_topic(broker: MqttBroker, tmp_path: Path) -> None:
