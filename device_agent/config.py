@@ -71,7 +71,8 @@ class ModelSection:
                     " record of the active one.", path=True)
     package: str = _opt("", "Package to start with: activated when the folder has no active"
                         " model or an older one.", path=True)
-    trusted_keys: list[str] = _opt([], "Public keys (PEM) whose signatures are accepted.",
+    trusted_keys: list[str] = _opt([], "Release keys: public keys (PEM) whose package"
+                                   " signatures are accepted. Revoke one by removing it.",
                                    path=True)
     allow_unsigned: bool = _opt(False, "Accept packages without a signature (off: refused).")
     keep: int = _opt(3, "Packages kept in the model folder (the active one included).")
@@ -131,6 +132,12 @@ class OtaSection:
     max_artifact_bytes: int = _opt(1024**3, "Larger artifacts are refused (too_large).")
     min_free_bytes: int = _opt(64 * 1024**2, "Disk space that must stay free after a download"
                                " (no_space).")
+    intent_keys: list[str] = _opt([], "Operator/controller keys: public keys (PEM) whose signed"
+                                  " desired documents the device follows. Revoke one by"
+                                  " removing it.", path=True)
+    allow_unsigned_intents: bool = _opt(False, "INSECURE lab setting: follow unsigned desired"
+                                        " documents (anyone who can publish to the broker"
+                                        " then picks the model). Off: refused.")
 
 
 @dataclass
@@ -337,6 +344,13 @@ def _validate(cfg: AgentConfig, sources: dict[str, str]) -> None:
                    " no model could ever be accepted",
                    hint="pass --trusted-key PUB (the signer's public key), or --allow-unsigned"
                    " for unsigned test packages")
+    for i, key_path in enumerate(cfg.ota.intent_keys):
+        try:
+            load_public_key(key_path)
+        except UsageError as exc:
+            raise fail(f"ota.intent_keys[{i}]", exc.message,
+                       "give the operator's PEM public key (`edgekit keys generate"
+                       " --role operator`)") from exc
     _positive: list[tuple[str, int, int]] = [
         ("model.keep", cfg.model.keep, 1), ("http.max_body_bytes", cfg.http.max_body_bytes, 1024),
         ("requests.max_batch", cfg.requests.max_batch, 1),

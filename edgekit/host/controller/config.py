@@ -61,10 +61,17 @@ class ControllerSection:
     tick_s: float = _opt(1.0, "Seconds between two passes over the rollouts.")
     lease_s: float = _opt(30.0, "Lease on a rollout; another controller takes a rollout over"
                           " this long after its owner stopped renewing it.")
-    signing_key: str = _opt("", "Ed25519 private key (PEM) that signs rollback instructions and"
-                            " retrained packages. Empty: aborted rollouts cannot send devices"
-                            " back to an older version, and retrained packages are unsigned.",
+    signing_key: str = _opt("", "Operator key: Ed25519 private key (PEM) that signs every"
+                            " desired document the controller publishes (devices trust its"
+                            " public half as ota.intent_keys). Empty: no rollouts.",
                             path=True)
+    operator_keys: list[str] = _opt([], "Operator public keys (PEM) whose signed rollout"
+                                    " requests this controller accepts; revoke one by"
+                                    " removing it. Empty: every remote request is refused.",
+                                    path=True)
+    release_key: str = _opt("", "Release key: Ed25519 private key (PEM) that signs retrained"
+                            " packages (devices trust it as model.trusted_keys). Empty:"
+                            " retrained packages are unsigned.", path=True)
     workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)."
                         " Empty: <registry.store>/.controller.", path=True)
     log_level: str = _opt("info", "debug, info, warning or error.")
@@ -80,9 +87,9 @@ class DatabaseSection:
 class RegistrySection:
     store: str = _opt("", "Artifact folder of the model registry. Empty: $EDGEKIT_STORE, else"
                       " ~/.edgekit/artifacts.", path=True)
-    trusted_keys: list[str] = _opt([], "Public keys (PEM); when set, packages that deploy"
-                                   " requests register must be signed by one of them.",
-                                   path=True)
+    trusted_keys: list[str] = _opt([], "Release public keys (PEM); when set, a rollout request"
+                                   " is refused unless the registered package is signed by"
+                                   " one of them.", path=True)
 
 
 @dataclass
@@ -322,8 +329,11 @@ def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
         raise fail("controller.fleets", '"+" already means every fleet; list nothing else')
     if c.log_level not in _LOG_LEVELS:
         raise fail("controller.log_level", f"{c.log_level!r} is not one of {_LOG_LEVELS}")
-    if c.signing_key:
-        _check_file(fail, "controller.signing_key", c.signing_key)
+    for name in ("signing_key", "release_key"):
+        if getattr(c, name):
+            _check_file(fail, f"controller.{name}", getattr(c, name))
+    for i, key_path in enumerate(c.operator_keys):
+        _check_file(fail, f"controller.operator_keys[{i}]", key_path)
     for i, key_path in enumerate(cfg.registry.trusted_keys):
         _check_file(fail, f"registry.trusted_keys[{i}]", key_path)
     m = cfg.mqtt

@@ -29,6 +29,7 @@ from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.demo.broker import EmbeddedBroker, free_port
 from edgekit.host.demo.report import accuracy_by_phase, write_report
 from edgekit.host.demo.traffic import Phase, TrafficGenerator
+from edgekit.signing import KeyPair
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -88,7 +89,8 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
     return out
 
 
-def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Path) -> Path:
+def _controller_config(work: Path, broker: str, db_url: str, release: KeyPair,
+                       operator: KeyPair) -> Path:
     from edgekit.host.controller import load_config
     from edgekit.host.controller.config import to_toml
 
@@ -96,8 +98,10 @@ def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Pat
                f" --current {{model}} --out {{output}}")
     cfg = load_config(overrides={
         "mqtt.broker": broker, "database.url": db_url, "registry.store": str(work / "registry"),
-        "registry.trusted_keys": [str(pub)],
-        "controller.fleets": [FLEET], "controller.signing_key": str(key),
+        "registry.trusted_keys": [str(release.public_path)],
+        "controller.fleets": [FLEET], "controller.signing_key": str(operator.private_path),
+        "controller.operator_keys": [str(operator.public_path)],
+        "controller.release_key": str(release.private_path),
         "controller.tick_s": 0.2, "controller.workdir": str(work / "jobs"),
         "rollout.canary": "1", "rollout.wave_factor": 2.0, "rollout.device_timeout_s": 90.0,
         "rollout.wave_min_labels": 20, "rollout.labels_timeout_s": 30.0,
@@ -192,12 +196,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             broker = EmbeddedBroker(work / "broker").start()
             url = broker.url
             clock.say(f"started the embedded MQTT broker (amqtt) at {url}")
-        keys = generate_keypair(work / "signing")
+        # Two roles: the release key signs packages, the operator key signs what devices
+        # should run (desired documents) and the requests to the controller.
+        keys = generate_keypair(work / "edgekit-release")
+        operator = generate_keypair(work / "edgekit-operator")
         package = _train_and_package(work, clock, keys.private_path)
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
-        config = _controller_config(work, url, db_url, keys.private_path, keys.public_path)
+        config = _controller_config(work, url, db_url, keys, operator)
         procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller", "run",
                              "--config", str(config)], work / "controller.log", env))
         clock.say("started the controller (policy: accuracy 10% under the baseline for 3"
@@ -207,7 +214,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             procs.append(_spawn(
                 [sys.executable, "-m", "device_agent", "run", "--device-id", device,
                  "--fleet", FLEET, "--broker", url, "--model-dir", str(work / device),
-                 "--trusted-key", str(keys.public_path), "--http", f"127.0.0.1:{port}",
+                 "--trusted-key", str(keys.public_path),
+                 "--intent-key", str(operator.public_path), "--http", f"127.0.0.1:{port}",
                  "--telemetry-interval", "1"], work / f"{device}.log", env))
         clock.say(f"started {opts.devices} agents: {', '.join(ports)}")
         store = Store(db_url)
@@ -232,7 +240,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         seen = _follow_events(store, clock, 0)
         deploy = subprocess.run(
             [sys.executable, "-m", "edgekit.host.cli", "deploy", str(package), "--fleet", FLEET,
-             "--broker", url, "--timeout", "120", "--probation-seconds", "2",
+             "--broker", url, "--key", str(operator.private_path), "--timeout", "120",
+             "--probation-seconds", "2",
              "--probation-requests", "10", "--json"],
             capture_output=True, text=True, env=env, timeout=180)
         (work / "deploy-1.0.0.log").write_text(deploy.stdout + deploy.stderr)

@@ -34,7 +34,9 @@ from edgekit.protocol.ota.chunks import (
 from edgekit.protocol.ota.desired import (
     DEFAULT_PROBATION,
     DESIRED_SCHEMA,
+    DESIRED_TTL_S,
     MAX_ARTIFACT_BYTES,
+    ROLLBACK_TTL_S,
     DesiredDocument,
     DesiredModel,
     MqttSource,
@@ -44,6 +46,7 @@ from edgekit.protocol.ota.desired import (
     make_desired,
     new_deployment_id,
     parse_desired,
+    seal_desired,
 )
 from edgekit.protocol.ota.events import (
     EVENT_PREFIX,
@@ -56,14 +59,6 @@ from edgekit.protocol.ota.events import (
     UpdateStep,
     event_kind,
     step_of,
-)
-from edgekit.protocol.ota.rollback import (
-    ROLLBACK_SCHEMA,
-    RollbackInstruction,
-    canonical_bytes,
-    parse_rollback,
-    sign_rollback,
-    verify_rollback,
 )
 from edgekit.protocol.ota.topics import (
     ARTIFACTS_SCOPE,
@@ -83,11 +78,12 @@ __all__ = [
     "DEFAULT_PROBATION",
     "DEFAULT_SHARE_GROUP",
     "DESIRED_SCHEMA",
+    "DESIRED_TTL_S",
     "EVENT_PREFIX",
     "FINAL_STEPS",
     "MAX_ARTIFACT_BYTES",
     "MAX_CHUNK_BYTES",
-    "ROLLBACK_SCHEMA",
+    "ROLLBACK_TTL_S",
     "Chunk",
     "ChunkErrorCode",
     "ChunkErrorInfo",
@@ -97,7 +93,6 @@ __all__ = [
     "DesiredModel",
     "MqttSource",
     "Probation",
-    "RollbackInstruction",
     "Sources",
     "UpdateEventData",
     "UpdateModel",
@@ -107,7 +102,6 @@ __all__ = [
     "UpdateStep",
     "artifact_request_topic",
     "artifact_subscription",
-    "canonical_bytes",
     "decode_chunk",
     "desired_topic",
     "encode_chunk",
@@ -122,11 +116,9 @@ __all__ = [
     "ota_reply_topic",
     "parse_desired",
     "parse_request",
-    "parse_rollback",
     "parse_time",
     "peek_request_id",
+    "seal_desired",
     "shared",
-    "sign_rollback",
     "step_of",
-    "verify_rollback",
 ]
