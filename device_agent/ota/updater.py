@@ -224,15 +224,6 @@ class Updater:
             if reverted is None:
                 return False
             doc = reverted
-            try:
-                self.gate.check_floor(doc, doc["model"]["name"], doc["model"]["version"])
-            except UpdateFailure as refusal:
-                self.gate.acted_on(doc)
-                self.journal.record(doc["deployment"], UpdateStep.FAILED.value,
-                                    refusal.reason.value, refusal.message, _short(doc["model"]))
-                self._emit(UpdateStep.FAILED, doc["deployment"], _short(doc["model"]),
-                           refusal.message, reason=refusal.reason)
-                return False
         wanted = doc["model"]
         serving = self.agent.slot.current
         if self._serves(doc):
@@ -243,6 +234,12 @@ class Updater:
                        f"already serving {serving.name} {serving.version}")
             return False
         self.gate.acted_on(doc)
+        try:
+            self.gate.check_floor(doc, wanted["name"], wanted["version"])
+        except UpdateFailure as refusal:
+            self._close_unstarted(doc["deployment"], _short(wanted), UpdateStep.FAILED,
+                                  refusal.reason, refusal.message, hint=refusal.hint)
+            return False
         record = UpdateRecord(deployment=doc["deployment"], desired=dict(doc))
         self.journal.begin(record)
         self.emit(UpdateStep.QUEUED, record, f"update to {wanted['name']} {wanted['version']}"
@@ -265,8 +262,6 @@ class Updater:
                         (not doc["revert"] and self._serves(doc)):
                     return doc  # carried out already, or nothing to change: quietly
                 self.gate.check_fresh(doc)
-                if not doc["revert"]:
-                    self.gate.check_floor(doc, doc["model"]["name"], doc["model"]["version"])
                 return doc
             except UpdateFailure as refusal:
                 if report:
@@ -316,10 +311,19 @@ class Updater:
                                "key_id": None}
             return parse_desired(target)
         self.gate.acted_on(doc)
-        self.journal.record(doc["deployment"], outcome.value,
-                            reason.value if reason else None, note, _short(left))
-        self._emit(outcome, doc["deployment"], _short(left), note, reason=reason)
+        self._close_unstarted(doc["deployment"], _short(left), outcome, reason, note)
         return None
+
+    def _close_unstarted(self, deployment: str, model: dict[str, Any], step: UpdateStep,
+                         reason: UpdateReason | None, message: str,
+                         hint: str | None = None) -> None:
+        """The outcome of a signed document this device decided on without starting an
+        update: journalled (not tried again), reported, and shown in the status."""
+        text = f"{message} (hint: {hint})" if hint else message
+        self.journal.record(deployment, step.value, reason.value if reason else None, text,
+                            model)
+        self._emit(step, deployment, model, text, reason=reason)
+        self._publish_status()
 
     # ---------------------------------------------------------------- helpers for steps
 
@@ -357,6 +361,9 @@ class Updater:
         self.journal.finish(step.value, reason.value if reason else None, text,
                             _short(record.desired.get("model", {})))
         self.emit(step, record, text, reason=reason, details=details, serving=serving)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
         link = self.agent.link
         if link is not None and link.connected:
             link.publish(self.agent.status_topic,
