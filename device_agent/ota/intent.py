@@ -84,11 +84,11 @@ class IntentGate:
     # ---------------------------------------------------------------- checks
 
     def open(self, payload: bytes) -> DesiredDocument:
-        """Verify and parse a desired document (checks 1 and 2 of the module docstring).
+        """Verify, then parse, a desired document (check 1 of the module docstring).
 
         Raises:
             UpdateFailure: untrusted_intent (unsigned, untrusted signer, bad signature),
-                invalid_desired (a verified document that is not valid), not_for_device.
+                invalid_desired (a verified document that is not valid).
         """
         try:
             if is_sealed(payload):
@@ -108,16 +108,22 @@ class IntentGate:
             raise UpdateFailure(UpdateReason.UNTRUSTED_INTENT, exc.message,
                                 hint=exc.hint) from exc
         try:
-            doc = parse_desired(inner)
+            return parse_desired(inner)
         except EdgekitError as exc:
             raise UpdateFailure(UpdateReason.INVALID_DESIRED, exc.message) from exc
+
+    def check_bound(self, doc: DesiredDocument) -> None:
+        """Check 2: the document is for this fleet and this device.
+
+        Raises:
+            UpdateFailure: not_for_device.
+        """
         if doc["fleet"] != self.fleet or (doc["devices"] is not None
                                           and self.device not in doc["devices"]):
             raise UpdateFailure(UpdateReason.NOT_FOR_DEVICE,
                                 f"deployment {doc['deployment']} is signed for fleet"
                                 f" {doc['fleet']!r}, devices {_short(doc['devices'])}, not"
                                 f" {self.fleet}/{self.device}")
-        return doc
 
     def check_fresh(self, doc: DesiredDocument, now: dt.datetime | None = None) -> None:
         """Check 3: not expired, not older than the high-water mark.

@@ -258,6 +258,7 @@ class Updater:
             doc: DesiredDocument | None = None
             try:
                 doc = self.gate.open(payload)
+                self.gate.check_bound(doc)
                 if self.journal.outcome_of(doc["deployment"]) is not None or \
                         (not doc["revert"] and self._serves(doc)):
                     return doc  # carried out already, or nothing to change: quietly

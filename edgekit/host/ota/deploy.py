@@ -13,6 +13,7 @@ The pieces, each usable alone (the fleet controller reuses them):
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import threading
@@ -52,6 +53,7 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
                         allow_downgrade: bool = False, allow_rename: bool = False,
                         revert: bool = False, probation: Probation | None = None,
                         latency_budget_ms: float | None = None,
+                        issued: dt.datetime | None = None,
                         ttl_s: float | None = None) -> DesiredDocument:
     """The desired document that asks ``devices`` (None: the fleet) for the package ``info``
     (with ``revert``: to leave it for the model each ran before).
@@ -66,7 +68,7 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
         request_topic=artifact_request_topic(fleet, info.sha256) if mqtt_source else None,
         url=url, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
         allow_rename=allow_rename, revert=revert, probation=probation,
-        latency_budget_ms=latency_budget_ms, ttl_s=ttl_s)
+        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s)
 
 
 def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -> dict[str, bytes]:
