@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edgekit.errors import ProtocolError, SignatureError
 from edgekit.protocol import ROOT, encode, is_valid_id
 from edgekit.protocol.codec import DEFAULT_MAX_BYTES
-from edgekit.protocol.signed import open_sealed, seal
+from edgekit.protocol.signed import is_sealed, open_sealed, seal
 
 __all__ = [
     "PRESENCE_SCHEMA",
@@ -200,6 +200,9 @@ def open_rollout_request(data: bytes, trusted: Sequence[Ed25519PublicKey], fleet
     if not trusted:
         raise SignatureError("the controller trusts no operator key, so it takes no remote"
                              " requests", hint="set controller.operator_keys")
+    if not is_sealed(data):
+        raise SignatureError("the rollout request is not signed",
+                             hint="send it with `edgekit deploy --key OPERATOR_KEY`")
     opened = open_sealed(data, trusted, what="rollout request")
     request = parse_rollout_request(opened.payload)
     if request["fleet"] != fleet:
