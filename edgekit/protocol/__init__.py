@@ -3,8 +3,10 @@
 - :mod:`edgekit.protocol.device`: the topic tree and the device's documents (status,
   metrics, events, samples, predict and feedback requests and replies).
 - :mod:`edgekit.protocol.ota`: over-the-air update documents (desired state, chunks,
-  rollback instructions, update events).
+  update events).
 - :mod:`edgekit.protocol.controller`: requests to the fleet controller and its replies.
+- :mod:`edgekit.protocol.signed`: the envelope of signed documents (desired documents,
+  rollout requests): the exact signed bytes, the key id and the signature.
 
 docs/protocol.md is the prose form. The names of :mod:`.device` are re-exported here.
 """

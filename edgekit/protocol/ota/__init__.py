@@ -1,9 +1,10 @@
 """Over-the-air model updates: the wire documents both sides share.
 
-The host states the model it wants in a retained *desired document* (:mod:`.desired`), an
-artifact server hands the package out in checked chunks (:mod:`.chunks`), a *signed
-rollback instruction* is the only way to go back to an older version (:mod:`.rollback`), and
-every step of an update is an event with a reason code (:mod:`.events`). Topics are in
+The host states the model it wants in a retained *desired document* (:mod:`.desired`),
+signed by an operator key in an :mod:`edgekit.protocol.signed` envelope and bound to its
+fleet, devices, expiry and issue time; only such a document can allow an older version or
+another model (``allow_downgrade``, ``allow_rename``, ``revert``). An artifact server hands
+the package out in checked chunks (:mod:`.chunks`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
 :mod:`.topics`; docs/ota.md is the prose form.
 
 This package imports nothing heavier than :mod:`edgekit.protocol`. The host's half (the
