@@ -88,7 +88,7 @@ class DesiredDocuments:
     def send_back(self, rollout: RolloutRecord, target: TargetRecord) -> None:
         """Send one device back to the model it ran before the rollout: a signed revert of
         the rollout's package, for this device only, that allows the downgrade (and a name
-        change) and expires (``rollout.rollback_ttl_s`` of the plan, default a day).
+        change) and expires after :data:`~edgekit.protocol.ota.ROLLBACK_TTL_S` (a day).
 
         Raises:
             UsageError: there is no signing key.
