@@ -65,10 +65,19 @@ def seal(payload: bytes, key: Ed25519PrivateKey) -> bytes:
     return encode(doc)
 
 
+class _Schema(msgspec.Struct):
+    schema: str = ""
+
+
 def is_sealed(data: bytes) -> bool:
-    """Whether ``data`` looks like an envelope (a cheap prefix check, not a verification)."""
-    head = bytes(data[:256]).replace(b" ", b"")
-    return b'"schema":"edgekit.signed/1"' in head
+    """Whether ``data`` is a JSON object whose schema is the envelope's (a size-capped look at
+    that one field, not a verification)."""
+    if len(data) > SIGNED_MAX_BYTES:
+        return False
+    try:
+        return msgspec.json.decode(data, type=_Schema).schema == "edgekit.signed/1"
+    except msgspec.MsgspecError:
+        return False
 
 
 def open_sealed(data: bytes, trusted: Sequence[Ed25519PublicKey], *,
