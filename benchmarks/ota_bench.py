@@ -191,7 +191,7 @@ class LoadClient(threading.Thread):
             self.stop.wait(0.2)
 
 
-def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path
+def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path, intent_pub: Path
                  ) -> list[tuple[subprocess.Popen[bytes], int]]:
     agents = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
@@ -205,6 +205,7 @@ def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path
             [sys.executable, "-m", "device_agent", "run", "--device-id", f"dev-{i:02d}",
              "--fleet", "bench", "--broker", f"mqtt://127.0.0.1:{port}", "--model", str(v1),
              "--model-dir", str(folder / "models"), "--trusted-key", str(pub),
+             "--intent-key", str(intent_pub),
              "--http", f"127.0.0.1:{http_port}", "--telemetry-interval", "0"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         log.close()
@@ -238,11 +239,12 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
     try:
         keys = generate_keypair(work / "signing")
         key = load_private_key(keys.private_path)
+        operator = generate_keypair(work / "operator")
         v1 = build_package(work / "bench-1.edgepkg", "1.0.0", 0.05, 1, key)
         v2 = build_package(work / "bench-2.edgepkg", "2.0.0", size_mb, 2, key)
         size = v2.stat().st_size
         raw = raw_throughput(port, size * agents_n, CHUNK)
-        procs = start_agents(agents_n, port, work, v1, keys.public_path)
+        procs = start_agents(agents_n, port, work, v1, keys.public_path, operator.public_path)
         wait_healthy(procs, 300)
         clients = [LoadClient(f"http://127.0.0.1:{p}/predict", stop) for _, p in procs]
         for c in clients:
@@ -268,7 +270,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
                 downloaded.setdefault(payload.get("device", "?"), time.perf_counter())
 
         host.subscribe(subscription("bench", "+", Kind.EVENTS), on_event)
-        deployer = Deployer(host, "bench", doc)
+        deployer = Deployer(host, "bench", doc, load_private_key(operator.private_path))
         deployer.discover()
         t0 = time.perf_counter()
         deployer.publish()

@@ -55,7 +55,7 @@ def cli() -> None:
     First try (no config file):
       edgekit-agent run --device-id pi-1 --fleet lab --broker mqtt://host:1883 \\
           --model digits.edgepkg --model-dir ./models --http 127.0.0.1:8080 \\
-          --trusted-key signing.pub
+          --trusted-key edgekit-release.pub --intent-key edgekit-operator.pub
     """
 
 
@@ -75,6 +75,12 @@ _FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
                                                 "help": "Trusted public key (repeatable)."}),
     (("--allow-unsigned",), "model.allow_unsigned", {"is_flag": True, "default": None,
                                                      "help": "Accept unsigned packages."}),
+    (("--intent-key",), "ota.intent_keys", {"metavar": "PUB", "multiple": True,
+                                            "help": "Operator public key whose signed desired"
+                                                    " documents are followed (repeatable)."}),
+    (("--allow-unsigned-intents",), "ota.allow_unsigned_intents",
+     {"is_flag": True, "default": None,
+      "help": "INSECURE lab setting: follow unsigned desired documents."}),
     (("--http",), "http.listen", {"metavar": "HOST:PORT", "help": "Serve the HTTP API here."}),
     (("--telemetry-interval",), "telemetry.interval_s",
      {"type": float, "metavar": "SECONDS", "help": "Seconds between metrics; 0: none."}),

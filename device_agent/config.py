@@ -112,7 +112,8 @@ class ModelSection:
                     " record of the active one.", path=True, required=True)
     package: str = _opt("", "Package to start with: activated when the folder has no active"
                         " model or an older one.", file=True)
-    trusted_keys: list[str] = _opt([], "Public keys (PEM) whose signatures are accepted.",
+    trusted_keys: list[str] = _opt([], "Release keys: public keys (PEM) whose package"
+                                   " signatures are accepted. Revoke one by removing it.",
                                    path=True, check=_public_key, allows="PEM public keys")
     allow_unsigned: bool = _opt(False, "Accept packages without a signature (off: refused).")
     keep: int = _opt(3, "Packages kept in the model folder (the active one included).", ge=1)
@@ -183,6 +184,13 @@ class OtaSection:
     max_artifact_bytes: int = _opt(1024**3, "Larger artifacts are refused (too_large).", ge=1)
     min_free_bytes: int = _opt(64 * 1024**2, "Disk space that must stay free after a download"
                                " (no_space).", ge=0)
+    intent_keys: list[str] = _opt([], "Operator/controller keys: public keys (PEM) whose signed"
+                                  " desired documents the device follows. Revoke one by"
+                                  " removing it.", path=True, check=_public_key,
+                                  allows="PEM public keys")
+    allow_unsigned_intents: bool = _opt(False, "INSECURE lab setting: follow unsigned desired"
+                                        " documents (anyone who can publish to the broker"
+                                        " then picks the model). Off: refused.")
 
 
 @dataclass

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from edgekit.artifact import open_package, sha256_file
-from edgekit.errors import ArtifactError, EdgekitError, RuntimeBackendError, SignatureError
-from edgekit.manifest import Manifest, TensorSpec, compare_versions
-from edgekit.protocol.ota import DesiredDocument, UpdateReason, parse_time, verify_rollback
+from edgekit.errors import ArtifactError, RuntimeBackendError, SignatureError
+from edgekit.manifest import Manifest, TensorSpec
+from edgekit.protocol.ota import DesiredDocument, UpdateReason
 from edgekit.runtimes import RuntimeOptions
 
 from .._model import LoadedModel, TrustPolicy, load_model
 from .errors import UpdateFailure
 
-__all__ = ["check_compatible", "check_version", "stage", "verify_package_file"]
+__all__ = ["check_compatible", "stage", "verify_package_file"]
 
 _LATENCY_RUNS = 5
 
@@ -66,37 +66,6 @@ def verify_package_file(path: Path, doc: DesiredDocument, trust: TrustPolicy,
         raise UpdateFailure(UpdateReason.BAD_SIGNATURE,
                             f"signed by key {model.key_id}, the desired document names {key_id}")
     return model
-
-
-def check_version(manifest: Manifest, serving: LoadedModel | None,
-                  doc: DesiredDocument, trust: TrustPolicy, fleet: str, device: str,
-                  not_before: str | None) -> str | None:
-    """A model must be newer than the one in service (of the same name), unless the document
-    carries a valid rollback instruction; return the instruction's issue time when one was
-    used (the journal keeps it against replays).
-
-    Raises:
-        UpdateFailure: older_version, bad_rollback.
-    """
-    instruction = doc["rollback"]
-    older = serving is not None and serving.name == manifest.name and \
-        compare_versions(manifest.version, serving.version) <= 0
-    if not older:
-        return None
-    if instruction is None:
-        running = serving.version if serving is not None else "-"
-        raise UpdateFailure(UpdateReason.OLDER_VERSION,
-                            f"{manifest.name} {manifest.version} is not newer than {running} in"
-                            " service, and no signed rollback instruction allows going back",
-                            hint="use `edgekit rollback --to VERSION --sign-key KEY`")
-    try:
-        verify_rollback(instruction, list(trust.trusted_keys), fleet=fleet, device=device,
-                        name=manifest.name, version=manifest.version,
-                        sha256=doc["model"]["sha256"],
-                        not_before=parse_time(not_before, "journal") if not_before else None)
-    except EdgekitError as exc:
-        raise UpdateFailure(UpdateReason.BAD_ROLLBACK, exc.message, hint=exc.hint) from exc
-    return instruction["issued"]
 
 
 def check_compatible(new: Manifest, serving: LoadedModel | None, allow_breaking: bool) -> None:

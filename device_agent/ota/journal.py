@@ -2,9 +2,9 @@
 
 One JSON file, ``<state_dir>/ota/journal.json``, replaced atomically (temporary file, fsync,
 rename, fsync of the folder) at every step. It holds the update in progress (``current``),
-the outcome of recent deployments (so a retained desired document that failed is not tried
-again on every reconnect) and the issue time of the last rollback instruction acted on (so
-an old instruction cannot be replayed). docs/ota.md says what a restart does at each step.
+and the outcome of recent deployments (so a retained desired document that failed is not
+tried again on every reconnect). The replay high-water mark and the version floor are kept
+apart, in ``trust.json`` (:mod:`device_agent.ota.intent`). docs/ota.md says what a restart does at each step.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ class OtaJournal:
         self.path = path
         self.current: UpdateRecord | None = None
         self.history: list[Outcome] = []
-        self.rollback_not_before: str | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -99,7 +98,6 @@ class OtaJournal:
             current = doc.get("current")
             self.current = UpdateRecord(**current) if current else None
             self.history = [Outcome(**o) for o in doc.get("history", [])]
-            self.rollback_not_before = doc.get("rollback_not_before")
         except (TypeError, ValueError, AttributeError) as exc:
             log.error("the update journal %s is malformed (%s); starting afresh", self.path, exc)
             self.current, self.history = None, []
@@ -114,7 +112,6 @@ class OtaJournal:
             "schema": JOURNAL_SCHEMA,
             "current": asdict(self.current) if self.current else None,
             "history": [asdict(o) for o in self.history[-HISTORY_SIZE:]],
-            "rollback_not_before": self.rollback_not_before,
         }
         with atomic_write(self.path) as handle:
             handle.write(json.dumps(doc, indent=1).encode("utf-8"))

@@ -24,7 +24,7 @@ from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_
 
 from .._model import LoadedModel
 from .._store import STAGED_SUFFIX
-from .checks import check_compatible, check_version, stage, verify_package_file
+from .checks import check_compatible, stage, verify_package_file
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
@@ -80,7 +80,7 @@ class UpdateRun:
                 self._fetch()
             self._check_cancel()
             self._count_verify_attempt()
-            model, issued = self._verify()
+            model = self._verify()
             self._check_cancel()
             self._stage(model)
             self._check_cancel()
@@ -98,7 +98,7 @@ class UpdateRun:
             self._fail(UpdateFailure(UpdateReason.LOAD_FAILED,
                                      f"the update stopped: {type(exc).__name__}: {exc}"))
             return
-        self._activate(model, issued)
+        self._activate(model)
 
     def _count_verify_attempt(self) -> None:
         """Journal one more start of verification; refuse the update after too many.
@@ -151,6 +151,10 @@ class UpdateRun:
             plan.append("http")
         if sources["mqtt"]:
             plan.append("mqtt")
+        if not plan:
+            raise UpdateFailure(UpdateReason.UNAVAILABLE,
+                                f"{doc_model['name']} {doc_model['version']} is not kept on this"
+                                " device, and the desired document names no source")
         self.journal.step(JournalStep.DOWNLOADING, source=plan[0], offset=offset)
         self.u.emit(UpdateStep.DOWNLOADING, self.record,
                     f"resuming at byte {offset} of {size}" if offset else f"{size} bytes to fetch",
@@ -251,7 +255,7 @@ class UpdateRun:
 
     # ---------------------------------------------------------------- verify, stage
 
-    def _verify(self) -> tuple[LoadedModel, str | None]:
+    def _verify(self) -> LoadedModel:
         self.u.emit(UpdateStep.VERIFYING, self.record, "checking sha256, signature, version,"
                     " runtime and interface")
         path = self.u.abs(self.record.package)
@@ -259,11 +263,10 @@ class UpdateRun:
         model = verify_package_file(path, self.doc, agent.trust, agent.runtime_options,
                                     agent.config.requests.max_batch)
         serving = agent.slot.current
-        issued = check_version(model.manifest, serving, self.doc, agent.trust,
-                               agent.config.device.fleet, agent.config.device.id,
-                               self.journal.rollback_not_before)
+        # The floor again, on the package itself (a resumed update too).
+        self.u.gate.check_floor(self.doc, model.manifest.name, model.manifest.version)
         check_compatible(model.manifest, serving, self.doc["allow_breaking"])
-        return model, issued
+        return model
 
     def _stage(self, model: LoadedModel) -> None:
         details = stage(model, self.doc["latency_budget_ms"])
@@ -275,7 +278,7 @@ class UpdateRun:
 
     # ---------------------------------------------------------------- activate, probation
 
-    def _activate(self, model: LoadedModel, issued: str | None) -> None:
+    def _activate(self, model: LoadedModel) -> None:
         agent = self.agent
         try:
             stored = agent.store.add(model.path)
@@ -301,8 +304,6 @@ class UpdateRun:
         old = agent.slot.current
         watch = self.u.guard.begin(model, old, self.doc["probation"])
         agent.slot.swap(model)
-        if issued is not None:
-            self.journal.rollback_not_before = issued
         self.journal.step(JournalStep.PROBATION, activated=time.time())
         self.u.emit(UpdateStep.PROBATION, self.record, _probation_text(self.doc))
         crash_point("probation")
@@ -331,6 +332,7 @@ class UpdateRun:
             watch.changed.clear()
         if verdict.passed:
             self.u.guard.end()
+            self.u.gate.commit(new.name, new.version)
             self.u.finish(self.record, UpdateStep.SUCCEEDED, None,
                           f"{new.name} {new.version} serves; {verdict.message}",
                           details=verdict.details)

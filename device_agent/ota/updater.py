@@ -2,8 +2,12 @@
 
 It subscribes to the fleet's and the device's desired topics (retained; the device's own
 document wins, an empty payload clears a level), keeps the raw payloads, and a worker
-thread reconciles: a document whose deployment this device has not finished, asking for a
-model other than the one in service, becomes the current update (journalled), which
+thread reconciles. Every document passes the :class:`~device_agent.ota.intent.IntentGate`
+first (signature before parsing, fleet and device binding, expiry, replay, version floor);
+a refused one is reported once (rate-limited) and treated as absent, so a forged
+device-level document cannot hide the fleet's. A document whose deployment this device has
+not finished, asking for a model other than the one in service, becomes the current update
+(journalled), which
 :class:`~device_agent.ota.steps.UpdateRun` carries out. A newer document arriving before
 activation cancels the current update (``superseded``); one arriving during probation waits
 for the probation to end.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -37,9 +40,12 @@ from edgekit.protocol.ota import (
     ota_reply_topic,
     parse_desired,
 )
+from edgekit.signing import load_public_key
 
 from .._store import StoredPackage
 from .download import MqttDownload
+from .errors import UpdateFailure
+from .intent import IntentGate, RefusalLimiter
 from .journal import JournalStep, OtaJournal, UpdateRecord
 from .probation import ProbationGuard
 from .steps import UpdateRun, crash_point
@@ -67,10 +73,14 @@ class OtaSettings:
     stall_timeout_s: float = 300.0
     max_artifact_bytes: int = 1024**3
     min_free_bytes: int = 64 * 1024**2
+    intent_keys: tuple[str, ...] = ()
+    allow_unsigned_intents: bool = False
 
     @classmethod
     def from_config(cls, section: OtaSection) -> OtaSettings:
-        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+        values["intent_keys"] = tuple(values["intent_keys"])
+        return cls(**values)
 
 
 class Updater:
@@ -80,6 +90,12 @@ class Updater:
         self.agent = agent
         self.settings = settings
         self.journal = OtaJournal(agent.config.state_dir / "ota" / "journal.json")
+        cfg = agent.config.device
+        self.gate = IntentGate(agent.config.state_dir / "ota" / "trust.json",
+                               [load_public_key(p) for p in settings.intent_keys],
+                               allow_unsigned=settings.allow_unsigned_intents,
+                               fleet=cfg.fleet, device=cfg.id)
+        self.refusals = RefusalLimiter()
         self.guard = ProbationGuard()
         self.stopping = threading.Event()
         self.current_download: MqttDownload | None = None
@@ -87,7 +103,6 @@ class Updater:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._cancel = threading.Event()
-        self._invalid_seen: set[str] = set()
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,6 +144,12 @@ class Updater:
     def start(self, link: MqttLink | None) -> None:
         """Subscribe to the desired documents and start the worker thread."""
         cfg = self.agent.config.device
+        current = self.agent.slot.current
+        if current is not None:
+            self.gate.ensure_floor(current.name, current.version)
+        if link is not None and self.settings.enabled and not self.gate.keys and \
+                not self.gate.allow_unsigned:
+            log.warning("no ota.intent_keys: every desired document will be refused")
         if link is not None and self.settings.enabled:
             link.subscribe(desired_topic(cfg.fleet), lambda _t, p: self._on_desired("fleet", p))
             link.subscribe(desired_topic(cfg.fleet, cfg.id),
@@ -198,15 +219,26 @@ class Updater:
         doc = self._effective(report=True)
         if doc is None or self.journal.outcome_of(doc["deployment"]) is not None:
             return False
+        if doc["revert"]:
+            reverted = self._revert_target(doc)
+            if reverted is None:
+                return False
+            doc = reverted
         wanted = doc["model"]
         serving = self.agent.slot.current
-        if serving is not None and (serving.sha256 == wanted["sha256"] or (
-                wanted["sha256"] is None and (serving.name, serving.version)
-                == (wanted["name"], wanted["version"]))):
+        if self._serves(doc):
+            assert serving is not None
             self.journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
                                 "already serving this model", _short(wanted))
             self._emit(UpdateStep.SUCCEEDED, doc["deployment"], _short(wanted),
                        f"already serving {serving.name} {serving.version}")
+            return False
+        self.gate.acted_on(doc)
+        try:
+            self.gate.check_floor(doc, wanted["name"], wanted["version"])
+        except UpdateFailure as refusal:
+            self._close_unstarted(doc["deployment"], _short(wanted), UpdateStep.FAILED,
+                                  refusal.reason, refusal.message, hint=refusal.hint)
             return False
         record = UpdateRecord(deployment=doc["deployment"], desired=dict(doc))
         self.journal.begin(record)
@@ -216,20 +248,83 @@ class Updater:
         return True
 
     def _effective(self, *, report: bool) -> DesiredDocument | None:
+        """The document to follow: the device's own if it passes the gate, else the
+        fleet's if it does, else None. Refusals are reported once (rate-limited)."""
         with self._lock:
-            payload = self._docs["device"] or self._docs["fleet"]
-        if not payload:
-            return None
+            payloads = [self._docs["device"], self._docs["fleet"]]
+        for payload in payloads:
+            if not payload:
+                continue
+            doc: DesiredDocument | None = None
+            try:
+                doc = self.gate.open(payload)
+                self.gate.check_bound(doc)
+                if self.journal.outcome_of(doc["deployment"]) is not None or \
+                        (not doc["revert"] and self._serves(doc)):
+                    return doc  # carried out already, or nothing to change: quietly
+                self.gate.check_fresh(doc)
+                return doc
+            except UpdateFailure as refusal:
+                if report:
+                    self._refused(payload, doc, refusal)
+        return None
+
+    def _refused(self, payload: bytes, doc: DesiredDocument | None,
+                 refusal: UpdateFailure) -> None:
+        key = hashlib.sha256(payload).hexdigest()
+        if not self.refusals.allow(key):
+            return
+        log.warning("ignored a desired document: %s", refusal.message)
+        self._emit(UpdateStep.FAILED, doc["deployment"] if doc else "",
+                   _short(doc["model"]) if doc else None,
+                   f"ignored a desired document: {refusal.message}", reason=refusal.reason,
+                   details={"suppressed": self.refusals.suppressed} if
+                   self.refusals.suppressed else None)
+
+    def _serves(self, doc: DesiredDocument) -> bool:
+        wanted = doc["model"]
+        serving = self.agent.slot.current
+        return serving is not None and (serving.sha256 == wanted["sha256"] or (
+            wanted["sha256"] is None and (serving.name, serving.version)
+            == (wanted["name"], wanted["version"])))
+
+    def _revert_target(self, doc: DesiredDocument) -> DesiredDocument | None:
+        """A revert names the model to leave; the model to go back to is this device's own
+        record of what it ran before (never a version someone else names). None (and the
+        outcome recorded) when there is nothing to do."""
+        left = doc["model"]
+        serving = self.agent.slot.current
         try:
-            return parse_desired(payload)
-        except EdgekitError as exc:
-            key = hashlib.sha256(payload).hexdigest()
-            if report and key not in self._invalid_seen:
-                self._invalid_seen.add(key)
-                self._emit(UpdateStep.FAILED, _deployment_of(payload), None,
-                           f"ignored a desired document: {exc.message}",
-                           reason=UpdateReason.INVALID_DESIRED)
-            return None
+            record = self.agent.store.active()
+        except ArtifactError:
+            record = None
+        if serving is None or serving.sha256 != left["sha256"]:
+            note = f"not serving {left['name']} {left['version']}: nothing to revert"
+            outcome, reason = UpdateStep.SUCCEEDED, None
+        elif record is None or not record.previous or not record.previous[0].path.is_file():
+            note = f"no model kept from before {left['name']} {left['version']}"
+            outcome, reason = UpdateStep.FAILED, UpdateReason.UNAVAILABLE
+        else:
+            back = record.previous[0]
+            target = dict(doc)
+            target["model"] = {"name": back.name, "version": back.version,
+                               "sha256": back.sha256, "size": back.path.stat().st_size,
+                               "key_id": None}
+            return parse_desired(target)
+        self.gate.acted_on(doc)
+        self._close_unstarted(doc["deployment"], _short(left), outcome, reason, note)
+        return None
+
+    def _close_unstarted(self, deployment: str, model: dict[str, Any], step: UpdateStep,
+                         reason: UpdateReason | None, message: str,
+                         hint: str | None = None) -> None:
+        """The outcome of a signed document this device decided on without starting an
+        update: journalled (not tried again), reported, and shown in the status."""
+        text = f"{message} (hint: {hint})" if hint else message
+        self.journal.record(deployment, step.value, reason.value if reason else None, text,
+                            model)
+        self._emit(step, deployment, model, text, reason=reason)
+        self._publish_status()
 
     # ---------------------------------------------------------------- helpers for steps
 
@@ -267,6 +362,9 @@ class Updater:
         self.journal.finish(step.value, reason.value if reason else None, text,
                             _short(record.desired.get("model", {})))
         self.emit(step, record, text, reason=reason, details=details, serving=serving)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
         link = self.agent.link
         if link is not None and link.connected:
             link.publish(self.agent.status_topic,
@@ -351,11 +449,3 @@ class Updater:
 def _short(model: Mapping[str, Any]) -> dict[str, Any]:
     return {k: model.get(k) for k in ("name", "version", "sha256")}
 
-
-def _deployment_of(payload: bytes) -> str:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    value = doc.get("deployment") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) and len(value) <= 64 else ""

@@ -8,8 +8,10 @@
 - :mod:`edgekit.protocol.inference`: predict and feedback requests and their replies.
 - :mod:`edgekit.protocol.arrays`: arrays as nested lists or base64 (:class:`EncodedArray`).
 - :mod:`edgekit.protocol.ota`: over-the-air update documents (desired state, chunks,
-  rollback instructions, update events).
+  update events).
 - :mod:`edgekit.protocol.controller`: requests to the fleet controller and its replies.
+- :mod:`edgekit.protocol.signed`: the envelope of signed documents (desired documents,
+  rollout requests): the exact signed bytes, the key id and the signature.
 
 docs/protocol.md is the prose form. The device documents' names are re-exported here.
 """

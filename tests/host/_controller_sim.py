@@ -3,8 +3,9 @@
 :class:`SimDevice` stands in for a device agent to keep these tests fast (a real agent is a
 process that loads a runtime): a small paho client that follows its retained desired
 documents (the device's own wins over the fleet's) the way ``device_agent`` does, fetches
-the artifact in chunks from the controller's artifact server and checks its sha256, checks
-signed rollback instructions, and reports status (retained, with a last will), ``update.*``
+the artifact in chunks from the controller's artifact server and checks its sha256, follows
+only desired documents signed by a key of ``trusted`` and bound to it (a revert goes back to
+the model it ran before, allow_downgrade/allow_rename as the agent's floor), and reports status (retained, with a last will), ``update.*``
 events and metrics with the same payloads an agent sends. How it answers an update is set
 per version (``ok``, ``fail``, ``silent``, ``rollback``), and the field accuracy it reports
 per version, so each test decides what the fleet does.
@@ -25,12 +26,13 @@ import paho.mqtt.client as mqtt
 from mqtt_broker import MqttBroker, broker, wait_until  # noqa: F401  (re-exported for the controller tests)
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgekit.errors import EdgekitError
 from edgekit.manifest import compare_versions
 from edgekit.protocol import Kind, Schema, encode, topic
 from edgekit.protocol.ota.chunks import decode_chunk, encode_request, make_request
 from edgekit.protocol.ota.desired import parse_desired
-from edgekit.protocol.ota.rollback import verify_rollback
 from edgekit.protocol.ota.topics import desired_topic, ota_reply_topic
+from edgekit.protocol.signed import open_sealed
 
 __all__ = ["HARDWARE", "SimDevice", "broker", "controller_config", "metrics_payload",
            "wait_until"]
@@ -105,6 +107,7 @@ class SimDevice:
         self.fleet, self.device = fleet, device
         self.serving = dict(serving) if serving else None
         self.kept: dict[str, dict[str, Any]] = {}  # version -> model, what it keeps on disk
+        self.before: list[dict[str, Any]] = []  # models it ran before, newest last
         if self.serving:
             self.kept[self.serving["version"]] = dict(self.serving)
         self.behavior = behavior or {}
@@ -177,8 +180,20 @@ class SimDevice:
             self._chunks.put(bytes(msg.payload))
             return
         level = "fleet" if msg.topic == desired_topic(self.fleet) else "device"
+        doc = None
+        if msg.payload:
+            try:
+                doc = parse_desired(open_sealed(bytes(msg.payload), self.trusted).payload)
+            except EdgekitError as exc:
+                self._event("update.failed", "", {}, reason="untrusted_intent",
+                            message=exc.message)
+            if doc is not None and (doc["fleet"] != self.fleet or doc["devices"] is not None
+                                    and self.device not in doc["devices"]):
+                self._event("update.failed", doc["deployment"], doc["model"],
+                            reason="not_for_device")
+                doc = None
         with self._lock:
-            self.docs[level] = parse_desired(bytes(msg.payload)) if msg.payload else None
+            self.docs[level] = doc
         self._work.put(level)
 
     def _status(self, state: str) -> dict[str, Any]:
@@ -224,26 +239,28 @@ class SimDevice:
     def _apply(self, doc: dict[str, Any]) -> None:
         dep, model = doc["deployment"], doc["model"]
         current = self.serving or {}
+        if doc["revert"]:
+            if current.get("sha256") != model["sha256"] or not self.before:
+                self._event("update.succeeded", dep, model, message="nothing to revert")
+                return
+            model = {**self.before[-1], "size": None}
         if model["version"] == current.get("version") and model["sha256"] in (
                 None, current.get("sha256")):
             self._event("update.succeeded", dep, model, message="already served")
             return
-        if doc.get("rollback") is not None:
-            try:
-                verify_rollback(doc["rollback"], self.trusted, fleet=self.fleet,
-                                device=self.device, name=model["name"],
-                                version=model["version"], sha256=model["sha256"])
-            except Exception as exc:
-                self._event("update.failed", dep, model, reason="bad_rollback", message=str(exc))
-                return
-        elif current and compare_versions(model["version"], current["version"]) <= 0:
+        if current and model["name"] != current["name"] and not doc["allow_rename"]:
+            self._event("update.failed", dep, model, reason="renamed")
+            return
+        if current and compare_versions(model["version"], current["version"]) <= 0 and \
+                not doc["allow_downgrade"]:
             self._event("update.failed", dep, model, reason="older_version")
             return
         how = self.behavior.get(model["version"], "ok")
         if how == "silent":
             return
         self._event("update.queued", dep, model)
-        target = self.kept.get(model["version"]) if model["sha256"] is None else None
+        target = self.kept.get(model["version"]) if model["sha256"] is None or \
+            doc["revert"] else None
         if target is None:
             try:
                 self._download(doc)
@@ -260,6 +277,8 @@ class SimDevice:
             self._event("update.rolled_back", dep, model, reason="probation_errors")
             return
         with self._lock:
+            if self.serving:
+                self.before.append(dict(self.serving))
             self.serving = dict(target)
             self.kept[target["version"]] = dict(target)
             self._labels = 0

@@ -78,7 +78,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes
     def start(device: str, fleet: str, url: str, package: Path,
               trusted: Path | None = None) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
-        trust = ["--trusted-key", str(trusted)] if trusted else ["--allow-unsigned"]
+        # One key for both roles here: it signs the packages and the desired documents.
+        trust = ["--trusted-key", str(trusted), "--intent-key", str(trusted)] if trusted \
+            else ["--allow-unsigned"]
         env.update(PYTHONUNBUFFERED="1", EDGEKIT_SAMPLES_FRACTION="1.0",
                    EDGEKIT_SAMPLES_MAX_PER_MINUTE="1000")
         with open(tmp_path / f"{device}.log", "ab") as log:
@@ -181,7 +183,8 @@ def test_real_agents_rollout_and_quality_rollback(broker: Any, db_url: str, tmp_
             registry.push(package)
     cfg = controller_config(
         broker_url=broker.url, db_url=db_url, store=store_dir, controller__fleets=[fleet],
-        controller__signing_key=str(signed.key), rollout__canary="1",
+        controller__signing_key=str(signed.key),
+        controller__operator_keys=[str(signed.public)], rollout__canary="1",
         rollout__probation_seconds=0.5, rollout__quality_min_labels=30,
         rollout__device_timeout_s=60.0, rollout__rollback_timeout_s=60.0)
     devices = ("pi-1", "pi-2", "pi-3")
@@ -192,7 +195,8 @@ def test_real_agents_rollout_and_quality_rollback(broker: Any, db_url: str, tmp_
         # 1. edgekit deploy becomes a rollout: the canary, then a wave of two.
         result = CliRunner().invoke(cli, ["deploy", str(signed.v2), "--fleet", fleet,
                                           "--broker", broker.url, "--timeout", "120",
-                                          "--probation-seconds", "0.5", "--json"])
+                                          "--probation-seconds", "0.5", "--json",
+                                          "--key", str(signed.key)])
         assert result.exit_code == 0, result.output
         first = store.get_rollout(json.loads(result.stdout)["rollout"]["id"])
         assert first.state == RolloutState.SUCCEEDED

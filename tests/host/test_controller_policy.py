@@ -24,7 +24,7 @@ from edgekit.host.controller import Controller, MaintenancePolicy, RolloutEngine
 from edgekit.host.db import RolloutState, SampleIn, Store
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.registry import Registry
-from edgekit.signing import generate_keypair, load_private_key
+from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 from ._controller_sim import SimDevice, broker, controller_config, metrics_payload, wait_until
 
@@ -116,12 +116,12 @@ class Setup:
         ctl = Controller(controller_config(
             broker_url=self.broker_url, db_url=self.db_url, store=self.store_dir,
             controller__fleets=[self.fleet], controller__signing_key=str(self.models.key),
-            **settings)).start()
+            controller__release_key=str(self.models.key), **settings)).start()
         self.controllers.append(ctl)
         for i in range(2):
             self.sims.append(SimDevice(self.broker_url, self.fleet, f"dev{i:02d}",
-                                       serving=serving, accuracy=accuracy,
-                                       interval=0.1).start())
+                                       serving=serving, accuracy=accuracy, interval=0.1,
+                                       trusted=[load_public_key(self.models.key)]).start())
         return ctl
 
 

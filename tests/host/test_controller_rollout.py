@@ -22,6 +22,7 @@ from edgekit.host.db import RolloutState, Store, TargetState
 from edgekit.host.ota.deploy import read_retained
 from edgekit.host.registry import Registry
 from edgekit.protocol.ota.topics import desired_topic
+from edgekit.protocol.signed import open_sealed
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 from ._controller_sim import SimDevice, broker, controller_config, wait_until
@@ -80,7 +81,8 @@ class Fleet:
     def controller(self, **overrides: Any) -> Controller:
         cfg = controller_config(broker_url=self.broker_url, db_url=self.db_url,
                                 store=self.store_dir, controller__fleets=[self.name],
-                                controller__signing_key=str(self.pkgs.key), **overrides)
+                                controller__signing_key=str(self.pkgs.key),
+                                controller__operator_keys=[str(self.pkgs.public)], **overrides)
         ctl = Controller(cfg).start()
         self.controllers.append(ctl)
         return ctl
@@ -126,7 +128,7 @@ def test_canary_then_waves_through_edgekit_deploy(fleet: Fleet) -> None:
                                for d in store.list_devices(fleet.name)), 30, "baseline labels")
         result = CliRunner().invoke(cli, ["deploy", str(fleet.pkgs.v2), "--fleet", fleet.name,
                                           "--broker", fleet.broker_url, "--timeout", "90",
-                                          "--json"])
+                                          "--json", "--key", str(fleet.pkgs.key)])
         assert result.exit_code == 0, result.output
         doc = json.loads(result.stdout)
         rollout = store.get_rollout(doc["rollout"]["id"])
@@ -147,7 +149,9 @@ def test_canary_then_waves_through_edgekit_deploy(fleet: Fleet) -> None:
     assert all(s.version == "2.0.0" and s.downloads == 1 for s in sims)
     assert ctl.server is not None and ctl.server.stats.chunks >= 7
     retained = read_retained(ctl.client, desired_topic(fleet.name, "+"))  # type: ignore[arg-type]
-    fleet_doc = json.loads(retained[desired_topic(fleet.name)])
+    fleet_doc = json.loads(open_sealed(retained[desired_topic(fleet.name)],
+                                       [load_public_key(fleet.pkgs.public)]).payload)
+    assert (fleet_doc["fleet"], fleet_doc["devices"]) == (fleet.name, None)
     assert fleet_doc["model"]["version"] == "2.0.0"
     assert [t for t in retained if t != desired_topic(fleet.name)] == []  # per-device cleared
 
@@ -207,7 +211,7 @@ def test_abort_on_canary_quality_rolls_back(fleet: Fleet) -> None:
         states = {t.device: t.state for t in store.list_rollout_targets(rollout.id)}
         assert states == {"dev00": "rolled_back", "dev01": "skipped", "dev02": "skipped"}
     assert [s.version for s in sims] == ["1.0.0"] * 3
-    assert sims[0].downloads == 2  # the new model, then the previous one back (registered)
+    assert sims[0].downloads == 1  # the new model; back to the copy it kept (a revert)
     assert sims[1].downloads == sims[2].downloads == 0
 
 
@@ -241,7 +245,8 @@ def test_deploy_refused_by_the_controller_says_why(fleet: Fleet, tmp_path: Path,
     fleet.controller()
     other = make_package(tmp_path / "other.edgepkg", version="2.0.0", seed=5)
     result = CliRunner().invoke(cli, ["deploy", str(other), "--fleet", fleet.name,
-                                      "--broker", fleet.broker_url, "--timeout", "30"])
+                                      "--broker", fleet.broker_url, "--timeout", "30",
+                                      "--key", str(fleet.pkgs.key)])
     assert result.exit_code == 2
     assert "refused the rollout" in result.output and "another package" in result.output
     with fleet.store() as store:

@@ -14,7 +14,7 @@ import pytest
 from edgekit.host.controller import Controller
 from edgekit.host.db import RolloutState, Store
 from edgekit.host.registry import Registry
-from edgekit.signing import generate_keypair, load_private_key
+from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 from ._controller_sim import SimDevice, broker, controller_config, wait_until
 
@@ -41,8 +41,8 @@ def test_two_controllers_split_the_fleet(broker: Any, db_url: str, tmp_path: Pat
                                      mqtt__share_group="edgekit-controllers")).start()
         for n in (1, 2)]
     serving = {"name": "tiny", "version": "1.0.0", "sha256": first.sha256}
-    sims = [SimDevice(broker.url, fleet, f"dev{i:02d}", serving=serving, interval=0.1).start()
-            for i in range(12)]
+    sims = [SimDevice(broker.url, fleet, f"dev{i:02d}", serving=serving, interval=0.1,
+                      trusted=[load_public_key(keys.public_path)]).start() for i in range(12)]
     try:
         with Store(db_url) as store:
             wait_until(lambda: len(store.list_devices(fleet, online=True)) == 12, 30,

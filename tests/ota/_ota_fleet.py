@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from _ota_models import build_package, client_batch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqtt_broker import MqttBroker, free_port, wait_until
 
 import edgekit.protocol.ota as ota
@@ -34,6 +35,9 @@ from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.protocol import Kind, subscription
 
 REPO = Path(__file__).resolve().parents[2]
+# The operator key of the OTA tests: Fleet signs desired documents with it, agents trust its
+# public half (written by the pkgs fixture) as ota.intent_keys.
+OPERATOR_KEY = Ed25519PrivateKey.generate()
 PADDING = 2_500_000  # bytes of incompressible padding: the download spans several journal records
 FAST_OTA_ENV = {
     "EDGEKIT_OTA_REQUEST_TIMEOUT_S": "2",
@@ -46,7 +50,10 @@ FAST_OTA_ENV = {
 
 @dataclass(frozen=True)
 class Packages:
-    public_key: Path
+    public_key: Path  # the release key's public half (packages)
+    operator_key: Any  # the operator key: signs desired documents
+    operator_public: Path
+    operator_private: Path
     other_key: Any
     key: Any
     v1: Path
@@ -65,11 +72,13 @@ class Packages:
 
 
 class Fleet:
-    """A host's view of one fleet: an artifact server, desired documents, and every event
-    and status the devices send."""
+    """A host's view of one fleet: an artifact server, desired documents (signed with the
+    operator key), and every event and status the devices send."""
 
-    def __init__(self, broker: MqttBroker, name: str, client: HostClient | None = None) -> None:
+    def __init__(self, broker: MqttBroker, name: str, client: HostClient | None = None, *,
+                 key: Any = None) -> None:
         self.name = name
+        self.key = key if key is not None else OPERATOR_KEY
         self.host = client or HostClient(broker.url).connect()
         self.server = ArtifactServer(self.host, ArtifactStore(), fleets=[name])
         self.events: list[dict[str, Any]] = []
@@ -100,14 +109,15 @@ class Fleet:
         return info
 
     def desire(self, device: str | None, doc: ota.DesiredDocument | bytes) -> None:
-        payload = doc if isinstance(doc, bytes) else ota.encode_desired(doc)
+        """Publish ``doc`` signed with this fleet's key (bytes: exactly as given)."""
+        payload = doc if isinstance(doc, bytes) else ota.seal_desired(doc, self.key)
         self.host.publish(ota.desired_topic(self.name, device), payload, retain=True, wait=10)
 
     def deploy(self, device: str | None, path: Path, **kw: Any) -> ota.DesiredDocument:
         info = self.serve(path)
         kw.setdefault("probation", ota.Probation(requests=5, seconds=2.0, max_error_rate=0.0,
                                                   max_nonfinite_rate=0.0, max_latency_ms=None))
-        doc = desired_for_package(info, self.name, **kw)
+        doc = desired_for_package(info, self.name, devices=[device] if device else None, **kw)
         self.desire(device, doc)
         return doc
 
@@ -151,6 +161,7 @@ class Agent:
         self.args = ["--device-id", device, "--fleet", fleet, "--broker", broker.url,
                      "--model", str(model or pkgs.v1), "--model-dir", str(workdir / "models"),
                      "--trusted-key", str(pkgs.public_key),
+                     "--intent-key", str(pkgs.operator_public),
                      "--http", f"127.0.0.1:{self.http_port}", "--telemetry-interval", "0"]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
         self.env.update(FAST_OTA_ENV)

@@ -1,10 +1,10 @@
-"""The shared OTA core: desired documents, signed rollback instructions, chunk framing,
+"""The shared OTA core: desired documents and their signed envelope, chunk framing,
 event kinds, topics, Range parsing and the deployment tracker (no broker needed)."""
 
 from __future__ import annotations
 
+import base64
 import copy
-import datetime as dt
 import hashlib
 import json
 import struct
@@ -16,6 +16,7 @@ import edgekit.protocol.ota as ota
 from edgekit.errors import ProtocolError, SignatureError, UsageError
 from edgekit.host.ota._http import parse_range
 from edgekit.host.ota.tracker import DeploymentTracker, Outcome
+from edgekit.protocol.signed import SIGNED_MAX_BYTES, open_sealed
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 SHA = hashlib.sha256(b"package").hexdigest()
@@ -34,7 +35,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def desired(**overrides: Any) -> dict[str, Any]:
     doc = dict(ota.make_desired(
-        deployment="d1", name="digits", version="2.0.0", sha256=SHA, size=1000,
+        deployment="d1", fleet="f1", name="digits", version="2.0.0", sha256=SHA, size=1000,
         key_id="0123456789abcdef", request_topic=ota.artifact_request_topic("f1", SHA)))
     doc.update(overrides)
     return doc
@@ -48,10 +49,12 @@ def test_desired_round_trip_fills_defaults() -> None:
     parsed = ota.parse_desired(ota.encode_desired(ota.parse_desired(doc)))
     assert parsed == doc
     assert parsed["probation"] == ota.DEFAULT_PROBATION
-    minimal = {k: v for k, v in doc.items() if k not in ("probation", "allow_breaking",
-                                                         "latency_budget_ms", "rollback")}
+    optional = ("probation", "allow_breaking", "latency_budget_ms", "allow_downgrade",
+                "allow_rename", "revert")
+    minimal = {k: v for k, v in doc.items() if k not in optional}
     filled = ota.parse_desired(json.dumps(minimal).encode())
-    assert filled["allow_breaking"] is False and filled["rollback"] is None
+    assert (filled["allow_breaking"], filled["allow_downgrade"], filled["allow_rename"],
+            filled["revert"]) == (False, False, False, False)
     assert filled["probation"]["requests"] == ota.DEFAULT_PROBATION["requests"]
 
 
@@ -71,7 +74,15 @@ def _set(path: str, value: Any) -> Any:
 _DELETE = object()
 
 BAD_DOCUMENTS = [
-    (_set("schema", "edgekit.desired/2"), "desired.schema"),
+    (_set("schema", "edgekit.desired/1"), "desired.schema"),
+    (_set("fleet", _DELETE), "desired.fleet: missing"),
+    (_set("fleet", "a/b"), "desired.fleet"),
+    (_set("devices", ["ok", "no/slash"]), "desired.devices"),
+    (_set("expires", _DELETE), "desired.expires: missing"),
+    (_set("expires", "2000-01-01T00:00:00Z"), "desired.expires"),
+    (_set("expires", "2099-01-01T00:00:00Z"), "desired.expires"),
+    (_set("allow_downgrade", "yes"), "desired.allow_downgrade"),
+    (_set("revert", 1), "desired.revert"),
     (_set("deployment", "bad id/with slash"), "desired.deployment"),
     (_set("deployment", _DELETE), "desired.deployment: missing"),
     (_set("issued", "yesterday"), "desired.issued"),
@@ -98,7 +109,6 @@ BAD_DOCUMENTS = [
     (_set("probation", {"max_error_rate": 1.5}), "desired.probation.max_error_rate"),
     (_set("probation", {"seconds": float("nan")}), "desired.probation.seconds"),
     (_set("probation", {"max_latency_ms": "fast"}), "desired.probation.max_latency_ms"),
-    (_set("rollback", {"schema": "x"}), "desired.rollback.schema"),
 ]
 
 
@@ -131,84 +141,60 @@ def test_deployment_ids_are_valid_and_distinct() -> None:
         assert ota.parse_desired(json.dumps(desired(deployment=d)))["deployment"] == d
 
 
-# --------------------------------------------------------------------------- rollback
+# --------------------------------------------------------------------------- signed
 
 
-def _instruction(keys: dict[str, Any], **kw: Any) -> ota.RollbackInstruction:
-    args: dict[str, Any] = {"fleet": "f1", "devices": ["dev-1", "dev-2"], "name": "digits",
-                            "to_version": "1.0.0", "sha256": SHA}
-    args.update(kw)
-    return ota.sign_rollback(keys["key"], **args)
+def test_sealed_desired_opens_only_with_the_signer(keys: dict[str, Any]) -> None:
+    doc = ota.parse_desired(desired())
+    sealed = ota.seal_desired(doc, keys["key"])
+    opened = open_sealed(sealed, [keys["other_pub"], keys["pub"]])
+    assert opened.key_id == keys["key_id"]
+    assert ota.parse_desired(opened.payload) == doc
+    with pytest.raises(SignatureError, match="not trusted"):
+        open_sealed(sealed, [keys["other_pub"]])
+    with pytest.raises(SignatureError, match="no trusted key"):
+        open_sealed(sealed, [])
 
 
-def _verify(keys: dict[str, Any], instr: ota.RollbackInstruction, **kw: Any) -> str:
-    args: dict[str, Any] = {"fleet": "f1", "device": "dev-1", "name": "digits",
-                            "version": "1.0.0", "sha256": SHA}
-    args.update(kw)
-    return ota.verify_rollback(instr, [keys["pub"]], **args)
-
-
-def test_rollback_signature_verifies(keys: dict[str, Any]) -> None:
-    instr = _instruction(keys)
-    assert _verify(keys, instr) == keys["key_id"]
-    assert _verify(keys, _instruction(keys, devices=None), device="any-device") == keys["key_id"]
-    # The canonical form ignores the order keys arrive in.
-    reordered = ota.parse_rollback(json.loads(json.dumps(dict(reversed(list(instr.items()))))))
-    assert _verify(keys, reordered) == keys["key_id"]
-
-
-@pytest.mark.parametrize(("field", "value"), [("to_version", "0.9.0"), ("fleet", "f2"),
-                                              ("devices", ["dev-1", "dev-9"]), ("nonce", "00"),
-                                              ("sha256", OTHER_SHA),
-                                              ("issued", "2030-01-01T00:00:00Z")])
-def test_rollback_with_an_altered_field_fails(keys: dict[str, Any], field: str,
-                                              value: Any) -> None:
-    instr = dict(_instruction(keys))
-    instr[field] = value
+def test_an_altered_payload_fails_the_signature(keys: dict[str, Any]) -> None:
+    envelope = json.loads(ota.seal_desired(ota.parse_desired(desired()), keys["key"]))
+    other = dict(desired(), model={**desired()["model"], "version": "0.0.1"})
+    envelope["payload"] = base64.b64encode(json.dumps(other).encode()).decode()
     with pytest.raises(SignatureError, match="does not match"):
-        ota.verify_rollback(ota.parse_rollback(instr), [keys["pub"]], fleet="f1",
-                            device="dev-1", name="digits", version=instr["to_version"],
-                            sha256=instr["sha256"])
+        open_sealed(json.dumps(envelope).encode(), [keys["pub"]])
 
 
-def test_rollback_refusals(keys: dict[str, Any]) -> None:
-    instr = _instruction(keys)
-    with pytest.raises(SignatureError, match="not among the trusted keys"):
-        ota.verify_rollback(instr, [keys["other_pub"]], fleet="f1", device="dev-1",
-                            name="digits", version="1.0.0", sha256=SHA)
-    with pytest.raises(SignatureError, match="needs a trusted key"):
-        ota.verify_rollback(instr, [], fleet="f1", device="dev-1", name="digits",
-                            version="1.0.0", sha256=SHA)
-    for kw, words in [({"device": "dev-3"}, "not 'dev-3'"), ({"fleet": "f2"}, "fleet"),
-                      ({"name": "other"}, "model"), ({"version": "1.1.0"}, "version"),
-                      ({"sha256": OTHER_SHA}, "another package")]:
-        with pytest.raises(SignatureError, match=words):
-            _verify(keys, instr, **kw)
-    issued = ota.parse_time(instr["issued"], "issued")
-    with pytest.raises(SignatureError, match="replay"):
-        _verify(keys, instr, not_before=issued)
-    assert _verify(keys, instr, not_before=issued - dt.timedelta(seconds=1)) == keys["key_id"]
+@pytest.mark.parametrize("payload", [b"{}", b"[]", b"not json",
+                                     b'{"schema":"edgekit.signed/1","payload":"!!",'
+                                     b'"key_id":"0123456789abcdef","signature":"AA=="}',
+                                     b'{"schema":"edgekit.signed/1","payload":"AA==",'
+                                     b'"key_id":"../../etc","signature":"AA=="}'])
+def test_malformed_envelopes_are_protocol_errors(keys: dict[str, Any], payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        open_sealed(payload, [keys["pub"]])
 
 
-def test_rollback_forged_with_an_untrusted_key(keys: dict[str, Any]) -> None:
-    forged = ota.sign_rollback(keys["other_key"], fleet="f1", devices=None, name="digits",
-                               to_version="1.0.0", sha256=SHA)
-    with pytest.raises(SignatureError):
-        _verify(keys, forged)
+def test_envelope_size_is_checked_before_parsing(keys: dict[str, Any]) -> None:
+    huge = b'{"schema":"edgekit.signed/1","payload":"' + b"A" * SIGNED_MAX_BYTES + b'"}'
+    with pytest.raises(ProtocolError, match="over the"):
+        open_sealed(huge, [keys["pub"]])
 
 
-def test_desired_rollback_must_match_the_model(keys: dict[str, Any]) -> None:
-    instr = _instruction(keys, to_version="1.0.0")
-    with pytest.raises(ProtocolError, match="desired.rollback.to_version"):
-        ota.make_desired(deployment="d2", name="digits", version="1.1.0", sha256=SHA,
-                         size=10, request_topic="t", rollback=instr)
-    kept = _instruction(keys, sha256=None)
-    doc = ota.make_desired(deployment="d2", name="digits", version="1.0.0", sha256=None,
-                           size=None, rollback=kept)
-    assert doc["model"]["sha256"] is None and doc["sources"]["mqtt"] is None
+def test_downgrade_and_revert_rules() -> None:
+    kept = ota.make_desired(deployment="d2", fleet="f1", name="digits", version="1.0.0",
+                            sha256=None, size=None, allow_downgrade=True)
+    assert kept["model"]["sha256"] is None and kept["sources"]["mqtt"] is None
+    life = ota.parse_time(kept["expires"], "x") - ota.parse_time(kept["issued"], "x")
+    assert life.total_seconds() == ota.ROLLBACK_TTL_S
     with pytest.raises(ProtocolError, match="desired.model.sha256"):
-        ota.make_desired(deployment="d2", name="digits", version="1.0.0", sha256=None,
-                         size=None)
+        ota.make_desired(deployment="d2", fleet="f1", name="digits", version="1.0.0",
+                         sha256=None, size=None)
+    with pytest.raises(ProtocolError, match="desired.model.sha256"):
+        ota.make_desired(deployment="d2", fleet="f1", name="digits", version="1.0.0",
+                         sha256=None, size=None, revert=True, allow_downgrade=True)
+    revert = ota.make_desired(deployment="d2", fleet="f1", devices=["b", "a", "a"],
+                              name="digits", version="2.0.0", sha256=SHA, size=5, revert=True)
+    assert revert["devices"] == ["a", "b"] and revert["sources"]["mqtt"] is None
 
 
 # --------------------------------------------------------------------------- chunks

@@ -35,7 +35,10 @@ def _run(*args: str) -> tuple[int, dict[str, Any], str]:
 
 
 def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, fleet: Fleet,
-                                           pkgs: Packages, tmp_path: Path) -> None:
+                                           pkgs: Packages, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # deploy signs with the operator key of $EDGEKIT_OPERATOR_KEY; rollback names it.
+    monkeypatch.setenv("EDGEKIT_OPERATOR_KEY", str(pkgs.operator_private))
     a, b = make_agent(FLEET, "a"), make_agent(FLEET, "b")
     for agent in (a, b):
         agent.wait_healthy()
@@ -64,7 +67,9 @@ def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, 
     fleet.wait_serving("c", "2.0.0", timeout=120)
 
     # A failing deploy to one device: exit 1, the reason in the JSON, the model unchanged.
-    code, out, _ = _run("deploy", str(pkgs.unsigned), "--fleet", FLEET, "--device", "b",
+    unsigned = pkgs.make(tmp_path / "unsigned-2.5.edgepkg", version="2.5.0", seed=22,
+                         sign_key=None)
+    code, out, _ = _run("deploy", str(unsigned), "--fleet", FLEET, "--device", "b",
                      "--broker", broker.url, "--json", *FAST)
     assert code == 1
     assert out["targets"]["b"]["outcome"] == "failed"
@@ -72,9 +77,9 @@ def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, 
     assert fleet.serving("b")["version"] == "2.0.0"  # type: ignore[index]
 
     # A signed rollback of one device to the copy it keeps.
-    key_file = pkgs.public_key.with_name("signing.key")
     code, out, _ = _run("rollback", "--fleet", FLEET, "--device", "a", "--to", "1.0.0",
-                     "--sign-key", str(key_file), "--broker", broker.url, "--json", *FAST)
+                     "--key", str(pkgs.operator_private), "--broker", broker.url, "--json",
+                     *FAST)
     assert code == 0, out
     assert out["targets"]["a"]["outcome"] == "succeeded"
     fleet.wait_serving("a", "1.0.0")

@@ -30,6 +30,7 @@ from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import read_retained
 from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
 from edgekit.host.ota.store import ArtifactStore
+from edgekit.protocol.signed import open_sealed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,10 +193,17 @@ def test_client_reports_an_unreachable_broker() -> None:
 
 def test_deploy_no_wait_publishes_the_retained_document(broker: MqttBroker, package: Path,
                                                         tmp_path: Path) -> None:
+    from edgekit.signing import generate_keypair, load_public_key
+
+    keys = generate_keypair(tmp_path / "operator")
     runner = CliRunner()
+    refused = runner.invoke(cli, ["deploy", str(package), "--fleet", "f3", "--broker",
+                                  broker.url, "--no-wait"], env={"EDGEKIT_OPERATOR_KEY": ""})
+    assert refused.exit_code == 2 and "no operator key" in refused.output
     result = runner.invoke(cli, ["deploy", str(package), "--fleet", "f3", "--device", "dev-1",
                                  "--device", "dev-2", "--broker", broker.url, "--no-wait",
-                                 "--json", "--probation-requests", "5"])
+                                 "--json", "--probation-requests", "5"],
+                           env={"EDGEKIT_OPERATOR_KEY": str(keys.private_path)})
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["topics"] == [ota.desired_topic("f3", "dev-1"), ota.desired_topic("f3", "dev-2")]
@@ -204,13 +212,16 @@ def test_deploy_no_wait_publishes_the_retained_document(broker: MqttBroker, pack
         host.connect()
         retained = read_retained(host, "edgekit/v1/f3/+/desired")
     assert set(retained) == set(out["topics"])
-    doc = ota.parse_desired(retained[out["topics"][0]])
+    opened = open_sealed(retained[out["topics"][0]], [load_public_key(keys.public_path)])
+    assert opened.key_id == keys.key_id
+    doc = ota.parse_desired(opened.payload)
     assert doc["deployment"] == out["deployment"]
+    assert (doc["fleet"], doc["devices"]) == ("f3", ["dev-1", "dev-2"])
     assert doc["model"]["sha256"] == sha256_file(package)
     assert doc["model"]["size"] == package.stat().st_size
     assert doc["sources"]["mqtt"] == {"request_topic": ota.artifact_request_topic(
         "f3", doc["model"]["sha256"])}
-    assert doc["probation"]["requests"] == 5 and doc["rollback"] is None
+    assert doc["probation"]["requests"] == 5 and doc["allow_downgrade"] is False
 
 
 def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package: Path,
@@ -220,7 +231,7 @@ def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package
     keys = generate_keypair(tmp_path / "k")
     runner = CliRunner()
     assert runner.invoke(cli, ["deploy", str(package), "--fleet", "f4", "--broker", broker.url,
-                               "--no-wait"]).exit_code == 0
+                               "--no-wait", "--key", str(keys.private_path)]).exit_code == 0
     result = runner.invoke(cli, ["rollback", "--fleet", "f4", "--to", "0.9.0", "--sign-key",
                                  str(keys.private_path), "--broker", broker.url, "--no-wait",
                                  "--json"])
@@ -228,14 +239,13 @@ def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package
     with HostClient(broker.url) as host:
         host.connect()
         retained = read_retained(host, ota.desired_topic("f4"))
-    doc = ota.parse_desired(retained[ota.desired_topic("f4")])
+    opened = open_sealed(retained[ota.desired_topic("f4")], [load_public_key(keys.public_path)])
+    doc = ota.parse_desired(opened.payload)
     assert doc["model"] == {"name": "tiny", "version": "0.9.0", "sha256": None, "size": None,
                             "key_id": None}
-    instr = doc["rollback"]
-    assert instr is not None and instr["devices"] is None
-    assert ota.verify_rollback(instr, [load_public_key(keys.public_path)], fleet="f4",
-                               device="any", name="tiny", version="0.9.0",
-                               sha256=None) == keys.key_id
+    assert (doc["fleet"], doc["devices"], doc["allow_downgrade"]) == ("f4", None, True)
+    life = ota.parse_time(doc["expires"], "e") - ota.parse_time(doc["issued"], "i")
+    assert life.total_seconds() == ota.ROLLBACK_TTL_S
     bad = runner.invoke(cli, ["rollback", "--fleet", "f4", "--to", "v1", "--sign-key",
                               str(keys.private_path), "--broker", broker.url, "--no-wait"])
     assert bad.exit_code == 2 and "--to" in bad.output

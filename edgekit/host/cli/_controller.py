@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -27,6 +26,8 @@ from edgekit.host.cli._table import format_table
 from edgekit.redact import redact_url
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from edgekit.host.controller import RolloutStatePayload
     from edgekit.host.db import DeviceRecord, EventRecord, Store
     from edgekit.host.mqtt_client import HostClient
@@ -357,10 +358,13 @@ def _print_events(found: list[EventRecord], as_json: bool, cursor: int) -> int:
 # --------------------------------------------------------------------------- deploy
 
 
-def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInfo, *,
+def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInfo,
+                          key: Ed25519PrivateKey, *,
                           devices: list[str] | None, plan: dict[str, Any], timeout: float,
                           no_wait: bool, as_json: bool, quiet: bool) -> int | None:
-    """``edgekit deploy`` through the controller that looks after ``fleet_name``.
+    """``edgekit deploy`` through the controller that looks after ``fleet_name``, in a
+    rollout request signed by the operator ``key``; the package must be in the controller's
+    registry (a request names a model, never a file).
 
     Returns None when no controller does (deploy then publishes directly), else the exit
     code: 0 when the rollout succeeded (or, with ``no_wait``, was created), 1 otherwise.
@@ -378,9 +382,8 @@ def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInf
     if not quiet:
         click.echo(f"controller {names} looks after fleet {fleet_name}: asking it for a"
                    " rollout", err=True)
-    rollout = request_rollout(client, fleet_name, name=info.name, version=info.version,
-                              sha256=info.sha256, package=str(Path(info.path).resolve()),
-                              devices=devices, plan=plan)
+    rollout = request_rollout(client, fleet_name, key, name=info.name, version=info.version,
+                              sha256=info.sha256, devices=devices, plan=plan)
     rid = int(rollout["id"])
     if not quiet:
         click.echo(f"rollout {rid}: {info.name} {info.version} to"

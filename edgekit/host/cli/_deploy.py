@@ -9,10 +9,12 @@ import time
 from typing import Any, TextIO
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
+from edgekit.host.keys import operator_key
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import Deployer, desired_for_package, read_retained
 from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
@@ -28,14 +30,17 @@ from edgekit.protocol.ota.desired import (
     new_deployment_id,
     parse_desired,
 )
-from edgekit.protocol.ota.rollback import sign_rollback
 from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP, desired_topic
-from edgekit.signing import load_private_key
+from edgekit.protocol.signed import is_sealed, open_sealed
 
 _BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                        envvar="EDGEKIT_MQTT_BROKER",
                        help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
                             " (env EDGEKIT_MQTT_BROKER).")
+KEY_OPTION = click.option(
+    "--key", "--sign-key", "key_path", type=click.Path(dir_okay=False),
+    help="Operator private key that signs the desired document or request (devices trust it"
+         " as ota.intent_keys); default: $EDGEKIT_OPERATOR_KEY, else ./edgekit-operator.key.")
 _SHARE = click.option("--share-group", default=DEFAULT_SHARE_GROUP, show_default=True,
                       help="Shared-subscription group of the artifact servers, so several"
                            " split the requests; 'none' for plain subscriptions. When the"
@@ -157,9 +162,12 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
 @click.argument("package", type=click.Path(dir_okay=False))
 @click.option("--fleet", required=True, help="Fleet to update.")
 @_follow_options
-@click.option("--sign-key", type=click.Path(dir_okay=False),
-              help="Private key: attach a signed rollback instruction, so devices running a"
-                   " newer version go back to PACKAGE (they refuse an older one without).")
+@KEY_OPTION
+@click.option("--allow-downgrade", is_flag=True,
+              help="Let devices go to PACKAGE even when it is not newer than what they"
+                   " committed (signed into the document; it expires after a day).")
+@click.option("--allow-rename", is_flag=True,
+              help="Let devices switch to PACKAGE even when it is another model (name).")
 @click.option("--url", help="Where devices download PACKAGE over HTTP(S) instead of MQTT.")
 @click.option("--http", "http_addr", metavar="HOST:PORT",
               help="Serve PACKAGE over HTTP here while waiting, and name that URL.")
@@ -177,13 +185,15 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
 @mqtt_options
 def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
            no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
-           sign_key: str | None, url: str | None, http_addr: str | None, allow_breaking: bool,
+           key_path: str | None, allow_downgrade: bool, allow_rename: bool, url: str | None,
+           http_addr: str | None, allow_breaking: bool,
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
            share_group: str, direct: bool, mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
-    Publishes the retained desired document (fleet-wide, or per --device), serves PACKAGE
+    Publishes the retained desired document (fleet-wide, or per --device), signed with the
+    operator key (--key), serves PACKAGE
     over MQTT while it waits unless a server (a controller, `edgekit serve`) already does,
     and follows the devices until each has succeeded, failed or timed out. Exit code 0 when
     every target succeeded, 1 when any failed, rolled back or timed out.
@@ -197,12 +207,9 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     """
     fleet = check_id(fleet, "fleet")
     targets = [check_id(d, "device") for d in devices] or None
+    key = operator_key(key_path)
     store = ArtifactStore()
     info = store.add(package)
-    rollback = None
-    if sign_key:
-        rollback = sign_rollback(load_private_key(sign_key), fleet=fleet, devices=targets,
-                                 name=info.name, to_version=info.version, sha256=info.sha256)
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
     with mqtt_auth.client(broker).connect() as client:
@@ -210,18 +217,19 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
             from edgekit.host.cli._controller import deploy_via_controller
 
             code = deploy_via_controller(
-                client, fleet, info, devices=targets, timeout=timeout, no_wait=no_wait,
+                client, fleet, info, key, devices=targets, timeout=timeout, no_wait=no_wait,
                 as_json=as_json, quiet=quiet, plan={"probation_requests": probation_requests,
                                                     "probation_seconds": probation_seconds})
             if code is not None:
                 sys.exit(code)
         http_server = _start_http(store, http_addr, None, None)
         try:
-            doc = desired_for_package(info, fleet, url=url or (
+            doc = desired_for_package(info, fleet, devices=targets, url=url or (
                 http_server.url_for(info.sha256) if http_server else None),
-                allow_breaking=allow_breaking, rollback=rollback, probation=probation,
+                allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
+                allow_rename=allow_rename, probation=probation,
                 latency_budget_ms=latency_budget_ms)
-            result = _run(client, fleet, targets, doc, store, share_group, timeout=timeout,
+            result = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
                           no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                           quiet=quiet)
         finally:
@@ -234,8 +242,7 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
 @click.option("--fleet", required=True, help="Fleet to roll back.")
 @_follow_options
 @click.option("--to", "to_version", required=True, help="The version to go back to.")
-@click.option("--sign-key", required=True, type=click.Path(dir_okay=False),
-              help="Private key the devices trust; signs the rollback instruction.")
+@KEY_OPTION
 @click.option("--package", type=click.Path(dir_okay=False),
               help="The package of that version, served while waiting; without it, devices"
                    " use the copy they keep on disk.")
@@ -246,13 +253,14 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
 @mqtt_options
 def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, no_wait: bool,
              include_offline: bool, as_json: bool, quiet: bool, to_version: str,
-             sign_key: str, package: str | None, model_name: str | None,
+             key_path: str | None, package: str | None, model_name: str | None,
              probation_requests: int, probation_seconds: float, max_error_rate: float,
              max_latency_ms: float | None, share_group: str, mqtt_auth: MqttAuth) -> None:
     """Send a fleet, or some of its devices, back to version --to.
 
-    Publishes a desired document carrying a rollback instruction signed with --sign-key
-    (devices refuse older versions without one) and follows the devices like `deploy`.
+    Publishes a desired document signed with the operator key (--key) that allows the
+    downgrade (devices refuse older versions without one; it expires after a day) and
+    follows the devices like `deploy`.
     """
     fleet = check_id(fleet, "fleet")
     targets = [check_id(d, "device") for d in devices] or None
@@ -260,7 +268,7 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         parse_version(to_version)
     except EdgekitError as exc:
         raise UsageError(f"--to: {exc.message}") from exc
-    key = load_private_key(sign_key)
+    key = operator_key(key_path)
     store = ArtifactStore()
     info: ArtifactInfo | None = None
     if package:
@@ -270,31 +278,33 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         model_name = model_name or info.name
     with mqtt_auth.client(broker).connect() as client:
         if model_name is None:
-            model_name = _current_model_name(client, fleet, targets)
-        instruction = sign_rollback(key, fleet=fleet, devices=targets, name=model_name,
-                                    to_version=to_version,
-                                    sha256=info.sha256 if info else None)
+            model_name = _current_model_name(client, fleet, targets, key)
         probation = _probation(probation_requests, probation_seconds, max_error_rate,
                                max_latency_ms)
         if info is not None:
-            doc = desired_for_package(info, fleet, rollback=instruction, probation=probation)
+            doc = desired_for_package(info, fleet, devices=targets, allow_downgrade=True,
+                                      probation=probation)
         else:
-            doc = make_desired(deployment=new_deployment_id(), name=model_name,
-                               version=to_version, sha256=None, size=None,
-                               rollback=instruction, probation=probation)
-        result = _run(client, fleet, targets, doc, store, share_group, timeout=timeout,
+            doc = make_desired(deployment=new_deployment_id(), fleet=fleet, devices=targets,
+                               name=model_name, version=to_version, sha256=None, size=None,
+                               allow_downgrade=True, probation=probation)
+        result = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
                       no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                       quiet=quiet)
     sys.exit(0 if result is None or result.ok else 1)
 
 
-def _current_model_name(client: HostClient, fleet: str, devices: list[str] | None) -> str:
+def _current_model_name(client: HostClient, fleet: str, devices: list[str] | None,
+                        key: Ed25519PrivateKey) -> str:
+    """The model name of the retained desired document, read only from one signed by our own
+    operator key (anyone can publish a document; we sign the name we read into a downgrade)."""
     topics = [desired_topic(fleet, d) for d in devices or []] + [desired_topic(fleet)]
     for topic in topics:
         payload = read_retained(client, topic).get(topic)
-        if payload:
+        if payload and is_sealed(payload):
             try:
-                return parse_desired(payload)["model"]["name"]
+                inner = open_sealed(payload, [key.public_key()]).payload
+                return parse_desired(inner)["model"]["name"]
             except EdgekitError:
                 continue
     raise UsageError("no desired document names the model to roll back",
@@ -302,11 +312,12 @@ def _current_model_name(client: HostClient, fleet: str, devices: list[str] | Non
 
 
 def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: DesiredDocument,
-         store: ArtifactStore, share_group: str, *, timeout: float, no_wait: bool,
-         include_offline: bool, as_json: bool, quiet: bool) -> DeployResult | None:
+         key: Ed25519PrivateKey, store: ArtifactStore, share_group: str, *, timeout: float,
+         no_wait: bool, include_offline: bool, as_json: bool,
+         quiet: bool) -> DeployResult | None:
     view = ProgressView(sys.stderr, quiet=quiet or no_wait)
-    deployer = Deployer(client, fleet, doc, devices=devices, include_offline=include_offline,
-                        on_change=view.update)
+    deployer = Deployer(client, fleet, doc, key, devices=devices,
+                        include_offline=include_offline, on_change=view.update)
     sha = doc["model"]["sha256"]
     served_elsewhere = sha is None or not store.infos() or doc["sources"]["mqtt"] is None \
         or probe_artifact(client, fleet, sha)

@@ -8,6 +8,7 @@ import click
 
 from edgekit.artifact import sign_package, verify_package
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.keys import KEY_ROLES
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 
@@ -16,19 +17,28 @@ def keys() -> None:
     """Manage Ed25519 signing keys."""
 
 
+_TRUST_FLAG = {"release": "--trusted-key (model.trusted_keys)",
+               "operator": "--intent-key (ota.intent_keys) and to controllers as"
+                           " controller.operator_keys"}
+
+
 @keys.command("generate")
-@click.argument("prefix", default="edgekit-signing")
+@click.argument("prefix", required=False)
+@click.option("--role", type=click.Choice(KEY_ROLES), default="release", show_default=True,
+              help="release: signs packages; operator: signs desired documents and rollout"
+                   " requests.")
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the key id and paths as JSON.")
-def keys_generate(prefix: str, force: bool, as_json: bool) -> None:
-    """Write PREFIX.key (private, mode 0600) and PREFIX.pub (public)."""
-    pair = generate_keypair(prefix, overwrite=force)
+def keys_generate(prefix: str | None, role: str, force: bool, as_json: bool) -> None:
+    """Write PREFIX.key (private, mode 0600) and PREFIX.pub (public); PREFIX defaults to
+    edgekit-ROLE (edgekit-release, edgekit-operator)."""
+    pair = generate_keypair(prefix or f"edgekit-{role}", overwrite=force)
     if as_json:
         emit_json({"private": str(pair.private_path), "public": str(pair.public_path),
-                   "key_id": pair.key_id})
+                   "key_id": pair.key_id, "role": role})
         return
-    click.echo(f"private key: {pair.private_path} (keep it secret)")
-    click.echo(f"public key:  {pair.public_path} (give it to devices as --trusted-key)")
+    click.echo(f"{role} key:  {pair.private_path} (keep it secret)")
+    click.echo(f"public key:  {pair.public_path} (give it to devices as {_TRUST_FLAG[role]})")
     click.echo(f"key id:      {pair.key_id}")
 
 

@@ -1,10 +1,16 @@
 """The desired documents a rollout publishes: ask devices to update, send them back, hand
-the fleet its new model, and clear per-device documents when a rollout ends."""
+the fleet its new model, and clear per-device documents when a rollout ends.
+
+Every document is signed with the controller's operator key (``controller.signing_key``) and
+bound to the fleet and the devices it is for. Sending a device back never names a version
+from what the device reported: the document is a *revert* of the rollout's own package
+(recorded in the rollout's plan when the controller created it), and the device returns to
+the model it kept from before (docs/ota.md).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -16,8 +22,7 @@ from edgekit.host.ota.server import ArtifactServer
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.registry import Registry
 from edgekit.protocol.controller import deployment_id
-from edgekit.protocol.ota.desired import DesiredDocument, Probation, encode_desired, make_desired
-from edgekit.protocol.ota.rollback import sign_rollback
+from edgekit.protocol.ota.desired import DesiredDocument, Probation, make_desired, seal_desired
 from edgekit.protocol.ota.topics import desired_topic
 
 __all__ = ["DesiredDocuments"]
@@ -29,7 +34,8 @@ class DesiredDocuments:
     """Builds and publishes (retained) the desired documents of rollouts.
 
     ``server`` (optional) serves each artifact a document names; ``url_for`` adds an HTTP
-    URL; ``signing_key`` signs the rollback instructions that let devices go back.
+    URL; ``signing_key`` (the operator key) signs every document: without it nothing is
+    published.
     """
 
     def __init__(self, registry: Registry, client: HostClient, *,
@@ -50,7 +56,7 @@ class DesiredDocuments:
             EdgekitError: the broker did not acknowledge them in time.
         """
         info = self.artifact(rollout.model_name, rollout.model_version)
-        payload = encode_desired(self._document(rollout, info, back=False))
+        payload = self._seal(self._document(rollout, info, devices=sorted(devices)))
         sent = [self.client.publish(desired_topic(rollout.fleet, d), payload, qos=1,
                                     retain=True) for d in devices]
         for device, message in zip(devices, sent, strict=True):
@@ -70,8 +76,8 @@ class DesiredDocuments:
             EdgekitError: the broker did not acknowledge it in time.
         """
         info = self.artifact(rollout.model_name, rollout.model_version)
-        doc = self._document(rollout, info, back=False)
-        self.client.publish(desired_topic(rollout.fleet), encode_desired(doc), qos=1,
+        doc = self._document(rollout, info, devices=None)
+        self.client.publish(desired_topic(rollout.fleet), self._seal(doc), qos=1,
                             retain=True, wait=_PUBLISH_WAIT_S)
 
     def clear(self, rollout: RolloutRecord, devices: list[str]) -> None:
@@ -80,15 +86,22 @@ class DesiredDocuments:
             self.client.publish(desired_topic(rollout.fleet, device), b"", qos=1, retain=True)
 
     def send_back(self, rollout: RolloutRecord, target: TargetRecord) -> None:
-        """Send one device back to the model it ran before the rollout, with a signed
-        rollback instruction (devices refuse an older version without one).
+        """Send one device back to the model it ran before the rollout: a signed revert of
+        the rollout's package, for this device only, that allows the downgrade (and a name
+        change) and expires after :data:`~edgekit.protocol.ota.ROLLBACK_TTL_S` (a day).
 
         Raises:
-            UsageError: the device ran no model before, or there is no signing key.
+            UsageError: there is no signing key.
             EdgekitError: the broker did not acknowledge the document in time.
         """
-        doc = self._rollback_document(rollout, target)
-        self.client.publish(desired_topic(rollout.fleet, target.device), encode_desired(doc),
+        model = rollout.plan["model"]
+        doc = make_desired(deployment=deployment_id(rollout.id, rollout.plan["token"],
+                                                     back=True),
+                           fleet=rollout.fleet, devices=[target.device], name=model["name"],
+                           version=model["version"], sha256=model["sha256"],
+                           size=model["size"], revert=True, allow_downgrade=True,
+                           allow_rename=True, probation=_probation(rollout))
+        self.client.publish(desired_topic(rollout.fleet, target.device), self._seal(doc),
                             qos=1, retain=True, wait=_PUBLISH_WAIT_S)
 
     def artifact(self, name: str, version: str) -> ArtifactInfo:
@@ -107,36 +120,19 @@ class DesiredDocuments:
             return self.server.serve(path)
         return self._artifacts.add(path)
 
-    def _rollback_document(self, rollout: RolloutRecord,
-                           target: TargetRecord) -> DesiredDocument:
-        previous = rollout.plan["previous"].get(target.device) or {}
-        name = previous.get("name")
-        version = previous.get("version") or target.previous_version
-        if not isinstance(name, str) or not isinstance(version, str) or not name or not version:
-            raise UsageError("it ran no model before the rollout")
+    def _seal(self, doc: DesiredDocument) -> bytes:
         if self.signing_key is None:
-            raise UsageError("no controller.signing_key to sign the rollback instruction",
-                             hint="set controller.signing_key to a key the devices trust")
-        registered = self.registry.store.get_model(name, version)
-        info = None
-        if registered is not None and registered.sha256 == previous.get("sha256"):
-            info = self.artifact(name, version)
-        instruction = sign_rollback(self.signing_key, fleet=rollout.fleet,
-                                    devices=[target.device], name=name, to_version=version,
-                                    sha256=info.sha256 if info else None)
-        if info is not None:
-            return self._document(rollout, info, back=True, rollback=instruction)
-        return make_desired(deployment=deployment_id(rollout.id, rollout.plan["token"],
-                                                     back=True),
-                            name=name, version=version, sha256=None, size=None,
-                            rollback=instruction, probation=_probation(rollout))
+            raise UsageError("no controller.signing_key to sign desired documents with",
+                             hint="set controller.signing_key to an operator key the devices"
+                                  " trust (ota.intent_keys)")
+        return seal_desired(doc, self.signing_key)
 
-    def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *, back: bool,
-                  rollback: Any = None) -> DesiredDocument:
+    def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *,
+                  devices: list[str] | None) -> DesiredDocument:
         url = self.url_for(info.sha256) if self.url_for is not None else None
         return desired_for_package(
-            info, rollout.fleet, url=url, rollback=rollback, probation=_probation(rollout),
-            deployment=deployment_id(rollout.id, rollout.plan["token"], back=back))
+            info, rollout.fleet, devices=devices, url=url, probation=_probation(rollout),
+            deployment=deployment_id(rollout.id, rollout.plan["token"]))
 
 
 def _probation(rollout: RolloutRecord) -> Probation:

@@ -97,10 +97,17 @@ class ControllerSection:
     tick_s: float = _opt(1.0, "Seconds between two passes over the rollouts.", ge=0.01)
     lease_s: float = _opt(30.0, "Lease on a rollout; another controller takes a rollout over"
                           " this long after its owner stopped renewing it.", ge=1.0)
-    signing_key: str = _opt("", "Ed25519 private key (PEM) that signs rollback instructions and"
-                            " retrained packages. Empty: aborted rollouts cannot send devices"
-                            " back to an older version, and retrained packages are unsigned.",
+    signing_key: str = _opt("", "Operator key: Ed25519 private key (PEM) that signs every"
+                            " desired document the controller publishes (devices trust its"
+                            " public half as ota.intent_keys). Empty: no rollouts.",
                             file=True)
+    operator_keys: list[str] = _opt([], "Operator public keys (PEM) whose signed rollout"
+                                    " requests this controller accepts; revoke one by"
+                                    " removing it. Empty: every remote request is refused.",
+                                    file=True)
+    release_key: str = _opt("", "Release key: Ed25519 private key (PEM) that signs retrained"
+                            " packages (devices trust it as model.trusted_keys). Empty:"
+                            " retrained packages are unsigned.", file=True)
     workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)."
                         " Empty: <registry.store>/.controller.", path=True)
     log_level: str = _opt("info", "Log level.", choices=_LOG_LEVELS)
@@ -116,9 +123,9 @@ class DatabaseSection:
 class RegistrySection:
     store: str = _opt("", "Artifact folder of the model registry. Empty: $EDGEKIT_STORE, else"
                       " ~/.edgekit/artifacts.", path=True)
-    trusted_keys: list[str] = _opt([], "Public keys (PEM); when set, packages that deploy"
-                                   " requests register must be signed by one of them.",
-                                   file=True)
+    trusted_keys: list[str] = _opt([], "Release public keys (PEM); when set, a rollout request"
+                                   " is refused unless the registered package is signed by"
+                                   " one of them.", file=True)
 
 
 @dataclass

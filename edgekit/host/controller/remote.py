@@ -15,24 +15,24 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, ProtocolError
 from edgekit.host.db import ACTIVE_ROLLOUT_STATES
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import read_retained
-from edgekit.protocol import ROOT, encode
 from edgekit.protocol.controller import (
     ROLLOUT_REPLY_SCHEMA,
-    ROLLOUT_REQUEST_SCHEMA,
     ROLLOUT_STATE_SCHEMA,
     PresencePayload,
-    RolloutRequest,
     RolloutStatePayload,
+    make_rollout_request,
     parse_presence,
     presence_filter,
     rollout_request_topic,
     rollout_state_topic,
     serves_fleet,
+    sign_request,
 )
 
 __all__ = ["RemoteRolloutError", "RemoteUsageError", "find_controllers", "follow_rollout",
@@ -73,11 +73,12 @@ def find_controllers(client: HostClient, fleet: str,
     return sorted(found, key=lambda p: p["id"])
 
 
-def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
-                    sha256: str | None = None, package: str | None = None,
+def request_rollout(client: HostClient, fleet: str, key: Ed25519PrivateKey, *, name: str,
+                    version: str, sha256: str | None = None,
                     devices: list[str] | None = None, plan: dict[str, Any] | None = None,
                     timeout: float = 30.0) -> dict[str, Any]:
-    """Ask the fleet's controller for a rollout; return the rollout it created
+    """Ask the fleet's controller for a rollout of the registered ``name:version``, in a
+    request signed by the operator ``key``; return the rollout it created
     (``RolloutRecord.to_dict()`` plus ``targets``).
 
     Raises:
@@ -85,11 +86,9 @@ def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
             rollout is active, a setting is invalid, ...).
         EdgekitError: no reply within ``timeout`` seconds.
     """
-    request_id = secrets.token_hex(8)
-    reply_to = f"{ROOT}/{fleet}/_host/rollout-reply/{request_id}"
-    request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
-                             reply_to=reply_to, name=name, version=version, sha256=sha256,
-                             package=package, devices=devices, plan=plan or {})
+    request = make_rollout_request(fleet, secrets.token_hex(8), name=name, version=version,
+                                   sha256=sha256, devices=devices, plan=plan)
+    request_id, reply_to = request["request_id"], request["reply_to"]
     replies: list[dict[str, Any]] = []
     got = threading.Event()
 
@@ -105,7 +104,8 @@ def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
 
     client.subscribe(reply_to, on_reply)
     try:
-        client.publish(rollout_request_topic(fleet), encode(request), qos=1, wait=timeout)
+        client.publish(rollout_request_topic(fleet), sign_request(request, key), qos=1,
+                       wait=timeout)
         if not got.wait(timeout):
             raise EdgekitError(f"the controller did not answer the rollout request within"
                                f" {timeout:g} s",

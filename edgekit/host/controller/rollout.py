@@ -14,8 +14,9 @@ rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
    clear the per-device ones.
 
 Devices are asked through retained per-device desired documents (:mod:`edgekit.protocol.ota.desired`).
-An abort sends every updated device a signed rollback instruction back to its previous model
-and waits for it to get there. All state is in the database, so a controller that restarts,
+An abort sends every updated device a signed revert of the rollout's package (the device goes
+back to the model it kept from before; never a version taken from a device's report) and
+waits for it to get there. All state is in the database, so a controller that restarts,
 or another one that takes the rollout over, carries on from it.
 """
 
@@ -69,8 +70,8 @@ class RolloutEngine:
     """Creates and drives rollouts; see the module docstring.
 
     ``server`` (optional) serves the artifacts the rollouts name over MQTT; without it some
-    other server must (``edgekit serve``). ``signing_key`` signs rollback instructions;
-    without it an abort cannot send devices back to an older version.
+    other server must (``edgekit serve``). ``signing_key`` (the operator key) signs every
+    desired document; without it no rollout can be created.
     """
 
     def __init__(self, store: Store, registry: Registry, client: HostClient,
@@ -107,6 +108,11 @@ class RolloutEngine:
             ConfigError: an override is unknown or invalid.
             ArtifactError: the registered package file is missing.
         """
+        if self.documents.signing_key is None:
+            raise UsageError("the controller has no controller.signing_key, so it cannot sign"
+                             " the desired documents of a rollout",
+                             hint="set controller.signing_key to an operator key the devices"
+                                  " trust (ota.intent_keys)")
         record = self.registry.get(name, version)
         self.registry.artifact_path(name, version)
         settings = plan_settings(self.settings, overrides)
@@ -121,15 +127,12 @@ class RolloutEngine:
         else:
             targets = sorted(d.device for d in known.values()
                              if d.online or settings["include_offline"])
-        previous = {d: {"name": known[d].model_name, "version": known[d].model_version,
-                        "sha256": known[d].model_sha256} for d in targets}
         plan = {**settings, "token": secrets.token_hex(3), "source": source,
                 "request_id": request_id, "note": note,
                 "scope": "devices" if devices is not None else "fleet",
                 "model": {"name": record.name, "version": record.version,
                           "sha256": record.sha256, "size": record.size},
-                "waves": wave_sizes(len(targets), settings["canary"], settings["wave_factor"]),
-                "previous": previous}
+                "waves": wave_sizes(len(targets), settings["canary"], settings["wave_factor"])}
         rollout = self.store.create_rollout(fleet, name, version, plan, targets=targets)
         self._event(rollout, "rollout.created",
                     f"rollout {rollout.id}: {record.ref} to {len(targets)} device(s) of"
@@ -296,9 +299,10 @@ class RolloutEngine:
             step = update.get("step") if isinstance(update, dict) and \
                 update.get("deployment") == wanted else None
             if back:
-                previous = rollout.plan["previous"].get(target.device) or {}
-                arrived = device.model_version == (previous.get("version")
-                                                   or target.previous_version)
+                # Off the rollout's package (a status only tells when: what the device goes
+                # back to is its own record, never the controller's reading of a status).
+                arrived = device.model_sha256 is not None and \
+                    device.model_sha256 != rollout.plan["model"]["sha256"]
                 done, failed = TargetState.ROLLED_BACK, TargetState.FAILED
             else:
                 arrived = device.model_sha256 == rollout.plan["model"]["sha256"]

@@ -27,7 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgekit.errors import EdgekitError, ProtocolError, UsageError
+from edgekit.errors import EdgekitError, ProtocolError, SignatureError, UsageError
 from edgekit.host.controller.config import ControllerConfig
 from edgekit.host.controller.ingest import Ingest
 from edgekit.host.controller.policy import MaintenancePolicy
@@ -43,12 +43,13 @@ from edgekit.protocol.controller import (
     RolloutReply,
     RolloutRequest,
     make_presence,
-    parse_rollout_request,
+    open_rollout_request,
+    peek_reply_to,
     presence_topic,
     rollout_request_topic,
 )
 from edgekit.protocol.ota.topics import shared
-from edgekit.signing import load_private_key, load_public_key
+from edgekit.signing import key_id, load_private_key, load_public_key
 
 __all__ = ["Controller"]
 
@@ -77,7 +78,9 @@ class Controller:
         self._loop: threading.Thread | None = None
         self._requests: queue.Queue[tuple[str, RolloutRequest]] = queue.Queue(1000)
         self.registry: Registry | None = None
-        self.trusted: list[Any] = []
+        self.trusted: list[Any] = []  # release keys a rolled-out package must be signed by
+        self.operators: list[Any] = []  # operator keys that sign remote requests
+        self.refused = 0  # remote requests refused (unsigned, untrusted, stale, invalid)
         self._served_models = -1
         self._next_refresh = 0.0
 
@@ -106,7 +109,9 @@ class Controller:
     def _open(self, cfg: ControllerConfig) -> None:
         c, m = cfg.controller, cfg.mqtt
         signing_key = load_private_key(c.signing_key) if c.signing_key else None
+        release_key = load_private_key(c.release_key) if c.release_key else None
         self.trusted = [load_public_key(p) for p in cfg.registry.trusted_keys]
+        self.operators = [load_public_key(p) for p in c.operator_keys]
         self.store = Store(cfg.database.url or None)
         registry = Registry(self.store, cfg.registry.store or None)
         self.registry = registry
@@ -143,7 +148,7 @@ class Controller:
             self.policy = MaintenancePolicy(self.store, registry, self.engine, cfg.policy,
                                             controller_id=self.id, fleets=fleets,
                                             workdir=workdir.expanduser(), lease_s=c.lease_s,
-                                            signing_key=signing_key)
+                                            signing_key=release_key)
         self.ingest = Ingest(self.store, self.client, fleets=fleets,
                              share_group=cfg.share_group, workers=cfg.ingest.workers,
                              queue_max=cfg.ingest.queue_max, samples=cfg.ingest.samples)
@@ -297,12 +302,19 @@ class Controller:
     # ---------------------------------------------------------------- rollout requests
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
-        try:
-            request = parse_rollout_request(bytes(msg.payload))
-        except ProtocolError as exc:
-            log.warning("ignoring a rollout request on %s: %s", msg.topic, exc.message)
-            return
         fleet = msg.topic.split("/")[2]
+        data = bytes(msg.payload)
+        try:
+            request = open_rollout_request(data, self.operators, fleet)
+        except (ProtocolError, SignatureError) as exc:
+            # Refused before anything of it is used; answered only on a reply topic of the
+            # controller's own pattern for that fleet.
+            self.refused += 1
+            log.warning("refused a rollout request on %s: %s", msg.topic, exc.message)
+            peeked = peek_reply_to(data)
+            if peeked is not None and peeked[1].split("/")[2] == fleet:
+                self._send_reply(peeked[0], peeked[1], error=exc)
+            return
         try:
             self._requests.put_nowait((fleet, request))
         except queue.Full:
@@ -328,18 +340,15 @@ class Controller:
         return it as the reply shows it.
 
         Raises:
-            UsageError: the model is not registered (and the request names no readable
-                package), its sha256 differs, or the fleet has another active rollout.
-            ArtifactError / SignatureError: the package named cannot be registered.
+            UsageError: the model is not registered, its sha256 differs, it is not signed by
+                a key of registry.trusted_keys (when set), or the fleet has another active
+                rollout.
         """
         assert self.engine is not None and self.store is not None and self.registry is not None
         found = self.engine.find_request(fleet, request["request_id"])
         if found is None:
             name, version = request["name"], request["version"]
             record = self.store.get_model(name, version)
-            package = request.get("package")
-            if record is None and package:
-                record = self.registry.push(package, trusted_keys=self.trusted or None).record
             if record is None:
                 raise UsageError(f"model {name}:{version} is not in the controller's registry",
                                  hint="push it with `edgekit registry push` (same --db as the"
@@ -349,6 +358,9 @@ class Controller:
                 raise UsageError(f"{record.ref} is registered with another package (sha256"
                                  f" {record.sha256[:12]}..., the request names {sha[:12]}...)",
                                  hint="give the new package a higher version")
+            if self.trusted and record.key_id not in {key_id(k) for k in self.trusted}:
+                raise UsageError(f"{record.ref} is not signed by a key of"
+                                 " registry.trusted_keys", hint="sign it with a release key")
             found = self.engine.create(fleet, name, version, devices=request.get("devices"),
                                        overrides=request.get("plan"), source="deploy",
                                        request_id=request["request_id"])
@@ -357,12 +369,18 @@ class Controller:
 
     def _reply(self, request: RolloutRequest, *, rollout: dict[str, Any] | None = None,
                error: EdgekitError | None = None) -> None:
+        self._send_reply(request["request_id"], request["reply_to"], rollout=rollout,
+                         error=error)
+
+    def _send_reply(self, request_id: str, reply_to: str, *,
+                    rollout: dict[str, Any] | None = None,
+                    error: EdgekitError | None = None) -> None:
         assert self.client is not None
-        reply = RolloutReply(schema=ROLLOUT_REPLY_SCHEMA, request_id=request["request_id"],
+        reply = RolloutReply(schema=ROLLOUT_REPLY_SCHEMA, request_id=request_id,
                              ok=error is None)
         if rollout is not None:
             reply["rollout"] = rollout
         if error is not None:
             reply["error"] = {"code": type(error).__name__, "message": error.message,
                               "hint": error.hint or ""}
-        self.client.publish(request["reply_to"], encode(reply), qos=1)
+        self.client.publish(reply_to, encode(reply), qos=1)

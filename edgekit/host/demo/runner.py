@@ -29,6 +29,7 @@ from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.demo.broker import EmbeddedBroker, free_port
 from edgekit.host.demo.report import accuracy_by_phase, write_report
 from edgekit.host.demo.traffic import Phase, TrafficGenerator
+from edgekit.signing import KeyPair
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -88,7 +89,8 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
     return out
 
 
-def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Path) -> Path:
+def _controller_config(work: Path, broker: str, db_url: str, release: KeyPair,
+                       operator: KeyPair) -> Path:
     from edgekit.host.controller import load_config
     from edgekit.host.controller.config import to_toml
 
@@ -96,8 +98,10 @@ def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Pat
                f" --current {{model}} --out {{output}}")
     cfg = load_config(overrides={
         "mqtt.broker": broker, "database.url": db_url, "registry.store": str(work / "registry"),
-        "registry.trusted_keys": [str(pub)],
-        "controller.fleets": [FLEET], "controller.signing_key": str(key),
+        "registry.trusted_keys": [str(release.public_path)],
+        "controller.fleets": [FLEET], "controller.signing_key": str(operator.private_path),
+        "controller.operator_keys": [str(operator.public_path)],
+        "controller.release_key": str(release.private_path),
         "controller.tick_s": 0.2, "controller.workdir": str(work / "jobs"),
         "rollout.canary": "1", "rollout.wave_factor": 2.0, "rollout.device_timeout_s": 90.0,
         "rollout.wave_min_labels": 20, "rollout.labels_timeout_s": 30.0,
@@ -227,6 +231,7 @@ class _DemoRun:
                         EDGEKIT_SAMPLES_MAX_PER_MINUTE="6000", EDGEKIT_QUALITY_WINDOW="60")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.broker: EmbeddedBroker | None = None
+        self.operator: KeyPair | None = None  # signs desired documents and requests
         self.traffic: TrafficGenerator | None = None
         self.store: Any = None
         self.url = ""
@@ -249,13 +254,15 @@ class _DemoRun:
             self.broker = EmbeddedBroker(work / "broker").start()
             self.url = self.broker.url
             clock.say(f"started the embedded MQTT broker (amqtt) at {self.url}")
-        keys = generate_keypair(work / "signing")
+        # Two roles: the release key signs packages, the operator key signs what devices
+        # should run (desired documents) and the requests to the controller.
+        keys = generate_keypair(work / "edgekit-release")
+        self.operator = operator = generate_keypair(work / "edgekit-operator")
         package = _train_and_package(work, clock, keys.private_path)
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
-        config = _controller_config(work, self.url, db_url, keys.private_path,
-                                    keys.public_path)
+        config = _controller_config(work, self.url, db_url, keys, operator)
         self.procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller",
                                   "run", "--config", str(config)], work / "controller.log",
                                  self.env))
@@ -266,7 +273,8 @@ class _DemoRun:
             self.procs.append(_spawn(
                 [sys.executable, "-m", "device_agent", "run", "--device-id", device,
                  "--fleet", FLEET, "--broker", self.url, "--model-dir", str(work / device),
-                 "--trusted-key", str(keys.public_path), "--http", f"127.0.0.1:{port}",
+                 "--trusted-key", str(keys.public_path),
+                 "--intent-key", str(operator.public_path), "--http", f"127.0.0.1:{port}",
                  "--telemetry-interval", "1"], work / f"{device}.log", self.env))
         clock.say(f"started {opts.devices} agents: {', '.join(self.ports)}")
         self.store = Store(db_url)
@@ -274,6 +282,10 @@ class _DemoRun:
               lambda: len(self.store.list_devices(FLEET, online=True)) == opts.devices, 90,
               self.procs)
         return package
+
+    def _operator(self) -> KeyPair:
+        assert self.operator is not None, "start_parts() makes the operator key"
+        return self.operator
 
     def traffic_gen(self) -> TrafficGenerator:
         assert self.traffic is not None, "start_traffic comes first"
@@ -293,7 +305,8 @@ class _DemoRun:
         self.seen = _follow_events(self.store, self.clock, 0)
         deploy = subprocess.run(
             [sys.executable, "-m", "edgekit.host.cli", "deploy", str(package), "--fleet", FLEET,
-             "--broker", self.url, "--timeout", "120", "--probation-seconds", "2",
+             "--broker", self.url, "--key", str(self._operator().private_path), "--timeout", "120",
+             "--probation-seconds", "2",
              "--probation-requests", "10", "--json"],
             capture_output=True, text=True, env=self.env, timeout=180)
         (self.work / "deploy-1.0.0.log").write_text(deploy.stdout + deploy.stderr)

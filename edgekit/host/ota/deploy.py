@@ -4,7 +4,8 @@ The pieces, each usable alone (the fleet controller reuses them):
 
 - :func:`desired_for_package`: the desired document for a registered artifact.
 - :class:`Deployer`: on a :class:`~edgekit.host.mqtt_client.HostClient`, learns the fleet's devices
-  from their retained status, publishes the document (retained, fleet-wide or per device),
+  from their retained status, publishes the document signed by an operator key (retained,
+  fleet-wide or per device),
   and feeds status and ``update.*`` events to a
   :class:`~edgekit.host.ota.tracker.DeploymentTracker` until every target is done or time is up.
 - :func:`read_retained`: the retained payloads under a filter (desired documents, status).
@@ -12,6 +13,7 @@ The pieces, each usable alone (the fleet controller reuses them):
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import threading
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError
 from edgekit.host.mqtt_client import HostClient
@@ -29,11 +32,10 @@ from edgekit.protocol import ROOT, Kind, parse_topic, subscription
 from edgekit.protocol.ota.desired import (
     DesiredDocument,
     Probation,
-    encode_desired,
     make_desired,
     new_deployment_id,
+    seal_desired,
 )
-from edgekit.protocol.ota.rollback import RollbackInstruction
 from edgekit.protocol.ota.topics import artifact_request_topic, desired_topic
 
 __all__ = [
@@ -46,22 +48,27 @@ ChangeCallback = Callable[[DeploymentTracker, DeviceProgress | None], None]
 
 
 def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | None = None,
-                        mqtt_source: bool = True, url: str | None = None,
-                        allow_breaking: bool = False,
-                        rollback: RollbackInstruction | None = None,
-                        probation: Probation | None = None,
-                        latency_budget_ms: float | None = None) -> DesiredDocument:
-    """The desired document that asks for the package ``info``.
+                        devices: list[str] | None = None, mqtt_source: bool = True,
+                        url: str | None = None, allow_breaking: bool = False,
+                        allow_downgrade: bool = False, allow_rename: bool = False,
+                        revert: bool = False, probation: Probation | None = None,
+                        latency_budget_ms: float | None = None,
+                        issued: dt.datetime | None = None,
+                        ttl_s: float | None = None) -> DesiredDocument:
+    """The desired document that asks ``devices`` (None: the fleet) for the package ``info``
+    (with ``revert``: to leave it for the model each ran before).
 
     Raises:
         ProtocolError: an argument makes the document invalid (e.g. no source at all).
     """
     return make_desired(
-        deployment=deployment or new_deployment_id(), name=info.name, version=info.version,
-        sha256=info.sha256, size=info.size, key_id=info.key_id,
+        deployment=deployment or new_deployment_id(), fleet=fleet, devices=devices,
+        name=info.name, version=info.version, sha256=info.sha256, size=info.size,
+        key_id=info.key_id,
         request_topic=artifact_request_topic(fleet, info.sha256) if mqtt_source else None,
-        url=url, allow_breaking=allow_breaking, rollback=rollback, probation=probation,
-        latency_budget_ms=latency_budget_ms)
+        url=url, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
+        allow_rename=allow_rename, revert=revert, probation=probation,
+        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s)
 
 
 def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -> dict[str, bytes]:
@@ -89,14 +96,17 @@ def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -
 
 
 class Deployer:
-    """Publishes one desired document and follows its targets; see the module docstring."""
+    """Publishes one desired document, signed by ``key``, and follows its targets; see the
+    module docstring."""
 
-    def __init__(self, client: HostClient, fleet: str, document: DesiredDocument, *,
-                 devices: list[str] | None = None, include_offline: bool = False,
+    def __init__(self, client: HostClient, fleet: str, document: DesiredDocument,
+                 key: Ed25519PrivateKey, *, devices: list[str] | None = None,
+                 include_offline: bool = False,
                  on_change: ChangeCallback | None = None) -> None:
         self.client = client
         self.fleet = fleet
         self.document = document
+        self.key = key
         self.devices = sorted(set(devices)) if devices else None
         self.tracker = DeploymentTracker(document["deployment"], fleet, document["model"],
                                          devices=self.devices, include_offline=include_offline)
@@ -130,7 +140,7 @@ class Deployer:
         Raises:
             EdgekitError: the broker did not acknowledge within ``wait`` seconds.
         """
-        payload = encode_desired(self.document)
+        payload = seal_desired(self.document, self.key)
         topics = ([desired_topic(self.fleet, d) for d in self.devices] if self.devices
                   else [desired_topic(self.fleet)])
         infos = [self.client.publish(t, payload, qos=1, retain=True) for t in topics]

@@ -1,9 +1,10 @@
 """Over-the-air model updates: the wire documents both sides share.
 
-The host states the model it wants in a retained *desired document* (:mod:`.desired`), an
-artifact server hands the package out in checked chunks (:mod:`.chunks`), a *signed
-rollback instruction* is the only way to go back to an older version (:mod:`.rollback`), and
-every step of an update is an event with a reason code (:mod:`.events`). Topics are in
+The host states the model it wants in a retained *desired document* (:mod:`.desired`),
+signed by an operator key in an :mod:`edgekit.protocol.signed` envelope and bound to its
+fleet, devices, expiry and issue time; only such a document can allow an older version or
+another model (``allow_downgrade``, ``allow_rename``, ``revert``). An artifact server hands
+the package out in checked chunks (:mod:`.chunks`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
 :mod:`.topics`; docs/ota.md is the prose form.
 
 This package imports nothing heavier than :mod:`edgekit.protocol`. The host's half (the
@@ -34,7 +35,9 @@ from edgekit.protocol.ota.chunks import (
 from edgekit.protocol.ota.desired import (
     DEFAULT_PROBATION,
     DESIRED_SCHEMA,
+    DESIRED_TTL_S,
     MAX_ARTIFACT_BYTES,
+    ROLLBACK_TTL_S,
     DesiredDocument,
     DesiredModel,
     MqttSource,
@@ -44,6 +47,7 @@ from edgekit.protocol.ota.desired import (
     make_desired,
     new_deployment_id,
     parse_desired,
+    seal_desired,
 )
 from edgekit.protocol.ota.events import (
     EVENT_PREFIX,
@@ -56,14 +60,6 @@ from edgekit.protocol.ota.events import (
     UpdateStep,
     event_kind,
     step_of,
-)
-from edgekit.protocol.ota.rollback import (
-    ROLLBACK_SCHEMA,
-    RollbackInstruction,
-    canonical_bytes,
-    parse_rollback,
-    sign_rollback,
-    verify_rollback,
 )
 from edgekit.protocol.ota.topics import (
     ARTIFACTS_SCOPE,
@@ -83,11 +79,12 @@ __all__ = [
     "DEFAULT_PROBATION",
     "DEFAULT_SHARE_GROUP",
     "DESIRED_SCHEMA",
+    "DESIRED_TTL_S",
     "EVENT_PREFIX",
     "FINAL_STEPS",
     "MAX_ARTIFACT_BYTES",
     "MAX_CHUNK_BYTES",
-    "ROLLBACK_SCHEMA",
+    "ROLLBACK_TTL_S",
     "Chunk",
     "ChunkErrorCode",
     "ChunkErrorInfo",
@@ -97,7 +94,6 @@ __all__ = [
     "DesiredModel",
     "MqttSource",
     "Probation",
-    "RollbackInstruction",
     "Sources",
     "UpdateEventData",
     "UpdateModel",
@@ -107,7 +103,6 @@ __all__ = [
     "UpdateStep",
     "artifact_request_topic",
     "artifact_subscription",
-    "canonical_bytes",
     "decode_chunk",
     "desired_topic",
     "encode_chunk",
@@ -122,11 +117,9 @@ __all__ = [
     "ota_reply_topic",
     "parse_desired",
     "parse_request",
-    "parse_rollback",
     "parse_time",
     "peek_request_id",
+    "seal_desired",
     "shared",
-    "sign_rollback",
     "step_of",
-    "verify_rollback",
 ]

@@ -5,23 +5,40 @@ per device; the device's own document wins over the fleet's. An empty retained p
 a level (MQTT's way to delete a retained message), so a device goes back to following its
 fleet's document. Example::
 
-    {"schema": "edgekit.desired/1",
+    {"schema": "edgekit.desired/2",
      "deployment": "d20260131T120000-3f2a1c",
      "issued": "2026-01-31T12:00:00Z",
+     "expires": "2026-02-07T12:00:00Z",
+     "fleet": "f1",
+     "devices": null,
      "model": {"name": "digits", "version": "1.1.0", "sha256": "<64 hex>",
                "size": 48213, "key_id": "9f86d081884c7d65"},
      "sources": {"mqtt": {"request_topic": "edgekit/v1/f1/_artifacts/get/<sha256>"},
                  "url": null},
      "allow_breaking": false,
-     "rollback": null,
+     "allow_downgrade": false,
+     "allow_rename": false,
+     "revert": false,
      "latency_budget_ms": null,
      "probation": {"requests": 20, "seconds": 30.0, "max_error_rate": 0.0,
                    "max_nonfinite_rate": 0.0, "max_latency_ms": null}}
 
-``size`` is a hard cap: a device writes nothing past it. ``key_id`` is the key that must
-have signed the package (null: any key the device trusts, or unsigned where the device
-allows it). ``model.sha256`` and ``size`` are null only in a rollback to the copy the device
-keeps on disk. Unknown keys are ignored, so minor additions stay readable by older devices.
+The document travels signed by an operator (intent) key, in an
+:mod:`edgekit.protocol.signed` envelope; :func:`seal_desired` makes one. The signature binds
+everything here: the fleet and the devices it is for (null: every device of the fleet), the
+deployment id, the model's name, version and sha256, the issue time (a device refuses a
+document issued before the newest one it acted on: no replays) and the expiry (a device
+refuses an expired document that would change its model).
+
+``size`` is a hard cap: a device writes nothing past it. ``key_id`` is the release key that
+must have signed the package (null: any key the device trusts for packages).
+``allow_downgrade`` lets a device go to a version not newer than the highest it committed
+(its floor), ``allow_rename`` lets it change to a model of another name; neither is ever
+implied. ``model.sha256`` and ``size`` are null only in a downgrade to the copy the device
+keeps on disk. ``revert: true`` (a rollout's way back) means: a device serving exactly
+``model`` goes back to the model it ran before it (its own record, never a version someone
+else names); a device not serving it does nothing. Unknown keys are ignored, so minor
+additions stay readable by older devices.
 """
 
 from __future__ import annotations
@@ -33,18 +50,22 @@ import secrets
 from typing import Any, NotRequired, TypedDict
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgekit.errors import ProtocolError
 from edgekit.manifest import parse_version
 from edgekit.protocol import encode, is_valid_id, parse_topic
 from edgekit.protocol.ota import _validate as v
 from edgekit.protocol.ota._time import format_time, parse_time
-from edgekit.protocol.ota.rollback import RollbackInstruction, parse_rollback
 from edgekit.protocol.ota.topics import ARTIFACTS_SCOPE
+from edgekit.protocol.signed import seal
 
 __all__ = [
     "DEFAULT_PROBATION",
     "DESIRED_SCHEMA",
+    "DESIRED_TTL_S",
     "MAX_ARTIFACT_BYTES",
+    "ROLLBACK_TTL_S",
     "DesiredDocument",
     "DesiredModel",
     "MqttSource",
@@ -54,12 +75,17 @@ __all__ = [
     "make_desired",
     "new_deployment_id",
     "parse_desired",
+    "seal_desired",
 ]
 
-DESIRED_SCHEMA = "edgekit.desired/1"
+DESIRED_SCHEMA = "edgekit.desired/2"
 MAX_ARTIFACT_BYTES = 4 * 1024**3
+DESIRED_TTL_S = 30 * 86400.0  # default life of a deploy's document (devices that join later)
+ROLLBACK_TTL_S = 86400.0  # default life of a document that allows a downgrade
+_MAX_TTL_S = 400 * 86400.0
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+_MAX_DEVICES = 10_000
 
 
 class DesiredModel(TypedDict):
@@ -104,11 +130,16 @@ DEFAULT_PROBATION = Probation(requests=20, seconds=30.0, max_error_rate=0.0,
 class DesiredDocument(TypedDict):
     schema: str
     deployment: str  # an id, new for every deploy or rollback
-    issued: str  # ISO 8601, UTC
+    issued: str  # ISO 8601, UTC; devices refuse documents older than the last one acted on
+    expires: str  # ISO 8601, UTC; devices refuse an expired document that changes the model
+    fleet: str  # the fleet it is for
+    devices: list[str] | None  # the devices it is for; None: every device of the fleet
     model: DesiredModel
     sources: Sources
     allow_breaking: bool  # accept changed inputs/outputs when the manifest marks the change
-    rollback: RollbackInstruction | None  # required to go to an older version
+    allow_downgrade: bool  # a version not newer than the device's floor may install
+    allow_rename: bool  # a model of another name than the device's floor may install
+    revert: bool  # devices serving ``model`` go back to their own previous model
     latency_budget_ms: float | None  # staging: mean latency on the golden samples, or None
     probation: Probation
 
@@ -119,27 +150,40 @@ def new_deployment_id(now: dt.datetime | None = None) -> str:
     return f"d{moment.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def make_desired(*, deployment: str, name: str, version: str, sha256: str | None,
-                 size: int | None, key_id: str | None = None, request_topic: str | None = None,
+def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256: str | None,
+                 size: int | None, devices: list[str] | None = None,
+                 key_id: str | None = None, request_topic: str | None = None,
                  url: str | None = None, allow_breaking: bool = False,
-                 rollback: RollbackInstruction | None = None,
-                 probation: Probation | None = None, latency_budget_ms: float | None = None,
-                 issued: dt.datetime | None = None) -> DesiredDocument:
+                 allow_downgrade: bool = False, allow_rename: bool = False,
+                 revert: bool = False, probation: Probation | None = None,
+                 latency_budget_ms: float | None = None, issued: dt.datetime | None = None,
+                 ttl_s: float | None = None) -> DesiredDocument:
     """Build a desired document and validate it as a device would.
+
+    ``ttl_s`` is how long it stays valid (default: :data:`ROLLBACK_TTL_S` for a document that
+    allows a downgrade or reverts, else :data:`DESIRED_TTL_S`).
 
     Raises:
         ProtocolError: a field is invalid; the message names it.
     """
+    moment = (issued or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
+    if ttl_s is None:
+        ttl_s = ROLLBACK_TTL_S if (allow_downgrade or revert) else DESIRED_TTL_S
     doc = {
         "schema": DESIRED_SCHEMA,
         "deployment": deployment,
-        "issued": format_time(issued),
+        "issued": format_time(moment),
+        "expires": format_time(moment + dt.timedelta(seconds=ttl_s)),
+        "fleet": fleet,
+        "devices": sorted(set(devices)) if devices is not None else None,
         "model": {"name": name, "version": version, "sha256": sha256, "size": size,
                   "key_id": key_id},
         "sources": {"mqtt": {"request_topic": request_topic} if request_topic else None,
                     "url": url},
         "allow_breaking": allow_breaking,
-        "rollback": rollback,
+        "allow_downgrade": allow_downgrade,
+        "allow_rename": allow_rename,
+        "revert": revert,
         "latency_budget_ms": latency_budget_ms,
         "probation": dict(probation or DEFAULT_PROBATION),
     }
@@ -147,12 +191,20 @@ def make_desired(*, deployment: str, name: str, version: str, sha256: str | None
 
 
 def encode_desired(doc: DesiredDocument) -> bytes:
-    """The retained payload of a desired document."""
+    """The JSON bytes of a desired document (what the envelope's signature covers)."""
     return encode(doc)
+
+
+def seal_desired(doc: DesiredDocument, key: Ed25519PrivateKey) -> bytes:
+    """The retained payload of a desired document: signed by ``key`` (an operator key the
+    devices trust for intents) in an :mod:`edgekit.protocol.signed` envelope."""
+    return seal(encode_desired(doc), key)
 
 
 def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
     """Parse and validate a desired document; fill defaults (probation, optional keys).
+
+    This reads the inner document only: a device checks the envelope's signature first.
 
     Raises:
         ProtocolError: not JSON, not an object, another schema, or a field that is missing or
@@ -173,41 +225,55 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
     if doc.get("schema") != DESIRED_SCHEMA:
         raise ProtocolError(f"desired.schema: expected {DESIRED_SCHEMA!r},"
                             f" found {doc.get('schema')!r}",
-                            hint="this device understands edgekit.desired/1 documents")
-    deployment = v.text(doc, "deployment", "desired", max_len=64)
-    if not is_valid_id(deployment):
-        raise ProtocolError(f"desired.deployment: {deployment!r} is not a valid id",
-                            hint="use letters, digits, '_', '.' or '-'")
+                            hint=f"this device understands {DESIRED_SCHEMA} documents")
+    deployment = _id(doc, "deployment")
+    fleet = _id(doc, "fleet")
+    devices = v.strings(doc, "devices", "desired", nullable=True, max_items=_MAX_DEVICES)
+    if devices is not None and not all(is_valid_id(d) for d in devices):
+        raise ProtocolError("desired.devices: every entry must be a valid device id")
     issued = v.text(doc, "issued", "desired", max_len=64)
-    parse_time(issued, "desired.issued")
-    rollback = doc.get("rollback")
-    instruction = parse_rollback(rollback, "desired.rollback") if rollback is not None else None
-    model = _model(v.obj(v.field(doc, "model", "desired"), "desired.model"), instruction)
+    expires = v.text(doc, "expires", "desired", max_len=64)
+    life = (parse_time(expires, "desired.expires")
+            - parse_time(issued, "desired.issued")).total_seconds()
+    if not 0 < life <= _MAX_TTL_S:
+        raise ProtocolError(f"desired.expires: {expires} must be after desired.issued and"
+                            f" within {_MAX_TTL_S / 86400:g} days of it")
+    allow_downgrade = v.boolean(doc, "allow_downgrade", "desired", default=False)
+    revert = v.boolean(doc, "revert", "desired", default=False)
+    model = _model(v.obj(v.field(doc, "model", "desired"), "desired.model"),
+                   kept_ok=allow_downgrade and not revert)
+    if revert and model["sha256"] is None:
+        raise ProtocolError("desired.model.sha256: a revert names the package it leaves")
     sources = _sources(v.obj(v.field(doc, "sources", "desired"), "desired.sources"),
-                       need_one=model["sha256"] is not None)
-    if instruction is not None:
-        pairs = (("name", model["name"], "name", instruction["name"]),
-                 ("version", model["version"], "to_version", instruction["to_version"]),
-                 ("sha256", model["sha256"], "sha256", instruction["sha256"]))
-        for ours, mine, theirs, signed in pairs:
-            if mine != signed:
-                raise ProtocolError(f"desired.rollback.{theirs}: {signed!r} does not match"
-                                    f" desired.model.{ours} {mine!r}")
+                       need_one=model["sha256"] is not None and not revert)
     return DesiredDocument(
         schema=DESIRED_SCHEMA,
         deployment=deployment,
         issued=issued,
+        expires=expires,
+        fleet=fleet,
+        devices=devices,
         model=model,
         sources=sources,
         allow_breaking=v.boolean(doc, "allow_breaking", "desired", default=False),
-        rollback=instruction,
+        allow_downgrade=allow_downgrade,
+        allow_rename=v.boolean(doc, "allow_rename", "desired", default=False),
+        revert=revert,
         latency_budget_ms=v.number(doc, "latency_budget_ms", "desired", default=None,
                                    nullable=True, low=0.0),
         probation=_probation(doc.get("probation")),
     )
 
 
-def _model(doc: dict[str, Any], instruction: RollbackInstruction | None) -> DesiredModel:
+def _id(doc: dict[str, Any], key: str) -> str:
+    value: str = v.text(doc, key, "desired", max_len=64)
+    if not is_valid_id(value):
+        raise ProtocolError(f"desired.{key}: {value!r} is not a valid id",
+                            hint="use letters, digits, '_', '.' or '-'")
+    return value
+
+
+def _model(doc: dict[str, Any], *, kept_ok: bool) -> DesiredModel:
     where = "desired.model"
     name = v.text(doc, "name", where, max_len=256)
     version = v.text(doc, "version", where, max_len=64)
@@ -217,9 +283,9 @@ def _model(doc: dict[str, Any], instruction: RollbackInstruction | None) -> Desi
         raise ProtocolError(f"{where}.version: {version!r} is not a dotted number") from exc
     sha = v.sha256(doc, "sha256", where, nullable=True)
     size = v.integer(doc, "size", where, low=1, high=MAX_ARTIFACT_BYTES, nullable=True)
-    if sha is None and instruction is None:
-        raise ProtocolError(f"{where}.sha256: null is allowed only in a rollback to a kept copy",
-                            hint="name the package's sha256")
+    if sha is None and not kept_ok:
+        raise ProtocolError(f"{where}.sha256: null is allowed only in a downgrade to a kept"
+                            " copy (allow_downgrade)", hint="name the package's sha256")
     if (sha is None) != (size is None):
         raise ProtocolError(f"{where}.size: must be null exactly when {where}.sha256 is null")
     key_id = v.text(doc, "key_id", where, default=None, nullable=True, max_len=16)

@@ -47,14 +47,18 @@ class UpdateReason(StrEnum):
     """Why an update failed or was rolled back (the event's ``reason``)."""
 
     INVALID_DESIRED = "invalid_desired"  # the desired document is not JSON or not valid
+    UNTRUSTED_INTENT = "untrusted_intent"  # unsigned, or not signed by a trusted intent key
+    NOT_FOR_DEVICE = "not_for_device"  # signed for another fleet or other devices
+    EXPIRED = "expired"  # signed, but past its expiry
+    REPLAYED = "replayed"  # issued before the newest document this device acted on
+    RENAMED = "renamed"  # another model name than the device's floor, without allow_rename
     TOO_LARGE = "too_large"  # the artifact is larger than the device accepts
     NO_SPACE = "no_space"  # not enough free disk space for the download
     DOWNLOAD_FAILED = "download_failed"  # no server answered, or the transfer kept failing
     SHA256_MISMATCH = "sha256_mismatch"  # the downloaded file is not the one named
     UNSIGNED = "unsigned"  # the device requires signatures and the package has none
     BAD_SIGNATURE = "bad_signature"  # signature wrong, untrusted, or not the key named
-    OLDER_VERSION = "older_version"  # not newer than the running model, without a rollback
-    BAD_ROLLBACK = "bad_rollback"  # a rollback instruction that does not verify or match
+    OLDER_VERSION = "older_version"  # not newer than the device's floor, no allow_downgrade
     UNAVAILABLE = "unavailable"  # a rollback to a copy the device does not keep
     INCOMPATIBLE_IO = "incompatible_io"  # inputs/outputs differ and the change is not allowed
     LOAD_FAILED = "load_failed"  # corrupt package, or the runtime cannot load the model
