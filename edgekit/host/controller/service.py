@@ -236,6 +236,7 @@ class Controller:
         """Counters for tests, benchmarks and logs."""
         return {"id": self.id, "ingest": self.ingest.stats.to_dict() if self.ingest else {},
                 "backlog": self.ingest.backlog if self.ingest else 0, "errors": self.errors,
+                "requests_refused": self.refused,
                 "artifacts": vars(self.server.stats) if self.server else {}}
 
     # ---------------------------------------------------------------- control loop
