@@ -149,13 +149,14 @@ def check_config(config_path: str | None, overrides: dict[str, Any], keys: bool,
     """Validate the configuration and print the values in force (secrets masked)."""
     if keys:
         rows = [{"key": k.dotted, "type": k.type, "default": k.default, "env": k.env,
-                 "help": k.help} for k in config_keys()]
+                 "allowed": k.rules.describe(), "help": k.help} for k in config_keys()]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
         else:
             for row in rows:
+                allowed = f" (allowed: {row['allowed']})" if row["allowed"] else ""
                 click.echo(f"{row['key']:<26} {row['type']:<6} {json.dumps(row['default']):<32}"
-                           f" {row['env']}\n    {row['help']}")
+                           f" {row['env']}\n    {row['help']}{allowed}")
         return
     cfg = load_config(config_path, overrides=overrides)
     doc = cfg.to_dict()

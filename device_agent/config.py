@@ -41,6 +41,7 @@ __all__ = [
 
 ENV_PREFIX = "EDGEKIT_"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_ID_RULE = "1 to 64 letters, digits, _ . -, starting with a letter or digit"
 _LISTEN_RE = re.compile(r"^(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})$")
 _CLIENT_ID = Pattern(r"[A-Za-z0-9_.:-]{1,128}", "a valid client id",
                      "use up to 128 letters, digits or _ . : -")
@@ -79,9 +80,9 @@ def _listen(value: str) -> None:
 @dataclass
 class DeviceSection:
     id: str = _opt("", "Device id, unique in its fleet (letters, digits, _ . -). Empty: the host"
-                   " name.", check=_an_id)
+                   " name.", check=_an_id, allows=_ID_RULE)
     fleet: str = _opt("default", "Fleet the device belongs to; the second level of its topics.",
-                      check=_an_id)
+                      check=_an_id, allows=_ID_RULE)
 
 
 @dataclass

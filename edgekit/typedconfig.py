@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 from edgekit.errors import ConfigError
 
 __all__ = [
+    "DOCS_BEGIN",
+    "DOCS_END",
     "ConfigKey",
     "Invalid",
     "Pattern",
@@ -59,7 +61,7 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number",
                "bool": "true or false", "list": "a list of strings"}
 
 
-class Invalid(Exception):  # noqa: N818  (a verdict on a value, raised by a field's check)
+class Invalid(Exception):
     """Raised by a field's ``check`` when a value is not allowed; :func:`validate` turns it
     into a :class:`ConfigError` that names the key and where the value came from."""
 

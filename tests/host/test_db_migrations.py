@@ -165,3 +165,32 @@ def test_db_upgrade_command(tmp_path: Path) -> None:
     assert second.exit_code == 0 and '"changed": false' in second.output
     bad = runner.invoke(cli, ["db", "upgrade", "--db", "nosuch://x"])
     assert bad.exit_code == 2 and "nosuch is not supported" in bad.output
+
+
+def test_event_session_migration_can_be_undone(db_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from edgekit.host.db import _migrate
+
+    store = Store(db_url)
+    store.record_event("f", "boot", device="d1", session=1, seq=1)
+    store.record_event("f", "boot", device="d1", session=2, seq=1)
+    store.close()
+    engine = _engine(db_url)
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_migrate._MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, FIRST_REVISION)
+    with engine.connect() as conn:
+        # Without sessions the two events collide: the first one stays.
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == 1
+        assert conn.execute(text("SELECT version FROM schema_info")).scalar_one() == 1
+    engine.dispose()
+    again = Store(db_url)
+    try:
+        assert (again.migrated.before, again.migrated.after) == (FIRST_REVISION, head_revision())
+        assert _differences(again) == []
+    finally:
+        again.close()

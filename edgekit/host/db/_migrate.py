@@ -13,10 +13,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection
 
 from edgekit.errors import ConfigError
@@ -74,7 +73,7 @@ def upgrade(conn: Connection, where: str) -> Upgrade:
         found = conn.execute(select(SchemaInfo.version).where(SchemaInfo.id == 1)).scalar()
         if found is not None and found > SCHEMA_VERSION:
             raise _newer(where, f"schema version {found}", str(SCHEMA_VERSION))
-    before = MigrationContext.configure(conn).get_current_revision()
+    before = _current_revision(conn, tables)
     if before is None and "schema_info" in tables:
         before = FIRST_REVISION
         _run(conn, "stamp", FIRST_REVISION)
@@ -85,6 +84,18 @@ def upgrade(conn: Connection, where: str) -> Upgrade:
         raise _newer(where, f"schema revision {before}", head)
     _run(conn, "upgrade", head)
     return Upgrade(before, head)
+
+
+def _current_revision(conn: Connection, tables: set[str]) -> str | None:
+    # Read directly rather than through Alembic's MigrationContext, which logs its setup
+    # at INFO level on every open.
+    if "alembic_version" not in tables:
+        return None
+    found = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(found) > 1:  # several heads: not a history this edgekit wrote
+        raise ConfigError(f"the database has several schema revisions ({', '.join(found)})",
+                          hint="it was migrated by another tool; restore it from a backup")
+    return found[0] if found else None
 
 
 def _unknown(revision: str) -> bool:
