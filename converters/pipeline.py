@@ -70,17 +70,31 @@ def make_ref(source: Any, *, weights: str | os.PathLike[str] | None = None) -> S
             return SourceRef(factory=text, weights=w)
         p = Path(text)
         if not p.exists():
-            raise ModelError(f"model {p} not found", hint="check the path")
+            # A file argument that does not exist is a usage error (exit 2, docs/cli.md).
+            raise UsageError(f"model {p} not found",
+                             hint="check the path (a .pt2, .pt, .keras, SavedModel folder or"
+                                  " .onnx file, or package.module:factory)")
         return SourceRef(path=p, weights=w)
     return SourceRef(obj=source, weights=w)
 
 
 def load_source(source: Any, opts: ConvertOptions, *, weights: Any = None,
-                example: dict[str, np.ndarray] | None = None) -> LoadedSource:
-    """Find the loader for ``source`` and load it."""
+                example: dict[str, np.ndarray] | None = None,
+                example_source: str | None = None) -> LoadedSource:
+    """Find the loader for ``source`` and load it; ``example_source`` names where the
+    example came from (``"evaluation data e.npz"``) in the error when it does not fit.
+
+    Raises:
+        UsageError: the source file does not exist.
+        ModelError: the source cannot be loaded.
+        DataError: the example does not fit the model's declared inputs, or the model
+            fails on it.
+    """
     ref = make_ref(source, weights=weights)
     if example is not None:
         ref.example = example
+        if example_source:
+            ref.example_source = example_source
     return find_loader(ref).load(ref, opts)
 
 
@@ -94,15 +108,18 @@ def run_batches(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _example_from(data: Dataset | None, opts: ConvertOptions) -> dict[str, np.ndarray] | None:
+def _example_from(calib: Dataset | None, evald: Dataset | None,
+                  opts: ConvertOptions) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The example input (batch 1) and where it came from, for error messages."""
     if opts.input_shapes:
         return {
             name: np.zeros(shape, dtype=opts.input_dtypes.get(name, "float32"))
             for name, shape in opts.input_shapes.items()
-        }
-    if data is not None:
-        return {k: v[:1] for k, v in data.inputs.items()}
-    return None
+        }, "the --input-shape example"
+    for data, what in ((calib, "calibration data"), (evald, "evaluation data")):
+        if data is not None:
+            return {k: v[:1] for k, v in data.inputs.items()}, f"{what} {data.source}"
+    return None, "the example input"
 
 
 def _infer_task(opts: ConvertOptions, outputs: list[TensorSpec], labels: np.ndarray | None) -> str:
@@ -175,7 +192,8 @@ def convert(
 
     progress("loading source model")
     ref = make_ref(source, weights=weights)
-    ref.example = ref.example or _example_from(raw_calib or raw_eval, opts)
+    if ref.example is None:
+        ref.example, ref.example_source = _example_from(raw_calib, raw_eval, opts)
     loaded = find_loader(ref).load(ref, opts)
     if loaded.framework not in backend.SOURCES:
         raise UsageError(
@@ -183,8 +201,9 @@ def convert(
             f" (this target takes: {', '.join(sorted(backend.SOURCES))})"
         )
 
-    calib = _fit(raw_calib, loaded.inputs, "calibration data")
-    evald = _fit(raw_eval, loaded.inputs, "evaluation data")
+    warnings: list[str] = []
+    calib = _fit(raw_calib, loaded.inputs, "calibration data", warnings)
+    evald = _fit(raw_eval, loaded.inputs, "evaluation data", warnings)
     if opts.quantize == "int8" and calib is None:
         calib = evald
         if calib is None:
@@ -243,7 +262,7 @@ def convert(
                 "atol": opts.golden_atol, "rtol": opts.golden_rtol, "file": "golden.npz"},
         extra=extra_manifest or {},
     )
-    warnings = list(result.notes)
+    warnings.extend(result.notes)
     if not report["parity"]["passed"]:
         msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
         if opts.strict:
@@ -258,12 +277,20 @@ def convert(
     return ConversionResult(path, manifest, report, warnings)
 
 
-def _fit(data: Dataset | None, specs: list[TensorSpec], what: str) -> Dataset | None:
+def _fit(data: Dataset | None, specs: list[TensorSpec], what: str,
+         warnings: list[str]) -> Dataset | None:
+    """``data`` checked and cast to the model's inputs; a cast from integers to floats is
+    allowed (pixels stored as integers) but noted, since it is often a mistake."""
     from edgekit.data import check_inputs
 
     if data is None:
         return None
     inputs = check_inputs(data.inputs, specs, f"{what} {data.source}")
+    for name, arr in inputs.items():
+        given = data.inputs.get(name, data.inputs.get("x"))
+        if given is not None and given.dtype.kind in "iub" and arr.dtype.kind == "f":
+            warnings.append(f"{what} {data.source}: input '{name}' holds {given.dtype},"
+                            f" cast to the model's {arr.dtype}")
     return Dataset(inputs, data.labels, data.source)
 
 

@@ -37,7 +37,7 @@ from edgekit.runtimes import RuntimeOptions, load_session
 from ..evaluate import run_model
 from ..options import ConvertOptions
 from .candidates import Recipe, select_recipes
-from .report import choose, format_table, write_plot
+from .report import change_text, choose, format_table, write_plot
 
 __all__ = ["METRICS", "OBJECTIVES", "OptimizeResult", "optimize"]
 
@@ -383,7 +383,7 @@ def _summary(row: dict[str, Any], metric: str) -> str:
     if row["status"] != "ok":
         return f"failed ({row['error']})"
     verdict = "within budget" if row["meets_budget"] else "misses the budget"
-    return (f"{metric} {row['metric']:.4f} (drop {row['drop']:+.4f}, {verdict}),"
+    return (f"{metric} {row['metric']:.4f} ({change_text(row['drop'])}, {verdict}),"
             f" {row['size_bytes'] / 1024:.1f} KiB, {row['convert_s']:.1f} s")
 
 

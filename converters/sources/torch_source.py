@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgekit.artifact import sha256_file
-from edgekit.errors import ModelError
+from edgekit.errors import DataError, ModelError
 from edgekit.manifest import TensorSpec
 
 from .._registry import LoadedSource, SourceLoader, SourceRef, register_source
@@ -70,8 +70,12 @@ class TorchSource(LoadedSource):
         self._reference = reference
         # A program traced with a fixed batch only runs on that batch: feed it in chunks.
         self._fixed_batch = fixed_batch
-        with torch.no_grad():
-            flat, names = _flatten_outputs(reference(*example_args))
+        try:
+            with torch.no_grad():
+                out = reference(*example_args)
+        except Exception as exc:  # the model's own code raises anything
+            raise _example_failed(ref, example_args, exc) from exc
+        flat, names = _flatten_outputs(out)
         self.output_names = names
         inputs = [_spec(name, t, dynamic_batch)
                   for name, t in zip(input_names, example_args, strict=True)]
@@ -111,6 +115,17 @@ class TorchSource(LoadedSource):
         import torch
 
         return {"framework_version": torch.__version__, "kind": self.kind}
+
+
+def _example_failed(ref: SourceRef, example_args: tuple[Any, ...],
+                    exc: Exception) -> DataError:
+    """The model cannot run its example: say which data, with which shapes and dtypes."""
+    given = ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+                      for t in example_args)
+    return DataError(
+        f"the model fails on {ref.example_source} ({given}): {_first_line(exc)}",
+        hint="check the data's shapes and dtypes against the model's forward(), or give the"
+             " example with --input-shape NAME:1x...:DTYPE")
 
 
 def _torch_loaded() -> Any:
@@ -253,8 +268,25 @@ def _from_module(ref: SourceRef, model: Any, opts: ConvertOptions,
 
 def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
                   digest: str | None) -> TorchSource:
-    """A program keeps the batch it was exported with: a fixed one stays fixed."""
+    """A program keeps the batch it was exported with: a fixed one stays fixed.
+
+    The program declares its inputs (names, shapes, dtypes): data given as the example is
+    checked against them before anything runs, and without data the example is made from
+    them (zeros, batch 1).
+
+    Raises:
+        DataError: the example data does not fit the program's inputs.
+    """
+    from edgekit.data import check_inputs
+
     names = list(program.graph_signature.user_inputs)
+    declared = program_input_specs(program)
+    if ref.example:
+        ref.example = check_inputs(ref.example, declared,
+                                   f"{ref.example_source} (first sample)")
+    else:
+        ref.example = _zeros_for(declared)
+        ref.example_source = "zeros shaped like the program's inputs"
     example = _example_args(ref, names, opts)
     notes = []
     static = _static_batch_of(program)
@@ -395,6 +427,38 @@ def _traceable(scripted: Any, example: tuple[Any, ...]) -> tuple[Any, list[str]]
     except Exception as exc:  # the converter covers only part of TorchScript
         return scripted, [f"TorchScript could not be converted to a torch.export program"
                           f" ({_first_line(exc)}); exporters that need one will fail"]
+
+
+def program_input_specs(program: Any) -> list[TensorSpec]:
+    """The user inputs a ``torch.export`` program declares: symbolic dimensions become
+    names (the first one ``batch``), fixed ones stay numbers."""
+    import torch
+
+    wanted = list(program.graph_signature.user_inputs)
+    metas = {node.name: node.meta.get("val") for node in program.graph.nodes
+             if node.op == "placeholder"}
+    specs = []
+    for name in wanted:
+        val = metas.get(name)
+        if val is None or not hasattr(val, "shape"):
+            raise ModelError(f"the program's input {name!r} is not a tensor",
+                             hint="export a model whose inputs are tensors")
+        shape: list[int | str] = [
+            (BATCH_DIM if i == 0 else str(d)) if isinstance(d, torch.SymInt) else int(d)
+            for i, d in enumerate(val.shape)]
+        specs.append(TensorSpec(name=name, dtype=str(val.dtype).replace("torch.", ""),
+                                shape=shape))
+    return specs
+
+
+def _zeros_for(specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Batch-1 zeros for each input (any symbolic dimension gets 1)."""
+    return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape],
+                             dtype=_numpy_dtype(s.dtype)) for s in specs}
+
+
+def _numpy_dtype(dtype: str) -> Any:
+    return np.bool_ if dtype == "bool" else np.dtype(dtype)
 
 
 def _static_batch_of(program: Any) -> int | None:

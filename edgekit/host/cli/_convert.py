@@ -135,7 +135,7 @@ def _kb(n: int | None) -> str:
 
 
 @cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
+@click.argument("package", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(package: str, as_json: bool) -> None:
     """Show a package's manifest: model, inputs, outputs, recipe, metrics, signature."""

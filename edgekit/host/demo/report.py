@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.compress.report import spread_labels
 from edgekit.host.demo.traffic import Record
 
 __all__ = ["accuracy_by_phase", "write_report"]
@@ -60,10 +61,16 @@ def write_report(out: Path, summary: dict[str, Any], records: list[Record],
     for dev in devices:
         grid, acc = _rolling([r for r in records if r.device == dev], 10.0, t0)
         ax.plot(grid, acc, label=dev, linewidth=1.2)
+    ax.set_ylim(0, 1.02)
+    texts = []
     for t, label in markers:
         ax.axvline(t - t0, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(t - t0, 0.02, label, rotation=90, fontsize=7, va="bottom", ha="right")
-    ax.set_ylim(0, 1.02)
+        texts.append(ax.annotate(label, (t - t0, 0.02), xycoords=("data", "axes fraction"),
+                                 xytext=(-2, 0), textcoords="offset points", rotation=90,
+                                 fontsize=7, va="bottom", ha="right"))
+    # Markers a few seconds apart (deploy, first device updated, ...) would print on top
+    # of each other: step each label to the right of the one before.
+    spread_labels(fig, texts, direction="right")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("accuracy (10 s window)")
     ax.set_title("Accuracy per device, with phase and rollout markers")
