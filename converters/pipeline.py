@@ -22,7 +22,7 @@ import edgekit
 from edgekit import metrics as M
 from edgekit.artifact import golden_to_npz, sha256_file, write_package
 from edgekit.data import Dataset, load_npz
-from edgekit.errors import DataError, ModelError, UsageError, ValidationError
+from edgekit.errors import DataError, UsageError, ValidationError
 from edgekit.manifest import Manifest, TensorSpec
 from edgekit.runtimes import RuntimeOptions, Session, backend_for
 from edgekit.timing import measure

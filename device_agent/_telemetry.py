@@ -17,6 +17,7 @@ from edgekit.protocol import (
     StatusPayload,
     TelemetrySection,
 )
+from edgekit.signing import key_id
 
 from ._model import probabilities
 from ._stats import Interval
@@ -48,6 +49,8 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
     )
     if reason:
         payload["reason"] = reason
+    payload["trusted_keys"] = [key_id(k) for k in agent.trust.trusted_keys]
+    payload["allow_unsigned"] = bool(agent.trust.allow_unsigned)
     update = agent.ota.status_section()
     if update is not None:
         payload["update"] = update

@@ -241,6 +241,10 @@ class StatusPayload(TypedDict):
     # The update in progress, else the last one: deployment, step, model, reason, message
     # (edgekit.protocol.ota.events.UpdateStatus; docs/ota.md).
     update: NotRequired[dict[str, Any]]
+    # Key ids the agent accepts packages from, and whether it accepts unsigned ones, so a
+    # deploy can say before publishing that no device would accept its package.
+    trusted_keys: NotRequired[list[str]]
+    allow_unsigned: NotRequired[bool]
 
 
 class RequestsSection(TypedDict):

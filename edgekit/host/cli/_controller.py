@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -25,10 +24,7 @@ from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._table import format_table
 
 if TYPE_CHECKING:
-    from edgekit.host.controller import RolloutStatePayload
     from edgekit.host.db import DeviceRecord, EventRecord, Store
-    from edgekit.host.mqtt_client import HostClient
-    from edgekit.host.ota.store import ArtifactInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -349,65 +345,3 @@ def _print_events(found: list[EventRecord], as_json: bool, cursor: int) -> int:
                    else _event_line(e))
         cursor = max(cursor, e.id)
     return cursor
-
-
-# --------------------------------------------------------------------------- deploy
-
-
-def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInfo, *,
-                          devices: list[str] | None, plan: dict[str, Any], timeout: float,
-                          no_wait: bool, as_json: bool, quiet: bool) -> int | None:
-    """``edgekit deploy`` through the controller that looks after ``fleet_name``.
-
-    Returns None when no controller does (deploy then publishes directly), else the exit
-    code: 0 when the rollout succeeded (or, with ``no_wait``, was created), 1 otherwise.
-
-    Raises:
-        RemoteRolloutError: the controller refused the rollout.
-        EdgekitError: the controller did not answer.
-    """
-    from edgekit.host.controller.remote import find_controllers, follow_rollout, request_rollout
-
-    found = find_controllers(client, fleet_name)
-    if not found:
-        return None
-    names = ", ".join(p["id"] for p in found)
-    if not quiet:
-        click.echo(f"controller {names} looks after fleet {fleet_name}: asking it for a"
-                   " rollout", err=True)
-    rollout = request_rollout(client, fleet_name, name=info.name, version=info.version,
-                              sha256=info.sha256, package=str(Path(info.path).resolve()),
-                              devices=devices, plan=plan)
-    rid = int(rollout["id"])
-    if not quiet:
-        click.echo(f"rollout {rid}: {info.name} {info.version} to"
-                   f" {len(rollout.get('targets') or [])} device(s), waves"
-                   f" {rollout['plan'].get('waves')}", err=True)
-    if no_wait:
-        if as_json:
-            emit_json({"rollout": rollout, "state": rollout["state"]})
-        else:
-            click.echo(f"rollout {rid} created; follow it with `edgekit events --follow"
-                       f" --rollout {rid}`")
-        return 0
-
-    def show(state: RolloutStatePayload) -> None:
-        if not quiet:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(state["counts"].items()))
-            click.echo(f"rollout {rid}: {state['state']}, wave {state['wave']} ({counts})",
-                       err=True)
-
-    final = follow_rollout(client, fleet_name, rid, timeout, show)
-    state = final["state"] if final else rollout["state"]
-    if as_json:
-        emit_json({"rollout": rollout, "state": state,
-                   "counts": final["counts"] if final else {},
-                   "reason": final["reason"] if final else None})
-    else:
-        reason = f": {final['reason']}" if final and final["reason"] else ""
-        click.echo(f"rollout {rid} {state}{reason}")
-    if state != "succeeded" and final is not None and final["state"] in ("running", "pending",
-                                                                          "aborting", "paused"):
-        click.echo(f"still {state} after {timeout:g} s; it goes on in the controller"
-                   f" (`edgekit events --follow --rollout {rid}`)", err=True)
-    return 0 if state == "succeeded" else 1
