@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._table import format_table
 
@@ -43,6 +44,9 @@ def _open(db_url: str | None) -> Store:
 # --------------------------------------------------------------------------- controller
 
 
+_METRICS_FILE_S = 5.0
+
+
 @cli.group()
 def controller() -> None:
     """The fleet controller: ingest telemetry, drive rollouts, keep the models good."""
@@ -58,11 +62,18 @@ def controller() -> None:
 @click.option("--id", "controller_id", help="Override controller.id.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Override controller.log_level.")
+@click.option("--metrics", "metrics_addr", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False),
+              help="Write Prometheus metrics to this file every few seconds (node_exporter"
+                   " textfile collector).")
 def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
                    store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
-                   log_level: str | None) -> None:
+                   log_level: str | None, metrics_addr: str | None,
+                   metrics_file: str | None) -> None:
     """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
     from edgekit.host.controller import Controller, load_config
+    from edgekit.host.controller.metrics import ControllerMetrics
 
     overrides: dict[str, Any] = {}
     for key, value in (("mqtt.broker", broker), ("database.url", db_url),
@@ -78,14 +89,43 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ctl = Controller(cfg).start()
+    ctl = Controller(cfg)
+    metrics = ControllerMetrics(ctl)
+    metrics.instrument()
+    if metrics_addr:
+        metrics.serve(metrics_addr)
+    ctl.start()
     click.echo(f"controller {ctl.id} running: broker {cfg.mqtt.broker}, fleets"
-               f" {', '.join(cfg.controller.fleets)}", err=True)
+               f" {', '.join(cfg.controller.fleets)}"
+               + (f", metrics on http://{metrics_addr}/metrics" if metrics_addr else ""),
+               err=True)
+    writer = None
+    if metrics_file:
+        writer = threading.Thread(target=_write_metrics, args=(stop, metrics, metrics_file),
+                                  name="edgekit-metrics-file", daemon=True)
+        writer.start()
     try:
         ctl.wait(stop)
     finally:
         ctl.stop()
+        stop.set()
+        if writer is not None:
+            writer.join(10.0)
+        metrics.close()
     click.echo(f"controller {ctl.id} stopped", err=True)
+
+
+def _write_metrics(stop: threading.Event, metrics: Any, path: str) -> None:
+    """Write the metrics file every few seconds until ``stop``, and once more then."""
+    while not stop.wait(_METRICS_FILE_S):
+        try:
+            metrics.write_file(path)
+        except EdgekitError as exc:
+            click.echo(f"warning: {exc.message}", err=True)
+    try:
+        metrics.write_file(path)
+    except EdgekitError as exc:
+        click.echo(f"warning: {exc.message}", err=True)
 
 
 @controller.command("check-config")
