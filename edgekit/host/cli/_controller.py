@@ -220,7 +220,9 @@ def _status_text(devices: list[DeviceRecord]) -> str:
     from edgekit.host.db import utcnow
 
     if not devices:
-        return "no devices have reported yet"
+        return ("no devices have reported yet. The database is filled by a running"
+                " controller: start `edgekit controller run --broker URL --fleet NAME` (same"
+                " --db) and connect the agents to that broker")
     now = utcnow()
     rows = [[d.fleet, d.device, "yes" if d.online else "no",
              f"{d.model_name}:{d.model_version}" if d.model_version else None,
@@ -242,7 +244,11 @@ def _status_text(devices: list[DeviceRecord]) -> str:
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print devices and fleet summaries as JSON.")
 def fleet_status(fleet_name: str | None, db_url: str | None, as_json: bool) -> None:
-    """Devices: online, model, latency, accuracy and F1 with their label counts, last seen."""
+    """Devices: online, model, latency, accuracy and F1 with their label counts, last seen.
+
+    The figures come from the database a running controller fills (`edgekit controller
+    run`); without one it stays empty.
+    """
     store = _open(db_url)
     try:
         devices = store.list_devices(fleet_name)
