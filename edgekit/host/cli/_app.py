@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -86,6 +87,11 @@ class EdgekitGroup(click.Group):
                 exc.format_message(), hint=f"see `{where} --help`")) from exc
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            # The reader went away (`edgekit ... | head`): nothing is left to say to it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
         except Exception as exc:
             if _debug(ctx):
                 raise
