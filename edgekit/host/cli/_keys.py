@@ -22,7 +22,10 @@ def keys() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the key id and paths as JSON.")
 def keys_generate(prefix: str, force: bool, as_json: bool) -> None:
-    """Write PREFIX.key (private, mode 0600) and PREFIX.pub (public)."""
+    """Write PREFIX.key (private, mode 0600) and PREFIX.pub (public).
+
+    PREFIX defaults to edgekit-signing, in the current folder.
+    """
     pair = generate_keypair(prefix, overwrite=force)
     if as_json:
         emit_json({"private": str(pair.private_path), "public": str(pair.public_path),
