@@ -140,7 +140,7 @@ def test_3_written_files_honour_the_umask_and_private_keys_stay_private(
 
     old = os.umask(0o022)
     try:
-        keys = generate_keypair(tmp_path / "k")
+        generate_keypair(tmp_path / "k")
         save_npz(tmp_path / "d.npz", {"x": np.zeros((1, 2), np.float32)})
         os.umask(0o077)
         save_npz(tmp_path / "private.npz", {"x": np.zeros((1, 2), np.float32)})
