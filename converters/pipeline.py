@@ -222,18 +222,28 @@ def convert(
                          golden_count=int(next(iter(golden_in.values())).shape[0]),
                          extra=extra_manifest)
     warnings.extend(result.notes)
-    if not report["parity"]["passed"]:
-        msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
-        if opts.strict:
-            raise ValidationError(msg, hint="loosen the tolerances or pick another --quantize mode;"
-                                  " nothing was written")
-        warnings.append(msg)
+    _check_parity(report, opts, warnings)
     path = None
     if output is not None:
         progress("writing package")
         write_package(output, manifest, members, sign_key=sign_key)
         path = Path(output)
     return ConversionResult(path, manifest, report, warnings)
+
+
+def _check_parity(report: dict[str, Any], opts: ConvertOptions, warnings: list[str]) -> None:
+    """A failed parity check is a warning, or with ``opts.strict`` an error.
+
+    Raises:
+        ValidationError: parity failed and ``opts.strict`` is set.
+    """
+    if report["parity"]["passed"]:
+        return
+    msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
+    if opts.strict:
+        raise ValidationError(msg, hint="loosen the tolerances or pick another --quantize mode;"
+                              " nothing was written")
+    warnings.append(msg)
 
 
 def _backend_for(opts: ConvertOptions) -> type[TargetBackend]:

@@ -26,10 +26,16 @@ from edgekit.manifest import TensorSpec
 
 from .._registry import LoadedSource, SourceLoader, SourceRef, register_source
 from ..options import ConvertOptions
+from ._torch_export import (
+    BATCH_DIM,
+    program_input_specs,
+    repeat_batch,
+    static_batch_of,
+    zeros_for,
+)
 
 __all__ = ["TorchSource", "quiet_logs"]
 
-BATCH_DIM = "batch"
 _TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".torchscript")
 
 
@@ -285,17 +291,17 @@ def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
         ref.example = check_inputs(ref.example, declared,
                                    f"{ref.example_source} (first sample)")
     else:
-        ref.example = _zeros_for(declared)
+        ref.example = zeros_for(declared)
         ref.example_source = "zeros shaped like the program's inputs"
     example = _example_args(ref, names, opts)
     notes = []
-    static = _static_batch_of(program)
+    static = static_batch_of(program)
     if static is not None:
         if opts.dynamic_batch:
             notes.append(
                 f"the torch.export program has a fixed batch of {static}; the artifact"
                 " keeps it (export with dynamic_shapes for a symbolic batch)")
-        example = tuple(_repeat_batch(t, static) for t in example)
+        example = tuple(repeat_batch(t, static) for t in example)
     module = program.module()
     return TorchSource(ref, module=module, reference=module, example_args=example,
                        input_names=names, kind="export",
@@ -427,55 +433,6 @@ def _traceable(scripted: Any, example: tuple[Any, ...]) -> tuple[Any, list[str]]
     except Exception as exc:  # the converter covers only part of TorchScript
         return scripted, [f"TorchScript could not be converted to a torch.export program"
                           f" ({_first_line(exc)}); exporters that need one will fail"]
-
-
-def program_input_specs(program: Any) -> list[TensorSpec]:
-    """The user inputs a ``torch.export`` program declares: symbolic dimensions become
-    names (the first one ``batch``), fixed ones stay numbers."""
-    import torch
-
-    wanted = list(program.graph_signature.user_inputs)
-    metas = {node.name: node.meta.get("val") for node in program.graph.nodes
-             if node.op == "placeholder"}
-    specs = []
-    for name in wanted:
-        val = metas.get(name)
-        if val is None or not hasattr(val, "shape"):
-            raise ModelError(f"the program's input {name!r} is not a tensor",
-                             hint="export a model whose inputs are tensors")
-        shape: list[int | str] = [
-            (BATCH_DIM if i == 0 else str(d)) if isinstance(d, torch.SymInt) else int(d)
-            for i, d in enumerate(val.shape)]
-        specs.append(TensorSpec(name=name, dtype=str(val.dtype).replace("torch.", ""),
-                                shape=shape))
-    return specs
-
-
-def _zeros_for(specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Batch-1 zeros for each input (any symbolic dimension gets 1)."""
-    return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape],
-                             dtype=_numpy_dtype(s.dtype)) for s in specs}
-
-
-def _numpy_dtype(dtype: str) -> Any:
-    return np.bool_ if dtype == "bool" else np.dtype(dtype)
-
-
-def _static_batch_of(program: Any) -> int | None:
-    """The fixed batch size of a program's first user input, or None when it is symbolic."""
-    import torch
-
-    first = program.graph_signature.user_inputs[0]
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name == first:
-            val = node.meta.get("val")
-            if val is not None and not isinstance(val.shape[0], torch.SymInt):
-                return int(val.shape[0])
-    return None
-
-
-def _repeat_batch(tensor: Any, batch: int) -> Any:
-    return tensor.expand(batch, *tensor.shape[1:]).contiguous()
 
 
 def _flatten_outputs(out: Any) -> tuple[list[Any], list[str]]:

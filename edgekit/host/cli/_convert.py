@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from edgekit.artifact import open_package
+from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json, progress_printer
 from edgekit.host.naming import Naming, registry_records, resolve_naming
 from edgekit.signing import load_private_key
@@ -81,9 +82,7 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         shapes[in_name] = dims
         if dtype:
             dtypes[in_name] = dtype
-    naming = _naming(source, name, version, db_url)
-    for notice in naming.notices:
-        click.echo(f"notice: {notice}", err=True)
+    naming = resolve_cli_naming(source, name, version, db_url)
     name, version = naming.name, naming.version
     opts = ConvertOptions(
         target=target, quantize=quantize, per_channel=not per_tensor,
@@ -109,10 +108,14 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         click.echo(f"wrote {result.path}{' (signed)' if key else ' (unsigned)'}")
 
 
-def _naming(source: str, name: str | None, version: str | None,
-            db_url: str | None) -> Naming:
+def resolve_cli_naming(source: str, name: str | None, version: str | None,
+                       db_url: str | None) -> Naming:
     """The name and version of the package: given, else from the registry (see
-    :mod:`edgekit.host.naming`)."""
+    :mod:`edgekit.host.naming`); each choice made is printed as a ``notice:`` on stderr.
+
+    Raises:
+        EdgekitError: ``db_url`` was given and the registry cannot be read.
+    """
     from pathlib import Path
 
     from converters.pipeline import default_name, make_ref, source_sha256
@@ -120,11 +123,23 @@ def _naming(source: str, name: str | None, version: str | None,
     if name is not None and version is not None:
         return Naming(name, version)
     ref = make_ref(source)
-    records = registry_records(db_url)
+    try:
+        records = registry_records(db_url)
+    except EdgekitError as exc:
+        if db_url:
+            raise
+        # The default registry is a convenience: one that cannot be read (a full disk, a
+        # database of a newer edgekit) must not stop a conversion.
+        click.echo(f"notice: the registry was not read ({exc.message}); naming without it",
+                   err=True)
+        records = []
     sha = source_sha256(ref.path) if ref.path is not None and records else None
     reference = str(Path(source)) if ref.path is not None else source
-    return resolve_naming(name=name, version=version, stem=default_name(ref),
-                          source_sha256=sha, source_ref=reference, records=records)
+    naming = resolve_naming(name=name, version=version, stem=default_name(ref),
+                            source_sha256=sha, source_ref=reference, records=records)
+    for notice in naming.notices:
+        click.echo(f"notice: {notice}", err=True)
+    return naming
 
 
 def format_report(name: str, version: str, recipe: dict[str, Any], report: dict[str, Any]) -> str:

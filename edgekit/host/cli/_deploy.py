@@ -18,6 +18,7 @@ from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress, Outcome
 from edgekit.host.ota.usecase import (
     check_before_deploy,
+    controllers_for,
     deploy_direct,
     deploy_via_controller,
     start_artifact_server,
@@ -176,7 +177,8 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     """Update a fleet, or some of its devices, to PACKAGE.
 
     First checks the targets' retained status: the deploy is refused (exit 1, nothing
-    published; --force overrides) when the fleet or a --device never reported, a target
+    published; --force overrides) when the fleet (unless a controller looks after it, or
+    with --no-wait) or a --device never reported, a target
     runs a newer version of the model (without --sign-key) or another model name, or no
     key a target trusts signed PACKAGE. When every target fails, the desired document from
     before the deploy is put back, so devices that join later do not fetch PACKAGE.
@@ -204,8 +206,10 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
     with HostClient(broker).connect() as client:
+        managed = not direct and bool(controllers_for(client, fleet))
         report = check_before_deploy(client, fleet, info, devices=targets,
-                                     signed_rollback=rollback is not None, force=force)
+                                     signed_rollback=rollback is not None, force=force,
+                                     empty_fleet_ok=managed or no_wait)
         for finding in report.findings:
             forced = " (forced)" if finding.refuse else ""
             click.echo(f"warning: {finding.message}{forced}", err=True)

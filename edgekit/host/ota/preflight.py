@@ -125,13 +125,20 @@ def parse_status(device: str, payload: bytes) -> DeviceView | None:
 
 
 def preflight(fleet: str, info: ArtifactInfo, views: dict[str, DeviceView], *,
-              devices: list[str] | None, signed_rollback: bool = False) -> PreflightReport:
-    """Judge a deploy of ``info`` to ``devices`` (None: the whole fleet)."""
+              devices: list[str] | None, signed_rollback: bool = False,
+              empty_fleet_ok: bool = False) -> PreflightReport:
+    """Judge a deploy of ``info`` to ``devices`` (None: the whole fleet).
+
+    ``empty_fleet_ok`` makes a fleet without devices a warning, not a refusal: when a
+    controller looks after the fleet (it decides), or when the document is published for
+    devices still to come (``--no-wait``).
+    """
     report = PreflightReport()
     if not views:
         report.findings.append(Finding(
             "unknown_fleet", f"fleet {fleet!r} has no device that ever reported a status"
-                             " (check --fleet and that the agents connect to this broker)"))
+                             " (check --fleet and that the agents connect to this broker)",
+            refuse=not empty_fleet_ok))
         return report
     targets: list[DeviceView] = []
     for device in devices or []:

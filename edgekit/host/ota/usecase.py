@@ -42,8 +42,8 @@ _FAILED = (Outcome.FAILED, Outcome.ROLLED_BACK)
 
 
 def check_before_deploy(client: HostClient, fleet: str, info: ArtifactInfo, *,
-                        devices: list[str] | None, signed_rollback: bool,
-                        force: bool) -> PreflightReport:
+                        devices: list[str] | None, signed_rollback: bool, force: bool,
+                        empty_fleet_ok: bool = False) -> PreflightReport:
     """Run :func:`~edgekit.host.ota.preflight.preflight` on the fleet's retained statuses.
 
     Raises:
@@ -51,7 +51,7 @@ def check_before_deploy(client: HostClient, fleet: str, info: ArtifactInfo, *,
         EdgekitError: the broker did not answer.
     """
     report = preflight(fleet, info, read_fleet(client, fleet), devices=devices,
-                       signed_rollback=signed_rollback)
+                       signed_rollback=signed_rollback, empty_fleet_ok=empty_fleet_ok)
     if not force:
         report.raise_if_refused()
     return report
@@ -229,6 +229,17 @@ class _RolloutEvents:
                 self.devices[parts.device] = DeviceReason(
                     step.value, reason if isinstance(reason, str) else None,
                     str(doc.get("message", ""))[:300])
+
+
+def controllers_for(client: HostClient, fleet: str) -> list[str]:
+    """The ids of the controllers that look after ``fleet`` (from their retained presence).
+
+    Raises:
+        EdgekitError: the broker did not answer.
+    """
+    from edgekit.host.controller.remote import find_controllers
+
+    return [str(p["id"]) for p in find_controllers(client, fleet)]
 
 
 def deploy_via_controller(client: HostClient, fleet: str, info: ArtifactInfo, *,
