@@ -288,8 +288,12 @@ def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
     names = list(program.graph_signature.user_inputs)
     declared = program_input_specs(program)
     if ref.example:
-        ref.example = check_inputs(ref.example, declared,
-                                   f"{ref.example_source} (first sample)")
+        given = dict(ref.example)
+        if len(declared) == 1 and len(given) == 1 and declared[0].name not in given:
+            # One input, one array: the array is that input whatever its key (as for
+            # modules, whose parameter names the data cannot know).
+            given = {declared[0].name: next(iter(given.values()))}
+        ref.example = check_inputs(given, declared, f"{ref.example_source} (first sample)")
     else:
         ref.example = zeros_for(declared)
         ref.example_source = "zeros shaped like the program's inputs"
