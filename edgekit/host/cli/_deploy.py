@@ -13,12 +13,13 @@ import click
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.mqtt_client import HostClient
-from edgekit.host.ota.deploy import desired_for_package, read_retained
+from edgekit.host.ota.deploy import desired_for_package
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress, Outcome
 from edgekit.host.ota.usecase import (
     check_before_deploy,
     controllers_for,
+    current_model_name,
     deploy_direct,
     deploy_via_controller,
     start_artifact_server,
@@ -32,10 +33,9 @@ from edgekit.protocol.ota.desired import (
     Probation,
     make_desired,
     new_deployment_id,
-    parse_desired,
 )
 from edgekit.protocol.ota.rollback import sign_rollback
-from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP, desired_topic
+from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP
 from edgekit.signing import load_private_key
 
 _BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
@@ -274,7 +274,7 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         model_name = model_name or info.name
     with HostClient(broker).connect() as client:
         if model_name is None:
-            model_name = _current_model_name(client, fleet, targets)
+            model_name = current_model_name(client, fleet, targets)
         instruction = sign_rollback(key, fleet=fleet, devices=targets, name=model_name,
                                     to_version=to_version,
                                     sha256=info.sha256 if info else None)
@@ -290,19 +290,6 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
                   no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                   quiet=quiet, restore_on_failure=False)
     sys.exit(0 if ok else 1)
-
-
-def _current_model_name(client: HostClient, fleet: str, devices: list[str] | None) -> str:
-    topics = [desired_topic(fleet, d) for d in devices or []] + [desired_topic(fleet)]
-    for topic in topics:
-        payload = read_retained(client, topic).get(topic)
-        if payload:
-            try:
-                return parse_desired(payload)["model"]["name"]
-            except EdgekitError:
-                continue
-    raise UsageError("no desired document names the model to roll back",
-                     hint="pass --name NAME or --package PKG")
 
 
 def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: DesiredDocument,

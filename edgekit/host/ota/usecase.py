@@ -24,7 +24,7 @@ from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_ar
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeployResult, Outcome
 from edgekit.protocol import Kind, parse_topic, subscription
-from edgekit.protocol.ota.desired import DesiredDocument
+from edgekit.protocol.ota.desired import DesiredDocument, parse_desired
 from edgekit.protocol.ota.events import UpdateStep, step_of
 from edgekit.protocol.ota.topics import desired_topic
 
@@ -32,6 +32,8 @@ __all__ = [
     "ControllerOutcome",
     "DirectOutcome",
     "check_before_deploy",
+    "controllers_for",
+    "current_model_name",
     "deploy_direct",
     "deploy_via_controller",
     "start_artifact_server",
@@ -55,6 +57,24 @@ def check_before_deploy(client: HostClient, fleet: str, info: ArtifactInfo, *,
     if not force:
         report.raise_if_refused()
     return report
+
+
+def current_model_name(client: HostClient, fleet: str, devices: list[str] | None) -> str:
+    """The model name the devices' (else the fleet's) retained desired document names.
+
+    Raises:
+        UsageError: no desired document names one.
+    """
+    topics = [desired_topic(fleet, d) for d in devices or []] + [desired_topic(fleet)]
+    for topic in topics:
+        payload = read_retained(client, topic).get(topic)
+        if payload:
+            try:
+                return parse_desired(payload)["model"]["name"]
+            except EdgekitError:
+                continue
+    raise UsageError("no desired document names the model to roll back",
+                     hint="pass --name NAME or --package PKG")
 
 
 def start_artifact_server(client: HostClient, store: ArtifactStore, fleets: list[str],
