@@ -47,6 +47,9 @@ class SourceRef:
     obj: Any = None
     weights: Path | None = None
     example: dict[str, np.ndarray] | None = None
+    # Where the example came from ("calibration data c.npz"), for the error when it does
+    # not fit the model.
+    example_source: str = "the example input"
 
     def describe(self) -> str:
         if self.path is not None:

@@ -122,7 +122,8 @@ def evaluate(
         from converters import ConvertOptions, load_source
 
         loaded = load_source(model, ConvertOptions(), weights=weights,
-                             example={k: v[:1] for k, v in ds.inputs.items()})
+                             example={k: v[:1] for k, v in ds.inputs.items()},
+                             example_source=f"evaluation data {ds.source}")
         specs, outputs, kind = loaded.inputs, loaded.outputs, loaded.framework
         predict: Predict = loaded.predict
         described = loaded.ref.describe()

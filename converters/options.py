@@ -32,7 +32,7 @@ class ConvertOptions:
     optimize_graph: bool = field(default=True, metadata={"help": "apply onnxruntime graph optimizations offline"})
     nodes_to_exclude: list[str] = field(default_factory=list, metadata={"help": "ONNX nodes kept in float"})
     name: str | None = field(default=None, metadata={"help": "artifact name (default: source file stem)"})
-    version: str | None = field(default=None, metadata={"help": "dotted version (default: UTC timestamp)"})
+    version: str | None = field(default=None, metadata={"help": "dotted version (default: 0.1.0; the CLI takes the next patch from the registry)"})
     task: str = field(default="auto", metadata={"help": "auto, classification, regression, embedding"})
     labels: list[str] | None = field(default=None, metadata={"help": "class names"})
     input_shapes: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "name -> shape"})

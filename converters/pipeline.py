@@ -22,7 +22,7 @@ import edgekit
 from edgekit import metrics as M
 from edgekit.artifact import golden_to_npz, sha256_file, write_package
 from edgekit.data import Dataset, load_npz
-from edgekit.errors import DataError, ModelError, UsageError, ValidationError
+from edgekit.errors import DataError, UsageError, ValidationError
 from edgekit.manifest import Manifest, TensorSpec
 from edgekit.runtimes import RuntimeOptions, Session, backend_for
 from edgekit.timing import measure
@@ -30,13 +30,18 @@ from edgekit.timing import measure
 from ._registry import (
     LoadedSource,
     SourceRef,
+    TargetBackend,
     TargetResult,
     find_loader,
     target_backends,
 )
 from .options import ConvertOptions
 
-__all__ = ["ConversionResult", "convert", "load_source", "run_batches"]
+__all__ = ["DEFAULT_VERSION", "ConversionResult", "convert", "default_name", "load_source",
+           "make_ref", "run_batches"]
+
+# Semantic, so that later versions (1.0.0, a rollback --to 1.2.0) order after it.
+DEFAULT_VERSION = "0.1.0"
 
 Progress = Callable[[str], None]
 
@@ -70,17 +75,31 @@ def make_ref(source: Any, *, weights: str | os.PathLike[str] | None = None) -> S
             return SourceRef(factory=text, weights=w)
         p = Path(text)
         if not p.exists():
-            raise ModelError(f"model {p} not found", hint="check the path")
+            # A file argument that does not exist is a usage error (exit 2, docs/cli.md).
+            raise UsageError(f"model {p} not found",
+                             hint="check the path (a .pt2, .pt, .keras, SavedModel folder or"
+                                  " .onnx file, or package.module:factory)")
         return SourceRef(path=p, weights=w)
     return SourceRef(obj=source, weights=w)
 
 
 def load_source(source: Any, opts: ConvertOptions, *, weights: Any = None,
-                example: dict[str, np.ndarray] | None = None) -> LoadedSource:
-    """Find the loader for ``source`` and load it."""
+                example: dict[str, np.ndarray] | None = None,
+                example_source: str | None = None) -> LoadedSource:
+    """Find the loader for ``source`` and load it; ``example_source`` names where the
+    example came from (``"evaluation data e.npz"``) in the error when it does not fit.
+
+    Raises:
+        UsageError: the source file does not exist.
+        ModelError: the source cannot be loaded.
+        DataError: the example does not fit the model's declared inputs, or the model
+            fails on it.
+    """
     ref = make_ref(source, weights=weights)
     if example is not None:
         ref.example = example
+        if example_source:
+            ref.example_source = example_source
     return find_loader(ref).load(ref, opts)
 
 
@@ -94,15 +113,18 @@ def run_batches(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _example_from(data: Dataset | None, opts: ConvertOptions) -> dict[str, np.ndarray] | None:
+def _example_from(calib: Dataset | None, evald: Dataset | None,
+                  opts: ConvertOptions) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The example input (batch 1) and where it came from, for error messages."""
     if opts.input_shapes:
         return {
             name: np.zeros(shape, dtype=opts.input_dtypes.get(name, "float32"))
             for name, shape in opts.input_shapes.items()
-        }
-    if data is not None:
-        return {k: v[:1] for k, v in data.inputs.items()}
-    return None
+        }, "the --input-shape example"
+    for data, what in ((calib, "calibration data"), (evald, "evaluation data")):
+        if data is not None:
+            return {k: v[:1] for k, v in data.inputs.items()}, f"{what} {data.source}"
+    return None, "the example input"
 
 
 def _infer_task(opts: ConvertOptions, outputs: list[TensorSpec], labels: np.ndarray | None) -> str:
@@ -156,35 +178,25 @@ def convert(
         OutputWriteError: the package could not be written (nothing partial is left).
     """
     opts = (opts or ConvertOptions()).validate()
-    backends = target_backends()
-    if opts.target not in backends:
-        raise UsageError(f"target {opts.target!r} is not available (have: {sorted(backends)})")
-    backend = backends[opts.target]
-    if opts.quantize not in backend.QUANT_MODES:
-        raise UsageError(
-            f"--quantize {opts.quantize} is not supported for --to {opts.target}"
-            f" (supported: {', '.join(sorted(backend.QUANT_MODES))})"
-        )
+    backend = _backend_for(opts)
     if output is not None and not Path(output).parent.exists():
         raise UsageError(f"output folder {Path(output).parent} does not exist")
-
-    raw_calib = calibration if isinstance(calibration, Dataset) else (
-        load_npz(calibration) if calibration is not None else None)
-    raw_eval = eval_data if isinstance(eval_data, Dataset) else (
-        load_npz(eval_data) if eval_data is not None else None)
+    raw_calib = _dataset(calibration)
+    raw_eval = _dataset(eval_data)
 
     progress("loading source model")
     ref = make_ref(source, weights=weights)
-    ref.example = ref.example or _example_from(raw_calib or raw_eval, opts)
+    if ref.example is None:
+        ref.example, ref.example_source = _example_from(raw_calib, raw_eval, opts)
     loaded = find_loader(ref).load(ref, opts)
     if loaded.framework not in backend.SOURCES:
         raise UsageError(
             f"{loaded.framework} models cannot be converted to {opts.target}"
             f" (this target takes: {', '.join(sorted(backend.SOURCES))})"
         )
-
-    calib = _fit(raw_calib, loaded.inputs, "calibration data")
-    evald = _fit(raw_eval, loaded.inputs, "evaluation data")
+    warnings: list[str] = []
+    calib = _fit(raw_calib, loaded.inputs, "calibration data", warnings)
+    evald = _fit(raw_eval, loaded.inputs, "evaluation data", warnings)
     if opts.quantize == "int8" and calib is None:
         calib = evald
         if calib is None:
@@ -199,30 +211,96 @@ def convert(
     progress("validating the artifact")
     session = backend_for(backend.FORMAT).load(
         result.model, result.inputs, result.outputs, RuntimeOptions(threads=opts.threads))
-    check = evald or calib
-    if check is None:
-        if ref.example is None:
-            raise DataError("no data to validate the artifact against",
-                            hint="pass --eval or --calibration data, or --input-shape")
-        rng = np.random.default_rng(0)
-        check = Dataset({k: _random_like(v, rng, 16) for k, v in ref.example.items()}, None,
-                        "random inputs")
+    check = evald or calib or _random_check_data(ref)
     report, task = _validate(loaded, session, result, check, opts)
     report["latency"] = _latency(loaded, session, check, opts)
-
-    name = opts.name or _default_name(ref)
-    version = opts.version or _dt.datetime.now(_dt.UTC).strftime("%Y.%m%d.%H%M%S")
     golden_in = {k: v[: opts.golden_count] for k, v in check.inputs.items()}
-    golden_out = session.run(golden_in)
-    members = {backend.MODEL_FILE: result.model, "golden.npz": golden_to_npz(golden_in, golden_out)}
-    report["size"] = {"artifact_model_bytes": len(result.model)}
+    members = {backend.MODEL_FILE: result.model,
+               "golden.npz": golden_to_npz(golden_in, session.run(golden_in))}
+    report["size"] = _size_report(ref, len(result.model))
+    manifest = _manifest(ref, loaded, backend, result, opts, report, task,
+                         golden_count=int(next(iter(golden_in.values())).shape[0]),
+                         extra=extra_manifest)
+    warnings.extend(result.notes)
+    _check_parity(report, opts, warnings)
+    path = None
+    if output is not None:
+        progress("writing package")
+        write_package(output, manifest, members, sign_key=sign_key)
+        path = Path(output)
+    return ConversionResult(path, manifest, report, warnings)
+
+
+def _check_parity(report: dict[str, Any], opts: ConvertOptions, warnings: list[str]) -> None:
+    """A failed parity check is a warning, or with ``opts.strict`` an error.
+
+    Raises:
+        ValidationError: parity failed and ``opts.strict`` is set.
+    """
+    if report["parity"]["passed"]:
+        return
+    msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
+    if opts.strict:
+        raise ValidationError(msg, hint="loosen the tolerances or pick another --quantize mode;"
+                              " nothing was written")
+    warnings.append(msg)
+
+
+def _backend_for(opts: ConvertOptions) -> type[TargetBackend]:
+    """The target backend of ``opts``, checked to take its quantization mode.
+
+    Raises:
+        UsageError: the target is not available or does not support the mode.
+    """
+    backends = target_backends()
+    if opts.target not in backends:
+        raise UsageError(f"target {opts.target!r} is not available (have: {sorted(backends)})")
+    backend = backends[opts.target]
+    if opts.quantize not in backend.QUANT_MODES:
+        raise UsageError(
+            f"--quantize {opts.quantize} is not supported for --to {opts.target}"
+            f" (supported: {', '.join(sorted(backend.QUANT_MODES))})"
+        )
+    return backend
+
+
+def _dataset(data: str | os.PathLike[str] | Dataset | None) -> Dataset | None:
+    if data is None or isinstance(data, Dataset):
+        return data
+    return load_npz(data)
+
+
+def _random_check_data(ref: SourceRef) -> Dataset:
+    """Random inputs shaped like the example, when no data was given to validate with.
+
+    Raises:
+        DataError: there is no example either.
+    """
+    if ref.example is None:
+        raise DataError("no data to validate the artifact against",
+                        hint="pass --eval or --calibration data, or --input-shape")
+    rng = np.random.default_rng(0)
+    return Dataset({k: _random_like(v, rng, 16) for k, v in ref.example.items()}, None,
+                   "random inputs")
+
+
+def _size_report(ref: SourceRef, model_bytes: int) -> dict[str, Any]:
+    size: dict[str, Any] = {"artifact_model_bytes": model_bytes}
     src_size = _source_size(ref)
     if src_size:
-        report["size"]["source_bytes"] = src_size
-        report["size"]["ratio"] = len(result.model) / src_size
-    manifest = Manifest(
-        name=name,
-        version=version,
+        size["source_bytes"] = src_size
+        size["ratio"] = model_bytes / src_size
+    return size
+
+
+def _manifest(ref: SourceRef, loaded: LoadedSource, backend: type[TargetBackend],
+              result: TargetResult, opts: ConvertOptions, report: dict[str, Any], task: str,
+              *, golden_count: int, extra: dict[str, Any] | None) -> Manifest:
+    """The manifest: semantic version ``0.1.0`` unless one is given (the CLI derives the
+    next one from the registry)."""
+    return Manifest(
+        name=opts.name or default_name(ref),
+        version=opts.version or DEFAULT_VERSION,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         task=task,
         labels=opts.labels,
@@ -239,31 +317,26 @@ def convert(
         recipe=result.recipe,
         tools=_tool_versions(result.tools),
         metrics=report,
-        golden={"count": int(next(iter(golden_in.values())).shape[0]),
+        golden={"count": golden_count,
                 "atol": opts.golden_atol, "rtol": opts.golden_rtol, "file": "golden.npz"},
-        extra=extra_manifest or {},
+        extra=extra or {},
     )
-    warnings = list(result.notes)
-    if not report["parity"]["passed"]:
-        msg = "parity check failed: " + "; ".join(report["parity"]["failures"])
-        if opts.strict:
-            raise ValidationError(msg, hint="loosen the tolerances or pick another --quantize mode;"
-                                  " nothing was written")
-        warnings.append(msg)
-    path = None
-    if output is not None:
-        progress("writing package")
-        write_package(output, manifest, members, sign_key=sign_key)
-        path = Path(output)
-    return ConversionResult(path, manifest, report, warnings)
 
 
-def _fit(data: Dataset | None, specs: list[TensorSpec], what: str) -> Dataset | None:
+def _fit(data: Dataset | None, specs: list[TensorSpec], what: str,
+         warnings: list[str]) -> Dataset | None:
+    """``data`` checked and cast to the model's inputs; a cast from integers to floats is
+    allowed (pixels stored as integers) but noted, since it is often a mistake."""
     from edgekit.data import check_inputs
 
     if data is None:
         return None
     inputs = check_inputs(data.inputs, specs, f"{what} {data.source}")
+    for name, arr in inputs.items():
+        given = data.inputs.get(name, data.inputs.get("x"))
+        if given is not None and given.dtype.kind in "iub" and arr.dtype.kind == "f":
+            warnings.append(f"{what} {data.source}: input '{name}' holds {given.dtype},"
+                            f" cast to the model's {arr.dtype}")
     return Dataset(inputs, data.labels, data.source)
 
 
@@ -330,7 +403,8 @@ def _latency(loaded: LoadedSource, session: Session, data: Dataset,
             "source": src.to_dict(), "ratio_p50": art.p50_ms / src.p50_ms if src.p50_ms else None}
 
 
-def _default_name(ref: SourceRef) -> str:
+def default_name(ref: SourceRef) -> str:
+    """The name a model gets without --name: the file stem, or the factory's name."""
     if ref.path is not None:
         return ref.path.stem if ref.path.is_file() else ref.path.name
     if ref.factory is not None:

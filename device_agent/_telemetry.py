@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,11 +17,14 @@ from edgekit.protocol import (
     StatusPayload,
     TelemetrySection,
 )
+from edgekit.signing import key_id
 
 from ._model import probabilities
 from ._stats import Interval
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from ._agent import Agent
 
 __all__ = ["build_metrics", "build_status", "prometheus_text"]
@@ -45,6 +49,8 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
         started=agent.started,
         reason=reason or None,
         update=agent.ota.status_section(),
+        trusted_keys=[key_id(k) for k in agent.trust.trusted_keys],
+        allow_unsigned=bool(agent.trust.allow_unsigned),
     )
 
 
@@ -102,87 +108,100 @@ def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
     )
 
 
-def _labels(**pairs: str) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items())
-    return "{" + inner + "}" if inner else ""
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the agent's numbers.
+    """The Prometheus text exposition of the agent's numbers, through prometheus_client.
 
-    Counters are live; latency quantiles, throughput and CPU come from the last interval.
+    Counters and the request latency histogram (seconds, cumulative since start, with
+    ``_sum`` and ``_count``) are live; throughput and CPU are gauges of the last interval.
     """
-    lines: list[str] = []
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {_number(value)}")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_AgentCollector(agent, last))
+    return generate_latest(registry).decode("utf-8")
 
-    stats = agent.stats
-    model = agent.slot.current
-    metric("edgekit_agent_requests_total", "counter", "Answered inference requests.",
-           [("", stats.requests_total)])
-    metric("edgekit_agent_errors_total", "counter", "Refused or failed requests.",
-           [("", stats.errors_total)])
-    metric("edgekit_agent_up_seconds", "gauge", "Seconds since the agent started.",
-           [("", time.time() - agent.started)])
-    metric("edgekit_agent_model_info", "gauge", "The model in service (value 1).",
-           [(_labels(name=model.name, version=model.version, sha256=model.sha256,
-                     runtime=model.runtime), 1)] if model is not None else [])
-    metric("edgekit_agent_mqtt_connected", "gauge", "1 while the broker connection is up.",
-           [("", 1 if agent.link is not None and agent.link.connected else 0)])
+
+class _AgentCollector:
+    """Reads the agent's state at scrape time (nothing is kept twice)."""
+
+    def __init__(self, agent: Agent, last: MetricsPayload | None) -> None:
+        self.agent = agent
+        self.last = last
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        agent = self.agent
+        stats = agent.stats
+        yield CounterMetricFamily("edgekit_agent_requests", "Answered inference requests.",
+                                  value=stats.requests_total)
+        yield CounterMetricFamily("edgekit_agent_errors", "Refused or failed requests.",
+                                  value=stats.errors_total)
+        hist = stats.latency_histogram()
+        yield HistogramMetricFamily(
+            "edgekit_agent_request_latency_seconds",
+            "Inference request latency in seconds, since the agent started.",
+            buckets=[("+Inf" if b == float("inf") else repr(b), n) for b, n in hist.buckets],
+            sum_value=hist.sum_s)
+        yield GaugeMetricFamily("edgekit_agent_up_seconds", "Seconds since the agent started.",
+                                value=time.time() - agent.started)
+        info = GaugeMetricFamily("edgekit_agent_model_info", "The model in service (value 1).",
+                                 labels=["name", "version", "sha256", "runtime"])
+        model = agent.slot.current
+        if model is not None:
+            info.add_metric([model.name, model.version, model.sha256, model.runtime], 1)
+        yield info
+        yield GaugeMetricFamily("edgekit_agent_mqtt_connected",
+                                "1 while the broker connection is up.",
+                                value=1 if agent.link is not None and agent.link.connected else 0)
+        yield from _quality_metrics(agent)
+        if agent.outbox is not None:
+            yield GaugeMetricFamily("edgekit_agent_telemetry_queue_depth",
+                                    "Messages waiting to be sent.", value=agent.outbox.depth)
+            yield CounterMetricFamily("edgekit_agent_telemetry_dropped",
+                                      "Messages dropped at the queue bound.",
+                                      value=agent.outbox.dropped)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the agent.",
+                                value=agent.system.rss_bytes())
+        if self.last is not None:
+            yield from _interval_metrics(self.last)
+
+
+def _quality_metrics(agent: Agent) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     quality = agent.window.snapshot()
-    metric("edgekit_agent_window_labels", "gauge", "Labelled predictions in the window.",
-           [("", quality.labels)])
+    yield GaugeMetricFamily("edgekit_agent_window_labels", "Labelled predictions in the window.",
+                            value=quality.labels)
     if quality.accuracy is not None and quality.f1_macro is not None:
-        metric("edgekit_agent_window_accuracy", "gauge", "Accuracy over the labelled window.",
-               [("", quality.accuracy)])
-        metric("edgekit_agent_window_f1_macro", "gauge", "Macro F1 over the labelled window.",
-               [("", quality.f1_macro)])
-    metric("edgekit_agent_feedback_total", "counter", "Labels received.",
-           [("", quality.feedback_total)])
+        yield GaugeMetricFamily("edgekit_agent_window_accuracy",
+                                "Accuracy over the labelled window.", value=quality.accuracy)
+        yield GaugeMetricFamily("edgekit_agent_window_f1_macro",
+                                "Macro F1 over the labelled window.", value=quality.f1_macro)
+    yield CounterMetricFamily("edgekit_agent_feedback", "Labels received.",
+                              value=quality.feedback_total)
+    per_class = CounterMetricFamily("edgekit_agent_predictions",
+                                    "Predicted rows per class (updated each telemetry"
+                                    " interval).", labels=["label"])
     totals: Counter[str] = agent.class_totals
-    metric("edgekit_agent_predictions_total", "counter",
-           "Predicted rows per class (updated each telemetry interval).",
-           [(_labels(label=k), v) for k, v in sorted(totals.items())])
-    if agent.outbox is not None:
-        metric("edgekit_agent_telemetry_queue_depth", "gauge", "Messages waiting to be sent.",
-               [("", agent.outbox.depth)])
-        metric("edgekit_agent_telemetry_dropped_total", "counter",
-               "Messages dropped at the queue bound.", [("", agent.outbox.dropped)])
-    metric("process_resident_memory_bytes", "gauge", "Resident memory of the agent.",
-           [("", agent.system.rss_bytes())])
-    if last is not None:
-        lat = last.latency
-        quantiles: list[tuple[str, float]] = [
-            (_labels(quantile=q), value) for q, value in
-            (("0.5", lat.p50_ms), ("0.95", lat.p95_ms), ("0.99", lat.p99_ms))
-            if value is not None
-        ]
-        metric("edgekit_agent_latency_ms", "summary",
-               "Request latency in milliseconds over the last interval.",
-               [*quantiles, ("_count", lat.count)])
-        metric("edgekit_agent_throughput_rps", "gauge", "Requests per second, last interval.",
-               [("", last.throughput_rps)])
-        system = last.system
-        if system.cpu_percent is not None:
-            metric("edgekit_agent_cpu_percent", "gauge", "CPU of the agent, last interval.",
-                   [("", system.cpu_percent)])
-        if system.temperature_c is not None:
-            metric("edgekit_agent_temperature_celsius", "gauge", "Hottest thermal zone.",
-                   [("", system.temperature_c)])
-    return "\n".join(lines) + "\n"
+    for label, count in sorted(totals.items()):
+        per_class.add_metric([label], count)
+    yield per_class
 
 
-def _number(value: float) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
+def _interval_metrics(last: MetricsPayload) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    yield GaugeMetricFamily("edgekit_agent_throughput_rps",
+                            "Requests per second, last interval.", value=last.throughput_rps)
+    system = last.system
+    if system.cpu_percent is not None:
+        yield GaugeMetricFamily("edgekit_agent_cpu_percent", "CPU of the agent, last interval.",
+                                value=system.cpu_percent)
+    if system.temperature_c is not None:
+        yield GaugeMetricFamily("edgekit_agent_temperature_celsius", "Hottest thermal zone.",
+                                value=system.temperature_c)

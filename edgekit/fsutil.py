@@ -26,9 +26,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask, from /proc where it can be read without changing it (setting it
+    and back is a race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[bytes]]:
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *,
+                 private: bool = False) -> Iterator[IO[bytes]]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    The file gets the mode an ordinary ``open`` would give it (0666 less the umask), so a
+    service user can read a package or public key that another user wrote; ``private``
+    keeps it 0600 (private keys). ``mkstemp`` alone would leave every file 0600.
 
     Raises:
         OutputWriteError: the folder is missing or not writable, or the disk is full.
@@ -47,6 +67,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         raise OutputWriteError(f"cannot write in {folder}: {exc.strerror}") from exc
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o600 if private else 0o666 & ~_current_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -64,7 +85,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
+                       private: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    with atomic_write(path) as handle:
+    with atomic_write(path, private=private) as handle:
         handle.write(data)

@@ -68,8 +68,7 @@ def generate_keypair(prefix: str | os.PathLike[str], *, overwrite: bool = False)
     pub = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    write_bytes_atomic(private_path, pem)
-    os.chmod(private_path, 0o600)
+    write_bytes_atomic(private_path, pem, private=True)
     write_bytes_atomic(public_path, pub)
     return KeyPair(private_path, public_path, key_id(private.public_key()))
 

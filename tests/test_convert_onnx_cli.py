@@ -82,8 +82,8 @@ def test_signed_package_verifies_and_a_tampered_one_does_not(files: dict[str, Pa
 
 def test_missing_model_file(tmp_path: Path) -> None:
     res = run_cli("convert", tmp_path / "nothere.pt2", "-o", tmp_path / "out.edgepkg")
-    assert res.exit_code == 1
-    assert "nothere.pt2 not found" in res.output
+    assert res.exit_code == 2  # a missing file argument is a usage error (docs/cli.md)
+    assert "nothere.pt2 not found" in res.output and "hint:" in res.output
     assert listing(tmp_path) == set()
 
 

@@ -66,9 +66,12 @@ def load_torch_source(source: Any, *, weights: str | os.PathLike[str] | None,
     """
     from converters import ConvertOptions, load_source
 
+    where = None
     if example is None and data is not None:
         example = {k: v[:1] for k, v in data.inputs.items()}
-    loaded = load_source(source, ConvertOptions(), weights=weights, example=example)
+        where = f"data {data.source}"
+    loaded = load_source(source, ConvertOptions(), weights=weights, example=example,
+                         example_source=where)
     if loaded.framework != "pytorch":
         raise UsageError(
             f"{loaded.ref.describe()} is a {loaded.framework} model; this command takes"

@@ -37,7 +37,7 @@ from edgekit.runtimes import RuntimeOptions, load_session
 from ..evaluate import run_model
 from ..options import ConvertOptions
 from .candidates import Recipe, select_recipes
-from .report import choose, format_table, write_plot
+from .report import change_text, choose, format_table, write_plot
 
 __all__ = ["METRICS", "OBJECTIVES", "OptimizeResult", "optimize"]
 
@@ -252,14 +252,90 @@ def optimize(
         ValidationError: no candidate meets the budget (nothing is written).
         OutputWriteError: the package or plot cannot be written.
     """
-    from converters import load_source, target_backends
-
     _check(metric, max_drop, objective, targets, latency_runs)
     if sensitivity_samples < 1 or max_probes < 1:
         raise UsageError("--sensitivity-samples and --max-probes must be 1 or more")
-    recipes = select_recipes(targets, candidates)
     if output is not None and not Path(output).resolve().parent.is_dir():
         raise UsageError(f"output folder {Path(output).parent} does not exist")
+    base = (options or ConvertOptions()).validate()
+    study = _prepare(source, eval_data, calibration, metric, base, weights,
+                     select_recipes(targets, candidates), progress)
+    with tempfile.TemporaryDirectory(prefix="edgekit-optimize-") as tmp:
+        runner = Runner(source, base, weights=weights, calibration=study.calib,
+                        eval_set=study.ev, reference=study.reference, metric=metric,
+                        baseline=study.baseline, max_drop=max_drop, workdir=Path(tmp))
+        rows, fallback = _run_candidates(runner, study, sensitivity_samples, max_probes,
+                                         progress)
+        progress(f"timing {len(runner.packages)} candidates and the source model"
+                 f" ({latency_runs} interleaved runs, batch 1, {base.threads} thread(s))")
+        one = {k: v[:1] for k, v in study.ev.inputs.items()}
+        stats, src_stats = _time_all(runner.packages, study.loaded, one, base.threads,
+                                     latency_runs)
+        for row in rows:
+            if row["name"] in stats:
+                p50, p95 = stats[row["name"]]
+                row.update(latency_p50_ms=p50, latency_p95_ms=p95,
+                           latency_ratio=p50 / src_stats[0] if src_stats[0] else None)
+        src = {"framework": study.loaded.framework, "metric": study.baseline,
+               "latency_p50_ms": src_stats[0], "latency_p95_ms": src_stats[1]}
+        chosen, reason = choose(rows, metric=metric, max_drop=max_drop, objective=objective,
+                                fallback=fallback)
+        table = format_table(rows, metric=metric, source=src,
+                             chosen=chosen["name"] if chosen else None)
+        threshold = study.baseline - max_drop
+        settings = {"metric": metric, "max_drop": max_drop, "baseline": study.baseline,
+                    "threshold": threshold, "objective": objective, "targets": list(targets),
+                    "threads": base.threads, "eval": study.ev.source,
+                    "eval_samples": len(study.ev),
+                    "calibration": (study.calib or study.ev).source,
+                    "latency": {"batch": 1, "runs": latency_runs, "method": "interleaved"}}
+        if chosen is None:
+            raise ValidationError(
+                "\n".join([reason, *(f"note: {n}" for n in study.notes), table]),
+                hint="raise --max-drop, add candidates, or improve the model; nothing was"
+                     " written")
+        result = OptimizeResult(chosen=chosen, reason=reason, rows=rows, source=src,
+                                settings=settings, sensitivity=fallback, table=table,
+                                notes=study.notes)
+        if output is not None:
+            _write(runner.packages[chosen["name"]], Path(output), result, sign_key)
+            result.output = Path(output)
+            if plot:
+                result.plot = Path(output).with_suffix(".optimize.png")
+                write_plot(result.plot, rows, metric=metric, threshold=threshold, source=src,
+                           chosen=chosen["name"],
+                           title=f"{Path(output).name}: {metric} vs latency"
+                                 f" (max drop {max_drop:g}, {base.threads} thread(s))")
+    return result
+
+
+@dataclass
+class _Study:
+    """What every candidate is measured against: the data, the source and its score."""
+
+    ev: Dataset
+    calib: Dataset | None
+    loaded: Any
+    recipes: list[Recipe]
+    reference: np.ndarray
+    baseline: float
+    notes: list[str]
+
+
+def _prepare(source: Any, eval_data: str | os.PathLike[str] | Dataset,
+             calibration: str | os.PathLike[str] | Dataset | None, metric: str,
+             base: ConvertOptions, weights: Any, recipes: list[Recipe],
+             progress: Progress) -> _Study:
+    """Load the data and the source (the data checked against its inputs before it runs),
+    drop the recipes whose target does not take it, and score the source.
+
+    Raises:
+        DataError: no labels for accuracy/f1, or data that do not fit the model.
+        ModelError: the source cannot be loaded.
+        UsageError: no recipe applies to the model.
+    """
+    from converters import load_source, target_backends
+
     ev = eval_data if isinstance(eval_data, Dataset) else load_npz(eval_data)
     if metric != "cosine" and ev.labels is None:
         raise DataError(
@@ -268,12 +344,11 @@ def optimize(
                  " the source model's outputs")
     calib = calibration if isinstance(calibration, Dataset) or calibration is None \
         else load_npz(calibration)
-    base = (options or ConvertOptions()).validate()
     notes: list[str] = []
-
     progress("loading the source model")
     loaded = load_source(source, base, weights=weights,
-                         example={k: v[:1] for k, v in ev.inputs.items()})
+                         example={k: v[:1] for k, v in ev.inputs.items()},
+                         example_source=f"evaluation data {ev.source}")
     ev = Dataset(check_inputs(ev.inputs, loaded.inputs, f"evaluation data {ev.source}"),
                  ev.labels, ev.source)
     for recipe in list(recipes):
@@ -293,78 +368,42 @@ def optimize(
     first = loaded.outputs[0].name if loaded.outputs[0].name in ref_out else next(iter(ref_out))
     reference = ref_out[first]
     baseline = score(reference, metric=metric, labels=ev.labels, reference=reference)
-    threshold = baseline - max_drop
+    return _Study(ev, calib, loaded, recipes, reference, baseline, notes)
 
-    with tempfile.TemporaryDirectory(prefix="edgekit-optimize-") as tmp:
-        runner = Runner(source, base, weights=weights, calibration=calib, eval_set=ev,
-                        reference=reference, metric=metric, baseline=baseline,
-                        max_drop=max_drop, workdir=Path(tmp))
-        rows = []
-        for i, recipe in enumerate(recipes, 1):
-            progress(f"[{i}/{len(recipes)}] {recipe.name}: converting")
-            row = runner.run(recipe)
-            rows.append(row)
-            progress(f"[{i}/{len(recipes)}] {recipe.name}: " + _summary(row, metric))
-        if runner.exporter:
-            notes.append(f"ONNX candidates share the {runner.exporter} exporter (chosen for"
-                         " the first ONNX candidate), so node names match across them")
-        fallback = None
-        int8_tried = any(rec.int8 for rec in recipes)
-        int8_ok = any(r["status"] == "ok" and r["meets_budget"] and r["quantize"]
-                      in ("dynamic", "int8") for r in rows)
-        static = [(r, rec) for r, rec in zip(rows, recipes, strict=True) if rec.static_onnx
-                  and r["status"] == "ok"]
-        if int8_tried and not int8_ok and static:
-            from .sensitivity import keep_sensitive_in_float
 
-            base_row, base_recipe = max(static, key=lambda p: p[0]["metric"])
-            mixed, fallback = keep_sensitive_in_float(
-                runner, base_row, base_recipe, samples=sensitivity_samples,
-                max_probes=max_probes, progress=progress)
-            if mixed is not None:
-                rows.append(mixed)
-        elif int8_tried and not int8_ok:
-            notes.append("no int8 candidate met the budget and no static ONNX int8 candidate"
-                         " converted, so no nodes could be kept in float")
+def _run_candidates(runner: Runner, study: _Study, sensitivity_samples: int, max_probes: int,
+                    progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Convert and score every recipe; when no int8 one meets the budget, retry the best
+    static ONNX int8 one with its sensitive nodes in float."""
+    recipes, metric = study.recipes, runner.metric
+    rows = []
+    for i, recipe in enumerate(recipes, 1):
+        progress(f"[{i}/{len(recipes)}] {recipe.name}: converting")
+        row = runner.run(recipe)
+        rows.append(row)
+        progress(f"[{i}/{len(recipes)}] {recipe.name}: " + _summary(row, metric))
+    if runner.exporter:
+        study.notes.append(f"ONNX candidates share the {runner.exporter} exporter (chosen"
+                           " for the first ONNX candidate), so node names match across them")
+    fallback = None
+    int8_tried = any(rec.int8 for rec in recipes)
+    int8_ok = any(r["status"] == "ok" and r["meets_budget"] and r["quantize"]
+                  in ("dynamic", "int8") for r in rows)
+    static = [(r, rec) for r, rec in zip(rows, recipes, strict=True) if rec.static_onnx
+              and r["status"] == "ok"]
+    if int8_tried and not int8_ok and static:
+        from .sensitivity import keep_sensitive_in_float
 
-        progress(f"timing {len(runner.packages)} candidates and the source model"
-                 f" ({latency_runs} interleaved runs, batch 1, {base.threads} thread(s))")
-        one = {k: v[:1] for k, v in ev.inputs.items()}
-        stats, src_stats = _time_all(runner.packages, loaded, one, base.threads, latency_runs)
-        for row in rows:
-            if row["name"] in stats:
-                p50, p95 = stats[row["name"]]
-                row.update(latency_p50_ms=p50, latency_p95_ms=p95,
-                           latency_ratio=p50 / src_stats[0] if src_stats[0] else None)
-        src = {"framework": loaded.framework, "metric": baseline,
-               "latency_p50_ms": src_stats[0], "latency_p95_ms": src_stats[1]}
-        chosen, reason = choose(rows, metric=metric, max_drop=max_drop, objective=objective,
-                                fallback=fallback)
-        table = format_table(rows, metric=metric, source=src,
-                             chosen=chosen["name"] if chosen else None)
-        settings = {"metric": metric, "max_drop": max_drop, "baseline": baseline,
-                    "threshold": threshold, "objective": objective, "targets": list(targets),
-                    "threads": base.threads, "eval": ev.source, "eval_samples": len(ev),
-                    "calibration": calib.source if calib is not None else ev.source,
-                    "latency": {"batch": 1, "runs": latency_runs, "method": "interleaved"}}
-        if chosen is None:
-            raise ValidationError(
-                "\n".join([reason, *(f"note: {n}" for n in notes), table]),
-                hint="raise --max-drop, add candidates, or improve the model; nothing was"
-                     " written")
-        result = OptimizeResult(chosen=chosen, reason=reason, rows=rows, source=src,
-                                settings=settings, sensitivity=fallback, table=table,
-                                notes=notes)
-        if output is not None:
-            _write(runner.packages[chosen["name"]], Path(output), result, sign_key)
-            result.output = Path(output)
-            if plot:
-                result.plot = Path(output).with_suffix(".optimize.png")
-                write_plot(result.plot, rows, metric=metric, threshold=threshold, source=src,
-                           chosen=chosen["name"],
-                           title=f"{Path(output).name}: {metric} vs latency"
-                                 f" (max drop {max_drop:g}, {base.threads} thread(s))")
-    return result
+        base_row, base_recipe = max(static, key=lambda p: p[0]["metric"])
+        mixed, fallback = keep_sensitive_in_float(
+            runner, base_row, base_recipe, samples=sensitivity_samples,
+            max_probes=max_probes, progress=progress)
+        if mixed is not None:
+            rows.append(mixed)
+    elif int8_tried and not int8_ok:
+        study.notes.append("no int8 candidate met the budget and no static ONNX int8"
+                           " candidate converted, so no nodes could be kept in float")
+    return rows, fallback
 
 
 def _write(candidate: Path, output: Path, result: OptimizeResult, sign_key: Any) -> None:
@@ -383,7 +422,7 @@ def _summary(row: dict[str, Any], metric: str) -> str:
     if row["status"] != "ok":
         return f"failed ({row['error']})"
     verdict = "within budget" if row["meets_budget"] else "misses the budget"
-    return (f"{metric} {row['metric']:.4f} (drop {row['drop']:+.4f}, {verdict}),"
+    return (f"{metric} {row['metric']:.4f} ({change_text(row['drop'])}, {verdict}),"
             f" {row['size_bytes'] / 1024:.1f} KiB, {row['convert_s']:.1f} s")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from edgekit.artifact import open_package
 
 from .candidates import Recipe
+from .report import change_text
 
 __all__ = ["keep_sensitive_in_float"]
 
@@ -94,7 +95,7 @@ def keep_sensitive_in_float(runner: Any, base_row: dict[str, Any], base: Recipe,
                                     "drop": row["drop"], "meets_budget": row["meets_budget"],
                                     "status": row["status"]})
             progress(f"  {len(kept)} node(s) in float: "
-                     + (f"{metric} {row['metric']:.4f} (drop {row['drop']:+.4f})"
+                     + (f"{metric} {row['metric']:.4f} ({change_text(row['drop'])})"
                         if row["status"] == "ok" else f"failed ({row['error']})"))
         return tried[k]
 

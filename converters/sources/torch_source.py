@@ -21,15 +21,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgekit.artifact import sha256_file
-from edgekit.errors import ModelError
+from edgekit.errors import DataError, ModelError
 from edgekit.manifest import TensorSpec
 
 from .._registry import LoadedSource, SourceLoader, SourceRef, register_source
 from ..options import ConvertOptions
+from ._torch_export import (
+    BATCH_DIM,
+    program_input_specs,
+    repeat_batch,
+    static_batch_of,
+    zeros_for,
+)
 
 __all__ = ["TorchSource", "quiet_logs"]
 
-BATCH_DIM = "batch"
 _TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".torchscript")
 
 
@@ -70,8 +76,12 @@ class TorchSource(LoadedSource):
         self._reference = reference
         # A program traced with a fixed batch only runs on that batch: feed it in chunks.
         self._fixed_batch = fixed_batch
-        with torch.no_grad():
-            flat, names = _flatten_outputs(reference(*example_args))
+        try:
+            with torch.no_grad():
+                out = reference(*example_args)
+        except Exception as exc:  # the model's own code raises anything
+            raise _example_failed(ref, example_args, exc) from exc
+        flat, names = _flatten_outputs(out)
         self.output_names = names
         inputs = [_spec(name, t, dynamic_batch)
                   for name, t in zip(input_names, example_args, strict=True)]
@@ -111,6 +121,17 @@ class TorchSource(LoadedSource):
         import torch
 
         return {"framework_version": torch.__version__, "kind": self.kind}
+
+
+def _example_failed(ref: SourceRef, example_args: tuple[Any, ...],
+                    exc: Exception) -> DataError:
+    """The model cannot run its example: say which data, with which shapes and dtypes."""
+    given = ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+                      for t in example_args)
+    return DataError(
+        f"the model fails on {ref.example_source} ({given}): {_first_line(exc)}",
+        hint="check the data's shapes and dtypes against the model's forward(), or give the"
+             " example with --input-shape NAME:1x...:DTYPE")
 
 
 def _torch_loaded() -> Any:
@@ -253,17 +274,38 @@ def _from_module(ref: SourceRef, model: Any, opts: ConvertOptions,
 
 def _from_program(ref: SourceRef, program: Any, opts: ConvertOptions,
                   digest: str | None) -> TorchSource:
-    """A program keeps the batch it was exported with: a fixed one stays fixed."""
+    """A program keeps the batch it was exported with: a fixed one stays fixed.
+
+    The program declares its inputs (names, shapes, dtypes): data given as the example is
+    checked against them before anything runs, and without data the example is made from
+    them (zeros, batch 1).
+
+    Raises:
+        DataError: the example data does not fit the program's inputs.
+    """
+    from edgekit.data import check_inputs
+
     names = list(program.graph_signature.user_inputs)
+    declared = program_input_specs(program)
+    if ref.example:
+        given = dict(ref.example)
+        if len(declared) == 1 and len(given) == 1 and declared[0].name not in given:
+            # One input, one array: the array is that input whatever its key (as for
+            # modules, whose parameter names the data cannot know).
+            given = {declared[0].name: next(iter(given.values()))}
+        ref.example = check_inputs(given, declared, f"{ref.example_source} (first sample)")
+    else:
+        ref.example = zeros_for(declared)
+        ref.example_source = "zeros shaped like the program's inputs"
     example = _example_args(ref, names, opts)
     notes = []
-    static = _static_batch_of(program)
+    static = static_batch_of(program)
     if static is not None:
         if opts.dynamic_batch:
             notes.append(
                 f"the torch.export program has a fixed batch of {static}; the artifact"
                 " keeps it (export with dynamic_shapes for a symbolic batch)")
-        example = tuple(_repeat_batch(t, static) for t in example)
+        example = tuple(repeat_batch(t, static) for t in example)
     module = program.module()
     return TorchSource(ref, module=module, reference=module, example_args=example,
                        input_names=names, kind="export",
@@ -395,23 +437,6 @@ def _traceable(scripted: Any, example: tuple[Any, ...]) -> tuple[Any, list[str]]
     except Exception as exc:  # the converter covers only part of TorchScript
         return scripted, [f"TorchScript could not be converted to a torch.export program"
                           f" ({_first_line(exc)}); exporters that need one will fail"]
-
-
-def _static_batch_of(program: Any) -> int | None:
-    """The fixed batch size of a program's first user input, or None when it is symbolic."""
-    import torch
-
-    first = program.graph_signature.user_inputs[0]
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name == first:
-            val = node.meta.get("val")
-            if val is not None and not isinstance(val.shape[0], torch.SymInt):
-                return int(val.shape[0])
-    return None
-
-
-def _repeat_batch(tensor: Any, batch: int) -> Any:
-    return tensor.expand(batch, *tensor.shape[1:]).contiguous()
 
 
 def _flatten_outputs(out: Any) -> tuple[list[Any], list[str]]:

@@ -120,6 +120,10 @@ class StatusPayload(Document, tag=Schema.STATUS.value):
     # The update in progress, else the last one: deployment, step, model, reason, message
     # (docs/ota.md).
     update: dict[str, Any] | None = None
+    # Ids of the release keys whose packages the device accepts, and whether it takes
+    # unsigned ones: what `edgekit deploy` checks before it publishes.
+    trusted_keys: Annotated[list[Text64], Meta(max_length=64)] = []
+    allow_unsigned: bool = False
 
 
 class RequestsSection(msgspec.Struct, kw_only=True):

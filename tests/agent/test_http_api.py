@@ -146,8 +146,21 @@ def test_feedback_over_http_and_prometheus_metrics(served: Agent, models: Models
     correct = sum(int(c == t) for c, t in zip(classes, labels, strict=True))
     assert values["edgekit_agent_window_labels"] >= 10
     assert values["edgekit_agent_feedback_total"] >= 10
-    assert 'edgekit_agent_model_info{name="digits",version="1.0.0",' in text
+    info = [line for line in text.splitlines() if line.startswith("edgekit_agent_model_info{")]
+    assert len(info) == 1 and 'name="digits"' in info[0] and 'version="1.0.0"' in info[0]
     assert values["process_resident_memory_bytes"] > 1e6
     assert values["edgekit_agent_requests_total"] == served.stats.requests_total
     assert served.window.snapshot().labels >= 10 and correct >= 8
-    assert 'edgekit_agent_latency_ms{quantile="0.99"}' in text
+    # A real histogram in seconds, cumulative since start: buckets that only grow, the
+    # +Inf bucket equal to _count, a _sum; a telemetry interval does not reset it.
+    count = values["edgekit_agent_request_latency_seconds_count"]
+    assert count == served.stats.requests_total >= 1
+    assert values['edgekit_agent_request_latency_seconds_bucket{le="+Inf"}'] == count
+    assert 0 < values["edgekit_agent_request_latency_seconds_sum"] < count * 10
+    buckets = [v for k, v in values.items() if k.startswith(
+        "edgekit_agent_request_latency_seconds_bucket")]
+    assert buckets == sorted(buckets) and len(buckets) > 10
+    assert "# TYPE edgekit_agent_request_latency_seconds histogram" in text
+    served.tick()
+    _, _, again = call(served, "GET", "/metrics")
+    assert f"edgekit_agent_request_latency_seconds_count {count}" in again.decode()

@@ -251,3 +251,15 @@ def test_deploy_refused_by_the_controller_says_why(fleet: Fleet, tmp_path: Path,
     assert "refused the rollout" in result.output and "another package" in result.output
     with fleet.store() as store:
         assert store.list_rollouts(fleet=fleet.name) == []
+
+
+def test_failed_rollout_through_deploy_prints_each_devices_reason(fleet: Fleet) -> None:
+    fleet.add_devices(1, behavior={"2.0.0": "fail"})
+    fleet.controller(rollout__canary="1")
+    with fleet.store() as store:
+        fleet.wait_known(store, 1)
+    result = CliRunner().invoke(cli, ["deploy", str(fleet.pkgs.v2), "--fleet", fleet.name,
+                                      "--broker", fleet.broker_url, "--timeout", "90"])
+    assert result.exit_code == 1, result.output
+    assert "aborted" in result.stdout
+    assert "dev00: failed [load_failed]" in result.stdout

@@ -66,11 +66,12 @@ def test_deploy_rollback_and_a_late_device(make_agent: Any, broker: MqttBroker, 
     late.wait_healthy()
     fleet.wait_serving("c", "2.0.0", timeout=120)
 
-    # A failing deploy to one device: exit 1, the reason in the JSON, the model unchanged.
+    # A failing deploy to one device (forced past the pre-flight, which sees that b accepts
+    # only signed packages): exit 1, the reason in the JSON, the model unchanged.
     unsigned = pkgs.make(tmp_path / "unsigned-2.5.edgepkg", version="2.5.0", seed=22,
                          sign_key=None)
     code, out, _ = _run("deploy", str(unsigned), "--fleet", FLEET, "--device", "b",
-                     "--broker", broker.url, "--json", *FAST)
+                     "--broker", broker.url, "--json", "--force", *FAST)
     assert code == 1
     assert out["targets"]["b"]["outcome"] == "failed"
     assert out["targets"]["b"]["reason"] == "unsigned"

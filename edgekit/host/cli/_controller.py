@@ -20,18 +20,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.cli._table import format_table
 from edgekit.redact import redact_url
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from edgekit.host.controller import RolloutStatePayload
     from edgekit.host.db import DeviceRecord, EventRecord, Store
-    from edgekit.host.mqtt_client import HostClient
-    from edgekit.host.ota.store import ArtifactInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,6 +46,9 @@ def _open(db_url: str | None) -> Store:
 # --------------------------------------------------------------------------- controller
 
 
+_METRICS_FILE_S = 5.0
+
+
 @cli.group()
 def controller() -> None:
     """The fleet controller: ingest telemetry, drive rollouts, keep the models good."""
@@ -65,12 +64,19 @@ def controller() -> None:
 @click.option("--id", "controller_id", help="Override controller.id.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Override controller.log_level.")
+@click.option("--metrics", "metrics_addr", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False),
+              help="Write Prometheus metrics to this file every few seconds (node_exporter"
+                   " textfile collector).")
 @mqtt_options
 def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
                    store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
-                   log_level: str | None, mqtt_auth: MqttAuth) -> None:
+                   log_level: str | None, metrics_addr: str | None,
+                   metrics_file: str | None, mqtt_auth: MqttAuth) -> None:
     """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
     from edgekit.host.controller import Controller, load_config
+    from edgekit.host.controller.metrics import ControllerMetrics
 
     overrides: dict[str, Any] = mqtt_auth.overrides()
     for key, value in (("mqtt.broker", broker), ("database.url", db_url),
@@ -86,14 +92,43 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ctl = Controller(cfg).start()
+    ctl = Controller(cfg)
+    metrics = ControllerMetrics(ctl)
+    metrics.instrument()
+    if metrics_addr:
+        metrics.serve(metrics_addr)
+    ctl.start()
     click.echo(f"controller {ctl.id} running: broker {redact_url(cfg.mqtt.broker)}, fleets"
-               f" {', '.join(cfg.controller.fleets)}", err=True)
+               f" {', '.join(cfg.controller.fleets)}"
+               + (f", metrics on http://{metrics_addr}/metrics" if metrics_addr else ""),
+               err=True)
+    writer = None
+    if metrics_file:
+        writer = threading.Thread(target=_write_metrics, args=(stop, metrics, metrics_file),
+                                  name="edgekit-metrics-file", daemon=True)
+        writer.start()
     try:
         ctl.wait(stop)
     finally:
         ctl.stop()
+        stop.set()
+        if writer is not None:
+            writer.join(10.0)
+        metrics.close()
     click.echo(f"controller {ctl.id} stopped", err=True)
+
+
+def _write_metrics(stop: threading.Event, metrics: Any, path: str) -> None:
+    """Write the metrics file every few seconds until ``stop``, and once more then."""
+    while not stop.wait(_METRICS_FILE_S):
+        try:
+            metrics.write_file(path)
+        except EdgekitError as exc:
+            click.echo(f"warning: {exc.message}", err=True)
+    try:
+        metrics.write_file(path)
+    except EdgekitError as exc:
+        click.echo(f"warning: {exc.message}", err=True)
 
 
 @controller.command("check-config")
@@ -188,7 +223,9 @@ def _status_text(devices: list[DeviceRecord]) -> str:
     from edgekit.host.db import utcnow
 
     if not devices:
-        return "no devices have reported yet"
+        return ("no devices have reported yet. The database is filled by a running"
+                " controller: start `edgekit controller run --broker URL --fleet NAME` (same"
+                " --db) and connect the agents to that broker")
     now = utcnow()
     rows = [[d.fleet, d.device, "yes" if d.online else "no",
              f"{d.model_name}:{d.model_version}" if d.model_version else None,
@@ -210,7 +247,11 @@ def _status_text(devices: list[DeviceRecord]) -> str:
 @_db_option
 @click.option("--json", "as_json", is_flag=True, help="Print devices and fleet summaries as JSON.")
 def fleet_status(fleet_name: str | None, db_url: str | None, as_json: bool) -> None:
-    """Devices: online, model, latency, accuracy and F1 with their label counts, last seen."""
+    """Devices: online, model, latency, accuracy and F1 with their label counts, last seen.
+
+    The figures come from the database a running controller fills (`edgekit controller
+    run`); without one it stays empty.
+    """
     store = _open(db_url)
     try:
         devices = store.list_devices(fleet_name)
@@ -353,67 +394,3 @@ def _print_events(found: list[EventRecord], as_json: bool, cursor: int) -> int:
                    else _event_line(e))
         cursor = max(cursor, e.id)
     return cursor
-
-
-# --------------------------------------------------------------------------- deploy
-
-
-def deploy_via_controller(client: HostClient, fleet_name: str, info: ArtifactInfo,
-                          key: Ed25519PrivateKey, *,
-                          devices: list[str] | None, plan: dict[str, Any], timeout: float,
-                          no_wait: bool, as_json: bool, quiet: bool) -> int | None:
-    """``edgekit deploy`` through the controller that looks after ``fleet_name``, in a
-    rollout request signed by the operator ``key``; the package must be in the controller's
-    registry (a request names a model, never a file).
-
-    Returns None when no controller does (deploy then publishes directly), else the exit
-    code: 0 when the rollout succeeded (or, with ``no_wait``, was created), 1 otherwise.
-
-    Raises:
-        RemoteRolloutError: the controller refused the rollout.
-        EdgekitError: the controller did not answer.
-    """
-    from edgekit.host.controller.remote import find_controllers, follow_rollout, request_rollout
-
-    found = find_controllers(client, fleet_name)
-    if not found:
-        return None
-    names = ", ".join(p["id"] for p in found)
-    if not quiet:
-        click.echo(f"controller {names} looks after fleet {fleet_name}: asking it for a"
-                   " rollout", err=True)
-    rollout = request_rollout(client, fleet_name, key, name=info.name, version=info.version,
-                              sha256=info.sha256, devices=devices, plan=plan)
-    rid = int(rollout["id"])
-    if not quiet:
-        click.echo(f"rollout {rid}: {info.name} {info.version} to"
-                   f" {len(rollout.get('targets') or [])} device(s), waves"
-                   f" {rollout['plan'].get('waves')}", err=True)
-    if no_wait:
-        if as_json:
-            emit_json({"rollout": rollout, "state": rollout["state"]})
-        else:
-            click.echo(f"rollout {rid} created; follow it with `edgekit events --follow"
-                       f" --rollout {rid}`")
-        return 0
-
-    def show(state: RolloutStatePayload) -> None:
-        if not quiet:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(state["counts"].items()))
-            click.echo(f"rollout {rid}: {state['state']}, wave {state['wave']} ({counts})",
-                       err=True)
-
-    final = follow_rollout(client, fleet_name, rid, timeout, show)
-    state = final["state"] if final else rollout["state"]
-    if as_json:
-        emit_json({"rollout": rollout, "state": state,
-                   "counts": final["counts"] if final else {},
-                   "reason": final["reason"] if final else None})
-    else:
-        reason = f": {final['reason']}" if final and final["reason"] else ""
-        click.echo(f"rollout {rid} {state}{reason}")
-    if state != "succeeded" and final is not None and final["state"] in ("running", "pending",
-                                                                          "aborting", "paused"):
-        click.echo(f"still {state} after {timeout:g} s; it goes on in the controller"
-                   f" (`edgekit events --follow --rollout {rid}`)", err=True)
-    return 0 if state == "succeeded" else 1

@@ -7,7 +7,9 @@ from typing import Any
 import click
 
 from edgekit.artifact import open_package
+from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json, progress_printer
+from edgekit.host.naming import Naming, registry_records, resolve_naming
 from edgekit.signing import load_private_key
 
 
@@ -36,14 +38,22 @@ from edgekit.signing import load_private_key
 @click.option("--task", type=click.Choice(["auto", "classification", "regression", "embedding"]),
               default="auto", show_default=True)
 @click.option("--labels", "labels_csv", help="Comma-separated class names.")
-@click.option("--name", help="Artifact name (default: the source's name).")
-@click.option("--version", "version", help="Dotted version (default: UTC timestamp).")
+@click.option("--name", help="Model name (default: the registry's name for this source, else"
+                             " the file stem, with a notice).")
+@click.option("--version", "version",
+              help="Dotted version (default: the next patch after the registry's highest"
+                   " version of the name; 0.1.0 for a new name).")
+@click.option("--db", "db_url", metavar="URL",
+              help="Registry database the default name and version come from (default:"
+                   " $EDGEKIT_DB or ~/.edgekit/edgekit.db when it exists).")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False),
               help="Private key to sign the package with.")
 @click.option("--atol", type=float, default=1e-3, show_default=True,
               help="Parity: max abs error allowed without quantization.")
-@click.option("--min-cosine", type=float, default=0.99, show_default=True)
-@click.option("--min-top1", type=float, default=0.97, show_default=True)
+@click.option("--min-cosine", type=float, default=0.99, show_default=True,
+              help="Parity: least mean cosine similarity between source and artifact outputs.")
+@click.option("--min-top1", type=float, default=0.97, show_default=True,
+              help="Parity (classifiers): least share of samples whose top class agrees.")
 @click.option("--strict", is_flag=True, help="A parity failure is an error (exit 1, no output).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Threads for the latency figure.")
@@ -54,7 +64,7 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
             int8_io: bool, calibration: str | None, eval_path: str | None, weights: str | None,
             input_shapes: tuple[str, ...], opset: int, exporter: str, task: str,
             labels_csv: str | None, name: str | None, version: str | None,
-            sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
+            db_url: str | None, sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
             strict: bool, threads: int, output: str, as_json: bool) -> None:
     """Convert SOURCE into one signed, validated .edgepkg.
 
@@ -72,6 +82,8 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         shapes[in_name] = dims
         if dtype:
             dtypes[in_name] = dtype
+    naming = resolve_cli_naming(source, name, version, db_url)
+    name, version = naming.name, naming.version
     opts = ConvertOptions(
         target=target, quantize=quantize, per_channel=not per_tensor,
         calibration_method=calibration_method, int8_io=int8_io, opset=opset, exporter=exporter,
@@ -94,6 +106,40 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(f"wrote {result.path}{' (signed)' if key else ' (unsigned)'}")
+
+
+def resolve_cli_naming(source: str, name: str | None, version: str | None,
+                       db_url: str | None) -> Naming:
+    """The name and version of the package: given, else from the registry (see
+    :mod:`edgekit.host.naming`); each choice made is printed as a ``notice:`` on stderr.
+
+    Raises:
+        EdgekitError: ``db_url`` was given and the registry cannot be read.
+    """
+    from pathlib import Path
+
+    from converters.pipeline import default_name, make_ref, source_sha256
+
+    if name is not None and version is not None:
+        return Naming(name, version)
+    ref = make_ref(source)
+    try:
+        records = registry_records(db_url)
+    except EdgekitError as exc:
+        if db_url:
+            raise
+        # The default registry is a convenience: one that cannot be read (a full disk, a
+        # database of a newer edgekit) must not stop a conversion.
+        click.echo(f"notice: the registry was not read ({exc.message}); naming without it",
+                   err=True)
+        records = []
+    sha = source_sha256(ref.path) if ref.path is not None and records else None
+    reference = str(Path(source)) if ref.path is not None else source
+    naming = resolve_naming(name=name, version=version, stem=default_name(ref),
+                            source_sha256=sha, source_ref=reference, records=records)
+    for notice in naming.notices:
+        click.echo(f"notice: {notice}", err=True)
+    return naming
 
 
 def format_report(name: str, version: str, recipe: dict[str, Any], report: dict[str, Any]) -> str:
@@ -130,12 +176,43 @@ def format_report(name: str, version: str, recipe: dict[str, Any], report: dict[
     return "\n".join(lines)
 
 
+def format_recipe(recipe: dict[str, Any]) -> str:
+    """The recipe for people (``--json`` has it as an object): the format and the plain
+    settings on one line, then one indented line per nested setting; unset ones left out."""
+    head = [str(recipe.get("format", "-"))]
+    nested = []
+    for key, value in recipe.items():
+        if key == "format" or value is None or value == []:
+            continue
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            nested.append(f"    {label}: {_plain(value)}")
+        elif isinstance(value, (list, tuple)):
+            nested.append(f"    {label}: {', '.join(_scalar(v) for v in value)}")
+        else:
+            head.append(f"{label} {_scalar(value)}")
+    return "\n".join([", ".join(head), *nested])
+
+
+def _plain(value: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_plain(v) if isinstance(v, dict) else _scalar(v)}"
+                     for k, v in value.items())
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _kb(n: int | None) -> str:
     return "-" if not n else f"{n / 1024:.1f} KiB"
 
 
 @cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
+@click.argument("package", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(package: str, as_json: bool) -> None:
     """Show a package's manifest: model, inputs, outputs, recipe, metrics, signature."""
@@ -148,7 +225,7 @@ def inspect(package: str, as_json: bool) -> None:
         return
     click.echo(f"{m.name} {m.version}  ({m.task}, {m.target['format']} for {m.target.get('runtime')})")
     click.echo(f"created {m.created} from {m.source.get('framework')} {m.source.get('reference', '')}")
-    click.echo(f"recipe: {m.recipe}")
+    click.echo(f"recipe: {format_recipe(m.recipe)}")
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):
         for spec in specs:
             q = f" q(scale={spec.quantization.scale:g}, zp={spec.quantization.zero_point})" if spec.quantization else ""

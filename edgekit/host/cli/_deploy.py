@@ -16,10 +16,18 @@ from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.keys import operator_key
 from edgekit.host.mqtt_client import HostClient
-from edgekit.host.ota.deploy import Deployer, desired_for_package, read_retained
-from edgekit.host.ota.server import ArtifactHttpServer, ArtifactServer, probe_artifact
+from edgekit.host.ota.deploy import desired_for_package
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress, Outcome
+from edgekit.host.ota.usecase import (
+    check_before_deploy,
+    controllers_for,
+    current_model_name,
+    deploy_direct,
+    deploy_via_controller,
+    start_artifact_server,
+    start_http,
+)
 from edgekit.manifest import parse_version
 from edgekit.protocol import check_id
 from edgekit.protocol.ota.desired import (
@@ -28,10 +36,8 @@ from edgekit.protocol.ota.desired import (
     Probation,
     make_desired,
     new_deployment_id,
-    parse_desired,
 )
-from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP, desired_topic
-from edgekit.protocol.signed import is_sealed, open_sealed
+from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP
 
 _BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                        envvar="EDGEKIT_MQTT_BROKER",
@@ -75,7 +81,7 @@ def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
     store = ArtifactStore()
     infos = [store.add(p) for p in packages]
     client = mqtt_auth.client(broker).connect()
-    http_server = _start_http(store, http_addr, tls_cert, tls_key)
+    http_server = start_http(store, http_addr, tls_cert, tls_key)
     try:
         server = start_artifact_server(client, store, list(fleets), share_group)
         for info in infos:
@@ -90,20 +96,6 @@ def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
         if http_server:
             http_server.stop()
         client.close()
-
-
-def start_artifact_server(client: HostClient, store: ArtifactStore, fleets: list[str],
-                          share_group: str) -> ArtifactServer:
-    """Serve ``store`` to ``fleets`` and check requests arrive (see
-    :meth:`ArtifactServer.ensure_reachable`).
-
-    Raises:
-        EdgekitError: requests do not reach the server.
-    """
-    group: str | None = None if share_group.lower() == "none" else share_group
-    server = ArtifactServer(client, store, fleets=fleets, share_group=group)
-    server.ensure_reachable()
-    return server
 
 
 # --------------------------------------------------------------------------- deploy
@@ -182,6 +174,9 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
               help="Publish to the fleet at once even when a controller looks after it"
                    " (without --direct such a deploy becomes a controller rollout: canary,"
                    " waves, abort criteria).")
+@click.option("--force", is_flag=True,
+              help="Publish even when the pre-flight check refuses: an unknown fleet or"
+                   " device, an older version, a changed model name, a key no target trusts.")
 @mqtt_options
 def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
            no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
@@ -189,8 +184,15 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
            http_addr: str | None, allow_breaking: bool,
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
-           share_group: str, direct: bool, mqtt_auth: MqttAuth) -> None:
+           share_group: str, direct: bool, force: bool, mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
+
+    First checks the targets' retained status: the deploy is refused (exit 1, nothing
+    published; --force overrides) when the fleet (unless a controller looks after it, or
+    with --no-wait) or a --device never reported, a target runs a newer version of the
+    model (without --allow-downgrade) or another model name, or no key a target trusts
+    signed PACKAGE. When every target fails, the desired document from before the deploy
+    is put back, so devices that join later do not fetch PACKAGE.
 
     Publishes the retained desired document (fleet-wide, or per --device), signed with the
     operator key (--key), serves PACKAGE
@@ -213,29 +215,34 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
     with mqtt_auth.client(broker).connect() as client:
+        managed = not direct and bool(controllers_for(client, fleet))
+        report = check_before_deploy(client, fleet, info, devices=targets,
+                                     signed_rollback=allow_downgrade, force=force,
+                                     empty_fleet_ok=managed or no_wait)
+        for finding in report.findings:
+            forced = " (forced)" if finding.refuse else ""
+            click.echo(f"warning: {finding.message}{forced}", err=True)
         if not direct:
-            from edgekit.host.cli._controller import deploy_via_controller
-
-            code = deploy_via_controller(
-                client, fleet, info, key, devices=targets, timeout=timeout, no_wait=no_wait,
-                as_json=as_json, quiet=quiet, plan={"probation_requests": probation_requests,
-                                                    "probation_seconds": probation_seconds})
+            code = _via_controller(client, fleet, info, key, devices=targets, timeout=timeout,
+                                   no_wait=no_wait, as_json=as_json, quiet=quiet,
+                                   plan={"probation_requests": probation_requests,
+                                         "probation_seconds": probation_seconds})
             if code is not None:
                 sys.exit(code)
-        http_server = _start_http(store, http_addr, None, None)
+        http_server = start_http(store, http_addr, None, None)
         try:
             doc = desired_for_package(info, fleet, devices=targets, url=url or (
                 http_server.url_for(info.sha256) if http_server else None),
                 allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
                 allow_rename=allow_rename, probation=probation,
                 latency_budget_ms=latency_budget_ms)
-            result = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
-                          no_wait=no_wait, include_offline=include_offline, as_json=as_json,
-                          quiet=quiet)
+            ok = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
+                      no_wait=no_wait, include_offline=include_offline, as_json=as_json,
+                      quiet=quiet)
         finally:
             if http_server:
                 http_server.stop()
-    sys.exit(0 if result is None or result.ok else 1)
+    sys.exit(0 if ok else 1)
 
 
 @cli.command()
@@ -278,7 +285,7 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
         model_name = model_name or info.name
     with mqtt_auth.client(broker).connect() as client:
         if model_name is None:
-            model_name = _current_model_name(client, fleet, targets, key)
+            model_name = current_model_name(client, fleet, targets, key)
         probation = _probation(probation_requests, probation_seconds, max_error_rate,
                                max_latency_ms)
         if info is not None:
@@ -288,64 +295,88 @@ def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, 
             doc = make_desired(deployment=new_deployment_id(), fleet=fleet, devices=targets,
                                name=model_name, version=to_version, sha256=None, size=None,
                                allow_downgrade=True, probation=probation)
-        result = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
-                      no_wait=no_wait, include_offline=include_offline, as_json=as_json,
-                      quiet=quiet)
-    sys.exit(0 if result is None or result.ok else 1)
-
-
-def _current_model_name(client: HostClient, fleet: str, devices: list[str] | None,
-                        key: Ed25519PrivateKey) -> str:
-    """The model name of the retained desired document, read only from one signed by our own
-    operator key (anyone can publish a document; we sign the name we read into a downgrade)."""
-    topics = [desired_topic(fleet, d) for d in devices or []] + [desired_topic(fleet)]
-    for topic in topics:
-        payload = read_retained(client, topic).get(topic)
-        if payload and is_sealed(payload):
-            try:
-                inner = open_sealed(payload, [key.public_key()]).payload
-                return parse_desired(inner)["model"]["name"]
-            except EdgekitError:
-                continue
-    raise UsageError("no desired document names the model to roll back",
-                     hint="pass --name NAME or --package PKG")
+        ok = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
+                  no_wait=no_wait, include_offline=include_offline, as_json=as_json,
+                  quiet=quiet, restore_on_failure=False)
+    sys.exit(0 if ok else 1)
 
 
 def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: DesiredDocument,
          key: Ed25519PrivateKey, store: ArtifactStore, share_group: str, *, timeout: float,
-         no_wait: bool, include_offline: bool, as_json: bool,
-         quiet: bool) -> DeployResult | None:
+         no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
+         restore_on_failure: bool = True) -> bool:
+    """Deploy directly and render the outcome; return whether it succeeded."""
     view = ProgressView(sys.stderr, quiet=quiet or no_wait)
-    deployer = Deployer(client, fleet, doc, key, devices=devices,
-                        include_offline=include_offline, on_change=view.update)
-    sha = doc["model"]["sha256"]
-    served_elsewhere = sha is None or not store.infos() or doc["sources"]["mqtt"] is None \
-        or probe_artifact(client, fleet, sha)
-    if not no_wait:
-        deployer.discover()
-        if not served_elsewhere:
-            start_artifact_server(client, store, [fleet], share_group)
-    topics = deployer.publish()
+    outcome = deploy_direct(client, fleet, devices, doc, key, store, share_group,
+                            timeout=timeout, no_wait=no_wait, include_offline=include_offline,
+                            on_change=view.update, restore_on_failure=restore_on_failure)
     model = doc["model"]
-    if no_wait:
-        if not served_elsewhere and not doc["sources"]["url"]:
+    result = outcome.result
+    if result is None:
+        if not outcome.served_elsewhere and not doc["sources"]["url"]:
             click.echo("warning: no server answers for this artifact; devices wait until"
                        " `edgekit serve` or a controller serves it", err=True)
         if as_json:
             emit_json({"deployment": doc["deployment"], "fleet": fleet, "model": dict(model),
-                       "topics": topics, "served": served_elsewhere})
+                       "topics": outcome.topics, "served": outcome.served_elsewhere})
         else:
             click.echo(f"published {doc['deployment']}: {model['name']} {model['version']}"
-                       f" -> {', '.join(topics)}")
-        return None
-    result = deployer.wait(timeout)
-    deployer.close()
+                       f" -> {', '.join(outcome.topics)}")
+        return True
     view.finish(result)
     if as_json:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), "restored": outcome.restored})
     else:
         _print_result(result)
-    return result
+    if outcome.restored:
+        click.echo(f"every target refused {model['name']} {model['version']}: the desired"
+                   f" document from before is back on {', '.join(outcome.restored)}", err=True)
+    return outcome.ok
+
+
+def _via_controller(client: HostClient, fleet: str, info: ArtifactInfo,
+                    key: Ed25519PrivateKey, *, devices: list[str] | None, plan: dict[str, Any], timeout: float,
+                    no_wait: bool, as_json: bool, quiet: bool) -> int | None:
+    """``edgekit deploy`` through the controller that looks after ``fleet``; None when
+    none does. Prints each device's reason when the rollout fails."""
+
+    def created(rollout: dict[str, Any], controllers: list[str]) -> None:
+        if not quiet:
+            click.echo(f"controller {', '.join(controllers)} looks after fleet {fleet}:"
+                       f" rollout {rollout['id']}: {info.name} {info.version} to"
+                       f" {len(rollout.get('targets') or [])} device(s), waves"
+                       f" {rollout['plan'].get('waves')}", err=True)
+
+    def show(state: Any) -> None:
+        if not quiet:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(state["counts"].items()))
+            click.echo(f"rollout {state['rollout']}: {state['state']}, wave {state['wave']}"
+                       f" ({counts})", err=True)
+
+    outcome = deploy_via_controller(client, fleet, info, key, devices=devices, plan=plan,
+                                    timeout=timeout, no_wait=no_wait, on_created=created,
+                                    on_state=show)
+    if outcome is None:
+        return None
+    rid = outcome.rollout["id"]
+    reason = outcome.final["reason"] if outcome.final else None
+    if as_json:
+        emit_json({"rollout": outcome.rollout, "state": outcome.state,
+                   "counts": outcome.final["counts"] if outcome.final else {},
+                   "reason": reason,
+                   "devices": {d: vars(r) for d, r in sorted(outcome.devices.items())}})
+    elif no_wait:
+        click.echo(f"rollout {rid} created; follow it with `edgekit events --follow"
+                   f" --rollout {rid}`")
+    else:
+        click.echo(f"rollout {rid} {outcome.state}" + (f": {reason}" if reason else ""))
+        for device, said in sorted(outcome.devices.items()):
+            why = f" [{said.reason}]" if said.reason else ""
+            click.echo(f"  {device}: {said.step}{why} {said.message}".rstrip())
+    if outcome.still_running:
+        click.echo(f"still {outcome.state} after {timeout:g} s; it goes on in the controller"
+                   f" (`edgekit events --follow --rollout {rid}`)", err=True)
+    return 0 if no_wait or outcome.ok else 1
 
 
 def _print_result(result: DeployResult) -> None:
@@ -428,16 +459,6 @@ def _line(progress: DeviceProgress) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _start_http(store: ArtifactStore, addr: str | None, cert: str | None,
-                key: str | None) -> ArtifactHttpServer | None:
-    if not addr:
-        return None
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--http {addr!r} is not HOST:PORT")
-    return ArtifactHttpServer(store, host, int(port), certfile=cert, keyfile=key).start()
 
 
 def _wait_for_signal() -> None:

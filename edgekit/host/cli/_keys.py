@@ -7,6 +7,7 @@ import sys
 import click
 
 from edgekit.artifact import sign_package, verify_package
+from edgekit.errors import UsageError
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.keys import KEY_ROLES
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
@@ -43,7 +44,7 @@ def keys_generate(prefix: str | None, role: str, force: bool, as_json: bool) -> 
 
 
 @cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
+@click.argument("package", type=click.Path(exists=True, dir_okay=False))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Private key file from `edgekit keys generate`.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -55,13 +56,21 @@ def sign(package: str, key_path: str, output: str | None) -> None:
 
 
 @cli.command()
-@click.argument("package", type=click.Path(dir_okay=False))
+@click.argument("package", type=click.Path(exists=True, dir_okay=False))
 @click.option("--trusted-key", "trusted", multiple=True, type=click.Path(dir_okay=False),
               help="Public key to trust (repeatable).")
 @click.option("--allow-unsigned", is_flag=True, help="Check hashes only; accept no signature.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(package: str, trusted: tuple[str, ...], allow_unsigned: bool, as_json: bool) -> None:
-    """Check every file's sha256 and the signature; exit 1 on any mismatch."""
+    """Check every file's sha256 and the signature; exit 1 on any mismatch.
+
+    Needs --trusted-key (a signature is checked against the keys you trust), or
+    --allow-unsigned to check the hashes only; neither is a usage error (exit 2).
+    """
+    if not trusted and not allow_unsigned:
+        raise UsageError("verify needs --trusted-key KEY.pub (or --allow-unsigned)",
+                         hint="pass the public key the package was signed with:"
+                              " edgekit verify PKG --trusted-key signing.pub")
     report = verify_package(package, [load_public_key(k) for k in trusted],
                             require_signature=not allow_unsigned)
     if as_json:

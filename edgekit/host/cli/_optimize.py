@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from edgekit.host.cli._app import cli, emit_json, progress_printer
+from edgekit.host.cli._convert import resolve_cli_naming
 from edgekit.signing import load_private_key
 
 _DATA = click.Path(exists=True, dir_okay=False)
@@ -110,8 +111,14 @@ def bench(package: str, threads: int, batch: int, runs: int, warmup: int, data: 
               show_default=True, help="Evaluation samples per sensitivity probe.")
 @click.option("--max-probes", type=click.IntRange(min=1), default=24, show_default=True,
               help="Most sensitivity probes (nodes are grouped beyond this).")
-@click.option("--name", help="Artifact name (default: the source's name).")
-@click.option("--version", "version", help="Dotted version (default: UTC timestamp).")
+@click.option("--name", help="Model name (default: the registry's name for this source, else"
+                             " the file stem, with a notice).")
+@click.option("--version", "version",
+              help="Dotted version (default: the next patch after the registry's highest"
+                   " version of the name; 0.1.0 for a new name).")
+@click.option("--db", "db_url", metavar="URL",
+              help="Registry database the default name and version come from (default:"
+                   " $EDGEKIT_DB or ~/.edgekit/edgekit.db when it exists).")
 @click.option("--sign-key", type=_DATA, help="Private key to sign the package with.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG plot.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -121,8 +128,8 @@ def optimize(source: str, eval_path: str, calibration: str | None, metric: str,
              max_drop: float, target: str, objective: str, candidates: str | None,
              quick: bool, weights: str | None, threads: int, latency_runs: int,
              sensitivity_samples: int, max_probes: int, name: str | None,
-             version: str | None, sign_key: str | None, no_plot: bool, output: str,
-             as_json: bool) -> None:
+             version: str | None, db_url: str | None, sign_key: str | None, no_plot: bool,
+             output: str, as_json: bool) -> None:
     """Convert SOURCE with every candidate recipe and keep the best within the budget.
 
     Each candidate is measured on the metric, latency (same threads, same run) and size;
@@ -135,7 +142,8 @@ def optimize(source: str, eval_path: str, calibration: str | None, metric: str,
     names = ["quick"] if quick else (
         [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None)
     targets = ("onnx", "tflite") if target == "both" else (target,)
-    opts = ConvertOptions(name=name, version=version, threads=threads).validate()
+    naming = resolve_cli_naming(source, name, version, db_url)
+    opts = ConvertOptions(name=naming.name, version=naming.version, threads=threads).validate()
     key = load_private_key(sign_key) if sign_key else None
     result = run_optimize(
         source, eval_data=eval_path, output=output, calibration=calibration, metric=metric,

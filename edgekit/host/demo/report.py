@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from converters.compress.report import spread_labels
 from edgekit.host.demo.traffic import Record
 
-__all__ = ["accuracy_by_phase", "write_report"]
+__all__ = ["accuracy_by_phase", "accuracy_figure", "write_report"]
 
 
 def accuracy_by_phase(records: list[Record], phases: list[str]) -> dict[str, float | None]:
@@ -43,6 +44,35 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def accuracy_figure(records: list[Record], markers: list[tuple[float, str]],
+                    t0: float) -> Any:
+    """Rolling accuracy per device with the phase and rollout markers (caller closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for dev in sorted({r.device for r in records}):
+        grid, acc = _rolling([r for r in records if r.device == dev], 10.0, t0)
+        ax.plot(grid, acc, label=dev, linewidth=1.2)
+    ax.set_ylim(0, 1.02)
+    texts = []
+    for t, label in markers:
+        ax.axvline(t - t0, color="grey", linestyle="--", linewidth=0.8)
+        texts.append(ax.annotate(label, (t - t0, 0.02), xycoords=("data", "axes fraction"),
+                                 xytext=(-2, 0), textcoords="offset points", rotation=90,
+                                 fontsize=7, va="bottom", ha="right"))
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("accuracy (10 s window)")
+    ax.set_title("Accuracy per device, with phase and rollout markers")
+    ax.legend(loc="center right", fontsize=8)
+    # Markers a few seconds apart (deploy, first device updated, ...) would print on top
+    # of each other: step each label to the right of the one before.
+    spread_labels(fig, texts, direction="right")
+    return fig
+
+
 def write_report(out: Path, summary: dict[str, Any], records: list[Record],
                  events: list[dict[str, Any]], markers: list[tuple[float, str]],
                  t0: float) -> Path:
@@ -56,18 +86,7 @@ def write_report(out: Path, summary: dict[str, Any], records: list[Record],
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     devices = sorted({r.device for r in records})
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for dev in devices:
-        grid, acc = _rolling([r for r in records if r.device == dev], 10.0, t0)
-        ax.plot(grid, acc, label=dev, linewidth=1.2)
-    for t, label in markers:
-        ax.axvline(t - t0, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(t - t0, 0.02, label, rotation=90, fontsize=7, va="bottom", ha="right")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("accuracy (10 s window)")
-    ax.set_title("Accuracy per device, with phase and rollout markers")
-    ax.legend(loc="center right", fontsize=8)
+    fig = accuracy_figure(records, markers, t0)
     acc_png = _png(fig)
     plt.close(fig)
 
