@@ -36,12 +36,11 @@ from mqtt_broker import MqttBroker, broker, free_port, mosquitto_binary, wait_un
 
 from edgekit.signing import generate_keypair, load_private_key  # noqa: E402
 
-__all__ = ["Agent", "Fleet", "LimitsPackages", "MqttBroker", "broker", "build_package",
-           "file_server", "free_port", "limits_pkgs", "make_agent", "mosquitto_binary",
-           "peak_rss_kib", "python_peak_growth_mib", "wait_until", "write_bomb"]
-
-GIB = 1024**3
-
+__all__ = ["HOST_IDENTITY", "REPO", "Agent", "Fleet", "Identity", "LimitsPackages", "MqttBroker",
+           "Pki", "ShippedBroker", "broker", "build_package", "file_server", "free_port",
+           "limits_pkgs", "make_agent", "make_pki", "mosquitto_binary", "peak_rss_kib",
+           "python_peak_growth_mib", "read_retained_doc", "shipped_config", "wait_until",
+           "write_bomb"]
 
 @dataclass(frozen=True)
 class LimitsPackages:

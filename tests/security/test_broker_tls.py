@@ -6,7 +6,9 @@ ACL; passwords come from the environment or a file, never from the command line.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 from _limits_support import (  # noqa: F401  (fixtures)
     HOST_IDENTITY,
+    REPO,
     Agent,
     LimitsPackages,
     Pki,
@@ -21,6 +24,7 @@ from _limits_support import (  # noqa: F401  (fixtures)
     limits_pkgs,
     make_pki,
     read_retained_doc,
+    wait_until,
 )
 from click.testing import CliRunner
 
@@ -105,5 +109,34 @@ def test_password_from_environment_or_file(tmp_path: Path, pki: Pki,
                                 HOST_IDENTITY, "h0st")
         assert doc["model"]["version"] == "1.0.0"
         assert "h0st" not in by_env.output + by_file.output
+    finally:
+        broker.stop()
+
+
+def test_controller_connects_with_the_shared_options(tmp_path: Path, pki: Pki) -> None:
+    passwd = tmp_path / "edgekit.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), HOST_IDENTITY, "c:tl/@#pw"],
+                   check=True, capture_output=True)
+    broker = ShippedBroker(tmp_path / "pw", pki, password_file=passwd)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("c:tl/@#pw\n")
+    log_path = tmp_path / "controller.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgekit.host.cli", "controller", "run", "--broker",
+                 broker.url, "--ca-file", str(pki.ca), "--username", HOST_IDENTITY,
+                 "--password-file", str(secret_file), "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                 "--store", str(tmp_path / "store"), "--fleet", FLEET],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: b"running" in log_path.read_bytes() or proc.poll() is not None,
+                       60, "the controller to connect")
+            assert proc.poll() is None, log_path.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert "c:tl/@#pw" not in log_path.read_text()
     finally:
         broker.stop()

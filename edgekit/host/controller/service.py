@@ -115,13 +115,11 @@ class Controller:
         self.store = Store(cfg.database.url or None)
         registry = Registry(self.store, cfg.registry.store or None)
         self.registry = registry
-        url = m.broker
-        if m.username:
-            scheme, rest = url.split("://", 1)
-            url = f"{scheme}://{m.username}:{m.password}@{rest}"
-        self.client = HostClient(url, client_id=m.client_id or f"edgekit-controller-{self.id}",
+        self.client = HostClient(m.broker,
+                                 client_id=m.client_id or f"edgekit-controller-{self.id}",
                                  ca_file=m.ca_file or None, cert_file=m.cert_file or None,
-                                 key_file=m.key_file or None, keepalive=m.keepalive_s)
+                                 key_file=m.key_file or None, keepalive=m.keepalive_s,
+                                 username=m.username or None, password=m.password or None)
         # A controller that dies clears its presence: an empty retained will deletes it.
         self.client.paho.will_set(presence_topic(self.id), None, qos=1, retain=True)
         self.client.on_connected(self._announce)
