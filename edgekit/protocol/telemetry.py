@@ -120,9 +120,9 @@ class StatusPayload(Document, tag=Schema.STATUS.value):
     # The update in progress, else the last one: deployment, step, model, reason, message
     # (docs/ota.md).
     update: dict[str, Any] | None = None
-    # Ids of the release keys whose packages the device accepts, and whether it takes
-    # unsigned ones: what `edgekit deploy` checks before it publishes.
-    trusted_keys: Annotated[list[Text64], Meta(max_length=64)] = []
+    # Ids of the release keys whose packages the device accepts (null: not reported), and
+    # whether it takes unsigned ones: what `edgekit deploy` checks before it publishes.
+    trusted_keys: Annotated[list[Text64], Meta(max_length=64)] | None = None
     allow_unsigned: bool = False
 
 

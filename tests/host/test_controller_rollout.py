@@ -259,7 +259,8 @@ def test_failed_rollout_through_deploy_prints_each_devices_reason(fleet: Fleet) 
     with fleet.store() as store:
         fleet.wait_known(store, 1)
     result = CliRunner().invoke(cli, ["deploy", str(fleet.pkgs.v2), "--fleet", fleet.name,
-                                      "--broker", fleet.broker_url, "--timeout", "90"])
+                                      "--broker", fleet.broker_url, "--timeout", "90",
+                                      "--key", str(fleet.pkgs.key)])
     assert result.exit_code == 1, result.output
     assert "aborted" in result.stdout
     assert "dev00: failed [load_failed]" in result.stdout

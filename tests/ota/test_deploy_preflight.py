@@ -42,7 +42,10 @@ def _retained(broker: MqttBroker, topic: str) -> bytes | None:
 
 
 def test_refusals_and_restore(make_agent: Any, broker: MqttBroker, fleet: Fleet,
-                              pkgs: Packages, tmp_path: Path) -> None:
+                              pkgs: Packages, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # deploy signs its desired documents with the operator key the agents trust.
+    monkeypatch.setenv("EDGEKIT_OPERATOR_KEY", str(pkgs.operator_private))
     # Nothing ever reported in this fleet: refused at once, nothing retained.
     empty = _deploy(broker, str(pkgs.v2), "--fleet", "nobody-here")
     assert empty.exit_code == 1, empty.output

@@ -108,7 +108,7 @@ def parse_status(device: str, payload: bytes) -> DeviceView | None:
     view = DeviceView(device=device, state=doc.state.value)
     if doc.model is not None:
         view.model_name, view.model_version = doc.model.name, doc.model.version
-    view.trusted_keys = list(doc.trusted_keys)
+    view.trusted_keys = list(doc.trusted_keys) if doc.trusted_keys is not None else None
     view.allow_unsigned = doc.allow_unsigned
     return view
 
