@@ -22,8 +22,7 @@ ALLOWED_FILES = {
     "edgekit/host/controller/rollout.py": 521,
 }
 ALLOWED_FUNCTIONS = {
-    "converters/pipeline.py::convert": 125,
-    "converters/compress/optimize.py::optimize": 146,
+    "converters/compress/optimize.py::optimize": 88,
     "device_agent/ota/download.py::run": 106,
 }
 
