@@ -24,6 +24,7 @@ from edgekit.protocol import ROOT, is_valid_id
 
 __all__ = [
     "PRESENCE_SCHEMA",
+    "ROLLOUT_ACTIONS",
     "ROLLOUT_REPLY_SCHEMA",
     "ROLLOUT_REQUEST_SCHEMA",
     "ROLLOUT_STATE_SCHEMA",
@@ -47,6 +48,7 @@ PRESENCE_SCHEMA = "edgekit.controller/1"
 ROLLOUT_REQUEST_SCHEMA = "edgekit.rollout-request/1"
 ROLLOUT_REPLY_SCHEMA = "edgekit.rollout-reply/1"
 ROLLOUT_STATE_SCHEMA = "edgekit.rollout-state/1"
+ROLLOUT_ACTIONS = ("rollout", "abort")
 _CONTROLLERS = "_controllers"
 _CONTROLLER = "_controller"
 _DEPLOYMENT_RE = re.compile(r"^r(\d{1,18})-[0-9a-z]+(?:-back)?$")
@@ -70,6 +72,8 @@ class RolloutRequest(TypedDict):
     package: NotRequired[str | None]  # a path the controller can read, registered if needed
     devices: NotRequired[list[str] | None]  # only these devices (default: the fleet)
     plan: NotRequired[dict[str, Any]]  # overrides of [rollout] keys, e.g. {"canary": "50%"}
+    action: NotRequired[str]  # "rollout" (the default) or "abort"
+    rollout_id: NotRequired[int]  # the rollout to abort (its name and version must match)
 
 
 class RolloutReply(TypedDict):
@@ -172,6 +176,15 @@ def parse_rollout_request(data: bytes) -> RolloutRequest:
         if not isinstance(plan, dict):
             raise ProtocolError("rollout request: plan must be an object")
         request["plan"] = plan
+    action = doc.get("action", "rollout")
+    if action not in ROLLOUT_ACTIONS:
+        raise ProtocolError(f"rollout request: action must be one of {', '.join(ROLLOUT_ACTIONS)}")
+    request["action"] = action
+    if action == "abort":
+        rollout_id = doc.get("rollout_id")
+        if not isinstance(rollout_id, int) or isinstance(rollout_id, bool) or rollout_id < 1:
+            raise ProtocolError("rollout request: an abort needs rollout_id, a positive integer")
+        request["rollout_id"] = rollout_id
     return request
 
 

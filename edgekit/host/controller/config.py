@@ -27,6 +27,7 @@ from edgekit.typedconfig import opt as _opt
 
 __all__ = [
     "ConfigKey",
+    "ConsoleSection",
     "ControllerConfig",
     "ControllerSection",
     "DatabaseSection",
@@ -199,6 +200,17 @@ class PolicySection:
 
 
 @dataclass
+class ConsoleSection:
+    listen: str = _opt("", "Serve the fleet console (a web UI) on HOST:PORT. Empty: no"
+                       " console. docs/console.md describes it.")
+    password_hash: str = _opt("", "scrypt hash of the operator's password (`edgekit console"
+                              " --hash-password` makes one); $EDGEKIT_CONSOLE_PASSWORD works"
+                              " too. Neither: the console is read-only.", secret=True)
+    operator_key: str = _opt("", "Ed25519 private key (PEM) of the operator, for the requests"
+                             " the console sends to the controller.", path=True)
+
+
+@dataclass
 class ControllerConfig:
     """The whole configuration; build it with :func:`load_config` so it is validated."""
 
@@ -210,6 +222,7 @@ class ControllerConfig:
     serve: ServeSection = field(default_factory=ServeSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     policy: PolicySection = field(default_factory=PolicySection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
 
     @property
     def share_group(self) -> str | None:
@@ -341,6 +354,11 @@ def _validate(cfg: ControllerConfig, sources: dict[str, str]) -> None:
         if group and not _GROUP_RE.match(group):
             raise fail(dotted, f"{group!r} is not a valid share group",
                        "use 1 to 64 letters, digits, '_', '.' or '-'")
+    if cfg.console.listen and not re.match(r"^[^:\s]+:\d{1,5}$", cfg.console.listen):
+        raise fail("console.listen", f"{cfg.console.listen!r} is not HOST:PORT",
+                   "for example 127.0.0.1:8600 (port 0 picks a free port)")
+    if cfg.console.operator_key:
+        _check_file(fail, "console.operator_key", cfg.console.operator_key)
     if cfg.serve.http_listen and not re.match(r"^[^:\s]+:\d{1,5}$", cfg.serve.http_listen):
         raise fail("serve.http_listen", f"{cfg.serve.http_listen!r} is not HOST:PORT",
                    "for example 0.0.0.0:8081 (port 0 picks a free port)")

@@ -36,7 +36,7 @@ from edgekit.protocol.controller import (
 )
 
 __all__ = ["RemoteRolloutError", "RemoteUsageError", "find_controllers", "follow_rollout",
-           "request_rollout"]
+           "new_request", "request_rollout", "submit_request"]
 
 _ACTIVE = {s.value for s in ACTIVE_ROLLOUT_STATES}
 
@@ -85,11 +85,30 @@ def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
             rollout is active, a setting is invalid, ...).
         EdgekitError: no reply within ``timeout`` seconds.
     """
+    request = new_request(fleet, name=name, version=version)
+    request.update(sha256=sha256, package=package, devices=devices, plan=plan or {})
+    return submit_request(client, fleet, request, timeout=timeout)
+
+
+def new_request(fleet: str, *, name: str, version: str) -> RolloutRequest:
+    """A request to the fleet's controller with a fresh id and its reply topic; the caller
+    adds what the action needs (``action``, ``rollout_id``, ``plan``, ...)."""
     request_id = secrets.token_hex(8)
-    reply_to = f"{ROOT}/{fleet}/_host/rollout-reply/{request_id}"
-    request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
-                             reply_to=reply_to, name=name, version=version, sha256=sha256,
-                             package=package, devices=devices, plan=plan or {})
+    return RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
+                          reply_to=f"{ROOT}/{fleet}/_host/rollout-reply/{request_id}",
+                          name=name, version=version)
+
+
+def submit_request(client: HostClient, fleet: str, request: RolloutRequest, *,
+                   timeout: float = 30.0) -> dict[str, Any]:
+    """Publish a request to the fleet's controller and wait for its reply; return the
+    rollout the reply holds (``RolloutRecord.to_dict()`` plus ``targets``).
+
+    Raises:
+        RemoteRolloutError: the controller refused the request.
+        EdgekitError: no reply within ``timeout`` seconds.
+    """
+    request_id, reply_to = request["request_id"], request["reply_to"]
     replies: list[dict[str, Any]] = []
     got = threading.Event()
 

@@ -424,6 +424,44 @@ class RolloutEngine:
 
     # ---------------------------------------------------------------- aborting
 
+    def abort(self, fleet: str, rollout_id: int, *, name: str, version: str,
+              request_id: str | None = None) -> RolloutRecord:
+        """Abort a rollout at an operator's request: devices it updated go back to their
+        previous model, the others are skipped. A rollout already aborting or aborted by
+        this request is returned as it is (requests are retried on reconnects).
+
+        Raises:
+            UsageError: the rollout is not ``fleet``'s rollout of ``name:version``, it is
+                finished, or another controller drives it.
+        """
+        try:
+            rollout = self.store.get_rollout(rollout_id)
+        except UsageError:
+            rollout = None
+        if rollout is None or rollout.fleet != fleet or (rollout.model_name,
+                                                          rollout.model_version) != (name, version):
+            raise UsageError(f"fleet {fleet} has no rollout {rollout_id} of {name}:{version}",
+                             hint="see `edgekit fleet rollouts`")
+        if rollout.state in (RolloutState.ABORTING, RolloutState.ABORTED) and \
+                request_id is not None and self._has_request(rollout, request_id):
+            return rollout
+        if rollout.state not in (RolloutState.PENDING, RolloutState.RUNNING):
+            raise UsageError(f"rollout {rollout_id} is {rollout.state}; only a pending or running"
+                             " rollout can be aborted")
+        if rollout.owner != self.controller_id:
+            raise UsageError(f"rollout {rollout_id} is driven by controller {rollout.owner}"
+                             " (or by none yet); try again", hint="its owner takes the request"
+                             " when it reaches it")
+        self._event(rollout, "rollout.abort_requested", f"rollout {rollout.id}: abort requested"
+                    " by an operator", reason="operator", data={"request_id": request_id})
+        return self._abort(rollout, "operator", "aborted by an operator",
+                           {"request_id": request_id})
+
+    def _has_request(self, rollout: RolloutRecord, request_id: str) -> bool:
+        found = self.store.list_events(rollout_id=rollout.id, kinds=["rollout.abort_requested"],
+                                       limit=100)
+        return any((e.data or {}).get("request_id") == request_id for e in found)
+
     def _abort(self, rollout: RolloutRecord, reason: str, message: str,
                data: dict[str, Any]) -> RolloutRecord:
         rollout = self._transition(rollout, RolloutState.ABORTING, message)

@@ -329,12 +329,17 @@ class Controller:
 
         Raises:
             UsageError: the model is not registered (and the request names no readable
-                package), its sha256 differs, or the fleet has another active rollout.
+                package), its sha256 differs, or the fleet has another active rollout; for
+                an abort, the rollout is not this fleet's active rollout of that model.
             ArtifactError / SignatureError: the package named cannot be registered.
         """
         assert self.engine is not None and self.store is not None and self.registry is not None
         found = self.engine.find_request(fleet, request["request_id"])
-        if found is None:
+        if request.get("action") == "abort":
+            found = self.engine.abort(fleet, request["rollout_id"], name=request["name"],
+                                      version=request["version"],
+                                      request_id=request["request_id"])
+        elif found is None:
             name, version = request["name"], request["version"]
             record = self.store.get_model(name, version)
             package = request.get("package")
