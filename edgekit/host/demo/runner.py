@@ -46,6 +46,7 @@ class DemoOptions:
     recovered_s: float = 20.0
     drift_timeout_s: float = 240.0
     seed: int = 0
+    console: str | None = None  # HOST:PORT: the controller serves the fleet console there
     echo: Callable[[str], None] = print
 
 
@@ -88,7 +89,8 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
     return out
 
 
-def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Path) -> Path:
+def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Path,
+                       console: dict[str, str]) -> Path:
     from edgekit.host.controller import load_config
     from edgekit.host.controller.config import to_toml
 
@@ -108,11 +110,26 @@ def _controller_config(work: Path, broker: str, db_url: str, key: Path, pub: Pat
         "policy.samples_window_s": 20.0, "policy.min_samples": 300,
         "policy.holdout_fraction": 0.3, "policy.margin": 0.02, "policy.strategy": "retrain",
         "policy.retrain_command": retrain, "policy.retrain_output": "candidate.pt2",
-        "policy.retrain_timeout_s": 300.0, "policy.cooldown_s": 600.0,
+        "policy.retrain_timeout_s": 300.0, "policy.cooldown_s": 600.0, **console,
     })
     path = work / "controller.toml"
     path.write_text(to_toml(cfg))
     return path
+
+
+def _console_settings(listen: str | None) -> dict[str, str]:
+    """The controller's [console] keys: where it listens (port 0: a free port picked here,
+    so the URL can be printed) and, with $EDGEKIT_CONSOLE_PASSWORD, the operator's hash
+    (the processes the demo starts do not inherit EDGEKIT_* variables)."""
+    if not listen:
+        return {}
+    from edgekit.host.console import PASSWORD_ENV, hash_password, parse_listen
+
+    host, port = parse_listen(listen)
+    settings = {"console.listen": f"{host}:{port or free_port()}"}
+    if os.environ.get(PASSWORD_ENV):
+        settings["console.password_hash"] = hash_password(os.environ[PASSWORD_ENV])
+    return settings
 
 
 def _check_broker(url: str) -> None:
@@ -197,7 +214,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
-        config = _controller_config(work, url, db_url, keys.private_path, keys.public_path)
+        console = _console_settings(opts.console)
+        config = _controller_config(work, url, db_url, keys.private_path, keys.public_path,
+                                    console)
         procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller", "run",
                              "--config", str(config)], work / "controller.log", env))
         clock.say("started the controller (policy: accuracy 10% under the baseline for 3"
@@ -210,6 +229,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                  "--trusted-key", str(keys.public_path), "--http", f"127.0.0.1:{port}",
                  "--telemetry-interval", "1"], work / f"{device}.log", env))
         clock.say(f"started {opts.devices} agents: {', '.join(ports)}")
+        if console:
+            clock.say(f"fleet console: http://{console['console.listen']}/")
         store = Store(db_url)
         _wait("the agents to come online",
               lambda: len(store.list_devices(FLEET, online=True)) == opts.devices, 90, procs)
