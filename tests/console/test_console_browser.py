@@ -285,7 +285,7 @@ def test_a_rollout_shows_live_on_the_rollouts_and_device_pages(env: Env, browser
                        ".map(td => td.textContent).join(' ');"
                        f" return t.includes('r{rollout.id} succeeded') &&"
                        " t.includes('update.succeeded') && t;", 30, "the rollout's markers")
-    assert "r%d created" % rollout.id in markers
+    assert f"r{rollout.id} created" in markers
     assert browser.execute_script("return window.__sameDocument;") == 1, "the page reloaded"
     assert int(browser.execute_script(
         "return document.getElementById('charts').dataset.markers;")) >= 3

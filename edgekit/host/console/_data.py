@@ -14,7 +14,7 @@ from typing import Any
 from edgekit.host.controller.policy import distribution_shift
 from edgekit.host.db import EventRecord, MetricRecord, ModelRecord, RolloutRecord, Store, utcnow
 
-__all__ = ["device_view", "events_view", "fleet_view", "models_view", "rollouts_view"]
+__all__ = ["device_view", "events_view", "fleet_view", "iso", "models_view", "rollouts_view"]
 
 _SIGNAL_WINDOW_S = 60.0  # label-free signals over the last minute of each device's metrics
 _POLICY_KINDS = ["policy.reference", "policy.warning", "policy.warning_cleared"]
@@ -100,14 +100,17 @@ def fleet_view(store: Store) -> dict[str, Any]:
     return {"now": iso(now), "devices": devices, "warnings": warnings}
 
 
+def _section(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    found = payload.get(key)
+    return found if isinstance(found, dict) else {}
+
+
 def _series(records: list[MetricRecord]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {k: [] for k in ("t", "accuracy", "f1", "p50", "p95", "rps",
                                                   "confidence")}
     for r in records:
         p = r.payload
-        quality = p.get("quality") if isinstance(p.get("quality"), dict) else {}
-        latency = p.get("latency") if isinstance(p.get("latency"), dict) else {}
-        preds = p.get("predictions") if isinstance(p.get("predictions"), dict) else {}
+        quality, latency, preds = (_section(p, k) for k in ("quality", "latency", "predictions"))
         out["t"].append(r.ts.timestamp())
         out["accuracy"].append(quality.get("accuracy") if quality.get("labels") else None)
         out["f1"].append(quality.get("f1_macro") if quality.get("labels") else None)

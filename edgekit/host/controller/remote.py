@@ -86,7 +86,8 @@ def request_rollout(client: HostClient, fleet: str, *, name: str, version: str,
         EdgekitError: no reply within ``timeout`` seconds.
     """
     request = new_request(fleet, name=name, version=version)
-    request.update(sha256=sha256, package=package, devices=devices, plan=plan or {})
+    request["sha256"], request["package"] = sha256, package
+    request["devices"], request["plan"] = devices, plan or {}
     return submit_request(client, fleet, request, timeout=timeout)
 
 
