@@ -41,7 +41,7 @@ def demo(out: Path, devices: int, broker: str | None, rate: float, baseline_s: f
     from edgekit.host.demo.runner import DemoOptions, run_demo
 
     summary = run_demo(DemoOptions(out=out, devices=devices, broker=broker, rate=rate,
-                                   baseline_s=baseline_s, recovered_s=recovered_s,
+                                   baseline_s=baseline_s, recovered_s=recovered_s, console=console_listen,
                                    echo=lambda s: click.echo(s, err=as_json)))
     if as_json:
         emit_json(summary)
