@@ -1,8 +1,9 @@
 """The fleet console in a real headless Chromium (Debian's chromium and chromedriver, through
 selenium), against a real controller, real agent processes on a real mosquitto: the fleet
 page lists the agents with their versions; an operator's rollout, started on the rollouts
-page, shows there and puts its markers on the device page's chart without a reload; an
-action without a login, or without the CSRF token, is refused and changes nothing.
+page, shows there and puts its markers on the device page's chart without a reload, and its
+roll back takes the agents back to the older version; an action without a login, or
+without the CSRF token, is refused and changes nothing.
 
 One controller, console and pair of agents serve the whole module (they take most of its
 time). The database is a SQLite file: the console reads it through the same Store that
@@ -267,7 +268,8 @@ def test_a_rollout_shows_live_on_the_rollouts_and_device_pages(env: Env, browser
                            f" = {json.dumps(env.fleet)};"
                            "document.querySelector('#start-rollout select[name=model]').value"
                            " = 'digits:2.0.0';")
-    browser.find_element("css selector", "#start-rollout button").click()
+    # Clicked from a script: a live refresh may replace the page's nodes at any moment.
+    browser.execute_script("document.querySelector('#start-rollout button').click();")
     rollout = wait_until(lambda: env.store.list_rollouts(fleet=env.fleet), 30,
                          "the rollout the console asked for")[-1]
     assert (rollout.model_version, rollout.plan["source"]) == ("2.0.0", "deploy")
@@ -279,6 +281,7 @@ def test_a_rollout_shows_live_on_the_rollouts_and_device_pages(env: Env, browser
     assert browser.execute_script("return window.__sameDocument;") == 1
     assert env.store.get_rollout(rollout.id).state == RolloutState.SUCCEEDED
     browser.save_screenshot(str(tmp_path / "rollouts.png"))
+    rollouts_tab = browser.current_window_handle
 
     browser.switch_to.window(device_tab)
     markers = _wait_js(browser, "const t = [...document.querySelectorAll('#markers td')]"
@@ -291,6 +294,24 @@ def test_a_rollout_shows_live_on_the_rollouts_and_device_pages(env: Env, browser
         "return document.getElementById('charts').dataset.markers;")) >= 3
     wait_until(lambda: "2.0.0" in browser.execute_script(
         "return document.getElementById('summary').textContent;"), 30, "the new version")
+
+    # Roll back: a rollout to 1.0.0, which the agents take only with the signed rollback
+    # instruction the controller attaches.
+    browser.switch_to.window(rollouts_tab)
+    browser.execute_script("window.confirm = () => true;")
+    _wait_js(browser, f"const b = document.querySelector('[data-rollback=\"{rollout.id}\"]');"
+             " return b && (b.click(), true);", 30, "the roll back button")
+    back = wait_until(lambda: (r := env.store.list_rollouts(fleet=env.fleet))[-1].id
+                      != rollout.id and r[-1], 30, "the rollback rollout")
+    assert back.model_version == "1.0.0"
+    _wait_js(browser, f"const c = document.querySelector('#rollout-{back.id}'); return c &&"
+             " c.dataset.state === 'succeeded';", 120, "the rollback to succeed on the page")
+    assert browser.execute_script("return window.__sameDocument;") == 1
+    wait_until(lambda: {d.model_version for d in env.store.list_devices(env.fleet)} == {"1.0.0"},
+               30, "both agents back on 1.0.0")
+    browser.switch_to.window(device_tab)
+    _wait_js(browser, "return [...document.querySelectorAll('#markers td')].some(td =>"
+             f" td.textContent === 'r{back.id} succeeded');", 30, "the rollback's markers")
     browser.execute_script("window.scrollTo(0, 0);")
     browser.save_screenshot(str(tmp_path / "device.png"))
     shutil.copyfile(tmp_path / "device.png", REPO / "docs" / "console.png")

@@ -18,9 +18,12 @@ __all__ = ["device_view", "events_view", "fleet_view", "iso", "models_view", "ro
 
 _SIGNAL_WINDOW_S = 60.0  # label-free signals over the last minute of each device's metrics
 _POLICY_KINDS = ["policy.reference", "policy.warning", "policy.warning_cleared"]
-_DEVICE_MARKER_PREFIXES = ("update.", "model.", "rollout.")
-_FLEET_MARKER_KINDS = {"rollout.created", "rollout.wave", "rollout.abort", "rollout.succeeded",
-                       "rollout.aborted", "rollout.quality"}
+# Markers: the outcomes of the device's updates and the turning points of its fleet's
+# rollouts; every other step stays in the event list (a marker per step is unreadable).
+_DEVICE_MARKER_KINDS = {"update.succeeded", "update.failed", "update.rolled_back",
+                        "rollout.device_timeout", "rollout.rollback_failed"}
+_FLEET_MARKER_KINDS = {"rollout.created", "rollout.abort", "rollout.succeeded",
+                       "rollout.aborted"}
 _MAX_EVENTS = 500
 
 
@@ -134,7 +137,7 @@ def device_view(store: Store, fleet: str, device: str, *,
     markers = [{"t": e.ts.timestamp(), "kind": e.kind, "level": e.level,
                 "label": _marker_label(e), "rollout": e.rollout_id}
                for e in events
-               if (e.device == device and e.kind.startswith(_DEVICE_MARKER_PREFIXES)) or
+               if (e.device == device and e.kind in _DEVICE_MARKER_KINDS) or
                (e.device is None and e.kind in _FLEET_MARKER_KINDS)]
     history = []
     for rollout in reversed(store.list_rollouts(fleet=fleet)):
@@ -154,11 +157,13 @@ def device_view(store: Store, fleet: str, device: str, *,
 
 
 def _marker_label(e: EventRecord) -> str:
-    data = e.data or {}
-    version = data.get("version") or data.get("to_version")
-    short = e.kind.split(".", 1)[1]
+    short = e.kind.split(".", 1)[1].replace("_", " ")
     if e.rollout_id is not None and e.kind.startswith("rollout."):
         return f"r{e.rollout_id} {short}"
+    model = (e.data or {}).get("model")
+    version = model.get("version") if isinstance(model, dict) else None
+    if e.kind == "update.succeeded" and isinstance(version, str):
+        return f"on {version}"
     return f"{short} {version}" if isinstance(version, str) else short
 
 
@@ -184,8 +189,17 @@ def _rollout(store: Store, r: RolloutRecord) -> dict[str, Any]:
 def rollouts_view(store: Store, *, limit: int = 30) -> dict[str, Any]:
     """The latest rollouts, newest first, with their waves, targets and verdicts, and what
     the start form offers (fleets and registered versions)."""
-    rollouts = store.list_rollouts()[-limit:]
-    return {"rollouts": [_rollout(store, r) for r in reversed(rollouts)],
+    rollouts = [_rollout(store, r) for r in reversed(store.list_rollouts()[-limit:])]
+    newest: set[str] = set()
+    for r in rollouts:
+        # The newest rollout of a fleet, once succeeded, can be undone: a rollout back to
+        # the version most of its devices ran before.
+        before = Counter(t["from"] for t in r["targets"] if t["from"])
+        r["rollback_to"] = before.most_common(1)[0][0] if (
+            r["fleet"] not in newest and r["state"] == "succeeded" and before
+            and before.most_common(1)[0][0] != r["model_version"]) else None
+        newest.add(r["fleet"])
+    return {"rollouts": rollouts,
             "fleets": store.list_fleets(),
             "models": [{"name": m.name, "version": m.version} for m in store.list_models()]}
 

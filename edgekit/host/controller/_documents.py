@@ -15,6 +15,7 @@ from edgekit.host.ota.deploy import desired_for_package
 from edgekit.host.ota.server import ArtifactServer
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.registry import Registry
+from edgekit.manifest import compare_versions
 from edgekit.protocol.controller import deployment_id
 from edgekit.protocol.ota.desired import DesiredDocument, Probation, encode_desired, make_desired
 from edgekit.protocol.ota.rollback import sign_rollback
@@ -44,13 +45,15 @@ class DesiredDocuments:
         self._artifacts = server.store if server is not None else ArtifactStore()
 
     def ask(self, rollout: RolloutRecord, devices: list[str]) -> None:
-        """Ask ``devices`` to run the rollout's model (per-device documents).
+        """Ask ``devices`` to run the rollout's model (per-device documents); a rollout back
+        to an older version carries a signed rollback instruction for them.
 
         Raises:
             EdgekitError: the broker did not acknowledge them in time.
         """
         info = self.artifact(rollout.model_name, rollout.model_version)
-        payload = encode_desired(self._document(rollout, info, back=False))
+        payload = encode_desired(self._document(rollout, info, back=False,
+                                                rollback=self._downgrade(rollout, info, devices)))
         sent = [self.client.publish(desired_topic(rollout.fleet, d), payload, qos=1,
                                     retain=True) for d in devices]
         for device, message in zip(devices, sent, strict=True):
@@ -106,6 +109,23 @@ class DesiredDocuments:
         if self.server is not None:
             return self.server.serve(path)
         return self._artifacts.add(path)
+
+    def _downgrade(self, rollout: RolloutRecord, info: ArtifactInfo,
+                   devices: list[str]) -> Any:
+        """A signed rollback instruction for those of ``devices`` that ran a newer version of
+        the model before the rollout (a rollout back to an older registered version); None
+        when none did, or without a signing key (those devices then refuse the older version
+        and the rollout's failure criteria apply)."""
+        previous = rollout.plan.get("previous") or {}
+        newer = [d for d in devices
+                 if (p := previous.get(d) or {}).get("name") == rollout.model_name
+                 and isinstance(p.get("version"), str)
+                 and compare_versions(rollout.model_version, p["version"]) < 0]
+        if not newer or self.signing_key is None:
+            return None
+        return sign_rollback(self.signing_key, fleet=rollout.fleet, devices=newer,
+                             name=rollout.model_name, to_version=rollout.model_version,
+                             sha256=info.sha256)
 
     def _rollback_document(self, rollout: RolloutRecord,
                            target: TargetRecord) -> DesiredDocument:

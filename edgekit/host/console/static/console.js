@@ -151,24 +151,45 @@
                         "rollout.aborted": "#c62828" };
   const markColor = (m) => MARK_COLORS[m.kind] || (m.kind.startsWith("rollout.") ? "#2457c5" : "#777");
 
+  // Markers closer than a few pixels share one line; labels take the first of three rows
+  // where they fit, with a backing box, and are left out (the list below has them all)
+  // where none fits.
+  const RANK = { "#c62828": 3, "#1b8a3a": 2, "#2457c5": 1 };
+  function markerGroups(u) {
+    const groups = [];
+    for (const m of [...state.markers].sort((a, b) => a.t - b.t)) {
+      const x = Math.round(u.valToPos(m.t, "x", true));
+      if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+      const last = groups[groups.length - 1];
+      if (last && x - last.x < 8 * devicePixelRatio) {
+        last.n += 1;
+        if ((RANK[markColor(m)] || 0) > (RANK[last.color] || 0)) last.color = markColor(m);
+      } else groups.push({ x, n: 1, label: m.label, color: markColor(m) });
+    }
+    return groups;
+  }
   function markerPlugin(withLabels) {
     return { hooks: { draw: [(u) => {
-      const c = u.ctx, top = u.bbox.top, bottom = u.bbox.top + u.bbox.height;
+      const c = u.ctx, top = u.bbox.top, bottom = u.bbox.top + u.bbox.height, px = devicePixelRatio;
       c.save();
-      c.font = `${11 * devicePixelRatio}px sans-serif`;
-      let lastX = -1e9, row = 0;
-      for (const m of state.markers) {
-        const x = Math.round(u.valToPos(m.t, "x", true));
-        if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
-        c.strokeStyle = c.fillStyle = markColor(m);
-        c.setLineDash([4, 3]);
-        c.beginPath(); c.moveTo(x, top); c.lineTo(x, bottom); c.stroke();
-        if (withLabels) {
-          // Labels close together go on the next of three rows, so none covers another.
-          row = x - lastX < 110 * devicePixelRatio ? (row + 1) % 3 : 0;
-          lastX = x;
-          c.fillText(m.label, x + 3, top + (12 + row * 13) * devicePixelRatio);
-        }
+      c.font = `${11 * px}px sans-serif`;
+      const rowEnds = [-1e9, -1e9, -1e9];
+      for (const g of markerGroups(u)) {
+        c.strokeStyle = g.color;
+        c.lineWidth = g.n > 1 ? 2 * px : px;
+        c.setLineDash([4 * px, 3 * px]);
+        c.beginPath(); c.moveTo(g.x, top); c.lineTo(g.x, bottom); c.stroke();
+        if (!withLabels) continue;
+        const text = g.n > 1 ? `${g.label} +${g.n - 1}` : g.label;
+        const w = c.measureText(text).width + 6 * px;
+        const row = rowEnds.findIndex((end) => g.x + 2 * px > end);
+        if (row < 0 || g.x + w > u.bbox.left + u.bbox.width + 40 * px) continue;
+        rowEnds[row] = g.x + w;
+        const y = top + (2 + row * 14) * px;
+        c.fillStyle = "rgba(255,255,255,0.9)";
+        c.fillRect(g.x + 2 * px, y, w - 2 * px, 13 * px);
+        c.fillStyle = g.color;
+        c.fillText(text, g.x + 4 * px, y + 10 * px);
       }
       c.restore();
     }] } };
@@ -276,11 +297,20 @@
         flash(reply.ok ? `rollout ${r.id}: ${reply.rollout.state}` : `refused: ${reply.error}`, reply.ok);
         refresh();
       } }, "abort and roll back") : null;
+    const back = r.rollback_to && session.operator && session.actions ? h("button", {
+      class: "danger", "data-rollback": r.id, onclick: async () => {
+        if (!confirm(`Roll ${r.fleet} back to ${r.model_name} ${r.rollback_to}?`)) return;
+        const reply = await post("/actions/rollout", { fleet: r.fleet,
+                                                       model: `${r.model_name}:${r.rollback_to}` });
+        flash(reply.ok ? `rollout ${reply.rollout.id} created: back to ${r.model_name} ${r.rollback_to}`
+              : `refused: ${reply.error}`, reply.ok);
+        refresh();
+      } }, `roll back to ${r.rollback_to}`) : null;
     const waves = (r.plan.waves || []).map((size, i) => h("span", {
       class: "wave" + (r.state !== "pending" && i === r.current_wave && r.active ? " current" : "") +
         (i < r.current_wave || !r.active ? " past" : "") }, `wave ${i}: ${size}`));
     return h("section", { class: "rollout " + r.state, id: `rollout-${r.id}`, "data-state": r.state },
-      h("h2", {}, `#${r.id} ${r.model_name} ${r.model_version} → ${r.fleet} `, badge(r.state), " ", abort),
+      h("h2", {}, `#${r.id} ${r.model_name} ${r.model_version} → ${r.fleet} `, badge(r.state), " ", abort, back),
       h("div", { class: "progress", title: `${done} of ${r.total} devices finished` },
         h("div", { class: "bar ok", style: `width:${r.total ? 100 * (r.counts.succeeded || 0) / r.total : 0}%` }),
         h("div", { class: "bar bad", style: `width:${r.total ? 100 * ((r.counts.failed || 0) + (r.counts.rolled_back || 0) + (r.counts.timed_out || 0)) / r.total : 0}%` })),
