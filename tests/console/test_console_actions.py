@@ -165,3 +165,17 @@ def test_the_wheel_carries_the_static_files() -> None:
     for name in files:
         assert any(fnmatch.fnmatch(name, g) and name.count("/") == g.count("/")
                    for g in globs), f"{name} is not in the package data"
+
+
+def test_the_demo_gives_its_controller_a_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekit.host.demo.runner import _console_settings
+
+    assert _console_settings(None) == {}
+    monkeypatch.delenv("EDGEKIT_CONSOLE_PASSWORD", raising=False)
+    settings = _console_settings("127.0.0.1:0")
+    host, port = settings["console.listen"].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0 and "console.password_hash" not in settings
+    monkeypatch.setenv("EDGEKIT_CONSOLE_PASSWORD", "demo-pw")
+    stored = _console_settings("127.0.0.1:8600")["console.password_hash"]
+    assert verify_password(stored, "demo-pw") and "demo-pw" not in stored
+    load_config(overrides=_console_settings("127.0.0.1:8600"))  # valid controller keys

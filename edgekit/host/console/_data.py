@@ -23,7 +23,7 @@ _POLICY_KINDS = ["policy.reference", "policy.warning", "policy.warning_cleared"]
 _DEVICE_MARKER_KINDS = {"update.succeeded", "update.failed", "update.rolled_back",
                         "rollout.device_timeout", "rollout.rollback_failed"}
 _FLEET_MARKER_KINDS = {"rollout.created", "rollout.abort", "rollout.succeeded",
-                       "rollout.aborted"}
+                       "rollout.aborted", "policy.fired"}
 _MAX_EVENTS = 500
 
 
@@ -111,7 +111,8 @@ def _section(payload: dict[str, Any], key: str) -> dict[str, Any]:
 def _series(records: list[MetricRecord]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {k: [] for k in ("t", "accuracy", "f1", "p50", "p95", "rps",
                                                   "confidence")}
-    for r in records:
+    # By the device's clock: a queue flushed after a reconnect arrives late, out of order.
+    for r in sorted(records, key=lambda r: (r.ts, r.session, r.seq)):
         p = r.payload
         quality, latency, preds = (_section(p, k) for k in ("quality", "latency", "predictions"))
         out["t"].append(r.ts.timestamp())
@@ -160,6 +161,8 @@ def _marker_label(e: EventRecord) -> str:
     short = e.kind.split(".", 1)[1].replace("_", " ")
     if e.rollout_id is not None and e.kind.startswith("rollout."):
         return f"r{e.rollout_id} {short}"
+    if e.kind == "policy.fired":
+        return "policy fired"
     model = (e.data or {}).get("model")
     version = model.get("version") if isinstance(model, dict) else None
     if e.kind == "update.succeeded" and isinstance(version, str):

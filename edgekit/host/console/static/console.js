@@ -149,12 +149,13 @@
   const MARK_COLORS = { "update.succeeded": "#1b8a3a", "update.failed": "#c62828",
                         "update.rolled_back": "#c62828", "rollout.abort": "#c62828",
                         "rollout.aborted": "#c62828" };
-  const markColor = (m) => MARK_COLORS[m.kind] || (m.kind.startsWith("rollout.") ? "#2457c5" : "#777");
+  const markColor = (m) => MARK_COLORS[m.kind] || (m.kind.startsWith("rollout.") ? "#2457c5"
+    : m.kind.startsWith("policy.") ? "#b26a00" : "#777");
 
   // Markers closer than a few pixels share one line; labels take the first of three rows
   // where they fit, with a backing box, and are left out (the list below has them all)
   // where none fits.
-  const RANK = { "#c62828": 3, "#1b8a3a": 2, "#2457c5": 1 };
+  const RANK = { "#c62828": 4, "#b26a00": 3, "#1b8a3a": 2, "#2457c5": 1 };
   function markerGroups(u) {
     const groups = [];
     for (const m of [...state.markers].sort((a, b) => a.t - b.t)) {
