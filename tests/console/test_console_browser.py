@@ -317,3 +317,27 @@ def test_a_rollout_shows_live_on_the_rollouts_and_device_pages(env: Env, browser
     shutil.copyfile(tmp_path / "device.png", REPO / "docs" / "console.png")
     assert np.frombuffer((REPO / "docs" / "console.png").read_bytes()[:8], np.uint8).tolist() \
         == [137, 80, 78, 71, 13, 10, 26, 10]
+
+
+def test_models_and_filtered_events(env: Env, browser: Any) -> None:
+    browser.get(env.url + "models")
+    rows = _wait_js(browser, "const r = [...document.querySelectorAll('#models tbody tr')];"
+                    " return r.length === 2 && r.map(e => e.textContent);", 20, "the models")
+    assert "2.0.0" in rows[0] and "1.0.0" in rows[1]  # newest first
+    signer = env.store.get_model("digits", "2.0.0").key_id  # type: ignore[union-attr]
+    assert signer and all(signer in row for row in rows)
+    browser.get(env.url + "events")
+    _wait_js(browser, "return document.querySelector('#event-filters');", 10, "the filters")
+    browser.execute_script(
+        "const f = document.querySelector('#event-filters');"
+        "f.querySelector('[name=kind]').value = 'update.';"
+        "f.querySelector('[name=device]').value = 'pi-2';"
+        "f.querySelector('button[type=submit]').click();")
+    shown = _wait_js(browser, "const r = [...document.querySelectorAll('#event-list tbody tr')]"
+                     ".map(e => [...e.children].map(td => td.textContent));"
+                     " return r.length > 3 && r.every(c => c[2] === 'pi-2') && r;", 20,
+                     "the filtered events")
+    assert all(kind.startswith("update.") for _, _, _, kind, _, _ in shown)
+    assert {"update.succeeded"} <= {kind for _, _, _, kind, _, _ in shown}
+    stored = env.store.list_events(fleet=env.fleet, device="pi-2")
+    assert len(shown) == len([e for e in stored if e.kind.startswith("update.")])
