@@ -133,18 +133,29 @@ def _shell(page: str, attrs: dict[str, str] | None = None) -> str:
 </body></html>"""
 
 
-def create_app(ctx: ConsoleContext) -> Starlette:
-    """The ASGI application over ``ctx``."""
+_MAX_WINDOW_S = 7 * 86400.0
 
-    def page(name: str, attrs: Callable[[Request], dict[str, str]] | None = None
+
+def _forbidden(error: str) -> Response:
+    return JSONResponse({"ok": False, "error": error}, status_code=403, headers=_HEADERS)
+
+
+class _Endpoints:
+    """The application's endpoints over one :class:`ConsoleContext`."""
+
+    def __init__(self, ctx: ConsoleContext) -> None:
+        self.ctx = ctx
+
+    def page(self, name: str, attrs: Callable[[Request], dict[str, str]] | None = None
              ) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
-            sid, _session_, new = _session(ctx, request)
+            sid, _session_, new = _session(self.ctx, request)
             response = HTMLResponse(_shell(name, attrs(request) if attrs else None),
                                     headers=_HEADERS)
             return _with_cookie(response, sid) if new else response
         return endpoint
 
+    @staticmethod
     def api(build: Callable[[Request], Any]) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
             try:
@@ -156,23 +167,32 @@ def create_app(ctx: ConsoleContext) -> Starlette:
             return JSONResponse(body, headers=_HEADERS)
         return endpoint
 
-    def session_info(request: Request) -> Response:
-        sid, session, new = _session(ctx, request)
+    def session_info(self, request: Request) -> Response:
+        sid, session, new = _session(self.ctx, request)
         response = JSONResponse({"operator": session.operator, "csrf": session.csrf,
-                                 "login": ctx.password_hash is not None,
-                                 "actions": ctx.submitter is not None}, headers=_HEADERS)
+                                 "login": self.ctx.password_hash is not None,
+                                 "actions": self.ctx.submitter is not None}, headers=_HEADERS)
         return _with_cookie(response, sid) if new else response
 
-    def events(request: Request) -> Any:
+    def device(self, request: Request) -> Any:
+        window = float(request.query_params.get("window") or 1800)
+        if not 60 <= window <= _MAX_WINDOW_S:
+            raise ValueError("window out of range")
+        return _data.device_view(self.ctx.store, request.path_params["fleet"],
+                                 request.path_params["device"], window_s=window)
+
+    def events(self, request: Request) -> Any:
         q = request.query_params
         rollout = q.get("rollout")
-        return _data.events_view(ctx.store, after=int(q.get("after") or 0),
+        return _data.events_view(self.ctx.store, after=int(q.get("after") or 0),
                                  kind=q.get("kind") or None, device=q.get("device") or None,
                                  fleet=q.get("fleet") or None,
                                  rollout=int(rollout) if rollout else None,
                                  limit=int(q.get("limit") or 200))
 
-    async def stream(request: Request) -> Response:
+    async def stream(self, request: Request) -> Response:
+        ctx = self.ctx
+
         async def changes() -> AsyncIterator[str]:
             seen, _ = ctx.feed.moved_since(0)
             yield f"event: hello\ndata: {json.dumps({'version': seen})}\n\n"
@@ -194,49 +214,45 @@ def create_app(ctx: ConsoleContext) -> Starlette:
         return StreamingResponse(changes(), media_type="text/event-stream",
                                  headers={**_HEADERS, "X-Accel-Buffering": "no"})
 
-    async def login(request: Request) -> Response:
-        sid, session, _new = _session(ctx, request)
+    async def login(self, request: Request) -> Response:
+        sid, session, _new = _session(self.ctx, request)
         form = await _form(request)
-        if not _same_origin(request) or not session.check_csrf(str(form.get("csrf_token", ""))):
-            return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403,
-                                headers=_HEADERS)
-        password = str(form.get("password", ""))
-        if ctx.password_hash is None or not verify_password(ctx.password_hash, password):
+        if not _same_origin(request) or not session.check_csrf(form.get("csrf_token")):
+            return _forbidden("missing or wrong CSRF token")
+        stored = self.ctx.password_hash
+        if stored is None or not verify_password(stored, form.get("password", "")):
             await asyncio.sleep(_FAILED_LOGIN_DELAY_S)  # slows down guessing
             log.warning("console: a login failed")
             return RedirectResponse("/login?failed=1", status_code=303, headers=_HEADERS)
-        new_sid, _ = ctx.sessions.login(sid)
+        new_sid, _ = self.ctx.sessions.login(sid)
         log.info("console: an operator logged in")
         return _with_cookie(RedirectResponse("/", status_code=303, headers=_HEADERS), new_sid)
 
-    async def logout(request: Request) -> Response:
-        sid, session, _new = _session(ctx, request)
+    async def logout(self, request: Request) -> Response:
+        sid, session, _new = _session(self.ctx, request)
         form = await _form(request)
-        if not _same_origin(request) or not session.check_csrf(str(form.get("csrf_token", ""))):
-            return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403,
-                                headers=_HEADERS)
-        ctx.sessions.drop(sid)
+        if not _same_origin(request) or not session.check_csrf(form.get("csrf_token")):
+            return _forbidden("missing or wrong CSRF token")
+        self.ctx.sessions.drop(sid)
         return RedirectResponse("/", status_code=303, headers=_HEADERS)
 
-    async def action(request: Request) -> Response:
+    async def action(self, request: Request) -> Response:
         kind = request.path_params["kind"]
-        session = ctx.sessions.get(request.cookies.get(COOKIE))
-        form = await _form(request)
-        token = request.headers.get("x-csrf-token") or str(form.get("csrf_token", ""))
+        session = self.ctx.sessions.get(request.cookies.get(COOKIE))
         if session is None or not session.operator:
-            return JSONResponse({"ok": False, "error": "log in as the operator first"},
-                                status_code=403, headers=_HEADERS)
+            return _forbidden("log in as the operator first")
+        form = await _form(request)
+        token = request.headers.get("x-csrf-token") or form.get("csrf_token")
         if not _same_origin(request) or not session.check_csrf(token):
-            return JSONResponse({"ok": False, "error": "missing or wrong CSRF token"},
-                                status_code=403, headers=_HEADERS)
-        if ctx.submitter is None:
+            return _forbidden("missing or wrong CSRF token")
+        submitter = self.ctx.submitter
+        if submitter is None:
             return JSONResponse({"ok": False, "error": "this console has no broker to reach"
                                  " the controller"}, status_code=503, headers=_HEADERS)
         try:
             parsed = parse_action(kind, form)
-            request_doc = build_request(parsed)
-            submitter = ctx.submitter
-            rollout = await asyncio.to_thread(submitter.submit, parsed.fleet, request_doc)
+            rollout = await asyncio.to_thread(submitter.submit, parsed.fleet,
+                                              build_request(parsed))
         except EdgekitError as exc:
             return JSONResponse({"ok": False, "error": exc.message, "hint": exc.hint},
                                 status_code=400 if exc.exit_code == 2 else 409,
@@ -245,26 +261,28 @@ def create_app(ctx: ConsoleContext) -> Starlette:
                  rollout.get("id"))
         return JSONResponse({"ok": True, "rollout": rollout}, headers=_HEADERS)
 
-    routes = [
-        Route("/", page("fleet")),
-        Route("/device/{fleet}/{device}", page("device", lambda r: {
+
+def create_app(ctx: ConsoleContext) -> Starlette:
+    """The ASGI application over ``ctx``."""
+    e = _Endpoints(ctx)
+    store = ctx.store
+    return Starlette(routes=[
+        Route("/", e.page("fleet")),
+        Route("/device/{fleet}/{device}", e.page("device", lambda r: {
             "fleet": r.path_params["fleet"], "device": r.path_params["device"]})),
-        Route("/rollouts", page("rollouts")),
-        Route("/models", page("models")),
-        Route("/events", page("events")),
-        Route("/login", page("login")),
-        Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/actions/{kind}", action, methods=["POST"]),
-        Route("/api/session", session_info),
-        Route("/api/fleet", api(lambda r: _data.fleet_view(ctx.store))),
-        Route("/api/device/{fleet}/{device}", api(lambda r: _data.device_view(
-            ctx.store, r.path_params["fleet"], r.path_params["device"],
-            window_s=float(r.query_params.get("window") or 1800)))),
-        Route("/api/rollouts", api(lambda r: _data.rollouts_view(ctx.store))),
-        Route("/api/models", api(lambda r: _data.models_view(ctx.store))),
-        Route("/api/events", api(events)),
-        Route("/api/stream", stream),
+        Route("/rollouts", e.page("rollouts")),
+        Route("/models", e.page("models")),
+        Route("/events", e.page("events")),
+        Route("/login", e.page("login")),
+        Route("/login", e.login, methods=["POST"]),
+        Route("/logout", e.logout, methods=["POST"]),
+        Route("/actions/{kind}", e.action, methods=["POST"]),
+        Route("/api/session", e.session_info),
+        Route("/api/fleet", e.api(lambda r: _data.fleet_view(store))),
+        Route("/api/device/{fleet}/{device}", e.api(e.device)),
+        Route("/api/rollouts", e.api(lambda r: _data.rollouts_view(store))),
+        Route("/api/models", e.api(lambda r: _data.models_view(store))),
+        Route("/api/events", e.api(e.events)),
+        Route("/api/stream", e.stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
-    return Starlette(routes=routes)
+    ])
