@@ -187,7 +187,18 @@ def test_fleet_page_lists_the_agents_with_their_versions(env: Env, browser: Any,
     assert all("online" in text for _, _, text in rows)
     assert _wait_js(browser, "return document.getElementById('live').textContent === 'live';",
                     10, "the live stream")
+    order = "return [...document.querySelectorAll('#devices tr[data-device]')].map(e =>" \
+        " e.dataset.device).join(',');"
+    assert browser.execute_script(order) == "pi-1,pi-2"
+    browser.execute_script("[...document.querySelectorAll('#devices th')].find(th =>"
+                           " th.textContent === 'device').click();")
+    assert _wait_js(browser, order.replace("return", "const o =", 1) + " return o ==="
+                    " 'pi-2,pi-1';", 10, "the devices sorted the other way")
     browser.save_screenshot(str(tmp_path / "fleet.png"))
+    browser.execute_script("const s = document.querySelector('select[name=state]');"
+                           " s.value = 'offline'; s.dispatchEvent(new Event('change'));")
+    assert _wait_js(browser, "return document.querySelectorAll('#devices tr[data-device]')"
+                    ".length === 0;", 10, "no offline device")
 
 
 def _session(url: str) -> tuple[urllib.request.OpenerDirector, str]:
