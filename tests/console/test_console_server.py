@@ -63,3 +63,20 @@ def test_stream_pages_and_a_clean_stop(tmp_path: Path) -> None:
         assert ended.wait(5), "the stream stayed open after stop"
         assert not any(t.name in ("edgekit-console", "edgekit-console-feed")
                        for t in threading.enumerate())
+
+
+def test_edgekit_console_hashes_a_password_and_checks_its_options(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgekit.host.cli import cli
+    from edgekit.host.console import verify_password
+
+    made = CliRunner().invoke(cli, ["console", "--hash-password"],
+                              input="long-enough\nlong-enough\n")
+    assert made.exit_code == 0, made.output
+    assert verify_password(made.stdout.strip().splitlines()[-1], "long-enough")
+    short = CliRunner().invoke(cli, ["console", "--hash-password"], input="short\nshort\n")
+    assert short.exit_code == 2 and "shorter than 8" in short.output
+    bad = CliRunner().invoke(cli, ["console", "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                                   "--listen", "nowhere"])
+    assert bad.exit_code == 2 and "console.listen" in bad.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import secrets
 import signal
@@ -80,10 +79,11 @@ def console(config_path: str | None, db_url: str | None, broker: str | None,
     from edgekit.host.db import Store
 
     if hash_password:
-        first = getpass.getpass("operator password: ")
-        if not first or first != getpass.getpass("again: "):
-            raise UsageError("the passwords are empty or differ")
-        click.echo(make_hash(first))
+        password = click.prompt("operator password", hide_input=True,
+                                confirmation_prompt=True, err=True)
+        if len(password) < 8:
+            raise UsageError("the password is shorter than 8 characters")
+        click.echo(make_hash(password))
         return
     overrides = {k: v for k, v in (("database.url", db_url), ("mqtt.broker", broker),
                                    ("console.listen", listen),

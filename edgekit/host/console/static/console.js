@@ -409,7 +409,8 @@
   const PAGES = {
     fleet: [fleet, ["fleet", "events"]], device: [device, ["fleet", "events", "rollouts"]],
     rollouts: [rollouts, ["rollouts", "events", "models", "fleet"]], models: [models, ["models"]],
-    events: [() => events(state.eventCursor > 0 && document.getElementById("tail")?.checked), ["events"]],
+    events: [() => (document.getElementById("tail")?.checked === false ? null
+                    : events(state.eventCursor > 0)), ["events"]],
     login: [login, []],
   };
   let pending = null, running = false;
