@@ -5,17 +5,27 @@ its streams when it stops."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mqtt_broker import broker, free_port, wait_until
 
 from edgekit.errors import EdgekitError
 from edgekit.host.console import ConsoleServer
 from edgekit.host.db import Store
+
+__all__ = ["broker"]  # the fixture, imported for pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_an_address_in_use_is_a_clear_error(tmp_path: Path) -> None:
@@ -80,3 +90,30 @@ def test_edgekit_console_hashes_a_password_and_checks_its_options(tmp_path: Path
     bad = CliRunner().invoke(cli, ["console", "--db", f"sqlite:///{tmp_path / 'c.db'}",
                                    "--listen", "nowhere"])
     assert bad.exit_code == 2 and "console.listen" in bad.output
+
+
+def test_controller_run_serves_the_console_until_stopped(broker: Any, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgekit.host.cli", "controller", "run", "--broker", broker.url,
+         "--db", f"sqlite:///{tmp_path / 'c.db'}", "--store", str(tmp_path / "store"),
+         "--console", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        def page() -> str | None:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+            except OSError:
+                return None
+
+        assert 'data-page="fleet"' in wait_until(page, 60, "the console of the controller")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(20)
+    assert proc.returncode == 0, err
+    assert f"console: http://127.0.0.1:{port}/" in err and "stopped" in err
+    assert page() is None
