@@ -25,6 +25,7 @@ _DEVICE_MARKER_KINDS = {"update.succeeded", "update.failed", "update.rolled_back
 _FLEET_MARKER_KINDS = {"rollout.created", "rollout.abort", "rollout.succeeded",
                        "rollout.aborted", "policy.fired"}
 _MAX_EVENTS = 500
+_HISTORY_ROLLOUTS = 50  # the device's update history looks at the fleet's latest rollouts
 
 
 def iso(value: dt.datetime) -> str:
@@ -141,7 +142,7 @@ def device_view(store: Store, fleet: str, device: str, *,
                if (e.device == device and e.kind in _DEVICE_MARKER_KINDS) or
                (e.device is None and e.kind in _FLEET_MARKER_KINDS)]
     history = []
-    for rollout in reversed(store.list_rollouts(fleet=fleet)):
+    for rollout in reversed(store.list_rollouts(fleet=fleet)[-_HISTORY_ROLLOUTS:]):
         for target in store.list_rollout_targets(rollout.id):
             if target.device == device:
                 history.append({"rollout": rollout.id, "model": rollout.model_name,
@@ -149,8 +150,6 @@ def device_view(store: Store, fleet: str, device: str, *,
                                 "from": target.previous_version, "wave": target.wave,
                                 "state": target.state, "reason": target.reason,
                                 "updated": iso(target.updated)})
-        if len(history) >= 50:
-            break
     own = store.list_events(fleet=fleet, device=device, limit=200, latest=True)
     return {"device": {**record.to_dict(), "status": None}, "series": series,
             "markers": markers, "history": history,
