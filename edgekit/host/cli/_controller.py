@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._console import start_controller_console
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.cli._table import format_table
 from edgekit.redact import redact_url
@@ -65,17 +66,20 @@ def controller() -> None:
 @click.option("--id", "controller_id", help="Override controller.id.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Override controller.log_level.")
+@click.option("--console", "console_listen", metavar="HOST:PORT",
+              help="Serve the fleet console here (overrides console.listen).")
 @mqtt_options
 def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
                    store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
-                   log_level: str | None, mqtt_auth: MqttAuth) -> None:
+                   log_level: str | None, console_listen: str | None,
+                   mqtt_auth: MqttAuth) -> None:
     """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
     from edgekit.host.controller import Controller, load_config
 
     overrides: dict[str, Any] = mqtt_auth.overrides()
     for key, value in (("mqtt.broker", broker), ("database.url", db_url),
                        ("registry.store", store_dir), ("controller.id", controller_id),
-                       ("controller.log_level", log_level)):
+                       ("controller.log_level", log_level), ("console.listen", console_listen)):
         if value is not None:
             overrides[key] = value
     if fleets:
@@ -89,9 +93,13 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
     ctl = Controller(cfg).start()
     click.echo(f"controller {ctl.id} running: broker {redact_url(cfg.mqtt.broker)}, fleets"
                f" {', '.join(cfg.controller.fleets)}", err=True)
+    console = None
     try:
+        console = start_controller_console(ctl)
         ctl.wait(stop)
     finally:
+        if console is not None:
+            console.stop()
         ctl.stop()
     click.echo(f"controller {ctl.id} stopped", err=True)
 
