@@ -52,6 +52,8 @@ class ConsoleServer:
     def __init__(self, store: Store, listen: str, *, client: HostClient | None = None,
                  password_hash: str | None = None, operator_key: str | None = None,
                  poll_s: float = 0.5) -> None:
+        """Raises: UsageError: ``listen`` is not HOST:PORT, or ``operator_key`` is not an
+        Ed25519 private key. ConfigError: ``password_hash`` is not an scrypt hash."""
         self.host, self.port = parse_listen(listen)
         if password_hash:
             check_hash(password_hash)

@@ -16,8 +16,10 @@ rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
 Devices are asked through retained per-device desired documents (:mod:`edgekit.protocol.ota.desired`).
 An abort sends every updated device a signed revert of the rollout's package (the device goes
 back to the model it kept from before; never a version taken from a device's report) and
-waits for it to get there. All state is in the database, so a controller that restarts,
-or another one that takes the rollout over, carries on from it.
+waits for it to get there (:mod:`._back`). An operator's roll back of the fleet's latest
+rollout is a new rollout to the model the controller deployed before it
+(:meth:`RolloutEngine.roll_back`). All state is in the database, so a controller that restarts, or another one that takes the
+rollout over, carries on from it.
 """
 
 from __future__ import annotations
