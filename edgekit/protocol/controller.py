@@ -11,7 +11,10 @@ mistaken for a device's. A request names its reply topic and carries a request i
 request of the protocol does (docs/protocol.md). A rollout request travels signed by an
 operator key (:func:`sign_request`, an :mod:`edgekit.protocol.signed` envelope) and expires;
 it names a registered model (name, version, optional sha256), never a file. The controller
-checks the signature before it reads the request (:func:`open_rollout_request`). Deployment ids of rollouts are
+checks the signature before it reads the request (:func:`open_rollout_request`). ``action``
+(signed with the rest) is ``"rollout"``, ``"abort"`` (stop the fleet's running rollout
+``rollout_id`` and revert its devices) or ``"rollback"`` (send the fleet back to the model
+the controller deployed before its rollout ``rollout_id``). Deployment ids of rollouts are
 ``r<rollout id>-<token>``, so an ``update.*`` event names the rollout it belongs to.
 """
 
@@ -33,6 +36,7 @@ from edgekit.protocol.signed import is_sealed, open_sealed, seal
 
 __all__ = [
     "PRESENCE_SCHEMA",
+    "ROLLOUT_ACTIONS",
     "ROLLOUT_REPLY_SCHEMA",
     "ROLLOUT_REQUEST_SCHEMA",
     "ROLLOUT_STATE_SCHEMA",
@@ -61,6 +65,7 @@ PRESENCE_SCHEMA = "edgekit.controller/1"
 ROLLOUT_REQUEST_SCHEMA = "edgekit.rollout-request/1"
 ROLLOUT_REPLY_SCHEMA = "edgekit.rollout-reply/1"
 ROLLOUT_STATE_SCHEMA = "edgekit.rollout-state/1"
+ROLLOUT_ACTIONS = ("rollout", "abort", "rollback")
 _CONTROLLERS = "_controllers"
 _CONTROLLER = "_controller"
 _DEPLOYMENT_RE = re.compile(r"^r(\d{1,18})-[0-9a-z]+(?:-back)?$")
@@ -90,6 +95,8 @@ class RolloutRequest(TypedDict):
     sha256: NotRequired[str | None]  # must match the registered package when given
     devices: NotRequired[list[str] | None]  # only these devices (default: the fleet)
     plan: NotRequired[dict[str, Any]]  # overrides of [rollout] keys, e.g. {"canary": "50%"}
+    action: NotRequired[str]  # "rollout" (the default), "abort" or "rollback"
+    rollout_id: NotRequired[int]  # abort, rollback: the rollout (name and version must match)
 
 
 class RolloutReply(TypedDict):
@@ -169,10 +176,12 @@ def serves_fleet(presence: PresencePayload, fleet: str) -> bool:
 
 def make_rollout_request(fleet: str, request_id: str, *, name: str, version: str,
                          sha256: str | None = None, devices: list[str] | None = None,
-                         plan: dict[str, Any] | None = None,
+                         plan: dict[str, Any] | None = None, action: str = "rollout",
+                         rollout_id: int | None = None,
                          issued: float | None = None) -> RolloutRequest:
-    """A rollout request for the registered ``name:version``, checked as the controller
-    checks it.
+    """A request to the fleet's controller, checked as the controller checks it: a rollout
+    of the registered ``name:version``, or (``action``) the abort or the roll back of the
+    fleet's rollout ``rollout_id``, which is of ``name:version``.
 
     Raises:
         ProtocolError: a field is invalid.
@@ -180,7 +189,10 @@ def make_rollout_request(fleet: str, request_id: str, *, name: str, version: str
     request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
                              reply_to=reply_topic(fleet, request_id), fleet=fleet,
                              issued=time.time() if issued is None else issued, name=name,
-                             version=version, sha256=sha256, devices=devices, plan=plan or {})
+                             version=version, sha256=sha256, devices=devices, plan=plan or {},
+                             action=action)
+    if rollout_id is not None:
+        request["rollout_id"] = rollout_id
     return parse_rollout_request(json.dumps(request).encode())
 
 
@@ -281,6 +293,16 @@ def parse_rollout_request(data: bytes) -> RolloutRequest:
         if not isinstance(plan, dict):
             raise ProtocolError("rollout request: plan must be an object")
         request["plan"] = plan
+    action = doc.get("action", "rollout")
+    if action not in ROLLOUT_ACTIONS:
+        raise ProtocolError(f"rollout request: action must be one of {', '.join(ROLLOUT_ACTIONS)}")
+    request["action"] = action
+    if action != "rollout":
+        rollout_id = doc.get("rollout_id")
+        if not isinstance(rollout_id, int) or isinstance(rollout_id, bool) or rollout_id < 1:
+            raise ProtocolError(f"rollout request: {action} needs rollout_id, a positive"
+                                " integer")
+        request["rollout_id"] = rollout_id
     return request
 
 

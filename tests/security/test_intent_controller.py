@@ -32,6 +32,11 @@ from edgekit.protocol.ota.topics import desired_topic
 from edgekit.protocol.signed import seal
 
 DEVICE, GHOST = "d1", "ghost"
+# A complete hardware section: the controller drops a status that does not fit the schema,
+# and the attack needs its forged statuses stored.
+_HARDWARE = {"hostname": "forged", "system": "Linux", "machine": "x86_64", "release": "6.1",
+             "os": "Debian GNU/Linux 12", "board": None, "cpu_count": 2,
+             "memory_total_bytes": 1 << 30, "python": "3.11.7"}
 
 
 @pytest.fixture
@@ -62,7 +67,7 @@ def _forge_status(attacker: Attacker, fleet: str, device: str, model: dict[str, 
     attacker.publish(topic(fleet, device, Kind.STATUS), {
         "schema": Schema.STATUS.value, "state": "online", "device": device, "fleet": fleet,
         "session": 10_000, "ts": time.time(), "agent_version": "forged", "runtimes": [],
-        "hardware": {}, "model": {**model, "format": "onnx", "runtime": "onnxruntime"},
+        "hardware": _HARDWARE, "model": {**model, "format": "onnx", "runtime": "onnxruntime"},
         "http": None, "started": time.time()}, retain=True)
 
 

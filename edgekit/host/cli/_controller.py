@@ -22,6 +22,7 @@ import click
 
 from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._console import start_controller_console
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.cli._table import format_table
 from edgekit.redact import redact_url
@@ -69,11 +70,14 @@ def controller() -> None:
 @click.option("--metrics-file", type=click.Path(dir_okay=False),
               help="Write Prometheus metrics to this file every few seconds (node_exporter"
                    " textfile collector).")
+@click.option("--console", "console_listen", metavar="HOST:PORT",
+              help="Serve the fleet console here (overrides console.listen).")
 @mqtt_options
 def controller_run(config_path: str | None, broker: str | None, db_url: str | None,
                    store_dir: str | None, fleets: tuple[str, ...], controller_id: str | None,
                    log_level: str | None, metrics_addr: str | None,
-                   metrics_file: str | None, mqtt_auth: MqttAuth) -> None:
+                   metrics_file: str | None, console_listen: str | None,
+                   mqtt_auth: MqttAuth) -> None:
     """Run the controller until SIGINT or SIGTERM; then release its leases and stop."""
     from edgekit.host.controller import Controller, load_config
     from edgekit.host.controller.metrics import ControllerMetrics
@@ -81,7 +85,7 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
     overrides: dict[str, Any] = mqtt_auth.overrides()
     for key, value in (("mqtt.broker", broker), ("database.url", db_url),
                        ("registry.store", store_dir), ("controller.id", controller_id),
-                       ("controller.log_level", log_level)):
+                       ("controller.log_level", log_level), ("console.listen", console_listen)):
         if value is not None:
             overrides[key] = value
     if fleets:
@@ -107,9 +111,13 @@ def controller_run(config_path: str | None, broker: str | None, db_url: str | No
         writer = threading.Thread(target=_write_metrics, args=(stop, metrics, metrics_file),
                                   name="edgekit-metrics-file", daemon=True)
         writer.start()
+    console = None
     try:
+        console = start_controller_console(ctl)
         ctl.wait(stop)
     finally:
+        if console is not None:
+            console.stop()
         ctl.stop()
         stop.set()
         if writer is not None:

@@ -22,9 +22,12 @@ from edgekit.host.cli._app import cli, emit_json
               help="Seconds of clean traffic before the drift.")
 @click.option("--recovered", "recovered_s", type=float, default=20.0, show_default=True,
               help="Seconds of drifted traffic on the updated model.")
+@click.option("--console", "console_listen", metavar="HOST:PORT",
+              help="Serve the fleet console here for the demo's whole run (the URL is"
+              " printed); $EDGEKIT_CONSOLE_PASSWORD lets an operator log in.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout at the end.")
 def demo(out: Path, devices: int, broker: str | None, rate: float, baseline_s: float,
-         recovered_s: float, as_json: bool) -> None:
+         recovered_s: float, console_listen: str | None, as_json: bool) -> None:
     """Run the whole loop on this machine and write a report.
 
     \b
@@ -38,7 +41,7 @@ def demo(out: Path, devices: int, broker: str | None, rate: float, baseline_s: f
     from edgekit.host.demo.runner import DemoOptions, run_demo
 
     summary = run_demo(DemoOptions(out=out, devices=devices, broker=broker, rate=rate,
-                                   baseline_s=baseline_s, recovered_s=recovered_s,
+                                   baseline_s=baseline_s, recovered_s=recovered_s, console=console_listen,
                                    echo=lambda s: click.echo(s, err=as_json)))
     if as_json:
         emit_json(summary)

@@ -9,6 +9,7 @@ artifact server. docs/controller.md describes the configuration and the semantic
 
 from __future__ import annotations
 
+from edgekit.host.controller._back import model_before
 from edgekit.host.controller.config import (
     ConfigKey,
     ControllerConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "Window",
     "config_keys",
     "load_config",
+    "model_before",
     "presence_topic",
     "rollout_request_topic",
     "rollout_state_topic",

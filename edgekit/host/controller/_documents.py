@@ -5,7 +5,9 @@ Every document is signed with the controller's operator key (``controller.signin
 bound to the fleet and the devices it is for. Sending a device back never names a version
 from what the device reported: the document is a *revert* of the rollout's own package
 (recorded in the rollout's plan when the controller created it), and the device returns to
-the model it kept from before (docs/ota.md).
+the model it kept from before (docs/ota.md). A roll back of the fleet (an operator's
+``rollback`` request) is a rollout to the model of the controller's previous rollout; its
+documents allow the downgrade or the name change it needs, nothing more.
 """
 
 from __future__ import annotations
@@ -130,9 +132,14 @@ class DesiredDocuments:
     def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *,
                   devices: list[str] | None) -> DesiredDocument:
         url = self.url_for(info.sha256) if self.url_for is not None else None
+        # A roll back (a rollout the controller made to the model it deployed before) may
+        # go to an older version or another name; the plan says so, never a request.
+        back = rollout.plan.get("back") or {}
         return desired_for_package(
             info, rollout.fleet, devices=devices, url=url, probation=_probation(rollout),
-            deployment=deployment_id(rollout.id, rollout.plan["token"]))
+            deployment=deployment_id(rollout.id, rollout.plan["token"]),
+            allow_downgrade=bool(back.get("allow_downgrade")),
+            allow_rename=bool(back.get("allow_rename")))
 
 
 def _probation(rollout: RolloutRecord) -> Probation:

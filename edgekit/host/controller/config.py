@@ -28,6 +28,7 @@ from edgekit.typedconfig import opt as _opt
 
 __all__ = [
     "ConfigKey",
+    "ConsoleSection",
     "ControllerConfig",
     "ControllerSection",
     "DatabaseSection",
@@ -57,6 +58,10 @@ _GROUP = Pattern(r"[A-Za-z0-9_.-]{1,64}", "a valid share group", _NAME_HINT)
 _BROKER = Pattern(r"mqtts?://[^/\s]+/?", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
 _LISTEN = Pattern(r"[^:\s]+:\d{1,5}", "HOST:PORT",
                   "for example 0.0.0.0:8081 (port 0 picks a free port)")
+_CONSOLE_LISTEN = Pattern(r"[^:\s]+:\d{1,5}", "HOST:PORT",
+                          "for example 127.0.0.1:8600 (port 0 picks a free port)")
+_SCRYPT_RE = re.compile(r"scrypt\$[1-9]\d{0,6}\$[1-9]\d{0,3}\$[1-9]\d{0,3}"
+                        r"\$(?:[0-9a-f]{2}){8,64}\$[0-9a-f]{64}")
 
 
 def _fleet(value: str) -> None:
@@ -78,6 +83,13 @@ def _retrain_command(value: str) -> None:
         if name not in _PLACEHOLDERS:
             raise Invalid(f"unknown placeholder {{{name}}}",
                           "use " + ", ".join(f"{{{p}}}" for p in _PLACEHOLDERS))
+
+
+def _scrypt_hash(value: str) -> None:
+    # The message leaves the value out: a password hash is not for logs.
+    if value and not _SCRYPT_RE.fullmatch(value):
+        raise Invalid("the value is not an scrypt hash",
+                      "make one with `edgekit console --hash-password`")
 
 
 def _plain_file_name(value: str) -> None:
@@ -252,6 +264,20 @@ class PolicySection:
 
 
 @dataclass
+class ConsoleSection:
+    listen: str = _opt("", "Serve the fleet console (a web UI) on HOST:PORT. Empty: no"
+                       " console. docs/console.md describes it.", pattern=_CONSOLE_LISTEN)
+    password_hash: str = _opt("", "scrypt hash of the operator's password (`edgekit console"
+                              " --hash-password` makes one); $EDGEKIT_CONSOLE_PASSWORD works"
+                              " too. Neither: the console is read-only.", secret=True,
+                              check=_scrypt_hash, allows="an scrypt hash")
+    operator_key: str = _opt("", "Operator key: Ed25519 private key (PEM) that signs the"
+                             " console's requests (rollout, abort, roll back); its public half"
+                             " must be in controller.operator_keys. Empty: no actions.",
+                             file=True)
+
+
+@dataclass
 class ControllerConfig:
     """The whole configuration; build it with :func:`load_config` so it is validated."""
 
@@ -263,6 +289,7 @@ class ControllerConfig:
     serve: ServeSection = field(default_factory=ServeSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     policy: PolicySection = field(default_factory=PolicySection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
 
     @property
     def share_group(self) -> str | None:

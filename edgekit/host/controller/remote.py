@@ -25,6 +25,7 @@ from edgekit.protocol.controller import (
     ROLLOUT_REPLY_SCHEMA,
     ROLLOUT_STATE_SCHEMA,
     PresencePayload,
+    RolloutRequest,
     RolloutStatePayload,
     make_rollout_request,
     parse_presence,
@@ -36,7 +37,7 @@ from edgekit.protocol.controller import (
 )
 
 __all__ = ["RemoteRolloutError", "RemoteUsageError", "find_controllers", "follow_rollout",
-           "request_rollout"]
+           "request_rollout", "submit_request"]
 
 _ACTIVE = {s.value for s in ACTIVE_ROLLOUT_STATES}
 
@@ -88,6 +89,21 @@ def request_rollout(client: HostClient, fleet: str, key: Ed25519PrivateKey, *, n
     """
     request = make_rollout_request(fleet, secrets.token_hex(8), name=name, version=version,
                                    sha256=sha256, devices=devices, plan=plan)
+    return submit_request(client, request, key, timeout=timeout)
+
+
+def submit_request(client: HostClient, request: RolloutRequest, key: Ed25519PrivateKey, *,
+                   timeout: float = 30.0) -> dict[str, Any]:
+    """Sign ``request`` (:func:`~edgekit.protocol.controller.make_rollout_request` makes
+    one) with the operator ``key``, publish it to its fleet's controller and wait for the
+    reply; return the rollout the reply holds (``RolloutRecord.to_dict()`` plus
+    ``targets``). Every request to a controller goes through here.
+
+    Raises:
+        RemoteRolloutError: the controller refused the request.
+        EdgekitError: no reply within ``timeout`` seconds.
+    """
+    fleet = request["fleet"]
     request_id, reply_to = request["request_id"], request["reply_to"]
     replies: list[dict[str, Any]] = []
     got = threading.Event()
@@ -117,7 +133,8 @@ def request_rollout(client: HostClient, fleet: str, key: Ed25519PrivateKey, *, n
         error = reply.get("error") or {}
         code = str(error.get("code"))
         kind = RemoteUsageError if code in ("UsageError", "ConfigError") else RemoteRolloutError
-        raise kind(f"the controller refused the rollout: {error.get('message')}", code=code,
+        raise kind(f"the controller refused the {request.get('action', 'rollout')}:"
+                   f" {error.get('message')}", code=code,
                    hint=error.get("hint") or None)
     rollout = reply.get("rollout")
     if not isinstance(rollout, dict):

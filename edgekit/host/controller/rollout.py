@@ -16,22 +16,20 @@ rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
 Devices are asked through retained per-device desired documents (:mod:`edgekit.protocol.ota.desired`).
 An abort sends every updated device a signed revert of the rollout's package (the device goes
 back to the model it kept from before; never a version taken from a device's report) and
-waits for it to get there. All state is in the database, so a controller that restarts,
-or another one that takes the rollout over, carries on from it.
+waits for it to get there (:mod:`._back`). An operator's roll back of the fleet's latest
+rollout is a new rollout to the model the controller deployed before it
+(:meth:`RolloutEngine.roll_back`). All state is in the database, so a controller that restarts, or another one that takes the
+rollout over, carries on from it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import logging
 import secrets
-from collections.abc import Callable, Iterable
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from edgekit.errors import EdgekitError, UsageError
-from edgekit.host.controller._documents import DesiredDocuments
+from edgekit.errors import UsageError
+from edgekit.host.controller._back import AbortingEngine, model_before
+from edgekit.host.controller._engine import count_states, log
 from edgekit.host.controller._plan import (
     Figures,
     baseline_figures,
@@ -41,32 +39,16 @@ from edgekit.host.controller._plan import (
     recorded_baselines,
     wave_sizes,
 )
-from edgekit.host.controller.config import RolloutSection
-from edgekit.host.db import RolloutRecord, RolloutState, Store, TargetRecord, TargetState, utcnow
+from edgekit.host.db import RolloutRecord, RolloutState, TargetRecord, TargetState, utcnow
 from edgekit.host.errors import LeaseLostError
-from edgekit.host.mqtt_client import HostClient
-from edgekit.host.ota.server import ArtifactServer
-from edgekit.host.registry import Registry
-from edgekit.protocol import encode
-from edgekit.protocol.controller import (
-    ROLLOUT_STATE_SCHEMA,
-    RolloutStatePayload,
-    deployment_id,
-    rollout_state_topic,
-)
-from edgekit.protocol.ota.events import UpdateStep, event_kind
+from edgekit.manifest import compare_versions
 
 __all__ = ["RolloutEngine"]
 
-log = logging.getLogger("edgekit.controller.rollout")
-
-_FINAL_KINDS = [event_kind(s) for s in (UpdateStep.SUCCEEDED, UpdateStep.FAILED,
-                                        UpdateStep.ROLLED_BACK)]
 _OUTCOMES = {TargetState.SUCCEEDED, TargetState.FAILED, TargetState.TIMED_OUT}
-_CURSOR_OVERLAP = 1000
 
 
-class RolloutEngine:
+class RolloutEngine(AbortingEngine):
     """Creates and drives rollouts; see the module docstring.
 
     ``server`` (optional) serves the artifacts the rollouts name over MQTT; without it some
@@ -74,33 +56,18 @@ class RolloutEngine:
     desired document; without it no rollout can be created.
     """
 
-    def __init__(self, store: Store, registry: Registry, client: HostClient,
-                 settings: RolloutSection, *, controller_id: str, lease_s: float,
-                 fleets: Iterable[str] = ("+",), server: ArtifactServer | None = None,
-                 signing_key: Ed25519PrivateKey | None = None,
-                 url_for: Callable[[str], str] | None = None) -> None:
-        self.store = store
-        self.registry = registry
-        self.client = client
-        self.settings = settings
-        self.controller_id = controller_id
-        self.lease_s = lease_s
-        self.fleets = list(fleets)
-        self.documents = DesiredDocuments(registry, client, server=server,
-                                          signing_key=signing_key, url_for=url_for)
-        self._cursors: dict[int, int] = {}  # rollout id -> last device event id read
-        self._driving: dict[int, dt.datetime] = {}  # rollout id -> when this engine took it
-
     # ---------------------------------------------------------------- creating
 
     def create(self, fleet: str, name: str, version: str, *, devices: list[str] | None = None,
                overrides: dict[str, Any] | None = None, source: str = "api",
-               request_id: str | None = None, note: str | None = None) -> RolloutRecord:
+               request_id: str | None = None, note: str | None = None,
+               back: dict[str, Any] | None = None) -> RolloutRecord:
         """Create a pending rollout of the registered ``name:version`` to ``fleet``.
 
         Without ``devices`` the targets are the fleet's online devices (all of its devices
         with ``include_offline``); devices that join later follow the fleet's desired
-        document once the rollout has succeeded.
+        document once the rollout has succeeded. ``back`` (only from :meth:`roll_back`)
+        makes it a roll back: its documents allow the downgrade or rename it names.
 
         Raises:
             UsageError: the model is not registered, the fleet has an active rollout, or a
@@ -128,7 +95,7 @@ class RolloutEngine:
             targets = sorted(d.device for d in known.values()
                              if d.online or settings["include_offline"])
         plan = {**settings, "token": secrets.token_hex(3), "source": source,
-                "request_id": request_id, "note": note,
+                "request_id": request_id, "note": note, "back": back,
                 "scope": "devices" if devices is not None else "fleet",
                 "model": {"name": record.name, "version": record.version,
                           "sha256": record.sha256, "size": record.size},
@@ -140,6 +107,43 @@ class RolloutEngine:
                     data={"source": source, "waves": plan["waves"], "targets": targets,
                           "note": note})
         return rollout
+
+    def roll_back(self, fleet: str, rollout_id: int, *, name: str, version: str,
+                  request_id: str | None = None) -> RolloutRecord:
+        """Roll the fleet back from its latest rollout, at an operator's request: a new
+        rollout (canary, waves and abort criteria like any) to the model the controller
+        deployed to the fleet before it (:func:`~._back.model_before`, its own records),
+        whose signed documents allow that downgrade (or name change) and nothing else.
+
+        Raises:
+            UsageError: rollout ``rollout_id`` is not ``fleet``'s latest succeeded fleet-wide
+                rollout of ``name:version``; the controller deployed no other model before
+                it; that model is no longer registered with the same package; or the fleet
+                has an active rollout.
+        """
+        rollout = self._rollout_of(fleet, rollout_id, name, version)
+        done = [r.id for r in self.store.list_rollouts(fleet=fleet)
+                if r.state == RolloutState.SUCCEEDED and r.plan.get("scope") == "fleet"]
+        if not done or done[-1] != rollout.id:
+            raise UsageError(f"rollout {rollout_id} is not fleet {fleet}'s latest succeeded"
+                             " fleet-wide rollout, so the fleet does not run its model",
+                             hint="abort a running rollout instead; `edgekit rollback --to"
+                                  " VERSION` sends devices to a version they keep")
+        model = model_before(self.store, rollout)
+        if model is None:
+            raise UsageError(f"the controller deployed no other model to fleet {fleet} before"
+                             f" rollout {rollout_id}", hint="`edgekit rollback --to VERSION`"
+                             " sends devices to a version they keep")
+        record = self.registry.get(model["name"], model["version"])
+        if record.sha256 != model["sha256"]:
+            raise UsageError(f"{record.ref} is registered with another package than the one"
+                             " the controller deployed before")
+        renamed = record.name != name
+        back = {"rollout": rollout.id, "allow_rename": renamed,
+                "allow_downgrade": renamed or compare_versions(record.version, version) <= 0}
+        return self.create(fleet, record.name, record.version, source="rollback",
+                           request_id=request_id, back=back,
+                           note=f"roll back of rollout {rollout.id} ({name} {version})")
 
     def find_request(self, fleet: str, request_id: str) -> RolloutRecord | None:
         """The rollout a request created already (requests are retried on reconnects)."""
@@ -172,10 +176,6 @@ class RolloutEngine:
         for rollout in self.store.owned_rollouts(self.controller_id):
             self.store.release_rollout(rollout.id, self.controller_id)
             self._forget(rollout.id)
-
-    def _forget(self, rollout_id: int) -> None:
-        self._driving.pop(rollout_id, None)
-        self._cursors.pop(rollout_id, None)
 
     def _drive(self, rollout: RolloutRecord) -> RolloutRecord:
         if not self.store.renew_rollout(rollout.id, self.controller_id, self.lease_s):
@@ -242,79 +242,6 @@ class RolloutEngine:
         sizes = plan["waves"]
         size = sizes[wave] if wave < len(sizes) else len(pending)
         return self._start_wave(rollout, wave, pending[:size])
-
-    def _observe(self, rollout: RolloutRecord, *, back: bool) -> dict[str, TargetRecord]:
-        """The targets, with the outcomes that devices reported since the last pass applied."""
-        targets = {t.device: t for t in self.store.list_rollout_targets(rollout.id)}
-        wanted = deployment_id(rollout.id, rollout.plan["token"], back=back)
-        waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
-        cursor = self._cursors.get(rollout.id, 0)
-        # Read a little behind the cursor: with several writers an event id can commit after
-        # a higher one (PostgreSQL sequences), and an applied outcome is not applied twice.
-        after = max(0, cursor - _CURSOR_OVERLAP)
-        for event in self.store.list_events(rollout_id=rollout.id, after_id=after,
-                                            kinds=_FINAL_KINDS, limit=100_000):
-            cursor = max(cursor, event.id)
-            target = targets.get(event.device or "")
-            if target is None or target.state != waiting or (event.data or {}).get(
-                    "deployment") != wanted:
-                continue
-            succeeded = event.kind == event_kind(UpdateStep.SUCCEEDED)
-            reason = event.reason or event.kind.removeprefix("update.")
-            note: str | None
-            if back:
-                state = TargetState.ROLLED_BACK if succeeded else TargetState.FAILED
-                note = "back on the previous model" if succeeded else \
-                    f"rollback failed: {reason}: {event.message}"
-            else:
-                state = TargetState.SUCCEEDED if succeeded else TargetState.FAILED
-                note = None if succeeded else f"{reason}: {event.message}"
-            targets[target.device] = self._set(rollout, target.device, state, reason=note)
-        self._cursors[rollout.id] = cursor
-        self._from_status(rollout, targets, back=back)
-        return targets
-
-    def _from_status(self, rollout: RolloutRecord, targets: dict[str, TargetRecord], *,
-                     back: bool) -> None:
-        """Outcomes from the devices' retained status, where an outcome event may have been
-        missed: for devices being sent back, and for devices asked before this engine took
-        the rollout over (their event may have been sent while no controller listened; the
-        status is redelivered on every subscription). The status' ``update`` section names
-        the last update's outcome; else a device serving the model it was asked for (the
-        previous one, when sent back) has arrived. Devices this engine asked itself wait for
-        their event, which comes after probation."""
-        taken = self._driving.get(rollout.id)
-        waiting = TargetState.ROLLING_BACK if back else TargetState.ASSIGNED
-        stale = [t for t in targets.values() if t.state == waiting and (
-            back or (taken is not None and t.updated < taken))]
-        if not stale:
-            return
-        wanted = deployment_id(rollout.id, rollout.plan["token"], back=back)
-        devices = {d.device: d for d in self.store.list_devices(rollout.fleet, online=True)}
-        for target in stale:
-            device = devices.get(target.device)
-            if device is None:
-                continue
-            update = (device.status or {}).get("update")
-            step = update.get("step") if isinstance(update, dict) and \
-                update.get("deployment") == wanted else None
-            if back:
-                # Off the rollout's package (a status only tells when: what the device goes
-                # back to is its own record, never the controller's reading of a status).
-                arrived = device.model_sha256 is not None and \
-                    device.model_sha256 != rollout.plan["model"]["sha256"]
-                done, failed = TargetState.ROLLED_BACK, TargetState.FAILED
-            else:
-                arrived = device.model_sha256 == rollout.plan["model"]["sha256"]
-                done, failed = TargetState.SUCCEEDED, TargetState.FAILED
-            if step in ("failed", "rolled_back") and not arrived:
-                reason = update.get("reason") if isinstance(update, dict) else None
-                targets[target.device] = self._set(
-                    rollout, target.device, failed,
-                    reason=f"{reason or step} (reported by its status)")
-            elif arrived or step == "succeeded":
-                targets[target.device] = self._set(rollout, target.device, done,
-                                                   reason="reported by its status")
 
     def _failure_rate(self, rollout: RolloutRecord, targets: list[TargetRecord],
                       wave_done: bool) -> tuple[str, str, dict[str, Any]] | None:
@@ -416,7 +343,7 @@ class RolloutEngine:
         if rollout.plan["scope"] == "fleet":
             self.documents.publish_fleet(rollout)
             self.documents.clear(rollout, list(targets))
-        counts = _counts(targets.values())
+        counts = count_states(targets.values())
         rollout = self._transition(rollout, RolloutState.SUCCEEDED,
                                    f"{counts.get('succeeded', 0)} of {len(targets)} devices"
                                    " updated")
@@ -426,100 +353,5 @@ class RolloutEngine:
         self._forget(rollout.id)
         return rollout
 
-    # ---------------------------------------------------------------- aborting
 
-    def _abort(self, rollout: RolloutRecord, reason: str, message: str,
-               data: dict[str, Any]) -> RolloutRecord:
-        rollout = self._transition(rollout, RolloutState.ABORTING, message)
-        self._event(rollout, "rollout.abort", f"aborting rollout {rollout.id}: {message}",
-                    level="error", reason=reason, data=data)
-        targets = self.store.list_rollout_targets(rollout.id)
-        for target in targets:
-            if target.state == TargetState.PENDING:
-                self._set(rollout, target.device, TargetState.SKIPPED,
-                          reason="the rollout was aborted first")
-        # A device that timed out may still be installing: it is sent back too.
-        updated = [t for t in targets if t.state in (TargetState.ASSIGNED, TargetState.SUCCEEDED,
-                                                     TargetState.TIMED_OUT)]
-        back = [self._set(rollout, t.device, TargetState.ROLLING_BACK) for t in updated]
-        self._send_back(rollout, back)
-        return self._roll_back(rollout)
-
-    def _send_back(self, rollout: RolloutRecord, targets: list[TargetRecord]) -> None:
-        for target in targets:
-            try:
-                self.documents.send_back(rollout, target)
-            except EdgekitError as exc:
-                self._set(rollout, target.device, TargetState.FAILED,
-                          reason=f"cannot roll back: {exc.message}")
-                self._event(rollout, "rollout.rollback_failed",
-                            f"{target.device} cannot be rolled back: {exc.message}",
-                            device=target.device, level="error", reason="no_rollback")
-                continue
-
-    def _roll_back(self, rollout: RolloutRecord) -> RolloutRecord:
-        targets = self._observe(rollout, back=True)
-        now = utcnow()
-        timeout = rollout.plan["rollback_timeout_s"]
-        for target in targets.values():
-            if target.state == TargetState.ROLLING_BACK and (
-                    now - target.updated).total_seconds() > timeout:
-                targets[target.device] = self._set(
-                    rollout, target.device, TargetState.TIMED_OUT,
-                    reason=f"not back on the previous model within {timeout:g} s")
-        if any(t.state == TargetState.ROLLING_BACK for t in targets.values()):
-            return rollout
-        if rollout.plan["scope"] == "fleet":
-            self.documents.clear(rollout, list(targets))
-        counts = _counts(targets.values())
-        rollout = self._transition(rollout, RolloutState.ABORTED, rollout.reason)
-        self._event(rollout, "rollout.aborted",
-                    f"rollout {rollout.id} aborted; {counts.get('rolled_back', 0)} device(s)"
-                    " rolled back", level="warning", data={"counts": counts})
-        self._forget(rollout.id)
-        return rollout
-
-    # ---------------------------------------------------------------- records
-
-    def _set(self, rollout: RolloutRecord, device: str, state: TargetState, *,
-             wave: int | None = None, reason: str | None = None,
-             previous_version: str | None = None) -> TargetRecord:
-        return self.store.set_target_state(rollout.id, device, state, wave=wave, reason=reason,
-                                           previous_version=previous_version,
-                                           owner=self.controller_id)
-
-    def _transition(self, rollout: RolloutRecord, state: RolloutState,
-                    reason: str | None) -> RolloutRecord:
-        rollout = self.store.transition_rollout(rollout.id, state, owner=self.controller_id,
-                                                reason=reason)
-        self._publish_state(rollout)
-        return rollout
-
-    def _publish_state(self, rollout: RolloutRecord) -> None:
-        counts = _counts(self.store.list_rollout_targets(rollout.id))
-        payload = RolloutStatePayload(
-            schema=ROLLOUT_STATE_SCHEMA, rollout=rollout.id, fleet=rollout.fleet,
-            model={"name": rollout.model_name, "version": rollout.model_version},
-            state=rollout.state, wave=rollout.current_wave, counts=counts,
-            reason=rollout.reason, ts=utcnow().timestamp())
-        self.client.publish(rollout_state_topic(rollout.fleet), encode(payload),
-                                      qos=1, retain=True)
-
-    def _event(self, rollout: RolloutRecord, kind: str, message: str, *,
-               device: str | None = None, level: str = "info", reason: str | None = None,
-               data: dict[str, Any] | None = None) -> None:
-        log.log(logging.WARNING if level != "info" else logging.INFO, "%s", message)
-        self.store.record_event(rollout.fleet, kind, message, device=device, level=level,
-                                reason=reason, data=data, rollout_id=rollout.id)
-
-    def _has_event(self, rollout: RolloutRecord, kind: str, wave: int | None = None) -> bool:
-        found = self.store.list_events(rollout_id=rollout.id, kinds=[kind], limit=100)
-        return any(wave is None or (e.data or {}).get("wave") == wave for e in found)
-
-
-def _counts(targets: Iterable[TargetRecord]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for target in targets:
-        counts[target.state] = counts.get(target.state, 0) + 1
-    return counts
 

@@ -335,17 +335,29 @@ class Controller:
             self._reply(request, rollout=rollout)
 
     def request_rollout(self, fleet: str, request: RolloutRequest) -> dict[str, Any]:
-        """Create the rollout a request asks for (or find the one it created already) and
-        return it as the reply shows it.
+        """Carry out a signed request: create the rollout it asks for (``rollout``, or
+        ``rollback``: a rollout back to the model deployed before), or abort a rollout
+        (``abort``); a request seen before gets the rollout it made. Return the rollout as
+        the reply shows it.
 
         Raises:
             UsageError: the model is not registered, its sha256 differs, it is not signed by
                 a key of registry.trusted_keys (when set), or the fleet has another active
-                rollout.
+                rollout; for an abort or a roll back, the rollout is not one this action
+                applies to (see :meth:`RolloutEngine.abort`, :meth:`RolloutEngine.roll_back`).
         """
         assert self.engine is not None and self.store is not None and self.registry is not None
         found = self.engine.find_request(fleet, request["request_id"])
-        if found is None:
+        action = request.get("action", "rollout")
+        if action == "abort":
+            found = self.engine.abort(fleet, request["rollout_id"], name=request["name"],
+                                      version=request["version"],
+                                      request_id=request["request_id"])
+        elif action == "rollback" and found is None:
+            found = self.engine.roll_back(fleet, request["rollout_id"], name=request["name"],
+                                          version=request["version"],
+                                          request_id=request["request_id"])
+        elif found is None:
             name, version = request["name"], request["version"]
             record = self.store.get_model(name, version)
             if record is None:

@@ -47,6 +47,7 @@ class DemoOptions:
     recovered_s: float = 20.0
     drift_timeout_s: float = 240.0
     seed: int = 0
+    console: str | None = None  # HOST:PORT: the controller serves the fleet console there
     echo: Callable[[str], None] = print
 
 
@@ -90,7 +91,7 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
 
 
 def _controller_config(work: Path, broker: str, db_url: str, release: KeyPair,
-                       operator: KeyPair) -> Path:
+                       operator: KeyPair, console: dict[str, str]) -> Path:
     from edgekit.host.controller import load_config
     from edgekit.host.controller.config import to_toml
 
@@ -112,11 +113,28 @@ def _controller_config(work: Path, broker: str, db_url: str, release: KeyPair,
         "policy.samples_window_s": 20.0, "policy.min_samples": 300,
         "policy.holdout_fraction": 0.3, "policy.margin": 0.02, "policy.strategy": "retrain",
         "policy.retrain_command": retrain, "policy.retrain_output": "candidate.pt2",
-        "policy.retrain_timeout_s": 300.0, "policy.cooldown_s": 600.0,
+        "policy.retrain_timeout_s": 300.0, "policy.cooldown_s": 600.0, **console,
     })
     path = work / "controller.toml"
     path.write_text(to_toml(cfg))
     return path
+
+
+def _console_settings(listen: str | None, operator: KeyPair) -> dict[str, str]:
+    """The controller's [console] keys: where it listens (port 0: a free port picked here,
+    so the URL can be printed), the operator key that signs the console's requests and,
+    with $EDGEKIT_CONSOLE_PASSWORD, the operator's hash (the processes the demo starts do
+    not inherit EDGEKIT_* variables)."""
+    if not listen:
+        return {}
+    from edgekit.host.console import PASSWORD_ENV, hash_password, parse_listen
+
+    host, port = parse_listen(listen)
+    settings = {"console.listen": f"{host}:{port or free_port()}",
+                "console.operator_key": str(operator.private_path)}
+    if os.environ.get(PASSWORD_ENV):
+        settings["console.password_hash"] = hash_password(os.environ[PASSWORD_ENV])
+    return settings
 
 
 def _check_broker(url: str) -> None:
@@ -262,7 +280,8 @@ class _DemoRun:
         db_url = f"sqlite:///{work / 'fleet.db'}"
         with Store(db_url) as store:
             Registry(store, work / "registry").push(package)
-        config = _controller_config(work, self.url, db_url, keys, operator)
+        console = _console_settings(opts.console, operator)
+        config = _controller_config(work, self.url, db_url, keys, operator, console)
         self.procs.append(_spawn([sys.executable, "-m", "edgekit.host.cli", "controller",
                                   "run", "--config", str(config)], work / "controller.log",
                                  self.env))
@@ -277,6 +296,8 @@ class _DemoRun:
                  "--intent-key", str(operator.public_path), "--http", f"127.0.0.1:{port}",
                  "--telemetry-interval", "1"], work / f"{device}.log", self.env))
         clock.say(f"started {opts.devices} agents: {', '.join(self.ports)}")
+        if console:
+            clock.say(f"fleet console: http://{console['console.listen']}/")
         self.store = Store(db_url)
         _wait("the agents to come online",
               lambda: len(self.store.list_devices(FLEET, online=True)) == opts.devices, 90,
