@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -30,7 +31,7 @@ for _folder in (TESTS, TESTS / "ota"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-from _ota_fleet import Agent, Fleet, Packages  # noqa: E402
+from _ota_fleet import OPERATOR_KEY, Agent, Fleet, Packages  # noqa: E402
 from _ota_models import build_package  # noqa: E402
 from mqtt_broker import MqttBroker, broker, free_port, mosquitto_binary, wait_until  # noqa: E402,F401
 
@@ -64,7 +65,17 @@ def limits_pkgs(tmp_path_factory: pytest.TempPathFactory) -> LimitsPackages:
                              sign_key=kw.pop("sign_key", key), **kw)
 
     v1 = make("v1", "1.0.0", seed=1)
-    ota = Packages(public_key=keys.public_path, other_key=other_key, key=key, v1=v1,
+    # The operator key of the OTA helpers: Fleet signs desired documents with it, and the
+    # agents trust it for intents.
+    operator_public, operator_private = root / "operator.pub", root / "operator.key"
+    operator_public.write_bytes(OPERATOR_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    operator_private.write_bytes(OPERATOR_KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ota = Packages(public_key=keys.public_path, operator_key=OPERATOR_KEY,
+                   operator_public=operator_public, operator_private=operator_private,
+                   other_key=other_key, key=key, v1=v1,
                    v2=make("v2", "2.0.0", seed=2), v3=v1, older=v1, unsigned=v1,
                    bad_signature=v1, nan=v1, slow=v1, wide=v1, broken=v1)
     return LimitsPackages(ota, key, keys.public_path, root)
@@ -318,12 +329,16 @@ class ShippedBroker:
 
 def read_retained_doc(url: str, where: str, pki: Pki, username: str, password: str
                       ) -> dict[str, Any]:
-    """The retained JSON document on ``where``, read as ``username`` over TLS."""
+    """The retained JSON document on ``where``, read as ``username`` over TLS; a signed
+    envelope is opened with the OTA tests' operator key."""
     from edgekit.host.mqtt_client import HostClient
     from edgekit.host.ota.deploy import read_retained
+    from edgekit.protocol.signed import is_sealed, open_sealed
 
     with HostClient(url, ca_file=str(pki.ca), username=username,
                     password=password).connect() as c:
         payload = read_retained(c, where).get(where)
     assert payload, f"nothing retained on {where}"
+    if is_sealed(payload):
+        payload = open_sealed(payload, [OPERATOR_KEY.public_key()]).payload
     return dict(json.loads(payload))

@@ -65,6 +65,7 @@ def test_agent_updates_over_tls_with_client_certificates(
         agent.wait_healthy()
         result = CliRunner().invoke(cli, [
             "deploy", str(limits_pkgs.ota.v2), "--fleet", FLEET, "--device", DEVICE, "--direct",
+            "--key", str(limits_pkgs.ota.operator_private),
             "--broker", shipped.url, *_host_tls(pki), "--probation-requests", "0",
             "--probation-seconds", "1", "--timeout", "120", "--json"])
         assert result.exit_code == 0, (result.output, agent.log(), shipped.log())
@@ -96,7 +97,7 @@ def test_password_from_environment_or_file(tmp_path: Path, pki: Pki,
     secret_file.write_text("h0st\n")
     try:
         base = ["deploy", str(limits_pkgs.ota.v1), "--fleet", FLEET, "--device", DEVICE,
-                "--broker", broker.url, "--ca-file", str(pki.ca), "--username", HOST_IDENTITY,
+                "--key", str(limits_pkgs.ota.operator_private), "--broker", broker.url, "--ca-file", str(pki.ca), "--username", HOST_IDENTITY,
                 "--no-wait", "--direct"]
         wrong = CliRunner().invoke(cli, base, env={"EDGEKIT_MQTT_PASSWORD": "nope"})
         assert wrong.exit_code != 0 and "refused" in wrong.output, wrong.output

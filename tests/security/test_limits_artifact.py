@@ -95,7 +95,7 @@ def test_agent_refuses_the_bomb_over_the_air_with_bounded_memory(
         assert agent.proc is not None
         before = peak_rss_kib(agent.proc.pid)
         with file_server(bomb) as server:
-            doc = ota.make_desired(deployment="d-bomb", name="bomb", version="9.0.0",
+            doc = ota.make_desired(deployment="d-bomb", fleet=fleet.name, name="bomb", version="9.0.0",
                                    sha256=sha256_file(bomb), size=bomb.stat().st_size,
                                    url=server.url)
             fleet.desire("d1", doc)

@@ -40,7 +40,7 @@ def test_agent_never_writes_outside_its_model_folder(
         agent = make_agent("lim-path", "d1")
         agent.wait_healthy()
         with file_server(evil) as server:
-            doc = ota.make_desired(deployment="d-path", name="ota-model", version="9.0.0",
+            doc = ota.make_desired(deployment="d-path", fleet=fleet.name, name="ota-model", version="9.0.0",
                                    sha256=sha256_file(evil), size=evil.stat().st_size,
                                    url=server.url)
             fleet.desire("d1", doc)
