@@ -153,7 +153,7 @@ class SystemSection(msgspec.Struct, kw_only=True):
 
 class PredictionsSection(msgspec.Struct, kw_only=True):
     count: Count  # samples (a batch counts each of its rows)
-    histogram: Annotated[dict[Text256, Count], Meta(max_length=1024)]  # label -> count
+    histogram: Annotated[dict[Text256, Count], Meta(max_length=4096)]  # label -> count
     mean_confidence: float | None
 
 
