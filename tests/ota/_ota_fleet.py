@@ -38,6 +38,22 @@ REPO = Path(__file__).resolve().parents[2]
 # The operator key of the OTA tests: Fleet signs desired documents with it, agents trust its
 # public half (written by the pkgs fixture) as ota.intent_keys.
 OPERATOR_KEY = Ed25519PrivateKey.generate()
+
+
+def write_operator_key(root: Path) -> tuple[Path, Path]:
+    """Write :data:`OPERATOR_KEY` as ``root/operator.pub`` and ``root/operator.key`` (PEM);
+    return (public, private)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public, private = root / "operator.pub", root / "operator.key"
+    public.write_bytes(OPERATOR_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(OPERATOR_KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return public, private
+
+
 PADDING = 2_500_000  # bytes of incompressible padding: the download spans several journal records
 FAST_OTA_ENV = {
     "EDGEKIT_OTA_REQUEST_TIMEOUT_S": "2",

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _ota_fleet import OPERATOR_KEY, PADDING, Agent, Packages
+from _ota_fleet import OPERATOR_KEY, PADDING, Agent, Packages, write_operator_key
 from _ota_models import build_package
-from cryptography.hazmat.primitives import serialization
 from mqtt_broker import MqttBroker, broker  # noqa: F401  (the module-scoped fixture)
 
 from edgekit.signing import generate_keypair, load_private_key
@@ -29,12 +28,7 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory) -> Packages:
         return build_package(root / f"{name}.edgepkg", version=version,
                              sign_key=kw.pop("sign_key", key), **kw)
 
-    operator_public, operator_private = root / "operator.pub", root / "operator.key"
-    operator_public.write_bytes(OPERATOR_KEY.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    operator_private.write_bytes(OPERATOR_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    operator_public, operator_private = write_operator_key(root)
     return Packages(
         public_key=keys.public_path, operator_key=OPERATOR_KEY,
         operator_public=operator_public, operator_private=operator_private, other_key=other_key, key=key,

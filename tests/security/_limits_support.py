@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -31,7 +30,7 @@ for _folder in (TESTS, TESTS / "ota"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-from _ota_fleet import OPERATOR_KEY, Agent, Fleet, Packages  # noqa: E402
+from _ota_fleet import OPERATOR_KEY, Agent, Fleet, Packages, write_operator_key  # noqa: E402
 from _ota_models import build_package  # noqa: E402
 from mqtt_broker import MqttBroker, broker, free_port, mosquitto_binary, wait_until  # noqa: E402,F401
 
@@ -67,12 +66,7 @@ def limits_pkgs(tmp_path_factory: pytest.TempPathFactory) -> LimitsPackages:
     v1 = make("v1", "1.0.0", seed=1)
     # The operator key of the OTA helpers: Fleet signs desired documents with it, and the
     # agents trust it for intents.
-    operator_public, operator_private = root / "operator.pub", root / "operator.key"
-    operator_public.write_bytes(OPERATOR_KEY.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    operator_private.write_bytes(OPERATOR_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    operator_public, operator_private = write_operator_key(root)
     ota = Packages(public_key=keys.public_path, operator_key=OPERATOR_KEY,
                    operator_public=operator_public, operator_private=operator_private,
                    other_key=other_key, key=key, v1=v1,
