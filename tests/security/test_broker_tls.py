@@ -30,6 +30,8 @@ from click.testing import CliRunner
 
 import edgekit.protocol.ota as ota
 from edgekit.host.cli import cli
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import read_retained
 
 FLEET = "tls"
 DEVICE = "dev-a"
@@ -63,6 +65,14 @@ def test_agent_updates_over_tls_with_client_certificates(
                        "EDGEKIT_MQTT_KEY_FILE": str(ident.key)})
     try:
         agent.wait_healthy()
+        # The deploy's pre-flight reads the device's retained status: wait until the agent's
+        # TLS connection is up and its birth status is retained on the broker.
+        host = pki.clients[HOST_IDENTITY]
+        status_topic = f"edgekit/v1/{FLEET}/{DEVICE}/status"
+        with HostClient(shipped.url, ca_file=str(pki.ca), cert_file=str(host.cert),
+                        key_file=str(host.key)).connect() as client:
+            wait_until(lambda: read_retained(client, status_topic).get(status_topic), 60,
+                       "the agent's retained status over TLS")
         result = CliRunner().invoke(cli, [
             "deploy", str(limits_pkgs.ota.v2), "--fleet", FLEET, "--device", DEVICE, "--direct",
             "--key", str(limits_pkgs.ota.operator_private),
