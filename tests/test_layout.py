@@ -76,3 +76,19 @@ def test_import_contracts_are_kept() -> None:
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout
+
+
+def test_core_contract_names_every_core_module() -> None:
+    """The core contract lists its modules one by one (``edgekit`` itself would include
+    ``edgekit.host``): a new core module must be added there, or nothing guards it."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"]
+    core = next(c for c in contracts if c["name"].startswith("The core"))
+    listed = set(core["source_modules"])
+    present = {f"edgekit.{p.stem}" for p in (REPO / "edgekit").iterdir()
+               if not p.name.startswith(("_", ".")) and p.name != "host" and p.name != "py.typed"
+               and (p.suffix == ".py" or (p / "__init__.py").exists())}
+    assert present - listed == set(), "add these to the core contract in pyproject.toml"
+    assert "edgekit.host" in core["forbidden_modules"]
