@@ -31,7 +31,6 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "Document",
     "decode",
-    "decode_raw",
     "encode",
     "schema_of",
 ]
@@ -108,23 +107,4 @@ def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
         raise ProtocolError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(doc, cls):
         raise ProtocolError(f"payload does not fit {schema_of(cls)}: schema is {schema_of(type(doc))}")
-    return doc
-
-
-def decode_raw(payload: bytes | bytearray | memoryview | str, *,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
-    """Parse a size-capped JSON object whose type is not known yet.
-
-    Raises:
-        ProtocolError: over ``max_bytes``, not JSON, or not a JSON object.
-    """
-    size = len(payload.encode() if isinstance(payload, str) else payload)
-    if size > max_bytes:
-        raise ProtocolError(f"payload of {size} bytes is over the {max_bytes}-byte limit")
-    try:
-        doc = msgspec.json.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"payload is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("payload is not a JSON object")
     return doc

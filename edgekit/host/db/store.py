@@ -24,48 +24,23 @@ from sqlalchemy import (
 
 from edgekit.errors import ArtifactError, UsageError
 from edgekit.host.db._devices import DeviceStore
-from edgekit.host.db._engine import default_db_url, make_engine
+from edgekit.host.db._engine import default_db_url
 from edgekit.host.db._records import (
-    DeviceRecord,
     EventRecord,
-    MetricRecord,
-    MetricsSummary,
     ModelRecord,
-    RolloutRecord,
-    SampleIn,
-    TargetRecord,
 )
 from edgekit.host.db._rollouts import RolloutStore
 from edgekit.host.db._samples import SampleStore
 from edgekit.host.db._schema import (
     SCHEMA_VERSION,
-    Base,
     ChannelRow,
     EventRow,
     ModelRow,
-    RolloutState,
-    TargetState,
 )
 from edgekit.host.db._timeutil import as_utc, utcnow
 from edgekit.manifest import parse_version
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Base",
-    "DeviceRecord",
-    "EventRecord",
-    "MetricRecord",
-    "MetricsSummary",
-    "ModelRecord",
-    "RolloutRecord",
-    "RolloutState",
-    "SampleIn",
-    "Store",
-    "TargetRecord",
-    "TargetState",
-    "default_db_url",
-    "make_engine",
-]
+__all__ = ["SCHEMA_VERSION", "Store", "default_db_url"]
 
 
 class Store(DeviceStore, SampleStore, RolloutStore):
