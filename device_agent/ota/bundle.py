@@ -24,8 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import fsync_dir
-from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep
-from edgekit.protocol.ota.bundle import BundleParts, read_bundle
+from edgekit.protocol.ota import (
+    BundleParts,
+    DesiredDocument,
+    UpdateReason,
+    UpdateStep,
+    read_bundle,
+)
 
 from .._store import STAGED_SUFFIX
 from .errors import UpdateFailure

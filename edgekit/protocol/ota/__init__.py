@@ -4,7 +4,8 @@ The host states the model it wants in a retained *desired document* (:mod:`.desi
 signed by an operator key in an :mod:`edgekit.protocol.signed` envelope and bound to its
 fleet, devices, expiry and issue time; only such a document can allow an older version or
 another model (``allow_downgrade``, ``allow_rename``, ``revert``). An artifact server hands
-the package out in checked chunks (:mod:`.chunks`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
+the package out in checked chunks (:mod:`.chunks`), or a site bundle carries it with its
+signed intent to a device no broker reaches (:mod:`.bundle`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
 :mod:`.topics`; docs/ota.md is the prose form.
 
 This package imports nothing heavier than :mod:`edgekit.protocol`. The host's half (the
@@ -14,6 +15,13 @@ artifact server, deployer and tracker) is :mod:`edgekit.host.ota`.
 from __future__ import annotations
 
 from edgekit.protocol.ota._time import format_time, parse_time
+from edgekit.protocol.ota.bundle import (
+    BUNDLE_MAGIC,
+    BundleHeader,
+    BundleParts,
+    read_bundle,
+    write_bundle,
+)
 from edgekit.protocol.ota.chunks import (
     CHUNK_REQUEST_SCHEMA,
     CHUNK_SCHEMA,
@@ -73,6 +81,7 @@ from edgekit.protocol.ota.topics import (
 
 __all__ = [
     "ARTIFACTS_SCOPE",
+    "BUNDLE_MAGIC",
     "CHUNK_REQUEST_SCHEMA",
     "CHUNK_SCHEMA",
     "DEFAULT_CHUNK_BYTES",
@@ -85,6 +94,8 @@ __all__ = [
     "MAX_ARTIFACT_BYTES",
     "MAX_CHUNK_BYTES",
     "ROLLBACK_TTL_S",
+    "BundleHeader",
+    "BundleParts",
     "Chunk",
     "ChunkErrorCode",
     "ChunkErrorInfo",
@@ -119,7 +130,9 @@ __all__ = [
     "parse_request",
     "parse_time",
     "peek_request_id",
+    "read_bundle",
     "seal_desired",
     "shared",
     "step_of",
+    "write_bundle",
 ]
