@@ -106,7 +106,8 @@ class Agent:
         self.http: Any = None
         self.mqtt_api: Any = None
         if broker_address(config.mqtt) is not None:
-            self.outbox = Outbox(config.state_dir / "telemetry.sqlite", config.telemetry.queue_max)
+            self.outbox = Outbox(config.state_dir / "telemetry.sqlite", config.telemetry.queue_max,
+                                 config.telemetry.queue_max_bytes)
         self.slot.on_swap(self._on_swap)
         try:
             # The updater first undoes an update a crash interrupted after its switch, so

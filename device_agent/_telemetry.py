@@ -104,6 +104,7 @@ def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
         telemetry=TelemetrySection(
             queue_depth=outbox.depth if outbox is not None else 0,
             dropped_total=outbox.dropped if outbox is not None else 0,
+            queue_bytes=outbox.bytes if outbox is not None else 0,
         ),
     )
 
@@ -162,9 +163,12 @@ class _AgentCollector:
         if agent.outbox is not None:
             yield GaugeMetricFamily("edgekit_agent_telemetry_queue_depth",
                                     "Messages waiting to be sent.", value=agent.outbox.depth)
+            yield GaugeMetricFamily("edgekit_agent_telemetry_queue_bytes",
+                                    "Bytes of the messages waiting to be sent.",
+                                    value=agent.outbox.bytes)
             yield CounterMetricFamily("edgekit_agent_telemetry_dropped",
-                                      "Messages dropped at the queue bound.",
-                                      value=agent.outbox.dropped)
+                                      "Messages dropped at the queue's bounds (messages,"
+                                      " bytes).", value=agent.outbox.dropped)
         yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the agent.",
                                 value=agent.system.rss_bytes())
         if self.last is not None:

@@ -156,6 +156,10 @@ class TelemetrySection:
                              ge=0.1, or_zero=True)
     queue_max: int = _opt(10000, "Bound of the on-disk store-and-forward queue, in messages;"
                           " the oldest are dropped (and counted) past it.", ge=1)
+    queue_max_bytes: int = _opt(64 * 1024**2, "Bound of the same queue in bytes (topics and"
+                                " payloads): telemetry spooled while no broker is reachable"
+                                " stays within it; the oldest are dropped (and counted) past"
+                                " it.", ge=64 * 1024, le=64 * 1024**3)
     thermal_dir: str = _opt("/sys/class/thermal", "Where the board's thermal zones are read.",
                             path=True)
 

@@ -173,6 +173,7 @@ class QualitySection(msgspec.Struct, kw_only=True):
 class TelemetrySection(msgspec.Struct, kw_only=True):
     queue_depth: Count  # messages waiting in the store-and-forward queue
     dropped_total: Count  # messages dropped at the queue's bound since the queue was created
+    queue_bytes: Count = 0  # bytes of the queued messages (the queue's byte bound counts them)
 
 
 class MetricsPayload(Document, tag=Schema.METRICS.value):
