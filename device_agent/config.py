@@ -21,9 +21,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgekit import typedconfig
-from edgekit.errors import ConfigError, UsageError
+from edgekit.errors import ConfigError, ProtocolError, UsageError
 from edgekit.protocol import check_id
 from edgekit.protocol.ota import MAX_CHUNK_BYTES as _MAX_CHUNK
+from edgekit.protocol.ota import MAX_KBPS as _MAX_KBPS
+from edgekit.protocol.ota import parse_window
 from edgekit.signing import load_public_key
 from edgekit.typedconfig import Invalid, Pattern
 from edgekit.typedconfig import opt as _opt
@@ -68,6 +70,13 @@ def _public_key(value: str) -> None:
     except UsageError as exc:
         raise Invalid(exc.message,
                       "give the PEM public key made by `edgekit keys generate`") from exc
+
+
+def _window(value: str) -> None:
+    try:
+        parse_window(value, "window")
+    except ProtocolError as exc:
+        raise Invalid(exc.message, exc.hint) from exc
 
 
 def _listen(value: str) -> None:
@@ -196,6 +205,13 @@ class OtaSection:
     allow_unsigned_intents: bool = _opt(False, "INSECURE lab setting: follow unsigned desired"
                                         " documents (anyone who can publish to the broker"
                                         " then picks the model). Off: refused.")
+    max_kbps: int = _opt(0, "Thin links: ask for artifact bytes at most this many kilobits a"
+                         " second (a token bucket on chunk requests); a desired document's"
+                         " transfer.max_kbps lowers it. 0: no cap.", ge=0, le=_MAX_KBPS)
+    maintenance_window: str = _opt("", "Thin links: download only between these local times,"
+                                   " HH:MM-HH:MM (22:00-06:00 runs over midnight); wins over"
+                                   " a desired document's transfer.window. Empty: any time.",
+                                   check=_window, allows="empty or HH:MM-HH:MM")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from edgekit.protocol.ota import (
 )
 
 from .errors import UpdateFailure
+from .throttle import Pace
 
 __all__ = ["DownloadSettings", "HttpDownload", "MqttDownload", "PartialFile"]
 
@@ -51,6 +52,7 @@ class DownloadSettings:
     window: int = 4  # chunk requests in flight
     request_timeout_s: float = 10.0  # a request unanswered this long is sent again
     stall_timeout_s: float = 300.0  # no progress this long: the download fails
+    pace: Pace = field(default_factory=Pace)  # thin links: rate cap, maintenance window
 
 
 class PartialFile:
@@ -146,6 +148,8 @@ class MqttDownload:
             if self.cancel.is_set():
                 raise UpdateFailure(UpdateReason.SUPERSEDED, "a newer desired document arrived")
             now = time.monotonic()
+            if not (self._connected() and s.pace.open()):
+                last_progress = now  # a link that is down or a closed window is no stall
             if now - last_progress > s.stall_timeout_s:
                 raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
                                     f"no chunk arrived for {s.stall_timeout_s:g} s (at byte"
@@ -157,7 +161,8 @@ class MqttDownload:
                     retry.append((request["offset"], request["length"]))
                     self.stats["resent"] += 1
             if self._connected():
-                while len(pending) < s.window and (retry or next_offset < self.size):
+                while len(pending) < s.window and (retry or next_offset < self.size) and \
+                        s.pace.admit(s.chunk_bytes):
                     if retry:
                         offset, length = retry.pop()
                     else:
@@ -265,7 +270,8 @@ class HttpDownload:
         while done < self.size:
             if self.cancel.is_set():
                 raise UpdateFailure(UpdateReason.SUPERSEDED, "a newer desired document arrived")
-            if time.monotonic() - last_progress > self.settings.stall_timeout_s:
+            if time.monotonic() - max(last_progress, self.settings.pace.resumed) > \
+                    self.settings.stall_timeout_s:
                 raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
                                     f"{self.url} gave no bytes for"
                                     f" {self.settings.stall_timeout_s:g} s (at byte {done} of"
@@ -314,6 +320,7 @@ class HttpDownload:
                 partial.write_at(offset, block)
                 offset += len(block)
                 throttle.update(offset)
+                self.settings.pace.wait(len(block), self.cancel)
             if offset >= self.size and response.read(1):
                 raise UpdateFailure(UpdateReason.TOO_LARGE,
                                     f"{self.url} sends more than the {self.size} bytes named")

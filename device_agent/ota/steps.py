@@ -28,6 +28,7 @@ from .checks import check_compatible, stage, verify_package_file
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
+from .throttle import Pace
 
 if TYPE_CHECKING:
     from .updater import Updater
@@ -202,7 +203,8 @@ class UpdateRun:
             chunk_bytes=self.doc["sources"]["mqtt"].get("chunk_size", settings.chunk_bytes)
             if self.doc["sources"]["mqtt"] else settings.chunk_bytes,
             window=settings.window, request_timeout_s=settings.request_timeout_s,
-            stall_timeout_s=settings.stall_timeout_s)
+            stall_timeout_s=settings.stall_timeout_s,
+            pace=Pace.for_update(self.agent.config.ota, self.doc))
         if source == "http":
             url = self.doc["sources"]["url"]
             assert url is not None

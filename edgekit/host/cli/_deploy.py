@@ -38,6 +38,7 @@ from edgekit.protocol.ota.desired import (
     new_deployment_id,
 )
 from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP
+from edgekit.protocol.ota.transfer import MAX_KBPS, make_transfer
 
 _BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                        envvar="EDGEKIT_MQTT_BROKER",
@@ -169,6 +170,12 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
               help="Staging: refuse the model when its mean latency on the golden samples is"
                    " over this.")
 @_probation_options
+@click.option("--max-kbps", type=click.IntRange(1, MAX_KBPS),
+              help="Thin links: devices ask for chunks at most this many kbit/s (signed into"
+                   " the document; a device's own ota.max_kbps may be lower).")
+@click.option("--window", "window", metavar="HH:MM-HH:MM",
+              help="Thin links: devices download only in this window of their local time"
+                   " (22:00-06:00 runs over midnight; a device's ota.maintenance_window wins).")
 @_SHARE
 @click.option("--direct", is_flag=True,
               help="Publish to the fleet at once even when a controller looks after it"
@@ -184,7 +191,8 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
            http_addr: str | None, allow_breaking: bool,
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
-           share_group: str, direct: bool, force: bool, mqtt_auth: MqttAuth) -> None:
+           max_kbps: int | None, window: str | None, share_group: str, direct: bool,
+           force: bool, mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     First checks the targets' retained status: the deploy is refused (exit 1, nothing
@@ -214,8 +222,16 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     info = store.add(package)
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
+    try:
+        transfer = make_transfer(max_kbps, window, "--window")
+    except EdgekitError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from exc
     with mqtt_auth.client(broker).connect() as client:
         managed = not direct and bool(controllers_for(client, fleet))
+        if managed and transfer is not None:
+            raise UsageError("--max-kbps and --window go into a direct deploy's document; a"
+                             " controller looks after this fleet",
+                             hint="add --direct, or deploy without them")
         report = check_before_deploy(client, fleet, info, devices=targets,
                                      signed_rollback=allow_downgrade, force=force,
                                      empty_fleet_ok=managed or no_wait)
@@ -235,7 +251,7 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
                 http_server.url_for(info.sha256) if http_server else None),
                 allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
                 allow_rename=allow_rename, probation=probation,
-                latency_budget_ms=latency_budget_ms)
+                latency_budget_ms=latency_budget_ms, transfer=transfer)
             ok = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
                       no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                       quiet=quiet)

@@ -37,6 +37,7 @@ from edgekit.protocol.ota.desired import (
     seal_desired,
 )
 from edgekit.protocol.ota.topics import artifact_request_topic, desired_topic
+from edgekit.protocol.ota.transfer import Transfer
 
 __all__ = [
     "Deployer",
@@ -54,7 +55,8 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
                         revert: bool = False, probation: Probation | None = None,
                         latency_budget_ms: float | None = None,
                         issued: dt.datetime | None = None,
-                        ttl_s: float | None = None) -> DesiredDocument:
+                        ttl_s: float | None = None,
+                        transfer: Transfer | None = None) -> DesiredDocument:
     """The desired document that asks ``devices`` (None: the fleet) for the package ``info``
     (with ``revert``: to leave it for the model each ran before).
 
@@ -68,7 +70,7 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
         request_topic=artifact_request_topic(fleet, info.sha256) if mqtt_source else None,
         url=url, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
         allow_rename=allow_rename, revert=revert, probation=probation,
-        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s)
+        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s, transfer=transfer)
 
 
 def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -> dict[str, bytes]:

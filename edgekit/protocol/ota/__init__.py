@@ -78,6 +78,13 @@ from edgekit.protocol.ota.topics import (
     ota_reply_topic,
     shared,
 )
+from edgekit.protocol.ota.transfer import (
+    MAX_KBPS,
+    Transfer,
+    make_transfer,
+    parse_transfer,
+    parse_window,
+)
 
 __all__ = [
     "ARTIFACTS_SCOPE",
@@ -93,6 +100,7 @@ __all__ = [
     "FINAL_STEPS",
     "MAX_ARTIFACT_BYTES",
     "MAX_CHUNK_BYTES",
+    "MAX_KBPS",
     "ROLLBACK_TTL_S",
     "BundleHeader",
     "BundleParts",
@@ -106,6 +114,7 @@ __all__ = [
     "MqttSource",
     "Probation",
     "Sources",
+    "Transfer",
     "UpdateEventData",
     "UpdateModel",
     "UpdateProgress",
@@ -124,11 +133,14 @@ __all__ = [
     "format_time",
     "make_desired",
     "make_request",
+    "make_transfer",
     "new_deployment_id",
     "ota_reply_topic",
     "parse_desired",
     "parse_request",
     "parse_time",
+    "parse_transfer",
+    "parse_window",
     "peek_request_id",
     "read_bundle",
     "seal_desired",

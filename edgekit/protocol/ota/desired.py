@@ -58,6 +58,7 @@ from edgekit.protocol import encode, is_valid_id, parse_topic
 from edgekit.protocol.ota import _validate as v
 from edgekit.protocol.ota._time import format_time, parse_time
 from edgekit.protocol.ota.topics import ARTIFACTS_SCOPE
+from edgekit.protocol.ota.transfer import Transfer, parse_transfer
 from edgekit.protocol.signed import seal
 
 __all__ = [
@@ -142,6 +143,7 @@ class DesiredDocument(TypedDict):
     revert: bool  # devices serving ``model`` go back to their own previous model
     latency_budget_ms: float | None  # staging: mean latency on the golden samples, or None
     probation: Probation
+    transfer: NotRequired[Transfer]  # thin links: rate cap and maintenance window
 
 
 def new_deployment_id(now: dt.datetime | None = None) -> str:
@@ -157,11 +159,13 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
                  allow_downgrade: bool = False, allow_rename: bool = False,
                  revert: bool = False, probation: Probation | None = None,
                  latency_budget_ms: float | None = None, issued: dt.datetime | None = None,
-                 ttl_s: float | None = None) -> DesiredDocument:
+                 ttl_s: float | None = None, transfer: Transfer | None = None
+                 ) -> DesiredDocument:
     """Build a desired document and validate it as a device would.
 
     ``ttl_s`` is how long it stays valid (default: :data:`ROLLBACK_TTL_S` for a document that
-    allows a downgrade or reverts, else :data:`DESIRED_TTL_S`).
+    allows a downgrade or reverts, else :data:`DESIRED_TTL_S`). ``transfer`` (thin links:
+    :mod:`edgekit.protocol.ota.transfer`) is left out of the document when None.
 
     Raises:
         ProtocolError: a field is invalid; the message names it.
@@ -187,6 +191,8 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
         "latency_budget_ms": latency_budget_ms,
         "probation": dict(probation or DEFAULT_PROBATION),
     }
+    if transfer is not None:
+        doc["transfer"] = dict(transfer)
     return parse_desired(doc)
 
 
@@ -246,7 +252,7 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
         raise ProtocolError("desired.model.sha256: a revert names the package it leaves")
     sources = _sources(v.obj(v.field(doc, "sources", "desired"), "desired.sources"),
                        need_one=model["sha256"] is not None and not revert)
-    return DesiredDocument(
+    parsed = DesiredDocument(
         schema=DESIRED_SCHEMA,
         deployment=deployment,
         issued=issued,
@@ -263,6 +269,10 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
                                    nullable=True, low=0.0),
         probation=_probation(doc.get("probation")),
     )
+    transfer = parse_transfer(doc.get("transfer"))
+    if transfer is not None:
+        parsed["transfer"] = transfer
+    return parsed
 
 
 def _id(doc: dict[str, Any], key: str) -> str:
