@@ -27,10 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _ota_fleet import Agent, Fleet, LoadClient, Packages, wait_until
+from _ota_fleet import OPERATOR_KEY, Agent, Fleet, LoadClient, Packages, wait_until
+from click.testing import CliRunner
 from mqtt_broker import MqttBroker
 
-from edgekit.protocol.ota import Probation, artifact_subscription, make_transfer
+from edgekit.host.cli import cli
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import read_retained
+from edgekit.protocol.ota import (
+    Probation,
+    artifact_subscription,
+    desired_topic,
+    make_transfer,
+    parse_desired,
+)
+from edgekit.protocol.signed import open_sealed
 
 LINK_KBPS = 256
 DEVICE_KBPS = 96  # ota.max_kbps of the device
@@ -189,3 +200,21 @@ def test_thin_lossy_link_with_a_kill(tmp_path: Path, broker: MqttBroker, pkgs: P
         link.close()
         fleet.close()
 
+
+
+def test_deploy_signs_the_thin_link_limits(broker: MqttBroker, pkgs: Packages,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEKIT_OPERATOR_KEY", str(pkgs.operator_private))
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["deploy", str(pkgs.v2), "--fleet", "thin-cli", "--device", "d1",
+                              "--broker", broker.url, "--window", "25:00-01:00", "--no-wait"])
+    assert bad.exit_code == 2 and "--window: '25:00-01:00' is not HH:MM-HH:MM" in bad.output
+    result = runner.invoke(cli, ["deploy", str(pkgs.v2), "--fleet", "thin-cli", "--device", "d1",
+                                 "--broker", broker.url, "--max-kbps", "64", "--window",
+                                 "22:00-06:00", "--no-wait", "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    topic = desired_topic("thin-cli", "d1")
+    with HostClient(broker.url).connect() as client:
+        payload = read_retained(client, topic)[topic]
+    doc = parse_desired(open_sealed(payload, [OPERATOR_KEY.public_key()]).payload)
+    assert doc["transfer"] == {"max_kbps": 64, "window": "22:00-06:00"}
