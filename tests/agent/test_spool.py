@@ -35,8 +35,7 @@ def _gauge(http: str, name: str) -> float | None:
 
 
 def _first_arrivals(seqs: list[int]) -> list[int]:
-    seen: set[int] = set()
-    return [s for s in seqs if not (s in seen or seen.add(s))]
+    return list(dict.fromkeys(seqs))
 
 
 def test_spool_stays_within_its_bytes_and_drains(models: Models, tmp_path: Path, agents: Any,
