@@ -17,6 +17,7 @@ allows): a loaded machine can make it slower, never faster.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import socket
@@ -39,6 +40,7 @@ from edgekit.protocol.ota import (
     artifact_subscription,
     desired_topic,
     make_transfer,
+    ota_reply_topic,
     parse_desired,
 )
 from edgekit.protocol.signed import open_sealed
@@ -141,7 +143,8 @@ def test_thin_lossy_link_with_a_kill(tmp_path: Path, broker: MqttBroker, pkgs: P
 
     def seen(msg: Any) -> None:
         doc = json.loads(msg.payload)
-        requests.append((time.monotonic(), doc["offset"], doc["length"]))
+        if doc["reply_to"] == ota_reply_topic("thin", "dev"):  # not the server's probe
+            requests.append((time.monotonic(), doc["offset"], doc["length"]))
 
     fleet.host.subscribe(artifact_subscription("thin"), seen)
     env = {"EDGEKIT_OTA_MAX_KBPS": str(DEVICE_KBPS), "EDGEKIT_OTA_CHUNK_BYTES": str(CHUNK),
@@ -218,3 +221,36 @@ def test_deploy_signs_the_thin_link_limits(broker: MqttBroker, pkgs: Packages,
         payload = read_retained(client, topic)[topic]
     doc = parse_desired(open_sealed(payload, [OPERATOR_KEY.public_key()]).payload)
     assert doc["transfer"] == {"max_kbps": 64, "window": "22:00-06:00"}
+
+
+@pytest.mark.slow
+def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, make_agent: Any,
+                                          pkgs: Packages) -> None:
+    """The device's maintenance window opens at the next minute of its local time (the
+    one after, when that is less than 10 s away): no chunk is asked for before it, and the
+    wait does not count as a stall (``ota.stall_timeout_s`` is 5 s here)."""
+    now = dt.datetime.now().astimezone()
+    opens = (now + dt.timedelta(minutes=1 if now.second < 50 else 2)).replace(second=0,
+                                                                                microsecond=0)
+    window = f"{opens:%H:%M}-{opens + dt.timedelta(minutes=30):%H:%M}"
+    fleet = Fleet(broker, "thin-window")
+    reply_to = ota_reply_topic("thin-window", "dev")
+    first_request: list[dt.datetime] = []
+
+    def seen(msg: Any) -> None:
+        # The device's requests only (the server's own probe goes to the same topic).
+        if not first_request and json.loads(msg.payload)["reply_to"] == reply_to:
+            first_request.append(dt.datetime.now().astimezone())
+
+    fleet.host.subscribe(artifact_subscription("thin-window"), seen)
+    agent = make_agent("thin-window", "dev", env={"EDGEKIT_OTA_MAINTENANCE_WINDOW": window,
+                                                  "EDGEKIT_OTA_STALL_TIMEOUT_S": "5"})
+    try:
+        agent.wait_healthy()
+        fleet.wait_serving("dev", "1.0.0")
+        doc = fleet.deploy("dev", pkgs.v2)
+        outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
+        assert outcome["kind"] == "update.succeeded", outcome
+        assert first_request and first_request[0] >= opens, (first_request, window)
+    finally:
+        fleet.close()
