@@ -16,13 +16,19 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from _ota_fleet import FAST_OTA_ENV, OPERATOR_KEY, REPO, Packages
+from _ota_models import client_batch
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mqtt_broker import free_port
 
 from edgekit.host.cli import cli
 from edgekit.host.ota.bundle import make_bundle
@@ -241,3 +247,43 @@ def test_kill_during_install(point: str, tmp_path: Path, pkgs: Packages) -> None
     assert device.active["version"] == version
     assert outcome["serving"]["version"] == version
     assert device.leftovers() == []
+
+
+def test_probation_during_install_rolls_back_and_answers(tmp_path: Path, pkgs: Packages
+                                                         ) -> None:
+    """The install's agent serves its HTTP API: requests during the probation are answered
+    (by the previous model when the new one gives NaN) and count against the new model."""
+    port = free_port()
+    device = Device(tmp_path, pkgs)
+    device.args += ["--http", f"127.0.0.1:{port}"]
+    bundle = tmp_path / "nan.bundle"
+    make_bundle(pkgs.nan, "site", OPERATOR_KEY, bundle,
+                probation=Probation(requests=5, seconds=120.0, max_error_rate=0.0,
+                                    max_nonfinite_rate=0.0, max_latency_ms=None))
+    full = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+    full.update(FAST_OTA_ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "device_agent", "install", str(bundle),
+                             *device.args, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, env=full)
+    answered, failures = 0, []
+    rng = np.random.default_rng(0)
+    while proc.poll() is None:
+        body = json.dumps({"inputs": {"x": client_batch(rng)}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                reply = json.loads(resp.read())
+            answered += 1
+            if any(v is None for row in reply["outputs"]["probs"] for v in row):
+                failures.append("a non-finite answer reached the client")
+        except urllib.error.HTTPError as exc:
+            failures.append(f"HTTP {exc.code}")
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)  # not listening yet, or already stopped
+    out, err = proc.communicate(timeout=60)
+    outcome = json.loads(out)
+    assert proc.returncode == 1, err.decode()
+    assert outcome["outcome"] == "rolled_back" and outcome["reason"] == "nonfinite_output"
+    assert outcome["serving"]["version"] == "1.0.0" and device.active["version"] == "1.0.0"
+    assert answered >= 5 and failures == [], failures[:3]
