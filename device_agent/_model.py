@@ -104,7 +104,7 @@ class LoadedModel:
             RuntimeBackendError: the runtime fails on the golden inputs.
             ArtifactError: the golden member is unreadable.
         """
-        golden_in, golden_out = open_package(self.path).golden()
+        golden_in, golden_out = open_package(self.path).golden(self.manifest.golden.get("file"))
         if not golden_in:
             return None
         outputs = self.session.run(golden_in)
