@@ -38,6 +38,9 @@ _REMOTE_PROVIDERS = frozenset({"AzureExecutionProvider"})
 _REASON_CHARS = 256
 
 
+_Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
 @dataclass
 class _Trial:
     """One candidate on its way through the checks."""
@@ -89,7 +92,7 @@ def choose_variant(pkg: Package, options: RuntimeOptions | None = None, *,
     options = options or RuntimeOptions()
     manifest = pkg.manifest
     trials = [t for v in manifest.variants for t in _candidates(v, options)]
-    golden = {}
+    golden: dict[str, _Golden] = {}
     for trial in trials:
         if trial.dropped is None:
             golden.setdefault(trial.variant.id, pkg.golden(trial.variant.golden_file))
@@ -132,7 +135,7 @@ def _candidates(variant: Variant, options: RuntimeOptions) -> list[_Trial]:
 
 
 def _load_and_check(pkg: Package, trial: _Trial, options: RuntimeOptions,
-                    golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
+                    golden: _Golden) -> None:
     """Load the trial's session and check it on its variant's golden samples; set
     ``dropped`` when it fails.
 
@@ -171,22 +174,21 @@ def _load_and_check(pkg: Package, trial: _Trial, options: RuntimeOptions,
     trial.session = session
 
 
-def _time(trials: list[_Trial], golden: dict[str, tuple[dict[str, np.ndarray],
-                                                        dict[str, np.ndarray]]],
-          runs: int) -> None:
+def _time(trials: list[_Trial], golden: dict[str, _Golden], runs: int) -> None:
     """Batch-1 timings of every loaded trial, taken in turns (see the module docstring)."""
-    live = [t for t in trials if t.session is not None]
-    feeds = {t.variant.id: {k: v[:1] for k, v in golden[t.variant.id][0].items()} for t in live}
-    for trial in live:
-        trial.samples = []
+    live: list[tuple[_Trial, Session, dict[str, np.ndarray], list[float]]] = [
+        (t, t.session, {k: v[:1] for k, v in golden[t.variant.id][0].items()}, [])
+        for t in trials if t.session is not None]
+    for _, session, one, _ in live:
         for _ in range(_WARMUP):
-            trial.session.run(feeds[trial.variant.id])  # type: ignore[union-attr]
+            session.run(one)
     for _ in range(runs):
-        for trial in live:
-            session, one = trial.session, feeds[trial.variant.id]
+        for _, session, one, samples in live:
             t0 = time.perf_counter()
-            session.run(one)  # type: ignore[union-attr]
-            trial.samples.append((time.perf_counter() - t0) * 1000.0)  # type: ignore[union-attr]
+            session.run(one)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+    for trial, _, _, samples in live:
+        trial.samples = samples
 
 
 def _evidence_problem(variant: Variant, budget: float | None) -> str | None:
