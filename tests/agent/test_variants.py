@@ -296,10 +296,13 @@ def served(package: Path, signer: Signer, tmp_path: Path) -> Iterator[Agent]:
     agent.stop()
 
 
-def test_health_and_status_name_the_variant(served: Agent) -> None:
+def test_health_status_and_console_name_the_variant(served: Agent, tmp_path: Path) -> None:
     import http.client
 
     from device_agent._telemetry import build_status
+    from edgekit.host.console._data import device_view, fleet_view
+    from edgekit.host.controller.ingest import status_fields
+    from edgekit.host.db import Store
     from edgekit.protocol import DeviceState
 
     host, port = served.http_address.rsplit(":", 1)  # type: ignore[union-attr]
@@ -317,6 +320,12 @@ def test_health_and_status_name_the_variant(served: Agent) -> None:
     assert status.model is not None and status.model.sha256 == model.sha256
     old = {k: v for k, v in json.loads(encode(status)).items() if k != "variant"}
     assert decode(json.dumps(old).encode(), StatusPayload).variant is None
+    # The controller stores the status as it came; the console's device table shows it.
+    store = Store(f"sqlite:///{tmp_path / 'edgekit.db'}")
+    store.upsert_device_status(status.fleet, status.device, **status_fields(status))
+    assert [d["variant"] for d in fleet_view(store)["devices"]] == [model.variant.id]
+    view = device_view(store, status.fleet, status.device)
+    assert view is not None and view["device"]["variant"]["p50_ms"] == model.variant.p50_ms
 
 
 def test_manifest_round_trip_keeps_variants(package: Path) -> None:
