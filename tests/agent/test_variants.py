@@ -337,3 +337,31 @@ def test_manifest_round_trip_keeps_variants(package: Path) -> None:
         "golden-onnx-int8.npz"
     with pytest.raises(ArtifactError, match="no variant 'tflite-int8'"):
         manifest.variant("tflite-int8")
+
+
+@pytest.mark.slow
+def test_litert_and_onnxruntime_variants_compete(tmp_path: Path, signer: Signer) -> None:
+    """A Keras model as onnx:none, tflite:none and tflite:int8: both runtimes measured on
+    the same golden inputs, the fastest served, and it classifies the evaluation data."""
+    from convert_cases import keras_digits_data, trained_keras_digits
+
+    calib, evald, _ = keras_digits_data()
+    out = tmp_path / "kd.edgepkg"
+    convert_variants(trained_keras_digits(), [("onnx", "none"), ("tflite", "none"),
+                                              ("tflite", "int8")],
+                     ConvertOptions(name="kd", version="1.0.0", latency_runs=5), output=out,
+                     calibration=calib, eval_data=evald, sign_key=signer.key)
+    model = load_model(out, signer.trust)
+    choice = model.variant
+    assert choice is not None
+    runtimes = {c.variant: c.runtime for c in choice.candidates}
+    assert runtimes["tflite-none"] == runtimes["tflite-int8"] == "litert"
+    assert runtimes["onnx-none"] == "onnxruntime"
+    assert all(c.eligible for c in choice.candidates)
+    fastest = min(choice.candidates, key=lambda c: c.p50_ms or 0.0)
+    assert (choice.id, choice.runtime) == (fastest.variant, fastest.runtime)
+    assert model.runtime == choice.runtime and model.ref.format == choice.id.split("-")[0]
+    x = next(iter(evald.inputs.values()))[:64]
+    served = next(iter(model.session.run({model.manifest.inputs[0].name: x}).values()))
+    assert evald.labels is not None
+    assert (served.argmax(1) == evald.labels[:64]).mean() >= 0.8
