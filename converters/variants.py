@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.artifact import write_package
 from edgekit.data import Dataset, load_npz
-from edgekit.errors import UsageError, ValidationError
+from edgekit.errors import EdgekitError, UsageError, ValidationError
 from edgekit.manifest import MAX_VARIANTS, Manifest, Variant
 
 from .options import QUANT_MODES, TARGETS, ConvertOptions
@@ -117,9 +117,13 @@ def convert_variants(
     for target, quantize in specs:
         vid = variant_id(target, quantize)
         progress(f"variant {vid}")
-        result = convert(source, base.replace(target=target, quantize=quantize), output=None,
-                         calibration=calib, eval_data=evald, weights=weights,
-                         progress=progress, extra_manifest=extra_manifest)
+        try:
+            result = convert(source, base.replace(target=target, quantize=quantize),
+                             output=None, calibration=calib, eval_data=evald, weights=weights,
+                             progress=progress, extra_manifest=extra_manifest)
+        except EdgekitError as exc:
+            exc.message = f"variant {vid}: {exc.message}"
+            raise
         results[vid] = result
         warnings.extend(f"{vid}: {w}" for w in result.warnings)
     variants, members = _variants(results)

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import pytest
 from _agent_support import Models
 from _digits import onnx_classifier, ridge_weights
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import helper, numpy_helper
 
@@ -365,3 +366,44 @@ def test_litert_and_onnxruntime_variants_compete(tmp_path: Path, signer: Signer)
     served = next(iter(model.session.run({model.manifest.inputs[0].name: x}).values()))
     assert evald.labels is not None
     assert (served.argmax(1) == evald.labels[:64]).mean() >= 0.8
+
+
+def test_convert_variants_cli(source: tuple[Path, Dataset], signer: Signer,
+                              tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgekit.data import save_npz
+    from edgekit.host.cli import cli
+
+    path, evald = source
+    eval_file = tmp_path / "eval.npz"
+    save_npz(eval_file, evald.inputs, evald.labels)
+    key = tmp_path / "release.key"
+    key.write_bytes(signer.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    out = tmp_path / "cli.edgepkg"
+    common = [str(path), "--eval", str(eval_file), "--name", "digits", "--version", "1.0.0",
+              "-o", str(out)]
+    runner = CliRunner()
+    done = runner.invoke(cli, ["convert", *common, "--variants", "onnx:none, onnx:dynamic",
+                               "--max-accuracy-drop", "2", "--sign-key", str(key), "--json"])
+    assert done.exit_code == 0, done.output
+    doc = json.loads(done.stdout)
+    assert [v["id"] for v in doc["variants"]] == ["onnx-none", "onnx-dynamic"]
+    assert doc["max_accuracy_drop"] == pytest.approx(0.02) and doc["signed"]
+    assert load_model(out, signer.trust).variant is not None
+    shown = runner.invoke(cli, ["inspect", str(out)])
+    assert "variant onnx-dynamic: model-onnx-dynamic.onnx" in shown.output
+    assert "accuracy budget of 2 points" in shown.output
+    written = out.read_bytes()
+
+    for variants, message in (("onnx:none", "needs 2 to 8 entries"),
+                              ("onnx:none,onnx:int9", "'onnx:int9' is not TARGET:QUANTIZE"),
+                              ("onnx:none,onnx:none", "names onnx:none twice")):
+        bad = runner.invoke(cli, ["convert", *common, "--variants", variants])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    bad = runner.invoke(cli, ["convert", *common, "--variants", "onnx:none,tflite:none"])
+    assert bad.exit_code != 0 and "variant tflite-none: onnx models cannot be converted" \
+        in bad.output and "Traceback" not in bad.output
+    assert out.read_bytes() == written  # a failed conversion leaves the package as it was

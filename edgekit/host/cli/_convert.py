@@ -276,3 +276,13 @@ def inspect(package: str, as_json: bool) -> None:
     click.echo(f"signature: {'key ' + str(sig.get('key_id')) if sig else 'none'}")
     if m.metrics:
         click.echo(format_report(m.name, m.version, m.recipe, m.metrics))
+    for v in m.variants:
+        drop = v.accuracy_drop
+        click.echo(f"variant {v.id}: {v.model_file}, {format_recipe(v.recipe).splitlines()[0]};"
+                   f" p50 {v.metrics.get('latency', {}).get('artifact', {}).get('p50_ms', 0):.3f}"
+                   f" ms here, accuracy drop"
+                   f" {'-' if drop is None else f'{drop * 100:+.2f} points'}")
+    if m.variants:
+        budget = m.max_accuracy_drop
+        click.echo("the device serves the fastest variant it measures within the accuracy"
+                   f" budget of {'-' if budget is None else f'{budget * 100:g} points'}")
