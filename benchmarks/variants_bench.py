@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     subject = (digits_subject(epochs=3 if args.quick else 15) if args.model == "digits"
                else minilm_subject())
     opts = ConvertOptions(name=args.model, version="1.0.0", latency_runs=5,
-                          threads=args.threads, exporter="torchscript")
+                          threads=args.threads, exporter="torchscript",
+                          task="classification" if subject.classifier else "embedding")
     trust = TrustPolicy(allow_unsigned=True)
     runtime = RuntimeOptions(threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="edgekit-variants-") as tmp:
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         p50s: dict[str, list[float]] = {}
         ratios: dict[str, list[float]] = {}
         chosen: Counter[str] = Counter()
+        dropped: dict[str, str] = {}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model = load_model(package, trust, runtime)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             base = next(c.p50_ms for c in model.variant.candidates
                         if c.variant == "onnx-none" and c.provider == "CPUExecutionProvider")
             for c in model.variant.candidates:
+                if not c.eligible:
+                    dropped[_key(c.variant, c.provider)] = c.reason
                 if c.p50_ms is not None and base:
                     p50s.setdefault(_key(c.variant, c.provider), []).append(c.p50_ms)
                     ratios.setdefault(_key(c.variant, c.provider), []).append(c.p50_ms / base)
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in p50s:
         print(f"{key:<44} {statistics.median(p50s[key]):>9.4f}"
               f" {statistics.median(ratios[key]):>12.2f}x {chosen[key]:>4}/{args.repeats}")
+    for key, reason in dropped.items():
+        print(f"not eligible: {key}: {reason}")
     variants_ms = statistics.median(load_s["variants"]) * 1000
     plain_ms = statistics.median(load_s["plain"]) * 1000
     print(f"load of the package of variants   {variants_ms:.1f} ms")

@@ -31,6 +31,10 @@ __all__ = ["DEFAULT_RUNS", "choose_variant", "golden_excess"]
 
 DEFAULT_RUNS = 30
 _WARMUP = 3
+# A large model (100 ms a run) must not hold a load for minutes: after _MIN_RUNS rounds the
+# timing stops once it has taken _TIME_BUDGET_S.
+_MIN_RUNS = 5
+_TIME_BUDGET_S = 2.0
 _CPU = "CPUExecutionProvider"
 # Providers that do not compute on this device (Azure sends the model to a remote endpoint):
 # never a candidate.
@@ -97,7 +101,7 @@ def choose_variant(pkg: Package, options: RuntimeOptions | None = None, *,
         if trial.dropped is None:
             golden.setdefault(trial.variant.id, pkg.golden(trial.variant.golden_file))
             _load_and_check(pkg, trial, options, golden[trial.variant.id])
-    _time(trials, golden, runs)
+    rounds = _time(trials, golden, runs)
     for trial in trials:
         if trial.dropped is None:
             trial.dropped = _evidence_problem(trial.variant, manifest.max_accuracy_drop)
@@ -112,7 +116,7 @@ def choose_variant(pkg: Package, options: RuntimeOptions | None = None, *,
     assert best.session is not None and best.p50_ms is not None  # eligible trials ran
     section = VariantSection(
         id=best.variant.id, runtime=best.runtime, provider=best.provider, p50_ms=best.p50_ms,
-        runs=runs, reason=_clip(_why(best, eligible)),
+        runs=rounds, reason=_clip(_why(best, eligible)),
         candidates=[_candidate(t, best) for t in trials])
     return section, manifest.for_variant(best.variant), best.session
 
@@ -174,21 +178,26 @@ def _load_and_check(pkg: Package, trial: _Trial, options: RuntimeOptions,
     trial.session = session
 
 
-def _time(trials: list[_Trial], golden: dict[str, _Golden], runs: int) -> None:
-    """Batch-1 timings of every loaded trial, taken in turns (see the module docstring)."""
+def _time(trials: list[_Trial], golden: dict[str, _Golden], runs: int) -> int:
+    """Batch-1 timings of every loaded trial, taken in turns (see the module docstring);
+    returns the rounds taken: ``runs``, or fewer (at least ``_MIN_RUNS``) for slow models."""
     live: list[tuple[_Trial, Session, dict[str, np.ndarray], list[float]]] = [
         (t, t.session, {k: v[:1] for k, v in golden[t.variant.id][0].items()}, [])
         for t in trials if t.session is not None]
     for _, session, one, _ in live:
         for _ in range(_WARMUP):
             session.run(one)
-    for _ in range(runs):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < runs and (rounds < _MIN_RUNS or time.perf_counter() - start < _TIME_BUDGET_S):
         for _, session, one, samples in live:
             t0 = time.perf_counter()
             session.run(one)
             samples.append((time.perf_counter() - t0) * 1000.0)
+        rounds += 1
     for trial, _, _, samples in live:
         trial.samples = samples
+    return rounds
 
 
 def _evidence_problem(variant: Variant, budget: float | None) -> str | None:
