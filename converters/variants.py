@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgekit.artifact import write_package
 from edgekit.data import Dataset, load_npz
 from edgekit.errors import EdgekitError, UsageError, ValidationError
-from edgekit.manifest import MAX_VARIANTS, Manifest, Variant
+from edgekit.manifest import MAX_VARIANTS, VARIANTS_SCHEMA_VERSION, Manifest, Variant
 
 from .options import QUANT_MODES, TARGETS, ConvertOptions
 from .pipeline import ConversionResult, Progress, convert
@@ -185,4 +185,4 @@ def _package_manifest(first: Manifest, variants: list[Variant],
     for result in results.values():
         tools.update(result.manifest.tools)
     return replace(first.for_variant(default), tools=tools, variants=variants,
-                   max_accuracy_drop=budget)
+                   max_accuracy_drop=budget, schema_version=VARIANTS_SCHEMA_VERSION)

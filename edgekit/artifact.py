@@ -209,8 +209,8 @@ class Package:
         Raises:
             ArtifactError: the member is unreadable or altered.
         """
-        name = member or str(self.manifest.golden.get("file") or "golden.npz")
-        if name not in self.manifest.files:
+        name = member if member is not None else self.manifest.golden.get("file", "golden.npz")
+        if not isinstance(name, str) or name not in self.manifest.files:
             return {}, {}
         return golden_from_npz(self.read_member(name))
 
