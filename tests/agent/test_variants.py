@@ -407,3 +407,26 @@ def test_convert_variants_cli(source: tuple[Path, Dataset], signer: Signer,
     assert bad.exit_code != 0 and "variant tflite-none: onnx models cannot be converted" \
         in bad.output and "Traceback" not in bad.output
     assert out.read_bytes() == written  # a failed conversion leaves the package as it was
+
+
+def test_a_cuda_provider_is_one_more_candidate(package: Path, signer: Signer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine has no GPU, so onnxruntime is made to *report* the CUDA provider (the one
+    thing mocked); loading with it then fails for real, and the candidate is dropped with
+    that reason while the CPU candidates serve."""
+    from edgekit.runtimes.onnxrt import OnnxRuntimeBackend
+
+    real_info = OnnxRuntimeBackend.info.__func__  # type: ignore[attr-defined]
+
+    def with_cuda(cls: type[OnnxRuntimeBackend]) -> Any:
+        info = real_info(cls)
+        info.providers = ["CUDAExecutionProvider", *info.providers]
+        return info
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "info", classmethod(with_cuda))
+    choice = load_model(package, signer.trust).variant
+    assert choice is not None and choice.provider == "CPUExecutionProvider"
+    cuda = [c for c in choice.candidates if c.provider == "CUDAExecutionProvider"]
+    assert {c.variant for c in cuda} == {f"onnx-{q}" for _, q in VARIANTS}
+    assert all(not c.eligible and c.p50_ms is None and "does not run here" in c.reason
+               for c in cuda)
