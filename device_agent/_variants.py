@@ -40,6 +40,7 @@ _CPU = "CPUExecutionProvider"
 # never a candidate.
 _REMOTE_PROVIDERS = frozenset({"AzureExecutionProvider"})
 _REASON_CHARS = 256
+_MAX_LISTED = 32  # VariantSection.candidates holds at most this many
 
 
 _Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
@@ -99,7 +100,8 @@ def choose_variant(pkg: Package, options: RuntimeOptions | None = None, *,
     golden: dict[str, _Golden] = {}
     for trial in trials:
         if trial.dropped is None:
-            golden.setdefault(trial.variant.id, pkg.golden(trial.variant.golden_file))
+            member = trial.variant.golden_file
+            golden.setdefault(trial.variant.id, pkg.golden(member) if member else ({}, {}))
             _load_and_check(pkg, trial, options, golden[trial.variant.id])
     rounds = _time(trials, golden, runs)
     for trial in trials:
@@ -117,7 +119,7 @@ def choose_variant(pkg: Package, options: RuntimeOptions | None = None, *,
     section = VariantSection(
         id=best.variant.id, runtime=best.runtime, provider=best.provider, p50_ms=best.p50_ms,
         runs=rounds, reason=_clip(_why(best, eligible)),
-        candidates=[_candidate(t, best) for t in trials])
+        candidates=_listed(trials, best))
     return section, manifest.for_variant(best.variant), best.session
 
 
@@ -126,7 +128,7 @@ def _candidates(variant: Variant, options: RuntimeOptions) -> list[_Trial]:
     try:
         backend = backend_for(variant.format.value)
     except RuntimeBackendError as exc:
-        return [_Trial(variant, variant.target.get("runtime", variant.format.value), [],
+        return [_Trial(variant, variant.format.value, [],
                        dropped=f"no runtime here: {exc.message}")]
     info = backend.info()
     if not info.providers:
@@ -219,6 +221,13 @@ def _why(best: _Trial, eligible: list[_Trial]) -> str:
     if others:
         text += f"; next {others[0].label} {others[0].p50_ms:.4g} ms"
     return text
+
+
+def _listed(trials: list[_Trial], best: _Trial) -> list[VariantCandidate]:
+    """The candidates for the status, fastest first, at most as many as the status holds
+    (measured ones before those dropped unmeasured)."""
+    ordered = sorted(trials, key=lambda t: (t.p50_ms is None, t.p50_ms or 0.0))
+    return [_candidate(t, best) for t in ordered[:_MAX_LISTED]]
 
 
 def _candidate(trial: _Trial, best: _Trial) -> VariantCandidate:

@@ -430,3 +430,16 @@ def test_a_cuda_provider_is_one_more_candidate(package: Path, signer: Signer,
     assert {c.variant for c in cuda} == {f"onnx-{q}" for _, q in VARIANTS}
     assert all(not c.eligible and c.p50_ms is None and "does not run here" in c.reason
                for c in cuda)
+
+
+def test_a_variant_without_golden_samples_is_not_served(package: Path, signer: Signer,
+                                                        tmp_path: Path) -> None:
+    """Another variant's golden samples must not stand in for its own."""
+    def no_golden(doc: dict[str, Any]) -> None:
+        variant_doc(doc, "onnx-none")["golden"].pop("file")
+
+    choice = load_model(rewrite(package, tmp_path / "g.edgepkg", signer.key, no_golden),
+                        signer.trust).variant
+    assert choice is not None and choice.id != "onnx-none"
+    none = next(c for c in choice.candidates if c.variant == "onnx-none")
+    assert not none.eligible and "no golden samples" in none.reason
