@@ -54,6 +54,8 @@ class ConversionResult:
     manifest: Manifest
     report: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # The package's members (model and golden samples), also when nothing was written.
+    members: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -228,7 +230,7 @@ def convert(
         progress("writing package")
         write_package(output, manifest, members, sign_key=sign_key)
         path = Path(output)
-    return ConversionResult(path, manifest, report, warnings)
+    return ConversionResult(path, manifest, report, warnings, members)
 
 
 def _check_parity(report: dict[str, Any], opts: ConvertOptions, warnings: list[str]) -> None:

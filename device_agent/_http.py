@@ -159,6 +159,8 @@ class _Handler(BaseHTTPRequestHandler):
         doc = {
             "status": "ok" if model is not None else ErrorCode.NO_MODEL.value,
             "model": model.ref if model is not None else None,
+            # Present only for a package of variants: which one serves and why.
+            **({"variant": model.variant} if model is not None and model.variant else {}),
             "mqtt": None if agent.link is None else ("connected" if agent.link.connected
                                                      else "disconnected"),
             "uptime_s": round(time.time() - agent.started, 3),

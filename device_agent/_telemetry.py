@@ -51,6 +51,7 @@ def build_status(agent: Agent, session: int, state: DeviceState, reason: str | N
         update=agent.ota.status_section(),
         trusted_keys=[key_id(k) for k in agent.trust.trusted_keys],
         allow_unsigned=bool(agent.trust.allow_unsigned),
+        variant=model.variant if model is not None and state != DeviceState.OFFLINE else None,
     )
 
 

@@ -53,3 +53,10 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert rows["agents succeeded"] == "2 / 2"
     assert rows["requests failed during the run"] == "0"
     assert "chunk throughput (MB/s)" in out
+
+
+def test_variants_bench_quick(tmp_path: Path) -> None:
+    out = _run("variants_bench.py", tmp_path=tmp_path)
+    assert "## digits: 3 loads" in out
+    assert "onnx-none on CPUExecutionProvider" in out and "1.00x" in out
+    assert "load ratio (variants / plain)" in out

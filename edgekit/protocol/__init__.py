@@ -48,6 +48,8 @@ from edgekit.protocol.telemetry import (
     StatusPayload,
     SystemSection,
     TelemetrySection,
+    VariantCandidate,
+    VariantSection,
 )
 from edgekit.protocol.topics import (
     FLEET_SCOPE,
@@ -96,6 +98,8 @@ __all__ = [
     "StatusPayload",
     "SystemSection",
     "TelemetrySection",
+    "VariantCandidate",
+    "VariantSection",
     "TopicParts",
     "check_id",
     "decode",

@@ -35,6 +35,8 @@ __all__ = [
     "StatusPayload",
     "SystemSection",
     "TelemetrySection",
+    "VariantCandidate",
+    "VariantSection",
 ]
 
 MAX_EVENT_MESSAGE = 2000
@@ -100,6 +102,30 @@ class HardwareInfo(msgspec.Struct, kw_only=True):
     python: Text64
 
 
+class VariantCandidate(msgspec.Struct, kw_only=True, frozen=True):
+    """One (variant, runtime, provider) the device tried, what it measured and why it was
+    or was not picked."""
+
+    variant: Text64
+    runtime: Text64
+    provider: Text64 | None = None  # the onnxruntime execution provider
+    p50_ms: Annotated[float, Meta(ge=0)] | None = None  # median of batch-1 runs; null: not run
+    eligible: bool = False
+    reason: Text256 = ""
+
+
+class VariantSection(msgspec.Struct, kw_only=True, frozen=True):
+    """Which variant of a package of several serves, and why (docs/devices.md)."""
+
+    id: Text64
+    runtime: Text64
+    provider: Text64 | None = None
+    p50_ms: Annotated[float, Meta(ge=0)]
+    runs: Count  # timed runs per candidate
+    reason: Text256
+    candidates: Annotated[list[VariantCandidate], Meta(max_length=32)]
+
+
 class StatusPayload(Document, tag=Schema.STATUS.value):
     """Retained on ``status``. ``session`` grows with every connection the device makes, so a
     reader keeps the payload with the highest session and ignores a late last will."""
@@ -124,6 +150,9 @@ class StatusPayload(Document, tag=Schema.STATUS.value):
     # whether it takes unsigned ones: what `edgekit deploy` checks before it publishes.
     trusted_keys: Annotated[list[Text64], Meta(max_length=64)] | None = None
     allow_unsigned: bool = False
+    # The variant serving, when the model's package holds several (null otherwise, and from
+    # agents that predate variants).
+    variant: VariantSection | None = None
 
 
 class RequestsSection(msgspec.Struct, kw_only=True):

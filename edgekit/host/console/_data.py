@@ -97,12 +97,19 @@ def fleet_view(store: Store) -> dict[str, Any]:
         devices.append({
             "fleet": d.fleet, "device": d.device, "online": d.online,
             "model": d.model_name, "version": d.model_version, "agent": d.agent_version,
+            "variant": _variant_id(d.status),
             "p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "accuracy": m.accuracy,
             "f1": m.f1, "labels": m.label_count,
             **_signals(recent.get((d.fleet, d.device), []), reference),
             "last_seen": _ts(d.last_seen)})
     warnings = {f: sorted(s["warnings"].values()) for f, s in policy.items() if s["warnings"]}
     return {"now": iso(now), "devices": devices, "warnings": warnings}
+
+
+def _variant_id(status: dict[str, Any] | None) -> str | None:
+    """The variant a device serves, from its status (packages of variants only)."""
+    variant = (status or {}).get("variant")
+    return str(variant.get("id")) if isinstance(variant, dict) else None
 
 
 def _section(payload: dict[str, Any], key: str) -> dict[str, Any]:
@@ -152,7 +159,10 @@ def device_view(store: Store, fleet: str, device: str, *,
                                 "state": target.state, "reason": target.reason,
                                 "updated": iso(target.updated)})
     own = store.list_events(fleet=fleet, device=device, limit=200, latest=True)
-    return {"device": {**record.to_dict(), "status": None}, "series": series,
+    variant = (record.status or {}).get("variant")
+    return {"device": {**record.to_dict(), "status": None,
+                       "variant": variant if isinstance(variant, dict) else None},
+            "series": series,
             "markers": markers, "history": history,
             "events": [_event(e) for e in reversed(own)]}
 

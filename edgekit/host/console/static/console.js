@@ -121,6 +121,7 @@
       { key: "online", label: "state", render: (d) => badge(d.online ? "online" : "offline") },
       { key: "model", label: "model" },
       { key: "version", label: "version", cls: "version" },
+      { key: "variant", label: "variant", render: (d) => d.variant || "–" },
       { key: "p50", label: "p50", render: (d) => ms(d.p50), cls: "num" },
       { key: "p95", label: "p95", render: (d) => ms(d.p95), cls: "num" },
       { key: "accuracy", label: "accuracy", render: (d) => pct(d.accuracy), cls: "num" },
@@ -247,6 +248,8 @@
     replace(document.getElementById("state"), badge(d.online ? "online" : "offline"));
     replace(document.getElementById("summary"),
       [["model", `${d.model_name || "–"} ${d.model_version || ""}`], ["agent", d.agent_version || "–"],
+       ...(d.variant ? [["variant", `${d.variant.id} on ${d.variant.provider || d.variant.runtime},`
+         + ` ${ms(d.variant.p50_ms)} (${d.variant.candidates.length} measured)`]] : []),
        ["p50 / p95", `${ms(m.latency_p50_ms)} / ${ms(m.latency_p95_ms)}`],
        ["accuracy / F1", `${pct(m.accuracy)} / ${pct(m.f1)} (${m.label_count ?? 0} labels)`],
        ["last seen", ago(d.last_seen)]].map(([k, v]) => h("div", { class: "card" }, h("span", {}, k), h("b", {}, v))));
