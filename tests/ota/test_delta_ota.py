@@ -174,3 +174,30 @@ def test_digits_last_layer_retrain_moves_a_small_delta(make_agent: Any, broker: 
     moved = fleet.server.stats.bytes
     assert doc["sources"]["deltas"][0]["size"] <= moved
     assert moved <= 0.15 * target.stat().st_size, (moved, target.stat().st_size)
+
+
+def test_deploy_offers_a_delta_from_what_the_fleet_serves(make_agent: Any, broker: MqttBroker,
+                                                          host: HostClient, pkgs: Packages,
+                                                          same_weights: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """`edgekit deploy` reads the targets' statuses, builds a delta from the package they
+    serve (--delta-from) and serves it; the device takes it."""
+    from click.testing import CliRunner
+
+    from edgekit.host.cli import cli
+
+    monkeypatch.setenv("EDGEKIT_OPERATOR_KEY", str(pkgs.operator_private))
+    fleet = Fleet(broker, "delta-cli", client=host)
+    agent = make_agent("delta-cli", "dev")
+    agent.wait_healthy()
+    fleet.wait_serving("dev", "1.0.0")
+    result = CliRunner().invoke(cli, [
+        "deploy", str(same_weights), "--fleet", "delta-cli", "--broker", broker.url,
+        "--delta-from", str(pkgs.v1), "--json", "--probation-requests", "0",
+        "--probation-seconds", "1", "--timeout", "120"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["targets"]["dev"]["outcome"] == "succeeded"
+    used = [e["details"]["delta"] for e in _delta_events(fleet, "dev", out["deployment"])]
+    assert used and "fallback" not in used[0], used

@@ -23,6 +23,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,10 @@ import zstandard
 from edgekit.artifact import sha256_file
 from edgekit.delta import apply_delta
 from edgekit.errors import ArtifactError, EdgekitError
+from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota._tensors import tensor_ranges
+from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
+from edgekit.protocol.ota import DeltaSource
 from edgekit.protocol.ota.delta import (
     LITERAL,
     BaseMember,
@@ -40,9 +44,11 @@ from edgekit.protocol.ota.delta import (
     encode_header,
 )
 
-__all__ = ["DEFAULT_LEVEL", "DeltaFile", "build_delta", "delta_bytes", "write_delta"]
+__all__ = ["DEFAULT_LEVEL", "OFFER_RATIO", "DeltaFile", "build_delta", "delta_bytes", "deltas_for",
+           "offer_deltas", "write_delta"]
 
 DEFAULT_LEVEL = 19
+OFFER_RATIO = 0.9  # a delta over 90 % of the package is not worth the device's rebuild
 _MIN_COPY = 64  # shorter matches cost more as an op than as literal bytes
 _DEFLATE_LEVELS = (-1, 9, 1, 2, 3, 4, 5, 7, 8, 0)  # zipfile's default first
 
@@ -248,3 +254,65 @@ def _self_check(data: bytes, base: Path, header: DeltaHeader) -> None:
         except EdgekitError as exc:
             raise ArtifactError(f"the delta does not rebuild the target: {exc.message}",
                                 hint="send the full package") from exc
+
+
+def deltas_for(target: str | os.PathLike[str], candidates: Iterable[str | os.PathLike[str]],
+               bases: Iterable[str], folder: str | os.PathLike[str], *,
+               level: int = DEFAULT_LEVEL) -> list[DeltaFile]:
+    """Deltas to ``target`` from each package of ``candidates`` whose sha256 is in ``bases``
+    (the packages the fleet's devices serve), kept only when one helps: at most
+    :data:`OFFER_RATIO` of the target's size. A candidate that is not a readable package is
+    skipped.
+
+    Raises:
+        EdgekitError: a delta could not be written into ``folder``.
+    """
+    wanted = set(bases) - {sha256_file(target)}
+    limit = OFFER_RATIO * Path(target).stat().st_size
+    out: list[DeltaFile] = []
+    seen: set[str] = set()
+    for candidate in candidates:
+        try:
+            digest = sha256_file(candidate)
+        except OSError:
+            continue
+        if digest not in wanted or digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            delta = write_delta(candidate, target, folder, level=level)
+        except ArtifactError:
+            continue
+        if delta.size <= limit:
+            out.append(delta)
+        else:
+            delta.path.unlink(missing_ok=True)
+    return out
+
+
+def offer_deltas(client: HostClient, fleet: str, targets: list[str] | None,
+                 info: ArtifactInfo, store: ArtifactStore, candidates: list[Path],
+                 folder: Path, url_for: Callable[[str], str] | None = None, *,
+                 note: Callable[[str], None] | None = None) -> list[DeltaSource]:
+    """What ``edgekit deploy`` offers ahead: a delta from each package the targets' retained
+    statuses say they serve (found among ``candidates`` and the packages next to the
+    target), registered in ``store`` and listed for the desired document.
+
+    Raises:
+        EdgekitError: the broker did not answer, or a delta could not be written.
+    """
+    from edgekit.host.ota.deploy import delta_source
+    from edgekit.host.ota.preflight import read_fleet
+
+    views = read_fleet(client, fleet)
+    bases = {v.model_sha256 for device, v in views.items()
+             if v.model_sha256 and (targets is None or device in targets)}
+    found = candidates + sorted(info.path.parent.glob("*.edgepkg"))
+    entries: list[DeltaSource] = []
+    for delta in deltas_for(info.path, found, bases, folder):
+        store.add_delta(delta.path, delta.sha256, delta.size, info)
+        entries.append(delta_source(delta, fleet, url=url_for(delta.sha256) if url_for else None))
+        if note is not None:
+            note(f"offering a {delta.size}-byte delta from {delta.base_sha256[:12]}"
+                 f" ({100 * delta.size / info.size:.1f}% of the package)")
+    return entries
