@@ -16,7 +16,7 @@ import os
 import shutil
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -148,7 +148,7 @@ class _Sink:
         self.written += len(data)
 
 
-def _run_segments(header: DeltaHeader, handles: list[BinaryIO], literals: BinaryIO,
+def _run_segments(header: DeltaHeader, handles: Sequence[BinaryIO], literals: BinaryIO,
                   write: Callable[[bytes], None],
                   checkpoint: Callable[[], None] | None) -> ApplyStats:
     sink = _Sink(write, header)
@@ -174,7 +174,7 @@ def _run_segments(header: DeltaHeader, handles: list[BinaryIO], literals: Binary
     return stats
 
 
-def _op_blocks(source: int, offset: int, length: int, handles: list[BinaryIO],
+def _op_blocks(source: int, offset: int, length: int, handles: Sequence[BinaryIO],
                literals: BinaryIO) -> Iterator[bytes]:
     """The bytes of one op, in blocks of at most 1 MiB."""
     while length > 0:

@@ -168,6 +168,9 @@ def check_header(header: DeltaHeader, *, max_expanded: int = 8 * 1024**3) -> Non
             if length < 1 or offset < 0:
                 raise ProtocolError(f"{where}: length {length} at offset {offset}")
             if source == LITERAL:
+                if offset != 0:
+                    raise ProtocolError(f"{where}: a literal op takes the next bytes; its"
+                                        f" offset must be 0, not {offset}")
                 literals += length
             elif 0 <= source < len(limits):
                 if offset + length > limits[source]:
