@@ -1,7 +1,8 @@
 """Delta updates with a real broker and real agent processes: the agent rebuilds the package
-from the one it keeps and a delta served in chunks; a corrupt delta, one against another base,
-or a base the device does not keep falls back to the full package; a kill -9 in the middle of
-the rebuild leaves the old verified model serving and the next start succeeds."""
+from the one it keeps and a delta served in chunks; a corrupt or hostile delta, one against
+another base, or a base the device does not keep falls back to the full package; a kill -9
+in the middle of the rebuild leaves the old verified model serving and the next start
+succeeds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from _ota_fleet import Fleet, Packages
 from mqtt_broker import MqttBroker
@@ -23,6 +25,7 @@ from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.delta import DeltaFile, write_delta
 from edgekit.host.ota.deploy import delta_source
 from edgekit.protocol.ota import DesiredDocument
+from edgekit.protocol.ota.delta import decode_header
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,12 +53,28 @@ def _corrupt(delta: DeltaFile) -> DeltaFile:
     return dataclasses.replace(delta, sha256=hashlib.sha256(data).hexdigest())
 
 
+def _hostile(delta: DeltaFile) -> DeltaFile:
+    """Make the first copy op reach past the end of its source (the header stays well-formed
+    JSON of the schema); the document names the hostile file's own sha256."""
+    header, at = decode_header(delta.path.read_bytes())
+    doc = msgspec.to_builtins(header)
+    segment = next(s for s in doc["segments"] if s["ops"][0][0] > 0)
+    segment["ops"][0] = [segment["ops"][0][0], 10**9, segment["ops"][0][2]]
+    body = msgspec.json.encode(doc)
+    data = b"EKDELTA1" + len(body).to_bytes(4, "big") + body + delta.path.read_bytes()[at:]
+    delta.path.write_bytes(data)
+    return dataclasses.replace(delta, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
 def _deploy(fleet: Fleet, device: str, base: Path, target: Path, folder: Path, *,
-            listed_base: str | None = None, corrupt: bool = False) -> DesiredDocument:
+            listed_base: str | None = None, corrupt: bool = False,
+            hostile: bool = False) -> DesiredDocument:
     info = fleet.serve(target)
     delta = write_delta(base, target, folder)
     if corrupt:
         delta = _corrupt(delta)
+    if hostile:
+        delta = _hostile(delta)
     fleet.server.serve_delta(delta, info)
     entry = delta_source(delta, fleet.name)
     if listed_base is not None:
@@ -89,7 +108,7 @@ def test_delta_rebuilds_the_package(make_agent: Any, broker: MqttBroker, host: H
     assert delta_size < same_weights.stat().st_size / 2
 
 
-@pytest.mark.parametrize("case", ["corrupt", "other_base", "base_not_kept"])
+@pytest.mark.parametrize("case", ["corrupt", "hostile", "other_base", "base_not_kept"])
 def test_delta_failures_fall_back_to_the_package(case: str, make_agent: Any,
                                                  broker: MqttBroker, host: HostClient,
                                                  same_weights: Path, pkgs: Packages,
@@ -104,6 +123,8 @@ def test_delta_failures_fall_back_to_the_package(case: str, make_agent: Any,
     twin = pkgs.make(tmp_path / "twin.edgepkg", version="1.0.1", seed=1)
     if case == "corrupt":
         doc = _deploy(fleet, "dev", pkgs.v1, same_weights, folder, corrupt=True)
+    elif case == "hostile":
+        doc = _deploy(fleet, "dev", pkgs.v1, same_weights, folder, hostile=True)
     elif case == "other_base":  # listed as against v1, which the device keeps
         doc = _deploy(fleet, "dev", twin, same_weights, folder,
                       listed_base=sha256_file(pkgs.v1))
@@ -114,7 +135,8 @@ def test_delta_failures_fall_back_to_the_package(case: str, make_agent: Any,
     assert fleet.wait_serving("dev", "2.0.0")["sha256"] == sha256_file(same_weights)
     why = [e["details"]["delta"]["fallback"] for e in _delta_events(fleet, "dev",
                                                                     doc["deployment"])]
-    expected = {"corrupt": "literal stream|sha256|writes past", "other_base": "the base here",
+    expected = {"corrupt": "literal stream|sha256|writes past", "hostile": "past the end",
+                "other_base": "the base here",
                 "base_not_kept": "no package this device keeps"}[case]
     assert len(why) == 1 and re.search(expected, why[0]), why
     # The full package crossed the broker.
