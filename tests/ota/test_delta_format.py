@@ -1,6 +1,6 @@
-"""Deltas without a broker: the builder and the applier on real packages, and the applier's
-refusal of hostile delta files (ops out of bounds, literal bombs, names, wrong base or
-target)."""
+"""Deltas without a broker: the builder and the applier on real packages (ONNX, TFLite), and
+the applier's refusal of hostile delta files (ops out of bounds, literal bombs, names, wrong
+base or target)."""
 
 from __future__ import annotations
 
@@ -153,3 +153,47 @@ def test_header_type_is_strict() -> None:
     assert decode_header(data)[0] == header
     with pytest.raises(ProtocolError):
         decode_header(data.replace(b'"base_size":1', b'"base_size":"1"'))
+
+
+def _tflite(change_last: bool) -> bytes:
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(64, 256)).astype("f"), rng.normal(size=(256, 10)).astype("f")
+    model = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(256),
+                                 tf.keras.layers.Dense(10)])
+    model.layers[0].set_weights([w1, np.zeros(256, "f")])
+    model.layers[1].set_weights([w2 * (1.5 if change_last else 1.0),
+                                 np.full(10, 0.1 if change_last else 0.0, "f")])
+    data: bytes = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    return data
+
+
+@pytest.mark.slow
+def test_tflite_buffers_are_matched(tmp_path: Path) -> None:
+    """A TFLite model with its last layer changed: the first layer's buffer (64 KiB) is
+    found in both flatbuffers and copied, so the delta is a fraction of the package."""
+    from edgekit.artifact import write_package
+    from edgekit.host.ota._tensors import tflite_ranges
+    from edgekit.manifest import Manifest, TensorSpec
+
+    paths = []
+    for version, changed in (("1.0.0", False), ("1.1.0", True)):
+        model = _tflite(changed)
+        assert 65536 in [end - start for start, end in tflite_ranges(model)]
+        manifest = Manifest(
+            name="tfl", version=version, created="2026-01-01T00:00:00+00:00",
+            task="classification", source={"framework": "keras", "sha256": None},
+            target={"format": "tflite", "model_file": "model.tflite", "runtime": "litert"},
+            inputs=[TensorSpec("x", "float32", ["batch", 64])],
+            outputs=[TensorSpec("y", "float32", ["batch", 10])], recipe={"quantize": "none"},
+            tools={}, golden={"atol": 1e-4, "rtol": 1e-3, "samples": 0})
+        path = tmp_path / f"{version}.edgepkg"
+        write_package(path, manifest, {"model.tflite": model})
+        paths.append(path)
+    delta = build_delta(paths[0], paths[1])
+    header, _ = decode_header(delta)
+    copied = sum(op[2] for s in header.segments for op in s.ops if op[0] > 0)
+    assert copied >= 65536
+    assert len(delta) < paths[1].stat().st_size / 2
