@@ -60,3 +60,15 @@ def test_variants_bench_quick(tmp_path: Path) -> None:
     assert "## digits: 3 loads" in out
     assert "onnx-none on CPUExecutionProvider" in out and "1.00x" in out
     assert "load ratio (variants / plain)" in out
+
+
+def test_delta_bench_quick(tmp_path: Path) -> None:
+    from mqtt_broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("the delta benchmark starts mosquitto, which is not installed")
+    out = _run("delta_bench.py", tmp_path=tmp_path)
+    assert "## delta updates" in out
+    rows = [line for line in out.splitlines() if line.startswith("digits ")]
+    assert [r.split("  ")[0] for r in rows] == ["digits last layer", "digits full retrain"]
+    assert "rebuilt every target exactly" in out

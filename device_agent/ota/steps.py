@@ -25,6 +25,7 @@ from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_
 from .._model import LoadedModel
 from .._store import STAGED_SUFFIX
 from .checks import check_compatible, stage, verify_package_file
+from .delta import fetch_delta
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
@@ -162,7 +163,10 @@ class UpdateRun:
                     source=plan[0], progress=(offset, size), details={"resume_from": offset})
         partial = PartialFile(partial_path, size)
         try:
-            for i, source in enumerate(plan):
+            # A delta against a kept package first (device_agent/ota/delta.py); on any
+            # failure it has said why and the package is downloaded.
+            rebuilt = offset == 0 and fetch_delta(self, partial)
+            for i, source in enumerate([] if rebuilt else plan):
                 try:
                     self._fetch_from(source, partial, offset)
                     break
