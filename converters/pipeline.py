@@ -35,6 +35,7 @@ from ._registry import (
     find_loader,
     target_backends,
 )
+from .calibrate import fit_calibration
 from .options import ConvertOptions
 
 __all__ = ["DEFAULT_VERSION", "ConversionResult", "convert", "default_name", "load_source",
@@ -382,6 +383,10 @@ def _validate(loaded: LoadedSource, session: Session, result: TargetResult, data
             "drop": src.accuracy - art.accuracy,
             "f1_drop": src.f1 - art.f1,
         }
+        calibration = fit_calibration(first_art, data.labels)
+        if calibration is not None:
+            report["calibration"] = {**calibration.to_dict(), "data": data.source,
+                                     "output": result.outputs[0].name}
     elif data.labels is not None and task == "regression":
         src_r = M.regression_report(data.labels, first_ref)
         art_r = M.regression_report(data.labels, first_art)

@@ -33,6 +33,7 @@ from edgekit.protocol.inference import (
 from edgekit.protocol.telemetry import (
     MAX_EVENT_MESSAGE,
     DeviceState,
+    EstimateSection,
     EventKind,
     EventLevel,
     EventPayload,
@@ -75,6 +76,7 @@ __all__ = [
     "EncodedArray",
     "ErrorCode",
     "ErrorInfo",
+    "EstimateSection",
     "EventKind",
     "EventLevel",
     "EventPayload",
