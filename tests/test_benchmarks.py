@@ -53,3 +53,11 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert rows["agents succeeded"] == "2 / 2"
     assert rows["requests failed during the run"] == "0"
     assert "chunk throughput (MB/s)" in out
+
+
+def test_estimate_bench_quick(tmp_path: Path) -> None:
+    out = _run("estimate_bench.py", tmp_path=tmp_path)
+    assert "## digits CNN" in out
+    assert any(line.startswith("clean (no drift)") for line in out.splitlines())
+    assert "rotation ~35 deg, noise 0.15" in out
+    assert "worst estimate error on drifted data:" in out
