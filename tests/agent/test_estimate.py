@@ -18,6 +18,7 @@ from msgspec import to_builtins
 
 from converters import ConvertOptions, convert
 from device_agent import Agent, load_config
+from device_agent._telemetry import prometheus_text
 from edgekit.artifact import open_package
 from edgekit.calibration import Calibration, confidences
 from edgekit.data import Dataset
@@ -49,12 +50,16 @@ def test_the_estimate_is_the_mean_calibrated_confidence(tmp_path: Path, models: 
     try:
         outputs = [agent.predict({"x": noisy[i:i + 30].astype(np.float32)}).outputs["probs"]
                    for i in range(0, 300, 30)]
-        metrics = to_builtins(agent.tick())
+        payload = agent.tick()
+        metrics = to_builtins(payload)
         calibration = Calibration.from_manifest(open_package(calibrated).manifest.metrics)
         assert calibration is not None
         expected = calibration.estimate(confidences(np.concatenate(outputs)))
         assert metrics["estimate"] == {"method": "cbpe", "accuracy": pytest.approx(expected),
                                        "count": 300}
+        gauge = [line for line in prometheus_text(agent, payload).splitlines()
+                 if line.startswith("edgekit_agent_estimated_accuracy ")]
+        assert [float(g.split()[1]) for g in gauge] == [pytest.approx(expected)]
         # An interval without predictions has nothing to estimate.
         assert "estimate" not in to_builtins(agent.tick())
     finally:
