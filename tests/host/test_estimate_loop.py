@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from converters import ConvertOptions, convert
 from edgekit.data import Dataset
+from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
 from edgekit.host.db import Store
 from edgekit.host.demo.digits import drift
@@ -162,6 +164,29 @@ def test_policy_fires_on_drift_not_on_the_control(broker: Any, tmp_path: Path,
                        f"{WINDOWS} estimated telemetry windows of the control")
             wait_until(lambda: len(store.metrics_history(fleets["old"])) >= 5, 60,
                        "metrics of the agent serving the old package")
+            # While the traffic runs, `edgekit fleet status` shows each device's estimate of
+            # its last interval (none for the old package).
+            shown: dict[str, Any] = {}
+
+            def status() -> dict[str, Any]:
+                result = CliRunner().invoke(cli, ["fleet", "status", "--db", db_url, "--json"])
+                assert result.exit_code == 0, result.output
+                shown.update(json.loads(result.stdout))
+                return {d["device"]: d for d in shown["devices"]}
+
+            # (An interval without a request would have no estimate: wait for one that has.)
+            devices: dict[str, Any] = {}
+
+            def control_estimated() -> bool:
+                devices.update(status())
+                return devices["control"]["estimated_accuracy"] is not None
+
+            wait_until(control_estimated, 60, "the control's estimate in fleet status")
+            assert 0.0 < devices["control"]["estimated_accuracy"] <= 1.0
+            assert devices["control"]["estimated_count"] > 0
+            assert devices["old"]["estimated_accuracy"] is None
+            assert shown["fleets"][fleets["old"]]["estimated"] == 0
+            assert shown["fleets"][fleets["control"]]["estimated"] > 0
         finally:
             for t in traffic:
                 t.stop()
