@@ -12,7 +12,9 @@ import msgspec
 import pytest
 
 from edgekit.errors import ProtocolError
+from edgekit.host.console._data import device_view, fleet_view
 from edgekit.host.controller import MaintenancePolicy, RolloutEngine, load_config
+from edgekit.host.controller.ingest import metrics_summary
 from edgekit.host.db import Store
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.registry import Registry
@@ -50,9 +52,11 @@ def test_policy_fires_on_the_estimate_with_enough_predictions(
             if estimate is not None:
                 doc["estimate"] = {"method": "cbpe", "accuracy": estimate[0],
                                    "count": estimate[1]}
-            # What the ingest stores: the document as it decodes.
-            checked = msgspec.to_builtins(decode(encode(doc), MetricsPayload))
-            store.record_metrics(FLEET, device, seq=seq[device], payload=checked)
+            # What the ingest stores: the document as it decodes, and its summary.
+            decoded = decode(encode(doc), MetricsPayload)
+            store.record_metrics(FLEET, device, seq=seq[device],
+                                 payload=msgspec.to_builtins(decoded),
+                                 summary=metrics_summary(decoded))
         return policy.evaluate(FLEET)
 
     def kinds() -> list[str]:
@@ -79,6 +83,16 @@ def test_policy_fires_on_the_estimate_with_enough_predictions(
         assert kinds() == ["policy.breach"]
         window({"a": (0.55, 80), "b": (0.6, 80)})
         assert kinds() == ["policy.breach", "policy.breach", "policy.fired"]
+        # The device summary (fleet status, the console) holds the latest estimate; the
+        # console's device chart has one point per message (none where there was none).
+        record = store.get_device(FLEET, "b")
+        assert record is not None and record.metrics.estimated_accuracy == pytest.approx(0.6)
+        assert record.metrics.estimated_count == 80
+        assert {d["device"]: d["estimated"] for d in fleet_view(store)["devices"]} == {
+            "a": pytest.approx(0.55), "b": pytest.approx(0.6)}
+        view = device_view(store, FLEET, "a")
+        assert view is not None
+        assert view["series"]["estimated"] == pytest.approx([0.88, 0.5, 0.1, None, 0.55])
         policy.wait_idle(60)
         decision = store.list_events(fleet=FLEET, kinds=["policy.decision"])
         # Candidates are judged on labelled samples; there are none here.
