@@ -1,20 +1,23 @@
 """Confidence calibration of a classifier, and the accuracy it estimates without labels.
 
 The converter fits a map from a classifier's confidence (the largest softmax probability of
-its primary output) to the chance that its top-1 class is right, on the labelled evaluation
-data it already scores, and stores it in the manifest under ``metrics.calibration`` (so the
-package's signature covers it). A device looks up the calibrated probability of each
-prediction's confidence; their mean is the estimated accuracy (confidence-based performance
-estimation, CBPE). The map is a step function, a small table of plain numbers:
+its primary output) to the chance that its top-1 class is right, on labelled data (its
+evaluation data, or the estimate data given for the purpose, which should hold the variation
+the field will show), and stores it in the manifest under ``metrics.calibration`` (so the
+package's signature covers it). A device looks up the map's value for each prediction's
+confidence; their mean is the estimated accuracy. The map is a step function, a small table
+of plain numbers, whatever method fitted it (``method``: ``atc``, a single threshold with
+values 0 and 1, or ``isotonic``; :mod:`converters.calibrate`):
 
 ``edges``: ascending lower bounds of the confidence bins (the first is 0.0); ``probs``: the
 calibrated probability of each bin (non-decreasing, in 0..1). A confidence ``c`` falls in the
 last bin whose edge is at most ``c``.
 
-The estimate assumes the calibration still holds on the field data: that a prediction made
-with a given confidence is right as often as on the evaluation data. It cannot see a shift
-that keeps the model confident while it is wrong (a new class it maps onto an old one, or
-labels whose meaning changed).
+The estimate assumes the calibration still holds on the field data: that the model's
+confidence falls as far with its accuracy as it did on the data the map was fitted on. It
+cannot see a shift that keeps the model confident while it is wrong (a new class it maps onto
+an old one, labels whose meaning changed, or strong rotation of the demo's digits, where the
+confidence stops falling while the accuracy keeps falling).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import numpy as np
 
 from edgekit.errors import ArtifactError
 
-__all__ = ["MAX_BINS", "Calibration", "confidences"]
+__all__ = ["MAX_BINS", "METHODS", "Calibration", "confidences"]
 
 # Bins in a stored map: enough for a smooth curve, small enough for any manifest.
 MAX_BINS = 64
+# How a map was fitted; any of them is read and applied the same way.
+METHODS = ("atc", "isotonic")
 
 
 def confidences(scores: np.ndarray) -> np.ndarray:
@@ -52,6 +57,7 @@ class Calibration:
     edges: tuple[float, ...]
     probs: tuple[float, ...]
     samples: int = 0  # labelled samples it was fitted on
+    method: str = "isotonic"  # maps written before the method was recorded are isotonic
 
     def lookup(self, confidence: np.ndarray) -> np.ndarray:
         """The calibrated probability of each confidence."""
@@ -66,7 +72,7 @@ class Calibration:
         return float(self.lookup(conf).mean())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "isotonic", "edges": list(self.edges), "probs": list(self.probs),
+        return {"method": self.method, "edges": list(self.edges), "probs": list(self.probs),
                 "samples": self.samples}
 
     @classmethod
@@ -94,6 +100,8 @@ class Calibration:
         if not (np.isfinite(e).all() and np.isfinite(p).all() and (p >= 0).all()
                 and (p <= 1).all() and (np.diff(e) > 0).all()):
             raise ArtifactError(f"{where}: edges must be ascending and probs within 0..1")
-        samples = doc.get("samples", 0)
+        samples, method = doc.get("samples", 0), doc.get("method", "isotonic")
+        # An unknown method name changes nothing in how the map is applied.
         return cls(tuple(float(x) for x in e), tuple(float(x) for x in p),
-                   samples if isinstance(samples, int) else 0)
+                   samples if isinstance(samples, int) else 0,
+                   method if method in METHODS else "isotonic")

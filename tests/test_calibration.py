@@ -1,6 +1,7 @@
 """The confidence calibration a package carries: fitted by the real converter on its
-evaluation data, stored in the signed manifest, read back the way a device reads it; and the
-fitting itself (isotonic, small, the same for logits and probabilities)."""
+evaluation data or on separate estimate data, stored in the signed manifest, read back the way
+a device reads it; and the fitting itself (ATC and isotonic, small, the same for logits and
+probabilities)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from converters.calibrate import fit_calibration
 from edgekit.artifact import open_package, verify_package
 from edgekit.calibration import MAX_BINS, Calibration, confidences
 from edgekit.data import Dataset
-from edgekit.errors import ArtifactError, SignatureError
+from edgekit.errors import ArtifactError, DataError, SignatureError
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "agent"))
@@ -34,8 +35,8 @@ def test_fit_is_monotone_small_and_keeps_the_mean() -> None:
     logits = rng.normal(size=(2000, 10)) * 3
     right = rng.random(2000) < 0.3 + 0.6 * confidences(logits)  # confidence says something
     labels = np.where(right, logits.argmax(axis=1), (logits.argmax(axis=1) + 1) % 10)
-    cal = fit_calibration(logits, labels)
-    assert cal is not None and cal.samples == 2000
+    cal = fit_calibration(logits, labels, "isotonic")
+    assert cal is not None and cal.samples == 2000 and cal.method == "isotonic"
     assert 2 <= len(cal.edges) <= MAX_BINS and cal.edges[0] == 0.0
     assert all(b > a for a, b in zip(cal.edges, cal.edges[1:], strict=False))
     assert all(b >= a for a, b in zip(cal.probs, cal.probs[1:], strict=False))
@@ -43,9 +44,39 @@ def test_fit_is_monotone_small_and_keeps_the_mean() -> None:
     accuracy = float(np.mean(logits.argmax(axis=1) == labels))
     assert cal.estimate(confidences(logits)) == pytest.approx(accuracy)
     # Logits or the same rows as probabilities: one confidence, one map.
-    assert fit_calibration(_softmax(logits), labels) == cal
+    assert fit_calibration(_softmax(logits), labels, "isotonic") == cal
     # A prediction more confident than any seen takes the top bin; less, the bottom one.
     assert cal.lookup(np.array([1.0, 0.0])).tolist() == [cal.probs[-1], cal.probs[0]]
+
+
+def test_atc_is_one_threshold_that_keeps_the_accuracy() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1000, 10)) * 3
+    right = rng.random(1000) < 0.7
+    labels = np.where(right, logits.argmax(axis=1), (logits.argmax(axis=1) + 1) % 10)
+    cal = fit_calibration(logits, labels)  # ATC is the default
+    assert cal is not None and cal.method == "atc" and cal.probs == (0.0, 1.0)
+    conf = confidences(logits)
+    # On its own data the share at or above the threshold is the accuracy (no equal
+    # confidences here), and the stored map is exactly that threshold.
+    assert cal.estimate(conf) == pytest.approx(float(right.mean()))
+    assert cal.lookup(np.array([cal.edges[1], np.nextafter(cal.edges[1], 0)])).tolist() == [1, 0]
+    # The manifest form reads back to the same map, method included.
+    assert Calibration.from_manifest({"calibration": cal.to_dict()}) == cal
+    # Every prediction right: a constant 1; equal confidences stay on one side together.
+    everything = fit_calibration(logits, logits.argmax(axis=1))
+    assert everything is not None and everything.estimate(conf) == 1.0
+    tied = np.tile(np.eye(10)[:2] * 5, (50, 1))  # two confidence values only, 50 each
+    assert fit_calibration(tied, np.zeros(100, np.int64)) == fit_calibration(
+        tied, np.zeros(100, np.int64), "atc")
+
+
+def test_an_old_map_without_a_method_reads_as_isotonic() -> None:
+    cal = Calibration.from_manifest({"calibration": {"edges": [0.0, 0.5], "probs": [0.2, 0.9]}})
+    assert cal is not None and cal.method == "isotonic"
+    assert cal.estimate(np.array([0.1, 0.7])) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="calibration method"):
+        fit_calibration(np.eye(10)[np.arange(30) % 10], np.arange(30) % 10, "mean")
 
 
 def test_too_few_samples_or_no_scores_give_no_map() -> None:
@@ -122,3 +153,33 @@ def test_a_package_without_a_map_has_none(tmp_path: Path) -> None:
     metrics = open_package(path).manifest.metrics
     assert "calibration" not in metrics
     assert Calibration.from_manifest(metrics) is None
+
+
+def test_estimate_data_fit_the_map_and_the_accuracy_stays_on_the_evaluation_data(
+        tmp_path: Path) -> None:
+    x, y = digits_data()
+    w, b = ridge_weights(x[:1200], y[:1200], 1.0)
+    (tmp_path / "ridge.onnx").write_bytes(onnx_classifier(w, b))
+    # Noisy copies stand for the field's variation: the model is less often right there.
+    noisy = np.clip(x[1200:] + np.random.default_rng(3).normal(0, 0.6, x[1200:].shape), 0, 1)
+    estimate = Dataset({"x": noisy.astype(np.float32)}, y[1200:], "noisy digits")
+    result = convert(tmp_path / "ridge.onnx", ConvertOptions(name="digits",
+                                                             estimate_method="isotonic"),
+                     output=tmp_path / "d.edgepkg", estimate_data=estimate,
+                     eval_data=Dataset({"x": x[1200:]}, y[1200:], "digits evaluation"))
+    doc = result.manifest.metrics["calibration"]
+    assert doc["data"] == "noisy digits" and doc["method"] == "isotonic"
+    assert result.manifest.metrics["accuracy"]["data"] == "digits evaluation"
+    import onnxruntime as ort
+
+    with zipfile.ZipFile(tmp_path / "d.edgepkg") as zf:
+        session = ort.InferenceSession(zf.read("model.onnx"), providers=["CPUExecutionProvider"])
+    probs = np.asarray(session.run(["probs"], {"x": estimate.inputs["x"]})[0])
+    noisy_accuracy = float(np.mean(probs.argmax(axis=1) == y[1200:]))
+    assert noisy_accuracy < result.manifest.metrics["accuracy"]["artifact"]["accuracy"] - 0.05
+    cal = Calibration.from_manifest(result.manifest.metrics)
+    assert cal is not None
+    assert cal.estimate(confidences(probs)) == pytest.approx(noisy_accuracy, abs=1e-6)
+    with pytest.raises(DataError, match="estimate data unlabelled have no labels"):
+        convert(tmp_path / "ridge.onnx", ConvertOptions(name="digits"), output=None,
+                estimate_data=Dataset({"x": noisy}, None, "unlabelled"))
