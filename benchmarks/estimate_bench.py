@@ -10,7 +10,8 @@ passed as ``estimate_data``, and the run checks it is the same map):
 
 ``isotonic`` / ``atc`` (the method) on ``clean`` (the 397-image evaluation split alone) or
 ``augmented`` (that split plus copies drifted at several strengths, with seeds the field draws
-do not use: the variation the field is expected to show).
+do not use: the variation the field is expected to show;
+:func:`edgekit.host.demo.digits.estimate_set`, which the demo passes too).
 
 For each map and data set the table shows the true accuracy (from the labels), the estimate
 (the agent's computation, no labels), the error in points and whether a window of it
@@ -46,32 +47,10 @@ GOAL_POINTS = 5.0
 # either way. The demo drifts with 25 to 45 degrees and noise 0.15: the (35, 0.15) row.
 STRENGTHS = [(0, 0.0), (5, 0.05), (15, 0.05), (15, 0.1), (25, 0.1), (35, 0.15)]
 QUICK_STRENGTHS = [(0, 0.0), (15, 0.1), (35, 0.15)]
-# The augmented estimate set: the evaluation split clean and at these strengths.
-AUGMENT = [(5, 0.05), (15, 0.05), (15, 0.1), (25, 0.1), (35, 0.15), (45, 0.2)]
-AUGMENT_SEED = 1000  # the field draws use seeds 1, 2, ...
+AUGMENT_SEED = 1000  # the estimate set's draws; the field draws use seeds 1, 2, ...
 POLICY_RELATIVE_DROP = 0.1  # the controller's default
 MAPS = [("isotonic", "clean"), ("atc", "clean"), ("isotonic", "augmented"),
         ("atc", "augmented")]
-
-
-def drifted(x: np.ndarray, angle: float, noise: float, seed: int) -> np.ndarray:
-    """The demo's drift: each image rotated by a random angle within +-(angle-10, angle+10)
-    degrees (either way) and Gaussian noise added; ``angle`` 0 and ``noise`` 0: unchanged."""
-    from edgekit.host.demo.digits import drift
-
-    if angle == 0 and noise == 0:
-        return x
-    rng = np.random.default_rng(seed)
-    low, high = max(angle - 10, 0), angle + 10
-    angles = rng.uniform(low, high, size=len(x)) * rng.choice([-1, 1], size=len(x))
-    return np.concatenate([drift(x[i:i + 1], float(a), noise, seed=seed * 100000 + i)
-                           for i, a in enumerate(angles)])
-
-
-def augmented(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluation split clean plus one drifted copy per :data:`AUGMENT` strength."""
-    xs = [x] + [drifted(x, a, n, AUGMENT_SEED + k) for k, (a, n) in enumerate(AUGMENT)]
-    return np.concatenate(xs), np.tile(y, len(xs))
 
 
 def package(work: Path, epochs: int, estimate: tuple[np.ndarray, np.ndarray]) -> Path:
@@ -107,33 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     from device_agent._model import TrustPolicy, load_model
     from edgekit.calibration import confidences
     from edgekit.data import Dataset
-    from edgekit.host.demo.digits import load_digits_split
+    from edgekit.host.demo.digits import drift_each, estimate_set, load_digits_split
 
     epochs = 3 if args.quick else args.epochs
     strengths = QUICK_STRENGTHS if args.quick else STRENGTHS
     seeds = 1 if args.quick else args.seeds
     split = load_digits_split()
     ex, ey = split["eval"]
-    estimate_set = augmented(ex, ey)
+    augmented = estimate_set(ex, ey, AUGMENT_SEED)
     # Field data no map was fitted on: the training and calibration splits.
     field_x = np.concatenate([split["train"][0], split["calib"][0]])
     field_y = np.concatenate([split["train"][1], split["calib"][1]])
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(package(Path(tmp), epochs, estimate_set),
+        loaded = load_model(package(Path(tmp), epochs, augmented),
                             TrustPolicy(allow_unsigned=True))
 
         def scores(x: np.ndarray) -> np.ndarray:
             out = run_model(loaded.session.run, Dataset({"x": x}, None, "bench"))
             return out[loaded.primary_output]
 
-        fitted = {"clean": (scores(ex), ey), "augmented": (scores(estimate_set[0]),
-                                                            estimate_set[1])}
+        fitted = {"clean": (scores(ex), ey), "augmented": (scores(augmented[0]), augmented[1])}
         maps = {(m, d): fit_calibration(*fitted[d], m) for m, d in MAPS}
         assert calibration_of(loaded) == maps["atc", "augmented"], "not the package's map"
         field = []
         for angle, noise in strengths:
             for seed in range(1 if angle == 0 and noise == 0 else seeds):
-                out = scores(drifted(field_x, angle, noise, seed + 1))
+                out = scores(drift_each(field_x, angle, noise, seed + 1))
                 field.append(((angle, noise), seed + 1, out))
     baseline = float(loaded.manifest.metrics["accuracy"]["artifact"]["accuracy"])
     report(epochs, maps, field, field_y, baseline, confidences)
@@ -144,8 +122,10 @@ def report(epochs: int, maps: dict, field: list, labels: np.ndarray, baseline: f
            confidences: object) -> None:
     """Print the tables: estimate against truth per map and strength, then confidence."""
     limit = baseline * (1 - POLICY_RELATIVE_DROP)
+    from edgekit.host.demo.digits import ESTIMATE_STRENGTHS
+
     print(f"## digits CNN ({epochs} epochs); maps fitted on the 397-image evaluation split"
-          f" (clean) or on it plus {len(AUGMENT)} drifted copies (augmented, seeds"
+          f" (clean) or on it plus {len(ESTIMATE_STRENGTHS)} drifted copies (augmented, seeds"
           f" {AUGMENT_SEED}+); field data: the other {len(labels)} images, draws 1..")
     print()
     print(f"{'method':<9} {'fitted on':<10} {'drift (deg, noise)':<18} {'true':>6}"
