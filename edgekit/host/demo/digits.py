@@ -80,12 +80,13 @@ def drift_each(x: np.ndarray, angle: float, noise: float, seed: int) -> np.ndarr
                            for i, a in enumerate(angles)])
 
 
-def estimate_set(x: np.ndarray, y: np.ndarray, seed: int = 1000
+def estimate_set(x: np.ndarray, y: np.ndarray, seed: int = 1000,
+                 strengths: tuple[tuple[float, float], ...] = ESTIMATE_STRENGTHS
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Labelled data for the package's accuracy-estimate map: ``x`` clean plus one copy per
-    :data:`ESTIMATE_STRENGTHS`, drawn with seeds from ``seed`` on (keep them apart from the
-    seeds that draw the data the estimate is judged on)."""
-    xs = [x] + [drift_each(x, a, n, seed + k) for k, (a, n) in enumerate(ESTIMATE_STRENGTHS)]
+    strength (angle, noise) of :func:`drift_each`, drawn with seeds from ``seed`` on (keep
+    them apart from the seeds that draw the data the estimate is judged on)."""
+    xs = [x] + [drift_each(x, a, n, seed + k) for k, (a, n) in enumerate(strengths)]
     return np.concatenate(xs), np.tile(y, len(xs))
 
 
