@@ -9,7 +9,8 @@ from typing import Any
 from edgekit.calibration import METHODS as ESTIMATE_METHODS
 from edgekit.errors import UsageError
 
-__all__ = ["CALIBRATION_METHODS", "QUANT_MODES", "TASKS", "ConvertOptions", "parse_input_shape"]
+__all__ = ["CALIBRATION_METHODS", "ESTIMATE_METHODS", "QUANT_MODES", "TASKS", "ConvertOptions",
+           "parse_input_shape"]
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

@@ -412,7 +412,7 @@ def _calibrate(report: dict[str, Any], scores: np.ndarray | Session, data: Datas
     """Fit the accuracy-estimate map on the artifact's scores of labelled data (or on those
     a session gives for it); store it in ``report`` (replacing one fitted before) when there
     are enough of them."""
-    if data is None:
+    if data is None or data.labels is None:
         return
     if not isinstance(scores, np.ndarray):
         scores = run_batches(scores.run, data)[output]

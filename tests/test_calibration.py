@@ -183,3 +183,17 @@ def test_estimate_data_fit_the_map_and_the_accuracy_stays_on_the_evaluation_data
     with pytest.raises(DataError, match="estimate data unlabelled have no labels"):
         convert(tmp_path / "ridge.onnx", ConvertOptions(name="digits"), output=None,
                 estimate_data=Dataset({"x": noisy}, None, "unlabelled"))
+
+
+def test_a_retrained_candidate_keeps_the_map_method_of_the_package_it_replaces() -> None:
+    from edgekit.host.controller._candidates import options_from_manifest
+
+    for method in ("atc", "isotonic"):
+        manifest = {"target": {"format": "onnx"},
+                    "metrics": {"calibration": {"method": method, "edges": [0.0],
+                                                "probs": [1.0]}}}
+        opts = options_from_manifest(manifest, name="digits", version="1.0.1")
+        assert opts.estimate_method == method
+    # A package from before the method was recorded: the converter's default.
+    assert options_from_manifest({"metrics": {"calibration": {"edges": [0.0], "probs": [1.0]}}},
+                                 name="digits", version="1.0.1").estimate_method == "atc"
