@@ -197,3 +197,31 @@ def test_a_retrained_candidate_keeps_the_map_method_of_the_package_it_replaces()
     # A package from before the method was recorded: the converter's default.
     assert options_from_manifest({"metrics": {"calibration": {"edges": [0.0], "probs": [1.0]}}},
                                  name="digits", version="1.0.1").estimate_method == "atc"
+
+
+def test_the_cli_fits_the_map_on_estimate_data(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgekit.data import save_npz
+    from edgekit.host.cli import cli
+
+    x, y = digits_data()
+    w, b = ridge_weights(x[:1200], y[:1200], 1.0)
+    (tmp_path / "ridge.onnx").write_bytes(onnx_classifier(w, b))
+    save_npz(tmp_path / "eval.npz", {"x": x[1200:]}, y[1200:])
+    save_npz(tmp_path / "field.npz", {"x": x[:300]}, y[:300])
+    save_npz(tmp_path / "unlabelled.npz", {"x": x[:300]}, None)
+    base = ["convert", str(tmp_path / "ridge.onnx"), "--name", "digits", "--version", "1.0.0",
+            "--eval", str(tmp_path / "eval.npz")]
+    done = CliRunner().invoke(cli, [*base, "--estimate-data", str(tmp_path / "field.npz"),
+                                    "--estimate-method", "isotonic",
+                                    "-o", str(tmp_path / "d.edgepkg")])
+    assert done.exit_code == 0, done.output
+    doc = open_package(tmp_path / "d.edgepkg").manifest.metrics["calibration"]
+    assert doc["method"] == "isotonic" and doc["samples"] == 300
+    assert doc["data"].endswith("field.npz")
+    refused = CliRunner().invoke(cli, [*base, "--estimate-data",
+                                       str(tmp_path / "unlabelled.npz"),
+                                       "-o", str(tmp_path / "u.edgepkg")])
+    assert refused.exit_code != 0 and "have no labels" in refused.output
+    assert not (tmp_path / "u.edgepkg").exists()
