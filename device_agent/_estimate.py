@@ -1,10 +1,11 @@
-"""Accuracy estimated without labels, per telemetry interval (confidence-based, CBPE).
+"""Accuracy estimated without labels, per telemetry interval (from confidence: ATC or CBPE).
 
 Most field traffic never gets a label. A package whose manifest carries a calibration map
-(``metrics.calibration``, fitted by the converter on its labelled evaluation data;
-:mod:`edgekit.calibration`) lets the agent turn each prediction's top-1 confidence into the
-probability that it is right; the mean over the interval's predictions is the estimated
-accuracy the metrics report beside the label-based figures. It runs on the telemetry thread,
+(``metrics.calibration``, fitted by the converter on labelled data;
+:mod:`edgekit.calibration`) lets the agent turn each prediction's top-1 confidence into a
+value of the map (for an ATC map, 1 at or above its threshold and 0 below; for an isotonic
+one, the probability that it is right); the mean over the interval's predictions is the
+estimated accuracy the metrics report beside the label-based figures. It runs on the telemetry thread,
 from the confidences the interval's prediction section already computed: the request path
 does nothing more. A package without the map gets no estimate.
 """
