@@ -33,6 +33,7 @@ from edgekit.protocol.inference import (
 from edgekit.protocol.telemetry import (
     MAX_EVENT_MESSAGE,
     DeviceState,
+    EstimateSection,
     EventKind,
     EventLevel,
     EventPayload,
@@ -77,6 +78,7 @@ __all__ = [
     "EncodedArray",
     "ErrorCode",
     "ErrorInfo",
+    "EstimateSection",
     "EventKind",
     "EventLevel",
     "EventPayload",

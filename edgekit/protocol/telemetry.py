@@ -20,6 +20,7 @@ from edgekit.protocol.topics import ID_PATTERN, Schema
 __all__ = [
     "MAX_EVENT_MESSAGE",
     "DeviceState",
+    "EstimateSection",
     "EventKind",
     "EventLevel",
     "EventPayload",
@@ -199,6 +200,15 @@ class QualitySection(msgspec.Struct, kw_only=True):
     feedback_rejected: Count
 
 
+class EstimateSection(msgspec.Struct, kw_only=True):
+    """Accuracy estimated without labels (confidence-based, from the calibration map in the
+    package's manifest; edgekit.calibration) over the interval's classifier predictions."""
+
+    method: Text64 = "cbpe"
+    accuracy: Annotated[float, Meta(ge=0, le=1)]
+    count: Count  # predictions (rows) the estimate covers
+
+
 class TelemetrySection(msgspec.Struct, kw_only=True):
     queue_depth: Count  # messages waiting in the store-and-forward queue
     dropped_total: Count  # messages dropped at the queue's bound since the queue was created
@@ -220,6 +230,9 @@ class MetricsPayload(Document, tag=Schema.METRICS.value):
     predictions: PredictionsSection
     quality: QualitySection
     telemetry: TelemetrySection
+    # Added within edgekit.metrics/1: absent from older agents and from packages without a
+    # calibration map; older hosts ignore it.
+    estimate: EstimateSection | None = None
 
 
 class EventPayload(Document, tag=Schema.EVENT.value):

@@ -28,6 +28,11 @@ from edgekit.signing import load_private_key
               help=".npz with one array per input (or x), used for int8 calibration.")
 @click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
               help=".npz with inputs and labels (y) for parity and accuracy.")
+@click.option("--estimate-data", "estimate_path", type=click.Path(exists=True, dir_okay=False),
+              help="Labelled .npz the accuracy-estimate map is fitted on (default: --eval);"
+                   " it should hold the variation the field will show.")
+@click.option("--estimate-method", type=click.Choice(["atc", "isotonic"]), default="atc",
+              show_default=True, help="How the accuracy-estimate map is fitted.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="state_dict for a package.module:factory source.")
 @click.option("--input-shape", "input_shapes", multiple=True,
@@ -68,7 +73,8 @@ from edgekit.signing import load_private_key
               help="Where to write the .edgepkg.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(source: str, target: str, quantize: str, per_tensor: bool, calibration_method: str,
-            int8_io: bool, calibration: str | None, eval_path: str | None, weights: str | None,
+            int8_io: bool, calibration: str | None, eval_path: str | None,
+            estimate_path: str | None, estimate_method: str, weights: str | None,
             input_shapes: tuple[str, ...], opset: int, exporter: str, task: str,
             labels_csv: str | None, name: str | None, version: str | None,
             db_url: str | None, sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
@@ -98,6 +104,7 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         task=task, labels=labels_csv.split(",") if labels_csv else None, name=name,
         version=version, input_shapes=shapes, input_dtypes=dtypes, atol=atol,
         min_cosine=min_cosine, min_top1=min_top1, strict=strict, threads=threads,
+        estimate_method=estimate_method,
     ).validate()
     key = load_private_key(sign_key) if sign_key else None
     if variants_csv is not None:
@@ -106,7 +113,8 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
                           key=key, as_json=as_json)
         return
     result = run_convert(source, opts, output=output, calibration=calibration,
-                         eval_data=eval_path, weights=weights, sign_key=key,
+                         eval_data=eval_path, estimate_data=estimate_path, weights=weights,
+                         sign_key=key,
                          progress=progress_printer(as_json))
     if as_json:
         emit_json({"output": str(result.path), "name": result.manifest.name,
