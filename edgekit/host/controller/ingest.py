@@ -41,6 +41,7 @@ from edgekit.protocol import (
     StatusPayload,
     decode,
     decode_array,
+    encode,
     is_valid_id,
     parse_topic,
 )
@@ -261,11 +262,12 @@ class Ingest:
         done = _Prepared(topic, kind, fleet, device, doc)
         if isinstance(doc, MetricsPayload):
             # ``received`` stays the time of writing, so it minus ``ts`` is the ingest lag.
+            # The payload is stored as the checked document's own encoding: no dict between.
             done.batch = {"fleet": fleet, "device": device, "seq": doc.seq,
-                          "payload": msgspec.to_builtins(doc), "summary": metrics_summary(doc),
+                          "payload": encode(doc).decode(), "summary": metrics_summary(doc),
                           "ts": _timestamp(doc.ts, received)}
             batch = done.batch
-            done.call = lambda: store.record_metrics(**batch)
+            done.call = lambda: store.record_metrics_batch([batch])[0]
         elif isinstance(doc, StatusPayload):
             values = status_fields(doc)
             done.call = lambda: store.upsert_device_status(fleet, device, **values,
