@@ -47,6 +47,7 @@ from edgekit.protocol import (
 )
 from edgekit.protocol import subscription as topic_filter
 from edgekit.protocol.controller import rollout_of_deployment
+from edgekit.protocol.ota.events import update_data
 from edgekit.protocol.ota.topics import shared
 
 __all__ = ["Ingest", "IngestStats", "metrics_summary", "sample_rows", "status_fields"]
@@ -256,7 +257,8 @@ class Ingest:
         """Pair a decoded document with the store call that writes it (True: new).
 
         Raises:
-            ProtocolError: a sample whose inputs, labels and predictions do not agree.
+            ProtocolError: a sample whose inputs, labels and predictions do not agree, or
+                an ``update.*`` event whose data do not decode.
         """
         store = self.store
         done = _Prepared(topic, kind, fleet, device, doc)
@@ -301,10 +303,16 @@ class Ingest:
 
     def _event_call(self, fleet: str, device: str, doc: EventPayload,
                     received: float) -> Callable[[], bool]:
-        data = doc.data
-        rollout = rollout_of_deployment(data.get("deployment")) if data else None
+        """The store call of an event; an ``update.*`` event's data must decode (it names
+        the deployment, so the rollout, the event belongs to).
+
+        Raises:
+            ProtocolError: an ``update.*`` event whose data do not fit ``UpdateEventData``.
+        """
+        update = update_data(doc)
+        rollout = rollout_of_deployment(update.deployment) if update is not None else None
         args: dict[str, Any] = dict(device=device, session=doc.session, seq=doc.seq,
-                                    level=doc.level.value, reason=doc.reason, data=data,
+                                    level=doc.level.value, reason=doc.reason, data=doc.data,
                                     ts=_timestamp(doc.ts, received))
 
         def call() -> bool:

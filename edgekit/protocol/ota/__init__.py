@@ -60,6 +60,8 @@ from edgekit.protocol.ota.events import (
     UpdateStep,
     event_kind,
     step_of,
+    update_data,
+    update_status,
 )
 from edgekit.protocol.ota.topics import (
     ARTIFACTS_SCOPE,
@@ -122,4 +124,6 @@ __all__ = [
     "seal_desired",
     "shared",
     "step_of",
+    "update_data",
+    "update_status",
 ]
