@@ -288,17 +288,16 @@ class Ingest:
                                                        if p.batch is not None])
             except StoreError as exc:
                 if attempt + 1 == _STORE_RETRIES:
-                    for _ in metrics:
-                        self._count("failed", "metrics")
+                    self._count("failed", "metrics", len(metrics))
                     log.error("could not store %d metrics messages: %s", len(metrics),
                               exc.message)
                     return ["failed"] * len(metrics)
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            outcomes = ["stored" if n else "duplicate" for n in new]
-            for outcome in outcomes:
-                self._count("stored" if outcome == "stored" else "duplicates", "metrics")
-            return outcomes
+            stored = sum(new)
+            self._count("stored", "metrics", stored)
+            self._count("duplicates", "metrics", len(new) - stored)
+            return ["stored" if n else "duplicate" for n in new]
         return ["failed"] * len(metrics)
 
     def _event_call(self, fleet: str, device: str, doc: EventPayload,
@@ -348,10 +347,11 @@ class Ingest:
         log.warning("ignoring a %s message on %s: %s", kind, topic, why)
         return "rejected"
 
-    def _count(self, what: str, kind: str) -> None:
-        with self._stats_lock:
-            counts: dict[str, int] = getattr(self.stats, what)
-            counts[kind] = counts.get(kind, 0) + 1
+    def _count(self, what: str, kind: str, n: int = 1) -> None:
+        if n:
+            with self._stats_lock:
+                counts: dict[str, int] = getattr(self.stats, what)
+                counts[kind] = counts.get(kind, 0) + n
 
 
 # --------------------------------------------------------------------------- payloads

@@ -94,7 +94,7 @@ def _insert(conn: Connection, pg: bool, table: str, types: dict[str, str],
         result = conn.exec_driver_sql(
             f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}){tail}",
             tuple(list(column) for column in zip(*rows, strict=True)))
-        return list(result) if result.returns_rows else []
+        return list(result.fetchall()) if result.returns_rows else []
     one = "(" + ", ".join(["?"] * len(types)) + ")"
     out: list[Any] = []
     for start in range(0, len(rows), _SQLITE_ROWS):
@@ -103,7 +103,7 @@ def _insert(conn: Connection, pg: bool, table: str, types: dict[str, str],
             f"INSERT INTO {table} ({names}) VALUES {', '.join([one] * len(chunk))}{tail}",
             tuple(v for row in chunk for v in row))
         if result.returns_rows:
-            out += list(result)
+            out += result.fetchall()
     return out
 
 
