@@ -2,12 +2,14 @@
 driver's own parameters: SQLAlchemy's per-value type processing cost more than the
 database's work here (``Store.record_metrics_batch`` calls these for every batch).
 
-On PostgreSQL a batch is one statement per table whatever its size: every column travels as
-one array parameter and ``unnest`` turns the arrays back into rows. The statement's text
-never changes, so psycopg parses it once and the server runs it as a prepared statement; a
-multi-row ``VALUES`` list with a placeholder per value would be a new, long text for every
-batch size, which psycopg re-parses in Python each time (more time than the database's own
-work). SQLite takes the multi-row ``VALUES`` form. Values are written as the ORM types
+On PostgreSQL a batch is one statement per table whatever its size: the rows travel as one
+JSON array (encoded by msgspec in C, the metrics payloads inserted as the bytes already
+checked, not encoded again) that ``jsonb_array_elements`` turns back into rows. The
+statement's text never changes, so psycopg parses it once and the server runs it as a
+prepared statement; a multi-row ``VALUES`` list with a placeholder per value would be a new,
+long text for every batch size, which psycopg re-parses in Python each time, and one array
+parameter per column costs psycopg a Python call per value to dump (each more time than the
+database's own work). SQLite takes the multi-row ``VALUES`` form. Values are written as the ORM types
 would write them (:func:`_bind_time`, :func:`~edgekit.host.db._engine.json_text`).
 """
 
@@ -17,6 +19,7 @@ import datetime as dt
 from dataclasses import fields
 from typing import Any
 
+import msgspec
 from sqlalchemy.engine import Connection
 
 from edgekit.host.db._engine import json_text
@@ -25,6 +28,7 @@ from edgekit.host.db._schema import DeviceRow, MetricRow
 
 __all__ = ["insert_metric_rows", "upsert_device_figures"]
 
+_encoder = msgspec.json.Encoder()
 _SQLITE_ROWS = 500  # rows per SQLite statement (999 parameters at most in old builds)
 _SUMMARY = [f.name for f in fields(MetricsSummary)]
 # PostgreSQL array types of the device columns a batch writes, in the statement's order.
@@ -75,7 +79,7 @@ def insert_metric_rows(conn: Connection, pg: bool, rows: list[dict[str, Any]]
     ``payload`` is a dict or the JSON text of one (written as it is).
     """
     values = [(r["fleet"], r["device_id"], r["session"], r["seq"], _bind_time(r["ts"], pg),
-               _bind_time(r["received"], pg), _json(r["payload"])) for r in rows]
+               _bind_time(r["received"], pg), _payload(r["payload"], pg)) for r in rows]
     conflict = (" ON CONFLICT (fleet, device_id, session, seq) DO NOTHING"
                 " RETURNING fleet, device_id, session, seq")
     return {tuple(r) for r in _insert(conn, pg, MetricRow.__tablename__, _METRIC_TYPES, values,
@@ -90,10 +94,12 @@ def _insert(conn: Connection, pg: bool, table: str, types: dict[str, str],
         return []
     names = ", ".join(types)
     if pg:
-        arrays = ", ".join(f"%b::{t}[]" for t in types.values())
+        values = ", ".join(f"r->{i}" if t == "jsonb" else f"(r->>{i})::{t}"
+                           for i, t in enumerate(types.values()))
         result = conn.exec_driver_sql(
-            f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}){tail}",
-            tuple(list(column) for column in zip(*rows, strict=True)))
+            f"INSERT INTO {table} ({names}) SELECT {values}"
+            f" FROM jsonb_array_elements(%s::jsonb) AS r{tail}",
+            (_encoder.encode(rows).decode(),))
         return list(result.fetchall()) if result.returns_rows else []
     one = "(" + ", ".join(["?"] * len(types)) + ")"
     out: list[Any] = []
@@ -107,7 +113,11 @@ def _insert(conn: Connection, pg: bool, table: str, types: dict[str, str],
     return out
 
 
-def _json(payload: dict[str, Any] | str) -> str:
+def _payload(payload: dict[str, Any] | str, pg: bool) -> Any:
+    """A JSON column's value: its text on SQLite; on PostgreSQL what goes into the batch's
+    JSON array as it is (text already encoded is not encoded again)."""
+    if pg:
+        return msgspec.Raw(payload.encode()) if isinstance(payload, str) else payload
     return payload if isinstance(payload, str) else json_text(payload)
 
 
