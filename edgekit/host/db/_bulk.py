@@ -20,6 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 import msgspec
+from sqlalchemy import Integer
 from sqlalchemy.engine import Connection
 
 from edgekit.host.db._engine import json_text
@@ -31,11 +32,13 @@ __all__ = ["insert_metric_rows", "upsert_device_figures"]
 _encoder = msgspec.json.Encoder()
 _SQLITE_ROWS = 500  # rows per SQLite statement (999 parameters at most in old builds)
 _SUMMARY = [f.name for f in fields(MetricsSummary)]
-# PostgreSQL array types of the device columns a batch writes, in the statement's order.
+# PostgreSQL types of the device columns a batch writes, in the statement's order; the
+# summary's follow their columns (a count is an integer, a figure a float).
 _DEVICE_TYPES = {"fleet": "text", "device_id": "text", "online": "bool", "session_seq": "int8",
                  "first_seen": "timestamptz", "last_seen": "timestamptz",
                  "metrics_session": "int8", "metrics_seq": "int8", "metrics_at": "timestamptz",
-                 **{n: "int8" if n == "label_count" else "float8" for n in _SUMMARY}}
+                 **{n: "int8" if isinstance(DeviceRow.__table__.c[n].type, Integer) else "float8"
+                    for n in _SUMMARY}}
 _METRIC_TYPES = {"fleet": "text", "device_id": "text", "session": "int8", "seq": "int8",
                  "ts": "timestamptz", "received": "timestamptz", "payload": "jsonb"}
 

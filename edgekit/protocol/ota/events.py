@@ -112,7 +112,8 @@ class UpdateEventData(msgspec.Struct, kw_only=True, omit_defaults=True):
     model: UpdateModel | None  # the model the update is about (None: unreadable document)
     serving: UpdateModel | None  # the model in service when the event was sent
     progress: UpdateProgress | None = None  # downloading only
-    source: Annotated[str, Meta(max_length=16)] | None = None  # "mqtt" | "http" | "kept"
+    # downloading: "mqtt" | "http" | "kept" (a copy on disk) | "delta"
+    source: Annotated[str, Meta(max_length=16)] | None = None
     details: dict[str, Any] | None = None  # numbers behind a decision (latency, rates)
 
     def as_data(self) -> dict[str, Any]:
