@@ -10,7 +10,8 @@ Measured in one run:
     flood of metrics messages that the publishers send as fast as they can, measured again
     right before each configuration's flood (the machine's load moves between them);
   - flood: the rate at which a controller writes the same flood to its database, and its
-    ratio to the bare subscriber's rate just before;
+    ratio to the bare subscriber's rate just before; with --repeat N, N rounds of bare then
+    flood (fresh controller processes each round) and the medians;
   - fleet steps: fleets of growing size at 0.1 Hz for --seconds each; the ingest lag of a
     message is the time it was written to the database minus the time it was sent. A
     controller keeps up with a fleet when the 95th percentile lag is under 1 s and every
@@ -23,7 +24,8 @@ when no server answers at 127.0.0.1:5432).
 Run from the repository root::
 
     python benchmarks/controller_bench.py [--seconds 20] [--start 1000] [--max 64000]
-                                          [--flood 20000] [--json results.json] [--quick]
+                                          [--flood 20000] [--repeat 3] [--json results.json]
+                                          [--quick]
 
 ``--quick`` (the test suite runs it) floods 2,000 messages and tries one fleet of 100
 devices on SQLite only: it shows the script works, its numbers are not results.
@@ -375,49 +377,66 @@ def _verdict(step: dict[str, Any]) -> str:
 
 def run_config(name: str, port: int, db_kind: str, count: int, args: argparse.Namespace,
                workdir: Path) -> dict[str, Any]:
+    """Floods (``--repeat`` rounds, each right after a bare paho measurement), then the
+    fleet steps with the controllers of the last round."""
     print(f"\n== {name}", file=sys.stderr)
-    # Before the controllers start: they would take their share of the bare flood too.
-    bare_rate = measure_bare(port, args.flood)["rate"]
-    print(f"   bare paho: {bare_rate:.0f} msg/s", file=sys.stderr)
+    rounds: list[dict[str, float]] = []
+    errors = 0
     with database(db_kind, workdir) as db_url:
-        ctl = Controllers(port, db_url, count, workdir)
-        try:
-            fl = flood(port, db_url, args.flood)
-            print(f"   flood: {fl['rate']:.0f} msg/s ({fl['messages']}/{fl['sent']} stored)",
-                  file=sys.stderr)
-            steps = []
-
-            def step_at(devices: int) -> bool:
-                step = fleet_step(port, db_url, devices, args.seconds)
-                steps.append(step)
-                print(f"   {devices:6d} devices: lag p50 {step['lag_p50_s']:.3f} s, p95"
-                      f" {step['lag_p95_s']:.3f} s, stored {step['stored']}/{step['sent']}"
-                      f" -> {_verdict(step)}", file=sys.stderr)
-                return bool(step["ok"])
-
-            devices, good, bad = args.start, 0, 0
-            while devices <= args.max:
-                if not step_at(devices):
-                    bad = devices
-                    break
-                good, devices = devices, devices * 2
-            for _ in range(args.refine):  # between the last size kept up with and the first not
-                if not bad or bad - good <= args.start // 2:
-                    break
-                middle = (good + bad) // 2 // 500 * 500
-                if step_at(middle):
-                    good = middle
-                else:
-                    bad = middle
-            errors = sum(log.read_text(errors="replace").count(" ERROR ") for log in ctl.logs)
-        finally:
-            ctl.stop()
+        for round_ in range(args.repeat):
+            # Before the controllers start: they would take their share of the bare flood too.
+            bare_rate = measure_bare(port, args.flood)["rate"]
+            ctl = Controllers(port, db_url, count, workdir)
+            try:
+                fl = flood(port, db_url, args.flood)
+                rounds.append({"bare_rate": bare_rate, "flood_rate": fl["rate"],
+                               "ratio": fl["rate"] / bare_rate})
+                print(f"   round {round_ + 1}: bare paho {bare_rate:.0f} msg/s, flood"
+                      f" {fl['rate']:.0f} msg/s ({fl['messages']}/{fl['sent']} stored),"
+                      f" ratio {fl['rate'] / bare_rate:.2f}", file=sys.stderr)
+                steps = fleet_steps(port, db_url, args) if round_ + 1 == args.repeat else []
+            finally:
+                ctl.stop()
+                errors += sum(log.read_text(errors="replace").count(" ERROR ")
+                              for log in ctl.logs)
     passed = [s["devices"] for s in steps if s["ok"]]
-    return {"name": name, "controllers": count, "database": db_kind, "bare_rate": bare_rate,
-            "flood_rate": fl["rate"], "ratio_to_bare": fl["rate"] / bare_rate,
+    return {"name": name, "controllers": count, "database": db_kind, "rounds": rounds,
+            "bare_rate": statistics.median(r["bare_rate"] for r in rounds),
+            "flood_rate": statistics.median(r["flood_rate"] for r in rounds),
+            "ratio_to_bare": statistics.median(r["ratio"] for r in rounds),
             "controller_errors": errors,
             "max_devices": max(passed) if passed else 0,
             "max_rate": (max(passed) / INTERVAL_S) if passed else 0.0, "steps": steps}
+
+
+def fleet_steps(port: int, db_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Fleets doubling from ``--start`` until one falls behind, then ``--refine`` bisection
+    steps between the last size kept up with and the first not."""
+    steps: list[dict[str, Any]] = []
+
+    def step_at(devices: int) -> bool:
+        step = fleet_step(port, db_url, devices, args.seconds)
+        steps.append(step)
+        print(f"   {devices:6d} devices: lag p50 {step['lag_p50_s']:.3f} s, p95"
+              f" {step['lag_p95_s']:.3f} s, stored {step['stored']}/{step['sent']}"
+              f" -> {_verdict(step)}", file=sys.stderr)
+        return bool(step["ok"])
+
+    devices, good, bad = args.start, 0, 0
+    while devices <= args.max:
+        if not step_at(devices):
+            bad = devices
+            break
+        good, devices = devices, devices * 2
+    for _ in range(args.refine):
+        if not bad or bad - good <= args.start // 2:
+            break
+        middle = (good + bad) // 2 // 500 * 500
+        if step_at(middle):
+            good = middle
+        else:
+            bad = middle
+    return steps
 
 
 def main() -> None:
@@ -431,12 +450,15 @@ def main() -> None:
                         help="Steps of bisection after the first fleet size that fails.")
     parser.add_argument("--configs", default="sqlite,postgresql,shared",
                         help="Which of sqlite, postgresql, shared to run.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Flood rounds per configuration, each with its own bare paho"
+                             " measurement right before it; medians are reported.")
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
     parser.add_argument("--quick", action="store_true",
                         help="A smoke run in well under a minute (SQLite, one small fleet).")
     args = parser.parse_args()
     if args.quick:
-        args.flood, args.start, args.max, args.refine = 2000, 100, 100, 0
+        args.flood, args.start, args.max, args.refine, args.repeat = 2000, 100, 100, 0, 1
         args.seconds = INTERVAL_S
         if "--configs" not in sys.argv:
             args.configs = "sqlite"

@@ -19,9 +19,7 @@ MAX_FUNCTION_LINES = 80
 
 # Being split in other work; each at its size when this list was written.
 ALLOWED_FILES: dict[str, int] = {}
-ALLOWED_FUNCTIONS = {
-    "converters/compress/optimize.py::optimize": 88,
-}
+ALLOWED_FUNCTIONS: dict[str, int] = {}
 
 
 def _sources() -> list[Path]:

@@ -266,18 +266,7 @@ def optimize(
                         baseline=study.baseline, max_drop=max_drop, workdir=Path(tmp))
         rows, fallback = _run_candidates(runner, study, sensitivity_samples, max_probes,
                                          progress)
-        progress(f"timing {len(runner.packages)} candidates and the source model"
-                 f" ({latency_runs} interleaved runs, batch 1, {base.threads} thread(s))")
-        one = {k: v[:1] for k, v in study.ev.inputs.items()}
-        stats, src_stats = _time_all(runner.packages, study.loaded, one, base.threads,
-                                     latency_runs)
-        for row in rows:
-            if row["name"] in stats:
-                p50, p95 = stats[row["name"]]
-                row.update(latency_p50_ms=p50, latency_p95_ms=p95,
-                           latency_ratio=p50 / src_stats[0] if src_stats[0] else None)
-        src = {"framework": study.loaded.framework, "metric": study.baseline,
-               "latency_p50_ms": src_stats[0], "latency_p95_ms": src_stats[1]}
+        src = _time_rows(runner, study, rows, base.threads, latency_runs, progress)
         chosen, reason = choose(rows, metric=metric, max_drop=max_drop, objective=objective,
                                 fallback=fallback)
         table = format_table(rows, metric=metric, source=src,
@@ -307,6 +296,23 @@ def optimize(
                            title=f"{Path(output).name}: {metric} vs latency"
                                  f" (max drop {max_drop:g}, {base.threads} thread(s))")
     return result
+
+
+def _time_rows(runner: Runner, study: _Study, rows: list[dict[str, Any]], threads: int,
+               latency_runs: int, progress: Progress) -> dict[str, Any]:
+    """Time every candidate package and the source model (interleaved, batch 1), add the
+    figures to ``rows``, and return the source's row."""
+    progress(f"timing {len(runner.packages)} candidates and the source model"
+             f" ({latency_runs} interleaved runs, batch 1, {threads} thread(s))")
+    one = {k: v[:1] for k, v in study.ev.inputs.items()}
+    stats, src_stats = _time_all(runner.packages, study.loaded, one, threads, latency_runs)
+    for row in rows:
+        if row["name"] in stats:
+            p50, p95 = stats[row["name"]]
+            row.update(latency_p50_ms=p50, latency_p95_ms=p95,
+                       latency_ratio=p50 / src_stats[0] if src_stats[0] else None)
+    return {"framework": study.loaded.framework, "metric": study.baseline,
+            "latency_p50_ms": src_stats[0], "latency_p95_ms": src_stats[1]}
 
 
 @dataclass

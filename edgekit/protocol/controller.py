@@ -25,14 +25,17 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, NotRequired, TypedDict
+from typing import Annotated, Any, ClassVar, NotRequired, TypedDict
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from msgspec import Meta
 
 from edgekit.errors import ProtocolError, SignatureError
 from edgekit.protocol import ROOT, encode, is_valid_id
-from edgekit.protocol.codec import DEFAULT_MAX_BYTES
+from edgekit.protocol.codec import DEFAULT_MAX_BYTES, Document, decode
 from edgekit.protocol.signed import is_sealed, open_sealed, seal
+from edgekit.protocol.topics import ID_PATTERN
 
 __all__ = [
     "PRESENCE_SCHEMA",
@@ -41,6 +44,8 @@ __all__ = [
     "ROLLOUT_REQUEST_SCHEMA",
     "ROLLOUT_STATE_SCHEMA",
     "PresencePayload",
+    "ReplyError",
+    "RolloutModel",
     "RolloutReply",
     "RolloutRequest",
     "RolloutStatePayload",
@@ -76,12 +81,13 @@ REQUEST_TTL_S = 300.0  # a request older than this is refused (a replay, or a st
 _MAX_SKEW_S = 300.0
 
 
-class PresencePayload(TypedDict):
-    schema: str
-    id: str
-    fleets: list[str]  # "+" for every fleet
-    started: float
-    ts: float
+class PresencePayload(Document, tag=PRESENCE_SCHEMA):
+    """Retained on the controller's presence topic while it runs."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    fleets: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=1024)]
+    started: float = 0.0
+    ts: float = 0.0
 
 
 class RolloutRequest(TypedDict):
@@ -99,23 +105,40 @@ class RolloutRequest(TypedDict):
     rollout_id: NotRequired[int]  # abort, rollback: the rollout (name and version must match)
 
 
-class RolloutReply(TypedDict):
-    schema: str
-    request_id: str
+class RolloutModel(msgspec.Struct, kw_only=True, frozen=True):
+    name: Annotated[str, Meta(max_length=256)]
+    version: Annotated[str, Meta(max_length=64)]
+
+
+class ReplyError(msgspec.Struct, kw_only=True, frozen=True):
+    """Why the controller refused a request: its error class name, message and hint."""
+
+    code: Annotated[str, Meta(max_length=64)]
+    message: Annotated[str, Meta(max_length=8192)]
+    hint: Annotated[str, Meta(max_length=8192)] = ""
+
+
+class RolloutReply(Document, tag=ROLLOUT_REPLY_SCHEMA):
+    """The controller's answer to a request, on the request's ``reply_to`` topic."""
+
+    max_bytes: ClassVar[int] = 16 * 1024 * 1024  # a rollout lists its targets
+    request_id: Annotated[str, Meta(pattern=_REQUEST_ID_RE.pattern)]
     ok: bool
-    rollout: NotRequired[dict[str, Any]]  # RolloutRecord.to_dict() and "targets"
-    error: NotRequired[dict[str, str]]  # {"code", "message"}
+    rollout: dict[str, Any] | None = None  # RolloutRecord.to_dict() and "targets"
+    error: ReplyError | None = None
 
 
-class RolloutStatePayload(TypedDict):
-    schema: str
-    rollout: int
-    fleet: str
-    model: dict[str, str]  # name, version
-    state: str
-    wave: int
-    counts: dict[str, int]  # target state -> devices
-    reason: str | None
+class RolloutStatePayload(Document, tag=ROLLOUT_STATE_SCHEMA):
+    """Retained on the fleet's rollout-state topic: its latest rollout."""
+
+    rollout: Annotated[int, Meta(ge=1)]
+    fleet: Annotated[str, Meta(pattern=ID_PATTERN)]
+    model: RolloutModel
+    state: Annotated[str, Meta(min_length=1, max_length=32)]
+    wave: Annotated[int, Meta(ge=0)]
+    counts: Annotated[dict[Annotated[str, Meta(max_length=32)], Annotated[int, Meta(ge=0)]],
+                      Meta(max_length=32)]  # target state -> devices
+    reason: Annotated[str, Meta(max_length=8192)] | None
     ts: float
 
 
@@ -154,24 +177,17 @@ def rollout_of_deployment(deployment: object) -> int | None:
 
 
 def make_presence(controller_id: str, fleets: list[str], started: float) -> PresencePayload:
-    return PresencePayload(schema=PRESENCE_SCHEMA, id=controller_id, fleets=list(fleets),
-                           started=started, ts=time.time())
+    return PresencePayload(id=controller_id, fleets=list(fleets), started=started,
+                           ts=time.time())
 
 
 def parse_presence(data: bytes) -> PresencePayload:
     """Raises: ProtocolError: not a presence payload."""
-    doc = _decode(data, PRESENCE_SCHEMA)
-    fleets = doc.get("fleets")
-    if not isinstance(doc.get("id"), str) or not isinstance(fleets, list) or not all(
-            isinstance(f, str) for f in fleets):
-        raise ProtocolError("presence payload needs an id and a list of fleets")
-    return PresencePayload(schema=PRESENCE_SCHEMA, id=doc["id"], fleets=fleets,
-                           started=float(doc.get("started") or 0.0),
-                           ts=float(doc.get("ts") or 0.0))
+    return decode(data, PresencePayload)
 
 
 def serves_fleet(presence: PresencePayload, fleet: str) -> bool:
-    return "+" in presence["fleets"] or fleet in presence["fleets"]
+    return "+" in presence.fleets or fleet in presence.fleets
 
 
 def make_rollout_request(fleet: str, request_id: str, *, name: str, version: str,

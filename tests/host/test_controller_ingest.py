@@ -22,6 +22,7 @@ from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
 from edgekit.host.db import Store
 from edgekit.protocol import Kind, Schema, encode, encode_array, topic
+from edgekit.protocol.ota import UpdateEventData, UpdateModel, UpdateStep
 
 from ._controller_sim import HARDWARE, broker, controller_config, metrics_payload, wait_until
 
@@ -322,3 +323,14 @@ def test_events_are_keyed_by_session_and_garbage_is_counted_per_kind(tmp_path: P
         assert ingest.stats.rejected == {k.value: 5 for k in oversize}
         assert ingest.handle(topic(fleet, "d1", Kind.STATUS),
                              encode(status(fleet, "d1", "online", 4))) == "stored"
+        # An update event is taken only with data that decode as UpdateEventData.
+        data = UpdateEventData(deployment="d1", step=UpdateStep.SUCCEEDED, model=None,
+                               serving=UpdateModel(name="tiny", version="1.0.0"))
+        for seq, bad in enumerate([None, {"deployment": 5}, {**data.as_data(), "step": "failed"},
+                                   {**data.as_data(), "serving": {"sha256": "xyz"}}]):
+            assert ingest.handle(t, encode({**event(fleet, "d1", 20 + seq),
+                                            "kind": "update.succeeded", "data": bad})
+                                 ) == "rejected", bad
+        assert ingest.stats.rejected["events"] == 5 + 4
+        assert ingest.handle(t, encode({**event(fleet, "d1", 30), "kind": "update.succeeded",
+                                        "data": data.as_data()})) == "stored"

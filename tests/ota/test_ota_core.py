@@ -16,6 +16,15 @@ import edgekit.protocol.ota as ota
 from edgekit.errors import ProtocolError, SignatureError, UsageError
 from edgekit.host.ota._http import parse_range
 from edgekit.host.ota.tracker import DeploymentTracker, Outcome
+from edgekit.protocol import (
+    DeviceState,
+    EventPayload,
+    HardwareInfo,
+    ModelRef,
+    StatusPayload,
+    decode,
+    encode,
+)
 from edgekit.protocol.signed import SIGNED_MAX_BYTES, open_sealed
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
@@ -311,51 +320,55 @@ def test_range_header(header: str | None, expected: Any) -> None:
 # --------------------------------------------------------------------------- tracker
 
 
-def _status(state: str, session: int, sha: str | None = None, **extra: Any) -> dict[str, Any]:
-    model = {"name": "digits", "version": "1.0.0", "sha256": sha} if sha else None
-    return {"schema": "edgekit.status/1", "state": state, "session": session, "model": model,
-            **extra}
+def _status(device: str, state: str, session: int, sha: str | None = None,
+            update: dict[str, Any] | None = None) -> bytes:
+    """A status payload as an agent encodes it."""
+    model = ModelRef(name="digits", version="1.0.0", sha256=sha) if sha else None
+    return encode(StatusPayload(
+        state=DeviceState(state), device=device, fleet="f1", session=session, ts=1.0,
+        agent_version="test", runtimes=[], hardware=HardwareInfo(
+            hostname="h", system="Linux", machine="x86_64", release="6", os="Debian",
+            board=None, cpu_count=2, memory_total_bytes=1 << 30, python="3.11"),
+        model=model, http=None, started=1.0, update=update))
 
 
-def _event(step: str, deployment: str = "d1", reason: str | None = None,
-           percent: float | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {"deployment": deployment, "step": step,
-                            "model": {"name": "digits", "version": "2.0.0", "sha256": SHA},
-                            "serving": None}
-    if percent is not None:
-        data["progress"] = {"bytes": 1, "total": 2, "percent": percent}
-    payload: dict[str, Any] = {"schema": "edgekit.event/1", "kind": f"update.{step}",
-                               "message": step, "data": data}
-    if reason:
-        payload["reason"] = reason
-    return payload
+def _event(device: str, step: str, deployment: str = "d1", reason: str | None = None,
+           percent: float | None = None) -> bytes:
+    """An ``update.<step>`` event as an agent encodes it."""
+    data = ota.UpdateEventData(
+        deployment=deployment, step=ota.UpdateStep(step), serving=None,
+        model=ota.UpdateModel(name="digits", version="2.0.0", sha256=SHA),
+        progress=None if percent is None else ota.UpdateProgress(bytes=1, total=2,
+                                                                 percent=percent))
+    return encode(EventPayload(device=device, fleet="f1", seq=1, ts=1.0, kind=f"update.{step}",
+                               message=step, reason=reason, data=data.as_data()))
 
 
 def test_tracker_fleet_wide_targets_and_outcomes() -> None:
     doc = ota.parse_desired(json.dumps(desired()))
     tracker = DeploymentTracker("d1", "f1", doc["model"])
-    tracker.observe_status("a", _status("online", 3, OTHER_SHA))
-    tracker.observe_status("b", _status("online", 1, OTHER_SHA))
-    tracker.observe_status("c", _status("offline", 2, OTHER_SHA))
-    tracker.observe_status("d", _status("online", 1, OTHER_SHA))
+    tracker.observe_status("a", _status("a", "online", 3, OTHER_SHA))
+    tracker.observe_status("b", _status("b", "online", 1, OTHER_SHA))
+    tracker.observe_status("c", _status("c", "offline", 2, OTHER_SHA))
+    tracker.observe_status("d", _status("d", "online", 1, OTHER_SHA))
     tracker.observe_desired("d", True)
     tracker.freeze()
     assert tracker.targets == {"a", "b"}
     assert "reconnects" in tracker.devices["c"].note
     assert "own device-level" in tracker.devices["d"].note
     # A late last will from an older session changes nothing.
-    assert not tracker.observe_status("a", _status("offline", 2, OTHER_SHA))
+    assert not tracker.observe_status("a", _status("a", "offline", 2, OTHER_SHA))
     assert tracker.devices["a"].state == "online"
-    assert tracker.observe_event("a", _event("downloading", percent=40.0))
+    assert tracker.observe_event("a", _event("a", "downloading", percent=40.0))
     assert tracker.devices["a"].percent == 40.0
-    assert not tracker.observe_event("a", _event("downloading", deployment="d0"))
-    tracker.observe_event("a", _event("succeeded"))
-    tracker.observe_event("b", _event("rolled_back", reason="nonfinite_output"))
+    assert not tracker.observe_event("a", _event("a", "downloading", deployment="d0"))
+    tracker.observe_event("a", _event("a", "succeeded"))
+    tracker.observe_event("b", _event("b", "rolled_back", reason="nonfinite_output"))
     assert tracker.finished()
     # A device that comes online later joins the targets.
-    tracker.observe_status("c", _status("online", 3, OTHER_SHA))
+    tracker.observe_status("c", _status("c", "online", 3, OTHER_SHA))
     assert "c" in tracker.targets and not tracker.finished()
-    tracker.observe_status("c", _status("online", 3, SHA, update={
+    tracker.observe_status("c", _status("c", "online", 3, SHA, update={
         "deployment": "d1", "step": "failed", "reason": "bad_signature"}))
     result = tracker.result(1.0)
     assert not result.ok
@@ -368,14 +381,79 @@ def test_tracker_fleet_wide_targets_and_outcomes() -> None:
 def test_tracker_named_devices_time_out() -> None:
     doc = ota.parse_desired(json.dumps(desired()))
     tracker = DeploymentTracker("d1", "f1", doc["model"], devices=["x", "y"])
-    tracker.observe_event("x", _event("succeeded"))
-    tracker.observe_event("z", _event("succeeded"))  # reports on this deployment: a target
+    tracker.observe_event("x", _event("x", "succeeded"))
+    tracker.observe_event("z", _event("z", "succeeded"))  # reports on this deployment: a target
     assert not tracker.finished()
     tracker.expire()
     result = tracker.result(2.0)
     assert result.targets["y"].outcome is Outcome.TIMED_OUT
     assert result.targets["x"].outcome is Outcome.SUCCEEDED
     assert not result.ok
+
+
+def _bad_event(device: str, kind: str, data: Any) -> bytes:
+    return encode(EventPayload(device=device, fleet="f1", seq=1, ts=1.0, kind=kind, data=data))
+
+
+@pytest.mark.parametrize(("kind", "payload", "why"), [
+    ("status", b"not json", "not valid JSON"),
+    ("status", b"[1, 2]", "does not fit"),
+    ("status", b'{"schema": "edgekit.status/1", "device": "a"}', "does not fit"),
+    ("status", b'{"schema": "edgekit.metrics/1"}', "does not fit"),
+    ("status", b'{"schema": "edgekit.status/1", "pad": "' + b"x" * 70_000 + b'"}',
+     "over the 65536-byte limit"),
+    ("status", _status("b", "online", 9, SHA), "another device"),
+    ("status", _status("a", "online", 9, SHA, update={"deployment": "d1", "step": 3}),
+     "status update does not fit"),
+    ("events", b"\xff\xfe", "not valid JSON"),
+    ("events", _event("b", "succeeded"), "another device"),
+    ("events", _bad_event("a", "update.succeeded", None), "update.succeeded event data"),
+    ("events", _bad_event("a", "update.succeeded", {"deployment": "d1", "step": "succeeded",
+                                                    "model": None}), "serving"),
+    ("events", _bad_event("a", "update.succeeded", {"deployment": "d1", "step": "failed",
+                                                    "model": None, "serving": None}),
+     "names step 'failed'"),
+    ("events", _bad_event("a", "update.downloading", {
+        "deployment": "d1", "step": "downloading", "model": None, "serving": None,
+        "progress": {"bytes": "1", "total": 2, "percent": 50.0}}), "$.progress.bytes"),
+])
+def test_tracker_refuses_what_does_not_decode(kind: str, payload: bytes, why: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Garbage, oversize, wrong-schema and other-device payloads change nothing: each is
+    logged with the reason and counted, never raised."""
+    doc = ota.parse_desired(json.dumps(desired()))
+    tracker = DeploymentTracker("d1", "f1", doc["model"], devices=["a"])
+    tracker.observe_status("a", _status("a", "online", 1, OTHER_SHA))
+    before = tracker.devices["a"].to_dict()
+    observe = tracker.observe_status if kind == "status" else tracker.observe_event
+    with caplog.at_level("WARNING", logger="edgekit.deploy"):
+        assert observe("a", payload) is False
+    assert tracker.refused == {kind: 1}
+    assert tracker.devices["a"].to_dict() == before
+    assert set(tracker.devices) == {"a"}
+    assert why in caplog.text, caplog.text
+    # The tracker still follows the device afterwards.
+    assert tracker.observe_event("a", _event("a", "succeeded"))
+    assert tracker.devices["a"].outcome is Outcome.SUCCEEDED
+
+
+def test_update_documents_round_trip() -> None:
+    """What a sender builds with the typed classes is what a reader decodes."""
+    data = ota.UpdateEventData(
+        deployment="d1", step=ota.UpdateStep.DOWNLOADING, source="mqtt",
+        model=ota.UpdateModel(name="digits", version="2.0.0", sha256=SHA),
+        serving=ota.UpdateModel(name="digits", version="1.0.0", sha256=OTHER_SHA),
+        progress=ota.UpdateProgress(bytes=5, total=10, percent=50.0), details={"n": 1})
+    event = EventPayload(device="a", fleet="f1", seq=1, ts=1.0, kind="update.downloading",
+                         data=data.as_data())
+    assert ota.update_data(decode(encode(event), EventPayload)) == data
+    assert ota.update_data(EventPayload(device="a", fleet="f1", seq=1, ts=1.0,
+                                        kind="agent.started")) is None
+    update = ota.UpdateStatus(deployment="d1", step="rolling_back", reason="slow",
+                              model=ota.UpdateModel(name="digits", version="2.0.0"))
+    assert ota.update_status(decode(_status("a", "online", 1, SHA, update=update.as_data()),
+                                    StatusPayload)) == update
+    assert ota.update_status(decode(_status("a", "online", 1, SHA), StatusPayload)) is None
 
 
 # --------------------------------------------------------------------------- packaging

@@ -33,6 +33,7 @@ from edgekit.host.ota.usecase import (
 )
 from edgekit.manifest import parse_version
 from edgekit.protocol import check_id
+from edgekit.protocol.controller import RolloutStatePayload
 from edgekit.protocol.ota.desired import (
     DEFAULT_PROBATION,
     DesiredDocument,
@@ -377,10 +378,10 @@ def _via_controller(client: HostClient, fleet: str, info: ArtifactInfo,
                        f" {len(rollout.get('targets') or [])} device(s), waves"
                        f" {rollout['plan'].get('waves')}", err=True)
 
-    def show(state: Any) -> None:
+    def show(state: RolloutStatePayload) -> None:
         if not quiet:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(state["counts"].items()))
-            click.echo(f"rollout {state['rollout']}: {state['state']}, wave {state['wave']}"
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(state.counts.items()))
+            click.echo(f"rollout {state.rollout}: {state.state}, wave {state.wave}"
                        f" ({counts})", err=True)
 
     outcome = deploy_via_controller(client, fleet, info, key, devices=devices, plan=plan,

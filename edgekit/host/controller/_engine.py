@@ -20,7 +20,7 @@ from edgekit.host.ota.server import ArtifactServer
 from edgekit.host.registry import Registry
 from edgekit.protocol import encode
 from edgekit.protocol.controller import (
-    ROLLOUT_STATE_SCHEMA,
+    RolloutModel,
     RolloutStatePayload,
     deployment_id,
     rollout_state_topic,
@@ -150,8 +150,8 @@ class EngineBase:
     def _publish_state(self, rollout: RolloutRecord) -> None:
         counts = count_states(self.store.list_rollout_targets(rollout.id))
         payload = RolloutStatePayload(
-            schema=ROLLOUT_STATE_SCHEMA, rollout=rollout.id, fleet=rollout.fleet,
-            model={"name": rollout.model_name, "version": rollout.model_version},
+            rollout=rollout.id, fleet=rollout.fleet,
+            model=RolloutModel(name=rollout.model_name, version=rollout.model_version),
             state=rollout.state, wave=rollout.current_wave, counts=counts,
             reason=rollout.reason, ts=utcnow().timestamp())
         self.client.publish(rollout_state_topic(rollout.fleet), encode(payload),

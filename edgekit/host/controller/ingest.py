@@ -41,11 +41,13 @@ from edgekit.protocol import (
     StatusPayload,
     decode,
     decode_array,
+    encode,
     is_valid_id,
     parse_topic,
 )
 from edgekit.protocol import subscription as topic_filter
 from edgekit.protocol.controller import rollout_of_deployment
+from edgekit.protocol.ota.events import update_data
 from edgekit.protocol.ota.topics import shared
 
 __all__ = ["Ingest", "IngestStats", "metrics_summary", "sample_rows", "status_fields"]
@@ -255,17 +257,19 @@ class Ingest:
         """Pair a decoded document with the store call that writes it (True: new).
 
         Raises:
-            ProtocolError: a sample whose inputs, labels and predictions do not agree.
+            ProtocolError: a sample whose inputs, labels and predictions do not agree, or
+                an ``update.*`` event whose data do not decode.
         """
         store = self.store
         done = _Prepared(topic, kind, fleet, device, doc)
         if isinstance(doc, MetricsPayload):
             # ``received`` stays the time of writing, so it minus ``ts`` is the ingest lag.
+            # The payload is stored as the checked document's own encoding: no dict between.
             done.batch = {"fleet": fleet, "device": device, "seq": doc.seq,
-                          "payload": msgspec.to_builtins(doc), "summary": metrics_summary(doc),
+                          "payload": encode(doc).decode(), "summary": metrics_summary(doc),
                           "ts": _timestamp(doc.ts, received)}
             batch = done.batch
-            done.call = lambda: store.record_metrics(**batch)
+            done.call = lambda: store.record_metrics_batch([batch])[0]
         elif isinstance(doc, StatusPayload):
             values = status_fields(doc)
             done.call = lambda: store.upsert_device_status(fleet, device, **values,
@@ -284,25 +288,30 @@ class Ingest:
                                                        if p.batch is not None])
             except StoreError as exc:
                 if attempt + 1 == _STORE_RETRIES:
-                    for _ in metrics:
-                        self._count("failed", "metrics")
+                    self._count("failed", "metrics", len(metrics))
                     log.error("could not store %d metrics messages: %s", len(metrics),
                               exc.message)
                     return ["failed"] * len(metrics)
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            outcomes = ["stored" if n else "duplicate" for n in new]
-            for outcome in outcomes:
-                self._count("stored" if outcome == "stored" else "duplicates", "metrics")
-            return outcomes
+            stored = sum(new)
+            self._count("stored", "metrics", stored)
+            self._count("duplicates", "metrics", len(new) - stored)
+            return ["stored" if n else "duplicate" for n in new]
         return ["failed"] * len(metrics)
 
     def _event_call(self, fleet: str, device: str, doc: EventPayload,
                     received: float) -> Callable[[], bool]:
-        data = doc.data
-        rollout = rollout_of_deployment(data.get("deployment")) if data else None
+        """The store call of an event; an ``update.*`` event's data must decode (it names
+        the deployment, so the rollout, the event belongs to).
+
+        Raises:
+            ProtocolError: an ``update.*`` event whose data do not fit ``UpdateEventData``.
+        """
+        update = update_data(doc)
+        rollout = rollout_of_deployment(update.deployment) if update is not None else None
         args: dict[str, Any] = dict(device=device, session=doc.session, seq=doc.seq,
-                                    level=doc.level.value, reason=doc.reason, data=data,
+                                    level=doc.level.value, reason=doc.reason, data=doc.data,
                                     ts=_timestamp(doc.ts, received))
 
         def call() -> bool:
@@ -338,10 +347,11 @@ class Ingest:
         log.warning("ignoring a %s message on %s: %s", kind, topic, why)
         return "rejected"
 
-    def _count(self, what: str, kind: str) -> None:
-        with self._stats_lock:
-            counts: dict[str, int] = getattr(self.stats, what)
-            counts[kind] = counts.get(kind, 0) + 1
+    def _count(self, what: str, kind: str, n: int = 1) -> None:
+        if n:
+            with self._stats_lock:
+                counts: dict[str, int] = getattr(self.stats, what)
+                counts[kind] = counts.get(kind, 0) + n
 
 
 # --------------------------------------------------------------------------- payloads

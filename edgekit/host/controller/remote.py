@@ -1,5 +1,9 @@
 """Talking to a running controller over MQTT: find it, ask it for a rollout, follow it.
 
+Presence, replies and rollout states are decoded through :mod:`edgekit.protocol.controller`
+(size-capped, strict); a payload that does not decode is logged and skipped, and the
+wait goes on.
+
 ``edgekit deploy`` uses these when a controller looks after the fleet, so the update goes
 through the controller's rollout engine (canary, waves, abort criteria) instead of being
 published to the whole fleet at once.
@@ -7,12 +11,12 @@ published to the whole fleet at once.
 
 from __future__ import annotations
 
-import json
+import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -21,10 +25,11 @@ from edgekit.errors import EdgekitError, ProtocolError
 from edgekit.host.db import ACTIVE_ROLLOUT_STATES
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import read_retained
+from edgekit.protocol import Document, decode
 from edgekit.protocol.controller import (
-    ROLLOUT_REPLY_SCHEMA,
-    ROLLOUT_STATE_SCHEMA,
     PresencePayload,
+    ReplyError,
+    RolloutReply,
     RolloutRequest,
     RolloutStatePayload,
     make_rollout_request,
@@ -39,6 +44,8 @@ from edgekit.protocol.controller import (
 __all__ = ["RemoteRolloutError", "RemoteUsageError", "find_controllers", "follow_rollout",
            "request_rollout", "submit_request"]
 
+log = logging.getLogger("edgekit.controller.remote")
+D = TypeVar("D", bound=Document)
 _ACTIVE = {s.value for s in ACTIVE_ROLLOUT_STATES}
 
 
@@ -64,14 +71,27 @@ def find_controllers(client: HostClient, fleet: str,
         EdgekitError: the broker did not answer within ``timeout`` seconds.
     """
     found = []
-    for payload in read_retained(client, presence_filter(), timeout).values():
+    for topic, payload in read_retained(client, presence_filter(), timeout).items():
         try:
             presence = parse_presence(payload)
-        except ProtocolError:
+        except ProtocolError as exc:
+            log.warning("ignored the presence on %s: %s", topic, exc.message)
             continue
         if serves_fleet(presence, fleet):
             found.append(presence)
-    return sorted(found, key=lambda p: p["id"])
+    return sorted(found, key=lambda p: p.id)
+
+
+def _decode(msg: mqtt.MQTTMessage, cls: type[D]) -> D | None:
+    """The message as a ``cls`` document, or None (logged) when it is not one: whoever can
+    write to the topic cannot make the caller fail."""
+    if not msg.payload:
+        return None  # a cleared retained message
+    try:
+        return decode(msg.payload, cls)
+    except ProtocolError as exc:
+        log.warning("ignored a message on %s: %s", msg.topic, exc.message)
+        return None
 
 
 def request_rollout(client: HostClient, fleet: str, key: Ed25519PrivateKey, *, name: str,
@@ -105,18 +125,15 @@ def submit_request(client: HostClient, request: RolloutRequest, key: Ed25519Priv
     """
     fleet = request["fleet"]
     request_id, reply_to = request["request_id"], request["reply_to"]
-    replies: list[dict[str, Any]] = []
+    replies: list[RolloutReply] = []
     got = threading.Event()
 
     def on_reply(msg: mqtt.MQTTMessage) -> None:
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
+        reply = _decode(msg, RolloutReply)
+        if reply is None or reply.request_id != request_id:
             return
-        if isinstance(doc, dict) and doc.get("schema") == ROLLOUT_REPLY_SCHEMA and \
-                doc.get("request_id") == request_id:
-            replies.append(doc)
-            got.set()
+        replies.append(reply)
+        got.set()
 
     client.subscribe(reply_to, on_reply)
     try:
@@ -129,17 +146,15 @@ def submit_request(client: HostClient, request: RolloutRequest, key: Ed25519Priv
     finally:
         client.unsubscribe(reply_to)
     reply = replies[0]
-    if not reply.get("ok"):
-        error = reply.get("error") or {}
-        code = str(error.get("code"))
-        kind = RemoteUsageError if code in ("UsageError", "ConfigError") else RemoteRolloutError
+    if not reply.ok:
+        error = reply.error or ReplyError(code="", message="no reason given")
+        kind = RemoteUsageError if error.code in ("UsageError", "ConfigError") else \
+            RemoteRolloutError
         raise kind(f"the controller refused the {request.get('action', 'rollout')}:"
-                   f" {error.get('message')}", code=code,
-                   hint=error.get("hint") or None)
-    rollout = reply.get("rollout")
-    if not isinstance(rollout, dict):
+                   f" {error.message}", code=error.code, hint=error.hint or None)
+    if reply.rollout is None:
         raise EdgekitError("the controller's reply holds no rollout")
-    return rollout
+    return reply.rollout
 
 
 def follow_rollout(client: HostClient, fleet: str, rollout_id: int, timeout: float,
@@ -151,13 +166,9 @@ def follow_rollout(client: HostClient, fleet: str, rollout_id: int, timeout: flo
     changed = threading.Event()
 
     def on_state(msg: mqtt.MQTTMessage) -> None:
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
-            return
-        if isinstance(doc, dict) and doc.get("schema") == ROLLOUT_STATE_SCHEMA and \
-                doc.get("rollout") == rollout_id:
-            latest.append(doc)  # type: ignore[arg-type]
+        state = _decode(msg, RolloutStatePayload)
+        if state is not None and state.rollout == rollout_id:
+            latest.append(state)
             changed.set()
 
     topic = rollout_state_topic(fleet)
@@ -170,7 +181,7 @@ def follow_rollout(client: HostClient, fleet: str, rollout_id: int, timeout: flo
                 if on_change is not None:
                     on_change(latest[seen])
                 seen += 1
-            if latest and latest[-1]["state"] not in _ACTIVE:
+            if latest and latest[-1].state not in _ACTIVE:
                 return latest[-1]
             left = deadline - time.monotonic()
             if left <= 0:

@@ -39,7 +39,7 @@ from edgekit.host.ota.store import ArtifactStore
 from edgekit.host.registry import Registry, default_store_dir
 from edgekit.protocol import ROOT, Document, EventPayload, encode
 from edgekit.protocol.controller import (
-    ROLLOUT_REPLY_SCHEMA,
+    ReplyError,
     RolloutReply,
     RolloutRequest,
     make_presence,
@@ -387,11 +387,8 @@ class Controller:
                     rollout: dict[str, Any] | None = None,
                     error: EdgekitError | None = None) -> None:
         assert self.client is not None
-        reply = RolloutReply(schema=ROLLOUT_REPLY_SCHEMA, request_id=request_id,
-                             ok=error is None)
-        if rollout is not None:
-            reply["rollout"] = rollout
-        if error is not None:
-            reply["error"] = {"code": type(error).__name__, "message": error.message,
-                              "hint": error.hint or ""}
+        reply = RolloutReply(request_id=request_id, ok=error is None, rollout=rollout,
+                             error=None if error is None else ReplyError(
+                                 code=type(error).__name__, message=error.message,
+                                 hint=error.hint or ""))
         self.client.publish(reply_to, encode(reply), qos=1)

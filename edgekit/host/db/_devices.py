@@ -104,8 +104,9 @@ class DeviceStore(StoreBase):
         needs: one commit and four round trips per batch instead of per message).
 
         ``messages`` holds the keyword arguments of :meth:`record_metrics`, ``fleet`` and
-        ``device`` included. Returns, for each, whether it was new (the second of two equal
-        messages in one batch is a duplicate).
+        ``device`` included; ``payload`` may also be the JSON text of the payload (stored as
+        it is: the ingest passes the checked document's encoding). Returns, for each,
+        whether it was new (the second of two equal messages in one batch is a duplicate).
         """
         now = utcnow()
         rows: list[dict[str, Any]] = []

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.errors import ProtocolError
+from edgekit.protocol import PredictReply, decode
+
 __all__ = ["Phase", "Record", "TrafficGenerator"]
 
 
@@ -109,18 +112,26 @@ class TrafficGenerator:
         x = phase.x[idx : idx + 1]
         label = int(phase.y[idx])
         t0 = time.perf_counter()
-        reply = self._post(dev, "/predict", {"inputs": {"x": x.tolist()}, "outputs": "none"})
+        body = self._post(dev, "/predict", {"inputs": {"x": x.tolist()}, "outputs": "none"})
         latency = (time.perf_counter() - t0) * 1000.0
-        if not reply or not reply.get("ok"):
+        try:
+            reply = None if body is None else decode(body, PredictReply, require_schema=False)
+        except ProtocolError as exc:
+            dev.errors += 1
+            dev.last_error = f"predict reply: {exc.message}"
             return
-        predicted = int(reply["classes"][0])
-        self._post(dev, "/feedback", {"prediction_id": reply["prediction_id"], "label": label})
+        if reply is None or not reply.ok or not reply.classes or reply.prediction_id is None:
+            return
+        predicted = reply.classes[0]
+        self._post(dev, "/feedback", {"prediction_id": reply.prediction_id, "label": label})
         with self._lock:
             self.records.append(Record(time.time(), dev.name, phase.name,
-                                       str(reply.get("model", {}).get("version", "?")),
+                                       reply.model.version if reply.model else "?",
                                        predicted == label, latency))
 
-    def _post(self, dev: _Device, path: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    def _post(self, dev: _Device, path: str, doc: dict[str, Any]) -> bytes | None:
+        """The body of the device's answer (decoded by the caller); None after two failed
+        tries, counted in ``dev.errors``."""
         body = json.dumps(doc).encode()
         problem = ""
         for _attempt in range(2):
@@ -129,10 +140,9 @@ class TrafficGenerator:
                     dev.conn = http.client.HTTPConnection(dev.host, dev.port, timeout=5)
                 dev.conn.request("POST", path, body, {"Content-Type": "application/json"})
                 resp = dev.conn.getresponse()
-                data = resp.read()
-                result: dict[str, Any] = json.loads(data)
-                return result
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+                data: bytes = resp.read()
+                return data
+            except (OSError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 if dev.conn is not None:
                     dev.conn.close()

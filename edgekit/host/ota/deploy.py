@@ -14,12 +14,10 @@ The pieces, each usable alone (the fleet controller reuses them):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -222,15 +220,13 @@ class Deployer:
             self._on_change(self.tracker, progress)
 
 
-def _device_payload(msg: mqtt.MQTTMessage) -> tuple[str | None, dict[str, Any] | None]:
+def _device_payload(msg: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """The device a message's topic names and its payload, to decode in the tracker; (None,
+    None) for a reserved level or an empty (cleared) payload."""
     parts = parse_topic(msg.topic)
     if parts is None or parts.device.startswith("_") or not msg.payload:
         return None, None
-    try:
-        payload = json.loads(msg.payload)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
-    return (parts.device, payload) if isinstance(payload, dict) else (None, None)
+    return parts.device, bytes(msg.payload)
 
 
 def _sync(client: HostClient, done: threading.Event, timeout: float) -> None:

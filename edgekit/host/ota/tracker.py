@@ -2,22 +2,36 @@
 
 :class:`DeploymentTracker` turns the retained ``status`` payloads and the ``update.*`` events
 of a fleet into one :class:`DeviceProgress` per device and an outcome per target: the
-``deploy`` command, and the fleet controller, feed it what they receive.
+``deploy`` command feeds it the payloads it receives; each is decoded through
+:mod:`edgekit.protocol` (status, event, and the typed update sections of both), and one
+that does not decode is refused: logged, counted, and ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from edgekit.protocol import DeviceState
+from edgekit.errors import ProtocolError
+from edgekit.protocol import DeviceState, Document, EventPayload, StatusPayload, decode
 from edgekit.protocol.ota.desired import DesiredModel
-from edgekit.protocol.ota.events import FINAL_STEPS, UpdateStep, step_of
+from edgekit.protocol.ota.events import (
+    EVENT_PREFIX,
+    FINAL_STEPS,
+    UpdateStep,
+    step_of,
+    update_data,
+    update_status,
+)
 
 __all__ = ["DeployResult", "DeploymentTracker", "DeviceProgress", "Outcome"]
+
+log = logging.getLogger("edgekit.deploy")
+D = TypeVar("D", bound=Document)
 
 
 class Outcome(StrEnum):
@@ -39,7 +53,7 @@ class DeviceProgress:
     device: str
     state: str | None = None  # DeviceState of its latest status
     session: int = -1
-    serving: dict[str, Any] | None = None  # the status' model (name, version, sha256, ...)
+    serving: dict[str, Any] | None = None  # name, version, sha256 of the model in service
     step: UpdateStep | None = None
     percent: float | None = None
     reason: str | None = None
@@ -120,53 +134,66 @@ class DeploymentTracker:
         self.targets: set[str] = set(devices or ())
         self.own_document: set[str] = set()  # devices with a device-level desired document
         self.frozen = not self.fleet_wide
+        # Payloads refused per topic kind (status, events): not decodable, or not this device's.
+        self.refused: dict[str, int] = {}
         for device in self.targets:
             self._progress(device)
 
     # ---------------------------------------------------------------- inputs
 
-    def observe_status(self, device: str, payload: dict[str, Any]) -> bool:
-        """Take a status payload; return whether anything a viewer shows changed."""
-        session = payload.get("session")
+    def observe_status(self, device: str, payload: bytes | StatusPayload) -> bool:
+        """Take a status (its payload as received, or decoded); return whether anything a
+        viewer shows changed. A payload that does not decode, or that names another device
+        than ``device``, is refused: logged, counted in :attr:`refused`, and changes nothing.
+        """
+        doc = self._document(device, payload, StatusPayload, "status")
+        if doc is None:
+            return False
+        try:
+            update = update_status(doc)
+        except ProtocolError as exc:
+            return self._refuse("status", device, exc.message)
         progress = self._progress(device)
-        if isinstance(session, int) and session < progress.session:
+        if doc.session < progress.session:
             return False  # a late last will of an earlier connection
-        progress.session = session if isinstance(session, int) else progress.session
+        progress.session = doc.session
         before = (progress.state, progress.serving)
-        progress.state = str(payload.get("state"))
-        model = payload.get("model")
-        progress.serving = model if isinstance(model, dict) else None
-        update = payload.get("update")
+        progress.state = doc.state.value
+        progress.serving = None if doc.model is None else _model_dict(
+            doc.model.name, doc.model.version, doc.model.sha256)
         changed = before != (progress.state, progress.serving)
-        if isinstance(update, dict) and update.get("deployment") == self.deployment:
-            changed |= self._apply(progress, step_of("update." + str(update.get("step"))),
-                                   update.get("reason"), str(update.get("message", "")), None)
+        if update is not None and update.deployment == self.deployment:
+            changed |= self._apply(progress, step_of(EVENT_PREFIX + update.step),
+                                   update.reason, update.message or "", None)
         if (self.fleet_wide and self.frozen and device not in self.targets
                 and device not in self.own_document and progress.state == DeviceState.ONLINE):
             self._add_target(device)
             changed = True
         return changed
 
-    def observe_event(self, device: str, payload: dict[str, Any]) -> bool:
-        """Take an ``events`` payload; return whether it was about this deployment."""
-        step = step_of(payload.get("kind"))
-        data = payload.get("data")
-        if step is None or not isinstance(data, dict):
+    def observe_event(self, device: str, payload: bytes | EventPayload) -> bool:
+        """Take an ``events`` payload (as received, or decoded); return whether it was about
+        this deployment. A payload that does not decode, names another device than
+        ``device``, or is an ``update.*`` event whose data do not fit, is refused: logged,
+        counted in :attr:`refused`, and changes nothing.
+        """
+        doc = self._document(device, payload, EventPayload, "events")
+        if doc is None:
             return False
-        if data.get("deployment") != self.deployment:
+        try:
+            data = update_data(doc)
+        except ProtocolError as exc:
+            return self._refuse("events", device, exc.message)
+        if data is None or data.deployment != self.deployment:
             return False
         progress = self._progress(device)
         if device not in self.targets and self.frozen:
             self._add_target(device)
-        serving = data.get("serving")
-        if isinstance(serving, dict):
-            progress.serving = {**(progress.serving or {}), **serving}
-        percent = None
-        prog = data.get("progress")
-        if isinstance(prog, dict) and isinstance(prog.get("percent"), int | float):
-            percent = float(prog["percent"])
-        return self._apply(progress, step, payload.get("reason"), str(payload.get("message", "")),
-                           percent)
+        if data.serving is not None:
+            progress.serving = _model_dict(data.serving.name, data.serving.version,
+                                           data.serving.sha256)
+        percent = data.progress.percent if data.progress is not None else None
+        return self._apply(progress, data.step, doc.reason, doc.message, percent)
 
     def observe_desired(self, device: str, has_document: bool) -> None:
         """Note whether a device has a device-level desired document (it then ignores the
@@ -218,11 +245,31 @@ class DeploymentTracker:
             self.devices[device] = DeviceProgress(device)
         return self.devices[device]
 
+    def _document(self, device: str, payload: bytes | D, cls: type[D], kind: str) -> D | None:
+        if isinstance(payload, cls):
+            doc = payload
+        else:
+            try:
+                doc = decode(payload, cls)  # type: ignore[arg-type]
+            except ProtocolError as exc:
+                self._refuse(kind, device, exc.message)
+                return None
+        if doc.device != device:  # type: ignore[attr-defined]
+            self._refuse(kind, device, "the payload names another device than its topic")
+            return None
+        return doc
+
+    def _refuse(self, kind: str, device: str, why: str) -> bool:
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+        log.warning("deployment %s: ignored a %s payload of %s: %s", self.deployment, kind,
+                    device, why)
+        return False
+
     def _add_target(self, device: str) -> None:
         self.targets.add(device)
         self.devices[device].note = ""
 
-    def _apply(self, progress: DeviceProgress, step: UpdateStep | None, reason: Any,
+    def _apply(self, progress: DeviceProgress, step: UpdateStep | None, reason: str | None,
                message: str, percent: float | None) -> bool:
         if step is None or progress.outcome is not None:
             return False
@@ -230,10 +277,14 @@ class DeploymentTracker:
         progress.updated = time.time()
         if percent is not None:
             progress.percent = percent
-        if isinstance(reason, str):
+        if reason is not None:
             progress.reason = reason
         if message:
             progress.message = message
         if step in FINAL_STEPS:
             progress.outcome = _STEP_OUTCOME[step]
         return True
+
+
+def _model_dict(name: str | None, version: str | None, sha256: str | None) -> dict[str, Any]:
+    return {"name": name, "version": version, "sha256": sha256}

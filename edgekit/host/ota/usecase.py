@@ -7,11 +7,13 @@ these functions return; nothing here prints. Callbacks report progress as it hap
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -24,7 +26,7 @@ from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeployResult, Outcome
 from edgekit.protocol import EventPayload, Kind, decode, parse_topic, subscription
 from edgekit.protocol.ota.desired import DesiredDocument, parse_desired
-from edgekit.protocol.ota.events import UpdateStep, step_of
+from edgekit.protocol.ota.events import UpdateStep, update_data
 from edgekit.protocol.ota.topics import desired_topic
 from edgekit.protocol.signed import is_sealed, open_sealed
 
@@ -40,6 +42,7 @@ __all__ = [
     "start_http",
 ]
 
+log = logging.getLogger("edgekit.deploy")
 _FAILED = (Outcome.FAILED, Outcome.ROLLED_BACK)
 
 
@@ -237,13 +240,13 @@ class _RolloutEvents:
             return
         try:
             doc = decode(msg.payload, EventPayload)
-        except ProtocolError:
+            data = update_data(doc)
+        except ProtocolError as exc:
+            log.warning("ignored a message on %s: %s", msg.topic, exc.message)
             return
-        step = step_of(doc.kind)
-        deployment = (doc.data or {}).get("deployment")
-        if step is None or not isinstance(deployment, str) or \
-                not deployment.startswith(self.prefix):
+        if data is None or not data.deployment.startswith(self.prefix):
             return
+        step = data.step
         with self._lock:
             if step in (UpdateStep.FAILED, UpdateStep.ROLLED_BACK, UpdateStep.SUCCEEDED) or \
                     parts.device not in self.devices:
@@ -259,7 +262,7 @@ def controllers_for(client: HostClient, fleet: str) -> list[str]:
     """
     from edgekit.host.controller.remote import find_controllers
 
-    return [str(p["id"]) for p in find_controllers(client, fleet)]
+    return [p.id for p in find_controllers(client, fleet)]
 
 
 def deploy_via_controller(client: HostClient, fleet: str, info: ArtifactInfo,
@@ -294,10 +297,11 @@ def deploy_via_controller(client: HostClient, fleet: str, info: ArtifactInfo,
             devices=devices, plan=plan))
         events.prefix = f"r{int(rollout['id'])}-"
         if on_created is not None:
-            on_created(rollout, [p["id"] for p in found])
+            on_created(rollout, [p.id for p in found])
         if no_wait:
             return ControllerOutcome(rollout, str(rollout["state"]), None)
         final = follow_rollout(client, fleet, int(rollout["id"]), timeout, on_state)
-        state = final["state"] if final else str(rollout["state"])
+        state = final.state if final else str(rollout["state"])
         reasons = events.snapshot()
-    return ControllerOutcome(rollout, state, dict(final) if final else None, reasons)
+    return ControllerOutcome(rollout, state, msgspec.to_builtins(final) if final else None,
+                             reasons)

@@ -69,6 +69,8 @@ from edgekit.protocol.ota.events import (
     UpdateStep,
     event_kind,
     step_of,
+    update_data,
+    update_status,
 )
 from edgekit.protocol.ota.topics import (
     ARTIFACTS_SCOPE,
@@ -148,5 +150,7 @@ __all__ = [
     "seal_desired",
     "shared",
     "step_of",
+    "update_data",
+    "update_status",
     "write_bundle",
 ]

@@ -2,13 +2,21 @@
 
 An agent sends one ``events`` payload (:class:`edgekit.protocol.EventPayload`) per step, with
 ``kind`` ``update.<step>``, the reason code in ``reason`` when the step is a failure or a
-rollback, and :class:`UpdateEventData` in ``data``. docs/ota.md draws the state machine.
+rollback, and :class:`UpdateEventData` in ``data``; its status carries :class:`UpdateStatus`
+in ``update``. Readers decode both with :func:`update_data` and :func:`update_status`
+(strict, one :class:`~edgekit.errors.ProtocolError`). docs/ota.md draws the state machine.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import NotRequired, TypedDict
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from edgekit.errors import ProtocolError
+from edgekit.protocol.telemetry import EventPayload, StatusPayload
 
 __all__ = [
     "EVENT_PREFIX",
@@ -21,9 +29,12 @@ __all__ = [
     "UpdateStep",
     "event_kind",
     "step_of",
+    "update_data",
+    "update_status",
 ]
 
 EVENT_PREFIX = "update."
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class UpdateStep(StrEnum):
@@ -70,39 +81,96 @@ class UpdateReason(StrEnum):
     SUPERSEDED = "superseded"  # a newer desired document replaced this one
 
 
-class UpdateModel(TypedDict):
-    name: str
-    version: str
-    sha256: str | None
+Text64 = Annotated[str, Meta(max_length=64)]
+Count = Annotated[int, Meta(ge=0)]
 
 
-class UpdateProgress(TypedDict):
-    bytes: int
-    total: int
-    percent: float
+class UpdateModel(msgspec.Struct, kw_only=True, frozen=True):
+    """A model an update is about, or the one in service (no field is required: the model
+    of a desired document too broken to name one has none)."""
+
+    name: Annotated[str, Meta(max_length=128)] | None = None
+    version: Text64 | None = None
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
-class UpdateEventData(TypedDict):
-    """The ``data`` of an ``update.*`` event."""
+class UpdateProgress(msgspec.Struct, kw_only=True, frozen=True):
+    bytes: Count
+    total: Count
+    percent: Annotated[float, Meta(ge=0)]
 
-    deployment: str  # "" for a desired document too broken to name one
-    step: str  # UpdateStep
+
+class UpdateEventData(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The ``data`` of an ``update.*`` event (an :class:`~edgekit.protocol.EventPayload`).
+
+    A sender builds one and sends :meth:`as_data` as the event's ``data``; a reader gets it
+    back with :func:`update_data`.
+    """
+
+    deployment: Annotated[str, Meta(max_length=128)]  # "" for a document too broken to name one
+    step: UpdateStep  # the step of the event's kind
     model: UpdateModel | None  # the model the update is about (None: unreadable document)
     serving: UpdateModel | None  # the model in service when the event was sent
-    progress: NotRequired[UpdateProgress]  # downloading only
-    source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk) | "delta"
-    details: NotRequired[dict[str, object]]  # numbers behind a decision (latency, rates)
+    progress: UpdateProgress | None = None  # downloading only
+    # downloading: "mqtt" | "http" | "kept" (a copy on disk) | "delta"
+    source: Annotated[str, Meta(max_length=16)] | None = None
+    details: dict[str, Any] | None = None  # numbers behind a decision (latency, rates)
+
+    def as_data(self) -> dict[str, Any]:
+        """The event's ``data`` object."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
 
 
-class UpdateStatus(TypedDict):
+class UpdateStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The ``update`` field of the retained status: the update in progress (``step`` is the
-    journal's: queued ... probation, rolling_back), else the outcome of the last one."""
+    journal's: queued ... probation, rolling_back), else the outcome of the last one.
+    A reader gets it with :func:`update_status`."""
 
-    deployment: str
-    step: str
-    model: UpdateModel
-    reason: NotRequired[str]
-    message: NotRequired[str]
+    deployment: Annotated[str, Meta(max_length=128)]
+    step: Annotated[str, Meta(min_length=1, max_length=32)]
+    model: UpdateModel | None = None
+    reason: Text64 | None = None
+    message: Annotated[str, Meta(max_length=16 * 1024)] | None = None
+
+    def as_data(self) -> dict[str, Any]:
+        """The status' ``update`` object."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+def update_data(event: EventPayload) -> UpdateEventData | None:
+    """The typed ``data`` of an ``update.*`` event; None for an event of another kind.
+
+    Raises:
+        ProtocolError: an ``update.*`` event whose ``data`` is missing, does not fit
+            :class:`UpdateEventData`, or names another step than its kind.
+    """
+    step = step_of(event.kind)
+    if step is None:
+        return None
+    data = _convert(event.data, UpdateEventData, f"{event.kind} event data")
+    if data.step != step:
+        raise ProtocolError(f"{event.kind} event data names step {data.step.value!r}")
+    return data
+
+
+def update_status(status: StatusPayload) -> UpdateStatus | None:
+    """The typed ``update`` field of a status; None when it has none.
+
+    Raises:
+        ProtocolError: an ``update`` field that does not fit :class:`UpdateStatus`.
+    """
+    if status.update is None:
+        return None
+    return _convert(status.update, UpdateStatus, "status update")
+
+
+def _convert(value: object, cls: type[S], what: str) -> S:
+    try:
+        return msgspec.convert(value, cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{what} does not fit: {exc}", hint="see docs/ota.md") from None
 
 
 def event_kind(step: UpdateStep) -> str:
