@@ -22,16 +22,17 @@ __all__ = ["IntentClassifier", "SentenceEncoder", "embed", "load_bert", "student
            "train_head"]
 
 
-def load_bert(attn_implementation: str = "eager") -> Any:
+def load_bert(attn_implementation: str | None = "eager") -> Any:
     """The MiniLM encoder (6 layers, 384 wide), offline from the package folder.
 
     ``eager`` attention exports to the ONNX pattern onnxruntime's transformer optimizer
-    fuses; transformers' default (``sdpa``) is what a PyTorch user runs.
+    fuses; None gives transformers' default (``sdpa``), what a PyTorch user runs.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(str(model_dir()), attn_implementation=attn_implementation)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return AutoModel.from_pretrained(str(model_dir()), **kwargs)
 
 
 def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

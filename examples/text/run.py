@@ -81,24 +81,24 @@ class Row:
 def delta_bytes(old_pkg: Path, new_pkg: Path) -> int:
     """Bytes a device that has ``old_pkg`` needs to rebuild ``new_pkg``.
 
-    DELTA MEASURE: this is the place to swap in the model-aware delta. For now it is the
-    size of ``new_pkg`` compressed by zstandard with ``old_pkg`` as its prefix (what
-    ``zstd --patch-from`` does): the bytes the two packages share cost almost nothing.
+    DELTA MEASURE: this is the place to swap in the model-aware delta. For now it is what
+    ``zstd --patch-from`` would send: ``new_pkg`` compressed with ``old_pkg`` in the window
+    (:func:`patch_bytes`), so the bytes the two packages share cost almost nothing.
     """
     return patch_bytes(old_pkg.read_bytes(), new_pkg.read_bytes())
 
 
 def patch_bytes(old: bytes, new: bytes) -> int:
-    """Size of ``new`` compressed by zstandard (level 9, long-distance matching) with
-    ``old`` as its raw-content prefix."""
+    """Size of ``new`` compressed by zstandard with ``old`` as its prefix: the compressed
+    size of ``old + new`` less that of ``old`` (level 3, long-distance matching, a window
+    holding both). python-zstandard's raw-content dictionaries do not reach back as far as
+    a prefix does, so the two are compressed as one stream."""
     import zstandard
 
-    prefix = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     params = zstandard.ZstdCompressionParameters.from_level(
-        9, window_log=max(20, min(31, (len(old) + len(new)).bit_length())),
-        enable_ldm=True)
-    return len(zstandard.ZstdCompressor(dict_data=prefix, compression_params=params)
-               .compress(new))
+        3, window_log=max(20, min(31, (len(old) + len(new)).bit_length())), enable_ldm=True)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    return max(0, len(compressor.compress(old + new)) - len(compressor.compress(old)))
 
 
 def _log(message: str) -> None:
