@@ -302,13 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-deploy", action="store_true", help="skip the broker and agents")
     parser.add_argument("--broker", help="use this broker instead of starting mosquitto")
-    parser.add_argument("--per-intent", type=int, default=Settings.per_intent)
+    parser.add_argument("--per-intent", type=int, default=Settings.per_intent,
+                        help="training sentences per intent")
+    parser.add_argument("--eval-per-intent", type=int, default=Settings.eval_per_intent)
+    parser.add_argument("--calib-per-intent", type=int, default=Settings.calib_per_intent)
     parser.add_argument("--teacher-layers", type=int, default=Settings.teacher_layers)
     parser.add_argument("--student-layers", type=int, default=Settings.student_layers)
     parser.add_argument("--distill-epochs", type=int, default=Settings.distill_epochs)
     args = parser.parse_args(argv)
     s = Settings(out=args.out, deploy=not args.no_deploy, broker=args.broker,
-                 per_intent=args.per_intent, teacher_layers=args.teacher_layers,
+                 per_intent=args.per_intent, eval_per_intent=args.eval_per_intent,
+                 calib_per_intent=args.calib_per_intent, teacher_layers=args.teacher_layers,
                  student_layers=args.student_layers, distill_epochs=args.distill_epochs)
     result = run(s)
     (s.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
