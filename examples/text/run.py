@@ -204,7 +204,7 @@ def _retrain_head(s: Settings, teacher: IntentClassifier, data: _Data, int8: Pat
 def _optimize(s: Settings, teacher: IntentClassifier, data: _Data, key: Any) -> Row:
     path = s.out / f"{NAME}-1.0.0-int8.edgepkg"
     result = optimize(teacher, eval_data=data.eval, calibration=data.calib, output=path,
-                      metric="accuracy", max_drop=0.01,
+                      metric="accuracy", max_drop=0.01, objective="size",
                       candidates=["onnx:fp32", "onnx:dynamic-per-channel"],
                       options=_options(s, version="1.0.0", float_fallback_cosine=s.floor),
                       latency_runs=10, sign_key=key, plot=False, progress=_log)
