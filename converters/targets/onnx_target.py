@@ -19,6 +19,7 @@ Steps, each recorded in the recipe:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -210,7 +211,7 @@ def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
     return pre.model
 
 
-def _with_fallback(model: bytes, quantize: Any, opts: ConvertOptions,
+def _with_fallback(model: bytes, quantize: Callable[[list[str]], bytes], opts: ConvertOptions,
                    calibration: Dataset | None, recipe: dict[str, Any], notes: list[str],
                    progress: Progress) -> bytes:
     """``quantize(nodes_in_float)``, with the float fallback when ``opts`` asks for one and
@@ -223,10 +224,10 @@ def _with_fallback(model: bytes, quantize: Any, opts: ConvertOptions,
     user = list(opts.nodes_to_exclude)
     recipe["nodes_in_float"] = user
     if opts.float_fallback_cosine is None:
-        return bytes(quantize(user))
+        return quantize(user)
     if calibration is None:
         notes.append("float fallback skipped: it needs calibration data (--calibration)")
-        return bytes(quantize(user))
+        return quantize(user)
     progress(f"float fallback: every calibration sample to cosine >= {opts.float_fallback_cosine:g}")
     quantized, record = Q.float_fallback(model, quantize, calibration,
                                          min_cosine=opts.float_fallback_cosine, excluded=user)
