@@ -53,3 +53,14 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert rows["agents succeeded"] == "2 / 2"
     assert rows["requests failed during the run"] == "0"
     assert "chunk throughput (MB/s)" in out
+
+
+@pytest.mark.slow
+def test_text_bench_quick(tmp_path: Path) -> None:
+    out = _run("text_bench.py", tmp_path=tmp_path)
+    assert "## MiniLM intents (2 layers" in out
+    for variant in ("PyTorch eager fp32", "ONNX fp32", "ONNX int8 optimized", "student int8"):
+        assert any(line.startswith(variant) for line in out.splitlines()), variant
+    assert "head retrain (+2 intents): package" in out
+    assert "'Attention': 2" in out
+    assert "goal int8 <= 0.25x eager" in out
