@@ -33,6 +33,7 @@ class ConvertOptions:
     exporter: str = field(default="auto", metadata={"help": "torch ONNX exporter: auto, dynamo, torchscript"})
     optimize_graph: bool = field(default=True, metadata={"help": "apply onnxruntime graph optimizations offline"})
     nodes_to_exclude: list[str] = field(default_factory=list, metadata={"help": "ONNX nodes kept in float"})
+    float_fallback_cosine: float | None = field(default=None, metadata={"help": "ONNX int8: keep nodes in float until every calibration sample's output cosine to the float graph reaches this"})
     name: str | None = field(default=None, metadata={"help": "artifact name (default: source file stem)"})
     version: str | None = field(default=None, metadata={"help": "dotted version (default: 0.1.0; the CLI takes the next patch from the registry)"})
     task: str = field(default="auto", metadata={"help": "auto, classification, regression, embedding"})
@@ -74,6 +75,8 @@ class ConvertOptions:
         for key in ("min_cosine", "min_top1"):
             if not 0 <= getattr(self, key) <= 1:
                 problems.append(f"{key}: must be between 0 and 1")
+        if self.float_fallback_cosine is not None and not 0 < self.float_fallback_cosine <= 1:
+            problems.append("float_fallback_cosine: must be above 0 and at most 1")
         if self.golden_count < 1:
             problems.append("golden_count: at least 1 golden sample is needed")
         if self.threads < 0 or self.latency_runs < 1:

@@ -84,3 +84,14 @@ def test_estimate_bench_quick(tmp_path: Path) -> None:
         assert [method, data, "none", "(control)"] in [r[:4] for r in rows]
         assert [method, data, "35,", "0.15"] in [r[:4] for r in rows]
     assert "worst estimate error on drifted data:" in out and "goal: within 5 points:" in out
+
+
+@pytest.mark.slow
+def test_text_bench_quick(tmp_path: Path) -> None:
+    out = _run("text_bench.py", tmp_path=tmp_path)
+    assert "## MiniLM intents (2 layers" in out
+    for variant in ("PyTorch eager fp32", "ONNX fp32", "ONNX int8 optimized", "student int8"):
+        assert any(line.startswith(variant) for line in out.splitlines()), variant
+    assert "head retrain (+2 intents): package" in out
+    assert "'Attention': 2" in out
+    assert "goal int8 <= 0.25x eager" in out

@@ -8,6 +8,10 @@ quantized output feeding a quantized input). Then keep the most damaging nodes i
 taking the shortest prefix of that ranking that meets the budget on the full evaluation
 data (found by doubling, then bisecting, so a graph with many nodes costs few conversions).
 Every probe and step is recorded for the manifest.
+
+:func:`keep_nodes_in_float` does the same inside one conversion, on the graph: its score is
+the worst calibration sample's output cosine to the float model (a floor every sample must
+reach, not an average), and each probe is one quantization of the graph, not a package.
 """
 
 from __future__ import annotations
@@ -20,11 +24,72 @@ from edgekit.artifact import open_package
 from .candidates import Recipe
 from .report import change_text
 
-__all__ = ["keep_sensitive_in_float"]
+__all__ = ["keep_nodes_in_float", "keep_sensitive_in_float"]
 
 METHOD = ("quantize one node (or run of nodes) at a time, all others in float, on the first"
           " samples of the evaluation data; rank by the loss; keep the shortest top-ranked"
           " prefix in float that meets the budget on the full evaluation data")
+
+
+GRAPH_METHOD = ("quantize every candidate node; when a calibration sample's output cosine to"
+                " the float model is below the floor, quantize one node (or run of nodes) at"
+                " a time with all others in float, rank them by how far the worst sample"
+                " falls, and keep the shortest top-ranked prefix in float that brings every"
+                " sample to the floor")
+
+
+def keep_nodes_in_float(worst: Callable[[list[str]], tuple[bytes, float, float]],
+                        candidates: list[str], *, min_cosine: float, samples: int,
+                        max_probes: int = 48) -> tuple[bytes, dict[str, Any]]:
+    """The quantized graph with the fewest top-ranked ``candidates`` kept in float for which
+    the worst sample's cosine reaches ``min_cosine``.
+
+    ``worst(kept)`` quantizes with ``kept`` in float and returns the model, the minimum and
+    the mean per-sample cosine. When even every candidate in float misses the floor, the
+    plain quantized graph is returned and the record says so (``met`` false).
+    """
+    record: dict[str, Any] = {"min_cosine": min_cosine, "samples": samples,
+                              "method": GRAPH_METHOD, "probes": [], "steps": [],
+                              "kept_in_float": []}
+    plain, low, mean = worst([])
+    record["plain"] = {"min_cosine": low, "mean_cosine": mean}
+    if low >= min_cosine or not candidates:
+        record.update(met=low >= min_cosine, final={"min_cosine": low, "mean_cosine": mean},
+                      outcome="every sample meets the floor with all nodes in int8"
+                      if low >= min_cosine else "no node can be kept in float")
+        return plain, record
+    groups = _chunks(candidates, max(1, min(max_probes, len(candidates))))
+    costs = []
+    for group in groups:
+        _, g_low, g_mean = worst([n for n in candidates if n not in group])
+        costs.append(1.0 - g_low)
+        record["probes"].append({"int8_nodes": group, "min_cosine": g_low,
+                                 "mean_cosine": g_mean})
+    ranked = sorted(range(len(groups)), key=lambda i: costs[i], reverse=True)
+    order = {n: i for i, n in enumerate(candidates)}
+    tried: dict[int, tuple[bytes, float, float, list[str]]] = {}
+
+    def passes(k: int) -> bool:
+        if k not in tried:
+            kept = sorted((n for i in ranked[:k] for n in groups[i]), key=order.__getitem__)
+            model, k_low, k_mean = worst(kept)
+            tried[k] = (model, k_low, k_mean, kept)
+            record["steps"].append({"kept_in_float": kept, "min_cosine": k_low,
+                                    "mean_cosine": k_mean})
+        return tried[k][1] >= min_cosine
+
+    shortest = _shortest_passing(passes, len(groups))
+    if shortest is None:
+        record.update(met=False, final=record["plain"],
+                      outcome=f"even with all {len(candidates)} candidate nodes in float a"
+                              " sample stays below the floor: the loss comes from elsewhere")
+        return plain, record
+    model, k_low, k_mean, kept = tried[shortest]
+    record.update(met=True, kept_in_float=kept,
+                  final={"min_cosine": k_low, "mean_cosine": k_mean},
+                  outcome=f"{len(kept)} of {len(candidates)} nodes kept in float bring every"
+                          " sample to the floor")
+    return model, record
 
 
 def _ordered_nodes(path: Any) -> list[str]:

@@ -3,6 +3,12 @@
 Static int8 writes QDQ (QuantizeLinear / DequantizeLinear pairs around float ops), the
 format onnxruntime recommends: the graph stays portable and each device's onnxruntime fuses
 the pairs into the int8 kernels its CPU has.
+
+BERT-like transformers are first fused by onnxruntime's transformer optimizer (attention,
+embedding and skip layer normalization, bias + GELU), so the quantizer sees one ``Attention``
+node per layer and writes its int8 kernel (``QAttention``). :func:`float_fallback` then
+keeps in float the nodes whose int8 version costs output cosine, until every calibration
+sample's output agrees with the float model to the asked cosine.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +29,25 @@ from edgekit.errors import ConversionError, DataError, UsageError
 
 __all__ = [
     "PreprocessResult",
+    "TransformerShape",
     "check_nodes_to_exclude",
+    "float_fallback",
+    "fuse_transformer",
     "preprocess",
     "quantizable_nodes",
     "quantize_dynamic_int8",
     "quantize_fp16",
     "quantize_static_int8",
+    "sample_cosines",
+    "transformer_shape",
 ]
 
 # Ops whose weights quantization changes; the names of these nodes are what
 # ``nodes_to_exclude`` usually lists (the sensitive layers kept in float).
-_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "LSTM")
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "LSTM",
+               "EmbedLayerNormalization")
+# transformers model types whose encoder layers onnxruntime's "bert" optimizer fuses.
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 _CALIBRATION_BATCH = 32
 # Static int8 quantizes the ops with weights (embedding tables too: Gather) and the ops
 # that only move or clip values (exact in int8). Residual adds, normalisations, softmax and
@@ -51,6 +65,102 @@ class PreprocessResult:
     model: bytes
     outcome: str
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What onnxruntime's transformer optimizer must be told about a BERT-like model."""
+
+    model_type: str
+    num_heads: int
+    hidden_size: int
+
+
+def transformer_shape(module: Any) -> TransformerShape | None:
+    """Heads and hidden size from the config of a BERT-like transformers model inside
+    ``module`` (an ``nn.Module``), or None when it holds none."""
+    for sub in getattr(module, "modules", lambda: [])():
+        config = getattr(sub, "config", None)
+        kind = getattr(config, "model_type", None)
+        heads = getattr(config, "num_attention_heads", None)
+        hidden = getattr(config, "hidden_size", None)
+        if kind in _BERT_LIKE and isinstance(heads, int) and isinstance(hidden, int):
+            return TransformerShape(str(kind), heads, hidden)
+    return None
+
+
+def fuse_transformer(model: bytes, shape: TransformerShape) -> tuple[bytes, dict[str, int]]:
+    """Fuse attention, embedding / skip layer normalization and bias + GELU with
+    onnxruntime's transformer optimizer (model type ``bert``); return the model and the
+    count of each fused operator.
+
+    Only the optimizer's own fusions run (``opt_level=0``): onnxruntime's graph
+    optimizations are applied at load on each device, for its CPU.
+
+    Raises:
+        ConversionError: the optimizer failed on the graph.
+    """
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with _no_stdout():
+            optimized = optimize_model(onnx.load_from_string(model), model_type="bert",
+                                       num_heads=shape.num_heads, hidden_size=shape.hidden_size,
+                                       opt_level=0)
+            stats = optimized.get_fused_operator_statistics()
+    except Exception as exc:  # the optimizer raises anything
+        raise ConversionError(f"transformer fusion failed: {_first_line(exc)}",
+                              hint="convert with --exporter torchscript, whose graph the"
+                                   " optimizer's patterns match") from exc
+    fused = {str(op): int(n) for op, n in stats.items() if n}
+    return bytes(optimized.model.SerializeToString()), fused
+
+
+def sample_cosines(reference: bytes, model: bytes, data: Dataset) -> np.ndarray:
+    """Per-sample cosine between the first output of ``model`` and of ``reference`` (one
+    thread, batches of 16)."""
+    import onnxruntime as ort
+
+    outputs = []
+    for graph in (reference, model):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        parts = [session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+                 for feeds in data.batches(16)]
+        outputs.append(np.concatenate(parts).reshape(len(data), -1).astype(np.float64))
+    ref, out = outputs
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    same = np.all(ref == out, axis=1)
+    return np.where(same, 1.0, (ref * out).sum(axis=1) / np.maximum(norms, 1e-30))
+
+
+def float_fallback(model: bytes, quantize: Callable[[list[str]], bytes], data: Dataset, *,
+                   min_cosine: float, excluded: list[str]) -> tuple[bytes, dict[str, Any]]:
+    """Quantize ``model``; when a calibration sample's output cosine to the float model is
+    below ``min_cosine``, keep the most costly nodes in float (see
+    :func:`converters.compress.sensitivity.keep_nodes_in_float`).
+
+    ``quantize`` takes the names to keep in float (on top of ``excluded``, the user's).
+    Returns the model and the record for the recipe.
+
+    Raises:
+        ConversionError: the quantizer failed.
+    """
+    from ..compress.sensitivity import keep_nodes_in_float
+
+    candidates = [n for group in quantizable_nodes(model).values() for n in group
+                  if n not in excluded]
+
+    def worst(kept: list[str]) -> tuple[bytes, float, float]:
+        quantized = quantize([*excluded, *kept])
+        cos = sample_cosines(model, quantized, data)
+        return quantized, float(cos.min()), float(cos.mean())
+
+    return keep_nodes_in_float(worst, candidates, min_cosine=min_cosine, samples=len(data))
 
 
 def preprocess(model: bytes) -> PreprocessResult:

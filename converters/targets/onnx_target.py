@@ -19,6 +19,7 @@ Steps, each recorded in the recipe:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,7 +119,8 @@ class OnnxTarget(TargetBackend):
             "exporter": export.exporter,
             "nodes_to_exclude": list(opts.nodes_to_exclude),
         }
-        model = cls._apply_mode(model, opts, calibration, feeds, recipe, notes, progress)
+        model = cls._apply_mode(model, source, opts, calibration, feeds, recipe, notes,
+                                progress)
         proto = onnx.load_from_string(model)
         _check_self_contained(proto)
         _check_loads(model)
@@ -131,7 +133,8 @@ class OnnxTarget(TargetBackend):
                             runtime=runtime, notes=notes, tools=tools)
 
     @classmethod
-    def _apply_mode(cls, model: bytes, opts: ConvertOptions, calibration: Dataset | None,
+    def _apply_mode(cls, model: bytes, source: LoadedSource, opts: ConvertOptions,
+                    calibration: Dataset | None,
                     feeds: dict[str, np.ndarray], recipe: dict[str, Any], notes: list[str],
                     progress: Progress) -> bytes:
         mode = opts.quantize
@@ -143,24 +146,25 @@ class OnnxTarget(TargetBackend):
                           " kernels for float16 differ"}
             return Q.quantize_fp16(model)
         if mode in ("dynamic", "int8"):
-            progress("pre-processing for quantization")
-            pre = Q.preprocess(model)
-            recipe["preprocess"] = {"outcome": pre.outcome, "detail": pre.detail}
-            if pre.outcome != "full":
-                notes.append(f"quantization pre-processing: {pre.outcome} ({pre.detail})")
-            model = pre.model
-            Q.check_nodes_to_exclude(model, opts.nodes_to_exclude)
-            recipe["quantizable_nodes"] = Q.quantizable_nodes(model)
+            model = _prepare_int8(model, source, opts, recipe, notes, progress)
         if mode == "dynamic":
             progress("quantizing weights to int8 (dynamic)")
-            model = Q.quantize_dynamic_int8(model, per_channel=opts.per_channel,
-                                            nodes_to_exclude=opts.nodes_to_exclude)
+            model = _with_fallback(model, lambda kept: Q.quantize_dynamic_int8(
+                model, per_channel=opts.per_channel, nodes_to_exclude=kept),
+                opts, calibration, recipe, notes, progress)
         elif mode == "int8":
             assert calibration is not None
             progress(f"calibrating ({opts.calibration_method}) and quantizing to int8 (QDQ)")
-            model, quant = Q.quantize_static_int8(
-                model, calibration, method=opts.calibration_method,
-                per_channel=opts.per_channel, nodes_to_exclude=opts.nodes_to_exclude)
+            quant: dict[str, Any] = {}
+
+            def static(kept: list[str]) -> bytes:
+                data, quant_recipe = Q.quantize_static_int8(
+                    model, calibration, method=opts.calibration_method,
+                    per_channel=opts.per_channel, nodes_to_exclude=kept)
+                quant.update(quant_recipe)
+                return data
+
+            model = _with_fallback(model, static, opts, calibration, recipe, notes, progress)
             recipe.update(quant)
             recipe["graph_optimization"] = {
                 "applied": False,
@@ -174,6 +178,64 @@ class OnnxTarget(TargetBackend):
         model, record = _optimize(model, feeds, opts.threads)
         recipe["graph_optimization"] = record
         return model
+
+
+def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
+                  recipe: dict[str, Any], notes: list[str], progress: Progress) -> bytes:
+    """Fuse a BERT-like transformer (heads and hidden size from its config), then run the
+    quantization pre-processing; record both and the nodes that can be kept in float.
+
+    Raises:
+        ConversionError: the transformer optimizer failed.
+        UsageError: ``nodes_to_exclude`` names nodes the graph does not have.
+    """
+    shape = Q.transformer_shape(getattr(source, "module", None))
+    recipe["transformer_fusion"] = None
+    if shape is not None:
+        progress(f"fusing the transformer ({shape.num_heads} heads, hidden {shape.hidden_size})")
+        model, fused = Q.fuse_transformer(model, shape)
+        recipe["transformer_fusion"] = {"optimizer": "onnxruntime.transformers (bert)",
+                                        "config_model_type": shape.model_type,
+                                        "num_heads": shape.num_heads,
+                                        "hidden_size": shape.hidden_size, "fused_ops": fused}
+        if not fused:
+            notes.append("the transformer optimizer fused nothing in this export (try"
+                         " --exporter torchscript)")
+    progress("pre-processing for quantization")
+    pre = Q.preprocess(model)
+    recipe["preprocess"] = {"outcome": pre.outcome, "detail": pre.detail}
+    if pre.outcome != "full":
+        notes.append(f"quantization pre-processing: {pre.outcome} ({pre.detail})")
+    Q.check_nodes_to_exclude(pre.model, opts.nodes_to_exclude)
+    recipe["quantizable_nodes"] = Q.quantizable_nodes(pre.model)
+    return pre.model
+
+
+def _with_fallback(model: bytes, quantize: Callable[[list[str]], bytes], opts: ConvertOptions,
+                   calibration: Dataset | None, recipe: dict[str, Any], notes: list[str],
+                   progress: Progress) -> bytes:
+    """``quantize(nodes_in_float)``, with the float fallback when ``opts`` asks for one and
+    calibration data are there to measure it; the record goes to ``recipe["float_fallback"]``
+    and the nodes kept in float to ``recipe["nodes_in_float"]``.
+
+    Raises:
+        ConversionError: the quantizer failed.
+    """
+    user = list(opts.nodes_to_exclude)
+    recipe["nodes_in_float"] = user
+    if opts.float_fallback_cosine is None:
+        return quantize(user)
+    if calibration is None:
+        notes.append("float fallback skipped: it needs calibration data (--calibration)")
+        return quantize(user)
+    progress(f"float fallback: every calibration sample to cosine >= {opts.float_fallback_cosine:g}")
+    quantized, record = Q.float_fallback(model, quantize, calibration,
+                                         min_cosine=opts.float_fallback_cosine, excluded=user)
+    recipe["float_fallback"] = record
+    recipe["nodes_in_float"] = [*user, *record["kept_in_float"]]
+    if not record["met"]:
+        notes.append(f"float fallback: {record['outcome']}")
+    return quantized
 
 
 def _with_opset(model: bytes, minimum: int) -> tuple[bytes, int | None]:

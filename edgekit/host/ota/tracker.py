@@ -60,6 +60,7 @@ class DeviceProgress:
     message: str = ""
     outcome: Outcome | None = None
     note: str = ""  # why it is not a target, or what it follows instead
+    source: str | None = None  # where the bytes came from: mqtt, http, kept, delta
     updated: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +76,7 @@ class DeviceProgress:
             "serving": None if serving is None else {k: serving.get(k) for k in
                                                      ("name", "version", "sha256")},
             "note": self.note,
+            "source": self.source,
         }
 
 
@@ -192,6 +194,8 @@ class DeploymentTracker:
         if data.serving is not None:
             progress.serving = _model_dict(data.serving.name, data.serving.version,
                                            data.serving.sha256)
+        if data.source is not None and progress.outcome is None:
+            progress.source = data.source
         percent = data.progress.percent if data.progress is not None else None
         return self._apply(progress, data.step, doc.reason, doc.message, percent)
 
