@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._deploy_shadow import run_shadow, shadow_options, shadow_plan, shadow_spec
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.keys import operator_key
 from edgekit.host.mqtt_client import HostClient
@@ -181,6 +182,7 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
               help="Publish to the fleet at once even when a controller looks after it"
                    " (without --direct such a deploy becomes a controller rollout: canary,"
                    " waves, abort criteria).")
+@shadow_options
 @click.option("--force", is_flag=True,
               help="Publish even when the pre-flight check refuses: an unknown fleet or"
                    " device, an older version, a changed model name, a key no target trusts.")
@@ -192,7 +194,8 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
            latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
            max_kbps: int | None, window: str | None, share_group: str, direct: bool,
-           force: bool, mqtt_auth: MqttAuth) -> None:
+           force: bool, shadow: bool, shadow_requests: int, shadow_sample: float,
+           mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     First checks the targets' retained status: the deploy is refused (exit 1, nothing
@@ -207,6 +210,9 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     over MQTT while it waits unless a server (a controller, `edgekit serve`) already does,
     and follows the devices until each has succeeded, failed or timed out. Exit code 0 when
     every target succeeded, 1 when any failed, rolled back or timed out.
+
+    --shadow: devices run PACKAGE beside their model and report (a table; exit 0 when all
+    did), never serving it; through a controller the rollout gets a shadow stage first.
 
     \b
     Targets of a fleet-wide deploy: the devices whose retained status says online when the
@@ -242,11 +248,20 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
             code = _via_controller(client, fleet, info, key, devices=targets, timeout=timeout,
                                    no_wait=no_wait, as_json=as_json, quiet=quiet,
                                    plan={"probation_requests": probation_requests,
-                                         "probation_seconds": probation_seconds})
+                                         "probation_seconds": probation_seconds,
+                                         **(shadow_plan(shadow_requests, shadow_sample)
+                                            if shadow else {})})
             if code is not None:
                 sys.exit(code)
         http_server = start_http(store, http_addr, None, None)
         try:
+            if shadow:
+                sys.exit(run_shadow(
+                    client, fleet, targets, info, key, store, share_group,
+                    spec=shadow_spec(shadow_requests, shadow_sample, timeout),
+                    url=url or (http_server.url_for(info.sha256) if http_server else None),
+                    timeout=timeout, include_offline=include_offline, as_json=as_json,
+                    on_change=None if quiet else ProgressView(sys.stderr).update))
             doc = desired_for_package(info, fleet, devices=targets, url=url or (
                 http_server.url_for(info.sha256) if http_server else None),
                 allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from edgekit.errors import ProtocolError
 from edgekit.protocol import DeviceState
 from edgekit.protocol.ota.desired import DesiredModel
 from edgekit.protocol.ota.events import FINAL_STEPS, UpdateStep, step_of
+from edgekit.protocol.ota.shadow import ShadowReport, parse_shadow_report
 
 __all__ = ["DeployResult", "DeploymentTracker", "DeviceProgress", "Outcome"]
 
@@ -26,10 +28,16 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"  # served, misbehaved, the previous model is back
     TIMED_OUT = "timed_out"  # no final answer before the deadline
     NOT_WAITED = "not_waited"  # --no-wait, or an offline device of a fleet-wide deploy
+    SHADOWED = "shadowed"  # shadow mode: the report came, the candidate never served
+
+
+# A shadow report the host cannot accept closes the device's shadow as failed with this.
+INVALID_REPORT = "invalid_report"
 
 
 _STEP_OUTCOME = {UpdateStep.SUCCEEDED: Outcome.SUCCEEDED, UpdateStep.FAILED: Outcome.FAILED,
-                 UpdateStep.ROLLED_BACK: Outcome.ROLLED_BACK}
+                 UpdateStep.ROLLED_BACK: Outcome.ROLLED_BACK,
+                 UpdateStep.SHADOWED: Outcome.SHADOWED}
 
 
 @dataclass
@@ -46,6 +54,7 @@ class DeviceProgress:
     message: str = ""
     outcome: Outcome | None = None
     note: str = ""  # why it is not a target, or what it follows instead
+    shadow: ShadowReport | None = None  # shadow mode: the device's report, checked
     updated: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +70,7 @@ class DeviceProgress:
             "serving": None if serving is None else {k: serving.get(k) for k in
                                                      ("name", "version", "sha256")},
             "note": self.note,
+            "shadow": self.shadow.to_dict() if self.shadow is not None else None,
         }
 
 
@@ -77,8 +87,10 @@ class DeployResult:
 
     @property
     def ok(self) -> bool:
-        """Every target succeeded (true with no targets: nothing failed)."""
-        return all(p.outcome == Outcome.SUCCEEDED for p in self.targets.values())
+        """Every target succeeded, or sent its shadow report (true with no targets: nothing
+        failed)."""
+        return all(p.outcome in (Outcome.SUCCEEDED, Outcome.SHADOWED)
+                   for p in self.targets.values())
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -138,9 +150,12 @@ class DeploymentTracker:
         progress.serving = model if isinstance(model, dict) else None
         update = payload.get("update")
         changed = before != (progress.state, progress.serving)
-        if isinstance(update, dict) and update.get("deployment") == self.deployment:
-            changed |= self._apply(progress, step_of("update." + str(update.get("step"))),
-                                   update.get("reason"), str(update.get("message", "")), None)
+        step = step_of("update." + str(update.get("step"))) if isinstance(update, dict) else None
+        # A shadow's outcome counts only with its report, which only the event carries.
+        if isinstance(update, dict) and update.get("deployment") == self.deployment and \
+                step != UpdateStep.SHADOWED:
+            changed |= self._apply(progress, step, update.get("reason"),
+                                   str(update.get("message", "")), None)
         if (self.fleet_wide and self.frozen and device not in self.targets
                 and device not in self.own_document and progress.state == DeviceState.ONLINE):
             self._add_target(device)
@@ -165,8 +180,20 @@ class DeploymentTracker:
         prog = data.get("progress")
         if isinstance(prog, dict) and isinstance(prog.get("percent"), int | float):
             percent = float(prog["percent"])
-        return self._apply(progress, step, payload.get("reason"), str(payload.get("message", "")),
-                           percent)
+        reason, message = payload.get("reason"), str(payload.get("message", ""))
+        if step == UpdateStep.SHADOWED and progress.outcome is None:
+            details = data.get("details")
+            try:
+                report = parse_shadow_report(details.get("shadow") if isinstance(details, dict)
+                                             else None)
+                if report.deployment != self.deployment:
+                    raise ProtocolError(f"the report is about {report.deployment!r}")
+                progress.shadow = report
+            except ProtocolError as exc:
+                # A device's report is a claim: one that does not parse counts as a failure.
+                step, reason = UpdateStep.FAILED, INVALID_REPORT
+                message = f"shadow report refused: {exc.message}"
+        return self._apply(progress, step, reason, message, percent)
 
     def observe_desired(self, device: str, has_document: bool) -> None:
         """Note whether a device has a device-level desired document (it then ignores the
