@@ -29,7 +29,7 @@ from edgekit.errors import ProtocolError
 from edgekit.host.cli import cli
 from edgekit.host.ota.tracker import DeploymentTracker, Outcome
 from edgekit.protocol.ota import make_shadow, parse_shadow_report
-from edgekit.protocol.ota.events import event_kind, UpdateStep
+from edgekit.protocol.ota.events import UpdateStep, event_kind
 
 FLEET = "shadow"
 
