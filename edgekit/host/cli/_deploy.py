@@ -211,9 +211,6 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     and follows the devices until each has succeeded, failed or timed out. Exit code 0 when
     every target succeeded, 1 when any failed, rolled back or timed out.
 
-    --shadow: devices run PACKAGE beside their model and report (a table; exit 0 when all
-    did), never serving it; through a controller the rollout gets a shadow stage first.
-
     \b
     Targets of a fleet-wide deploy: the devices whose retained status says online when the
     deploy starts, and any that come online while it waits. Offline devices are listed but
@@ -249,19 +246,15 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
                                    no_wait=no_wait, as_json=as_json, quiet=quiet,
                                    plan={"probation_requests": probation_requests,
                                          "probation_seconds": probation_seconds,
-                                         **(shadow_plan(shadow_requests, shadow_sample)
-                                            if shadow else {})})
+                                         **shadow_plan(shadow, shadow_requests, shadow_sample)})
             if code is not None:
                 sys.exit(code)
         http_server = start_http(store, http_addr, None, None)
         try:
             if shadow:
-                sys.exit(run_shadow(
-                    client, fleet, targets, info, key, store, share_group,
-                    spec=shadow_spec(shadow_requests, shadow_sample, timeout),
-                    url=url or (http_server.url_for(info.sha256) if http_server else None),
-                    timeout=timeout, include_offline=include_offline, as_json=as_json,
-                    on_change=None if quiet else ProgressView(sys.stderr).update))
+                sys.exit(run_shadow(client, fleet, targets, info, key, store, share_group,
+                                    http_server, url, timeout, include_offline, as_json, quiet,
+                                    spec=shadow_spec(shadow_requests, shadow_sample, timeout)))
             doc = desired_for_package(info, fleet, devices=targets, url=url or (
                 http_server.url_for(info.sha256) if http_server else None),
                 allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,

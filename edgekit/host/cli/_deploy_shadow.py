@@ -8,6 +8,7 @@ never served the candidate, and devices that join later must not shadow it eithe
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -30,7 +31,10 @@ _OPTIONS = [
     click.option("--shadow", is_flag=True,
                  help="Do not activate PACKAGE: devices verify it, run it beside the model"
                       " they serve on a sample of live requests, and report agreement,"
-                      " accuracy, confidence and latency of both (docs/ota.md)."),
+                      " accuracy, confidence and latency of both, printed as a table (exit 0"
+                      " when every target reported); the model in service never changes."
+                      " Through a controller, the rollout gets a shadow stage before its"
+                      " canary (docs/ota.md)."),
     click.option("--shadow-requests", type=click.IntRange(1, 1_000_000), default=200,
                  show_default=True, help="Shadowed requests after which a device reports."),
     click.option("--shadow-sample", type=click.FloatRange(0, 1, min_open=True), default=0.2,
@@ -57,21 +61,29 @@ def shadow_spec(requests: int, sample: float, timeout: float) -> ShadowSpec:
         raise UsageError(exc.message, hint=exc.hint) from exc
 
 
-def shadow_plan(requests: int, sample: float) -> dict[str, Any]:
-    """The rollout plan overrides that give a controller's rollout a shadow stage."""
+def shadow_plan(shadow: bool, requests: int, sample: float) -> dict[str, Any]:
+    """The rollout plan overrides that give a controller's rollout a shadow stage (none
+    without ``shadow``)."""
+    if not shadow:
+        return {}
     return {"shadow_enabled": True, "shadow_requests": requests, "shadow_sample": sample}
 
 
 def run_shadow(client: HostClient, fleet: str, devices: list[str] | None, info: ArtifactInfo,
-               key: Ed25519PrivateKey, store: ArtifactStore, share_group: str, *,
-               spec: ShadowSpec, url: str | None, timeout: float, include_offline: bool,
-               as_json: bool, on_change: Any = None) -> int:
-    """Shadow ``info`` on the targets, print their reports; the exit code (0: every target
+               key: Ed25519PrivateKey, store: ArtifactStore, share_group: str,
+               http_server: Any, url: str | None, timeout: float, include_offline: bool,
+               as_json: bool, quiet: bool, *, spec: ShadowSpec) -> int:
+    """Shadow ``info`` on the targets (downloads from ``url``, else ``http_server`` when
+    there is one, else MQTT), print their reports; the exit code (0: every target
     reported).
 
     Raises:
         EdgekitError: the broker did not answer or acknowledge.
     """
+    from edgekit.host.cli._deploy import ProgressView
+
+    url = url or (http_server.url_for(info.sha256) if http_server else None)
+    on_change = None if quiet else ProgressView(sys.stderr).update
     doc = desired_for_package(info, fleet, devices=devices, url=url, shadow=spec)
     topics = [desired_topic(fleet, d) for d in devices] if devices else [desired_topic(fleet)]
     previous = {t: read_retained(client, t).get(t) for t in topics}
