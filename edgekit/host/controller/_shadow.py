@@ -9,7 +9,8 @@ new model and run it beside their own on ``shadow_sample`` of live requests unti
 ``shadow_min_agreement``, and, where a report has ``shadow_min_labels`` labelled rows, the
 new model's accuracy minus the serving model's reaches ``shadow_min_accuracy_delta``. Then
 the canary starts; otherwise the rollout aborts with the reason (no device ever served the
-new model, so there is nothing to send back). The stage's progress is the rollout's own
+new model, so there is nothing to send back). Canary devices that serve no model yet sit
+the stage out (nothing to compare with); with none left it is skipped. The stage's progress is the rollout's own
 events (``rollout.shadow_started``, ``rollout.shadow``), so a controller that takes the
 rollout over carries on.
 """
@@ -89,11 +90,20 @@ class ShadowStage(AbortingEngine):
         self._shadow_passed.add(rollout.id)
         return None
 
-    def _start_shadow(self, rollout: RolloutRecord) -> RolloutRecord:
+    def _start_shadow(self, rollout: RolloutRecord) -> RolloutRecord | None:
         plan = rollout.plan
         pending = sorted(t.device for t in self.store.list_rollout_targets(rollout.id)
                          if t.state == TargetState.PENDING)
-        devices = pending[:plan["waves"][0]] if plan["waves"] else []
+        canary = pending[:plan["waves"][0]] if plan["waves"] else []
+        serving = {d.device for d in self.store.list_devices(rollout.fleet)
+                   if d.model_sha256 is not None}
+        devices = [d for d in canary if d in serving]
+        if not devices:
+            # Nothing serves on the canary's devices (a first deploy): nothing to compare.
+            self._event(rollout, _DONE, "shadow stage skipped: no canary device serves a"
+                        " model to compare with", reason="skipped", data={"devices": canary})
+            self._shadow_passed.add(rollout.id)
+            return None
         spec = make_shadow(int(plan["shadow_requests"]), float(plan["shadow_sample"]),
                            float(plan["shadow_timeout_s"]))
         if devices:
