@@ -5,13 +5,15 @@ sampled request's inputs and primary output are copied into a bounded queue (a f
 drops the request and counts it), and that is all the request pays. One worker thread runs
 the candidate on what it takes from the queue, compares the two outputs, and then sleeps in
 proportion to its own compute time, so the candidate uses at most ``cpu_share`` of one core
-on average. Feedback on a prediction (:meth:`ShadowRunner.label`) scores both models.
+on average; on Linux the worker also runs at a lower priority (nice 10), so a request
+wins most of a core both want. Feedback on a prediction (:meth:`ShadowRunner.label`) scores both models.
 The runner never touches what the serving model returned.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -34,6 +36,7 @@ log = logging.getLogger("device_agent.shadow")
 DEFAULT_CPU_SHARE = 0.25
 DEFAULT_QUEUE = 16
 _KEEP = 10_000  # predictions kept waiting for feedback, and latencies kept per model
+_NICE = 10
 
 
 class _Side:
@@ -94,6 +97,7 @@ class ShadowRunner:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._counts = threading.Lock()  # request threads: offered, dropped, the sampler
         self._pending: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
         self._truths: OrderedDict[str, list[int]] = OrderedDict()
         self._truth: list[int] = []
@@ -109,8 +113,10 @@ class ShadowRunner:
         blocks and never raises."""
         if model.sha256 != self.serving.model.sha256 or self.done.is_set():
             return
-        self.offered += 1
-        if self._rng.random() >= self.sample:
+        with self._counts:
+            self.offered += 1
+            picked = self._rng.random() < self.sample
+        if not picked:
             return
         primary = outputs.get(model.primary_output)
         if primary is None:
@@ -120,7 +126,8 @@ class ShadowRunner:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.dropped += 1
+            with self._counts:
+                self.dropped += 1
 
     def label(self, pid: str, truth: list[int]) -> None:
         """Feedback on a prediction: scores both models if the candidate ran on it."""
@@ -134,6 +141,7 @@ class ShadowRunner:
     # ---------------------------------------------------------------- worker
 
     def _work(self) -> None:
+        _lower_priority()
         while not self._stop.is_set():
             try:
                 item = self._queue.get(timeout=0.2)
@@ -215,6 +223,15 @@ class ShadowRunner:
                 offered=self.offered, dropped=self.dropped, agreement=agreement,
                 labelled=len(truth), ended=ended,  # type: ignore[arg-type]
                 serving=self.serving.figures(truth), candidate=self.candidate.figures(truth))
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority where the OS allows it per thread (Linux: a thread
+    id is a process id to setpriority), so requests win most of a contended core."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+    except (AttributeError, OSError) as exc:
+        log.debug("the shadow worker keeps its priority: %s", exc)
 
 
 def _classes(scores: np.ndarray) -> np.ndarray:

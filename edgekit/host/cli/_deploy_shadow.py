@@ -117,7 +117,7 @@ def shadow_table(targets: dict[str, DeviceProgress]) -> str:
     """One row per device: what its shadow report says (serving -> candidate)."""
     head = ("device", "outcome", "shadowed", "dropped", "agreement", "labelled",
             "accuracy", "f1", "confidence", "p95 ms", "ended")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for device, progress in sorted(targets.items()):
         report = progress.shadow
         outcome = progress.outcome.value if progress.outcome else "pending"
