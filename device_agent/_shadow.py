@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -37,6 +36,7 @@ DEFAULT_CPU_SHARE = 0.25
 DEFAULT_QUEUE = 16
 _KEEP = 10_000  # predictions kept waiting for feedback, and latencies kept per model
 _NICE = 10
+_IDLE_POLL_S = 0.005
 
 
 class _Side:
@@ -94,7 +94,8 @@ class ShadowRunner:
         self.requests = 0
         self.rows = 0
         self._agree = 0.0  # agreeing rows (classifiers) or summed cosine (embeddings)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._queue: deque[Any] = deque()
+        self._queue_size = queue_size
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts = threading.Lock()  # request threads: offered, dropped, the sampler
@@ -115,19 +116,17 @@ class ShadowRunner:
             return
         with self._counts:
             self.offered += 1
-            picked = self._rng.random() < self.sample
-        if not picked:
-            return
+            if self._rng.random() >= self.sample:
+                return
+            if len(self._queue) >= self._queue_size:
+                self.dropped += 1
+                return
         primary = outputs.get(model.primary_output)
         if primary is None:
             return
-        item = (pid, {k: np.array(a, copy=True) for k, a in feeds.items()},
-                np.array(primary, copy=True), latency_s * 1000.0)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            with self._counts:
-                self.dropped += 1
+        # deque.append is atomic: no condition variable to notify on the request path.
+        self._queue.append((pid, {k: np.array(a, copy=True) for k, a in feeds.items()},
+                            np.array(primary, copy=True), latency_s * 1000.0))
 
     def label(self, pid: str, truth: list[int]) -> None:
         """Feedback on a prediction: scores both models if the candidate ran on it."""
@@ -144,8 +143,9 @@ class ShadowRunner:
         _lower_priority()
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=0.2)
-            except queue.Empty:
+                item = self._queue.popleft()
+            except IndexError:
+                self._stop.wait(_IDLE_POLL_S)  # polled: the request path never signals
                 continue
             t0 = time.perf_counter()
             try:

@@ -20,7 +20,7 @@ import pytest
 from _ota_fleet import Packages
 from agent._digits import digits_data, write_digits_package
 from click.testing import CliRunner
-from mqtt_broker import MqttBroker
+from mqtt_broker import MqttBroker, wait_until
 
 from device_agent import Agent, load_config
 from device_agent._model import TrustPolicy, load_model
@@ -170,6 +170,7 @@ def test_serving_answers_are_unchanged_and_a_full_queue_drops(tmp_path: Path, pk
                               queue_size=1, seed=0)
         agent.shadow = runner
         during = [agent.predict({"x": r}).outputs["probs"].tobytes() for r in rows]
+        wait_until(lambda: runner.requests >= 1, 60, "the shadow worker's first comparison")
         agent.shadow = None
         runner.close()
         after = [agent.predict({"x": r}).outputs["probs"].tobytes() for r in rows]
