@@ -46,6 +46,7 @@ from edgekit.runtimes import RuntimeOptions
 from ._model import LoadedModel, ModelSlot, Prediction, TrustPolicy, load_model
 from ._outbox import Outbox
 from ._quality import LoggedPrediction, PredictionLog, QualityWindow, SampleGate
+from ._shadow import ShadowRunner
 from ._stats import RequestStats
 from ._store import ModelStore, StoredPackage
 from ._system import SystemSampler, hardware_info, runtime_info
@@ -101,6 +102,8 @@ class Agent:
         self._lock_handle = _lock_state_dir(config.state_dir)
         self._tick_lock = threading.Lock()
         self._observers: list[Observer] = []
+        # Set only while a candidate runs in shadow mode (device_agent.ota.shadow).
+        self.shadow: ShadowRunner | None = None
         self.outbox: Outbox | None = None
         self.link: Any = None
         self.http: Any = None
@@ -175,6 +178,9 @@ class Agent:
         self.stats.record(channel, latency, scores)
         for observer in self._observers:
             observer(model, latency, outputs, None)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.offer(pid, model, feeds, outputs, latency)
         return Prediction(pid, outputs, model, latency * 1000.0)
 
     def observe(self, observer: Observer) -> None:
@@ -218,6 +224,9 @@ class Agent:
             self.window.rejected()
             raise
         self.window.add(truth, predicted.tolist())
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.label(prediction_id, truth)
         if entry.inputs is not None and self.outbox is not None and self.samples.allow():
             self._queue_sample(prediction_id, model, entry.inputs, truth, predicted.tolist())
         return len(truth)

@@ -95,3 +95,13 @@ def test_text_bench_quick(tmp_path: Path) -> None:
     assert "head retrain (+2 intents): package" in out
     assert "'Attention': 2" in out
     assert "goal int8 <= 0.25x eager" in out
+
+
+def test_shadow_bench_quick(tmp_path: Path) -> None:
+    out = _run("shadow_bench.py", tmp_path=tmp_path)
+    assert "## digits: serving latency of Agent.predict" in out
+    rows = [line for line in out.splitlines() if line.startswith(("plain ", "shadow "))]
+    assert len(rows) == 2 and all(line.split()[1] == "600" for line in rows)
+    assert "p95 ratio (shadow / plain)" in out
+    # Only the shadow blocks offer requests to the runner, and it compares some of them.
+    assert re.search(r"shadowed [1-9]\d* of 600 offered", out), out

@@ -29,8 +29,11 @@ def test_demo_closes_the_loop(tmp_path: Path) -> None:
     assert summary["requests"]["failed"] == 0 and summary["requests"]["answered"] > 500
     assert summary["phase_seconds"]["policy_fired_to_fleet_updated"] > 0
     timeline = proc.stderr
-    for step in ("policy.fired", "policy.decision", "rollout.wave", "rollout.succeeded"):
+    for step in ("policy.fired", "policy.decision", "rollout.shadow_started",
+                 "shadow stage passed", "rollout.wave", "rollout.succeeded"):
         assert step in timeline, f"{step} missing from the timeline"
+    # The retrained candidate passed its shadow stage before its canary started.
+    assert timeline.index("shadow stage passed") < timeline.rindex("rollout.wave")
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "policy.fired" in page

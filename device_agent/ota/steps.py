@@ -29,6 +29,7 @@ from .delta import fetch_delta
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
+from .shadow import run_shadow
 from .throttle import Pace
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ class UpdateRun:
             self._check_cancel()
             self._stage(model)
             self._check_cancel()
+            if "shadow" in self.doc:
+                run_shadow(self, model)  # reports and drops the candidate; never activates
+                return
         except UpdateFailure as failure:
             if self.u.stopping.is_set():
                 # The agent is shutting down: the journal keeps the step, the next start

@@ -73,7 +73,7 @@ ROLLOUT_STATE_SCHEMA = "edgekit.rollout-state/1"
 ROLLOUT_ACTIONS = ("rollout", "abort", "rollback")
 _CONTROLLERS = "_controllers"
 _CONTROLLER = "_controller"
-_DEPLOYMENT_RE = re.compile(r"^r(\d{1,18})-[0-9a-z]+(?:-back)?$")
+_DEPLOYMENT_RE = re.compile(r"^r(\d{1,18})-[0-9a-z]+(?:-back|-shadow)?$")
 _REPLY_RE = re.compile(r"^edgekit/v1/([A-Za-z0-9_.-]{1,64})/_host/rollout-reply/[0-9a-f]{8,64}$")
 _REQUEST_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,9 +163,11 @@ def reply_topic(fleet: str, request_id: str) -> str:
     return f"{ROOT}/{fleet}/_host/rollout-reply/{request_id}"
 
 
-def deployment_id(rollout_id: int, token: str, *, back: bool = False) -> str:
-    """The deployment id of a rollout's desired documents (``-back`` for its rollback)."""
-    return f"r{rollout_id}-{token}" + ("-back" if back else "")
+def deployment_id(rollout_id: int, token: str, *, back: bool = False,
+                  shadow: bool = False) -> str:
+    """The deployment id of a rollout's desired documents (``-back`` for its rollback,
+    ``-shadow`` for its shadow stage)."""
+    return f"r{rollout_id}-{token}" + ("-back" if back else "-shadow" if shadow else "")
 
 
 def rollout_of_deployment(deployment: object) -> int | None:

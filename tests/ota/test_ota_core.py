@@ -294,7 +294,7 @@ def test_event_kinds_and_steps() -> None:
     assert ota.step_of("update.exploded") is None
     assert ota.step_of(None) is None
     assert ota.FINAL_STEPS == {ota.UpdateStep.SUCCEEDED, ota.UpdateStep.FAILED,
-                               ota.UpdateStep.ROLLED_BACK}
+                               ota.UpdateStep.ROLLED_BACK, ota.UpdateStep.SHADOWED}
 
 
 def test_topics() -> None:

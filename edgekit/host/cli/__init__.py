@@ -17,6 +17,7 @@ from edgekit.host.cli import _doctor as _doctor_cmds  # noqa: F401
 from edgekit.host.cli import _keys as _keys_cmds  # noqa: F401
 from edgekit.host.cli import _optimize as _optimize_cmds  # noqa: F401
 from edgekit.host.cli import _registry as _registry_cmds  # noqa: F401
+from edgekit.host.cli import _serve as _serve_cmds  # noqa: F401
 from edgekit.host.cli._app import cli, main
 
 __all__ = ["cli", "main"]

@@ -1,12 +1,10 @@
-"""``edgekit deploy``, ``edgekit rollback`` and ``edgekit serve``: over-the-air updates."""
+"""``edgekit deploy`` and ``edgekit rollback``: over-the-air updates."""
 
 from __future__ import annotations
 
-import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.cli._app import cli, emit_json
+from edgekit.host.cli._deploy_shadow import run_shadow, shadow_options, shadow_plan, shadow_spec
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.keys import operator_key
 from edgekit.host.mqtt_client import HostClient
@@ -28,7 +27,6 @@ from edgekit.host.ota.usecase import (
     current_model_name,
     deploy_direct,
     deploy_via_controller,
-    start_artifact_server,
     start_http,
 )
 from edgekit.manifest import parse_version
@@ -42,9 +40,9 @@ from edgekit.protocol.ota.desired import (
     new_deployment_id,
 )
 from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP
-from edgekit.protocol.ota.transfer import MAX_KBPS, make_transfer
+from edgekit.protocol.ota.transfer import MAX_KBPS, Transfer, make_transfer
 
-_BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+BROKER_OPTION = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                        envvar="EDGEKIT_MQTT_BROKER",
                        help="Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
                             " (env EDGEKIT_MQTT_BROKER).")
@@ -52,55 +50,11 @@ KEY_OPTION = click.option(
     "--key", "--sign-key", "key_path", type=click.Path(dir_okay=False),
     help="Operator private key that signs the desired document or request (devices trust it"
          " as ota.intent_keys); default: $EDGEKIT_OPERATOR_KEY, else ./edgekit-operator.key.")
-_SHARE = click.option("--share-group", default=DEFAULT_SHARE_GROUP, show_default=True,
+SHARE_OPTION = click.option("--share-group", default=DEFAULT_SHARE_GROUP, show_default=True,
                       help="Shared-subscription group of the artifact servers, so several"
                            " split the requests; 'none' for plain subscriptions. When the"
                            " broker does not deliver shared subscriptions, plain ones are"
                            " used.")
-
-
-# --------------------------------------------------------------------------- serve
-
-
-@cli.command()
-@click.argument("packages", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--fleet", "fleets", multiple=True, required=True,
-              help="Fleet to serve (repeatable; '+' serves every fleet).")
-@_BROKER
-@click.option("--http", "http_addr", metavar="HOST:PORT",
-              help="Also serve the packages over HTTP at /artifacts/<sha256> (Range requests).")
-@click.option("--tls-cert", type=click.Path(dir_okay=False),
-              help="Certificate (PEM) to serve HTTPS instead of HTTP.")
-@click.option("--tls-key", type=click.Path(dir_okay=False), help="Key of --tls-cert.")
-@_SHARE
-@mqtt_options
-def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
-          http_addr: str | None, tls_cert: str | None, tls_key: str | None,
-          share_group: str, mqtt_auth: MqttAuth) -> None:
-    """Serve PACKAGES to devices in chunks over MQTT (and HTTP), until interrupted.
-
-    Devices ask for the artifact a desired document names; `edgekit deploy` serves its own
-    package while it waits, so run this for devices that update later (offline ones) when
-    no controller is running.
-    """
-    store = ArtifactStore()
-    infos = [store.add(p) for p in packages]
-    client = mqtt_auth.client(broker).connect()
-    http_server = start_http(store, http_addr, tls_cert, tls_key)
-    try:
-        server = start_artifact_server(client, store, list(fleets), share_group)
-        for info in infos:
-            where = f" and {http_server.url_for(info.sha256)}" if http_server else ""
-            click.echo(f"serving {info.name} {info.version} ({info.sha256[:12]}, {info.size}"
-                       f" bytes) to fleet {', '.join(fleets)} on {client.broker}{where}",
-                       err=True)
-        _wait_for_signal()
-        click.echo(f"served {server.stats.chunks} chunks, {server.stats.bytes} bytes"
-                   f" ({server.stats.errors} errors)", err=True)
-    finally:
-        if http_server:
-            http_server.stop()
-        client.close()
 
 
 # --------------------------------------------------------------------------- deploy
@@ -108,7 +62,7 @@ def serve(packages: tuple[str, ...], fleets: tuple[str, ...], broker: str,
 _FOLLOW_OPTIONS = [
     click.option("--device", "devices", multiple=True,
                  help="Target this device only (repeatable); default: the whole fleet."),
-    _BROKER,
+    BROKER_OPTION,
     click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=1),
                  help="Seconds to wait for the targets."),
     click.option("--no-wait", is_flag=True,
@@ -184,11 +138,12 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
 @click.option("--window", "window", metavar="HH:MM-HH:MM",
               help="Thin links: devices download only in this window of their local time"
                    " (22:00-06:00 runs over midnight; a device's ota.maintenance_window wins).")
-@_SHARE
+@SHARE_OPTION
 @click.option("--direct", is_flag=True,
               help="Publish to the fleet at once even when a controller looks after it"
                    " (without --direct such a deploy becomes a controller rollout: canary,"
                    " waves, abort criteria).")
+@shadow_options
 @click.option("--force", is_flag=True,
               help="Publish even when the pre-flight check refuses: an unknown fleet or"
                    " device, an older version, a changed model name, a key no target trusts.")
@@ -200,7 +155,8 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
            no_delta: bool, latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
            max_kbps: int | None, window: str | None, share_group: str, direct: bool,
-           force: bool, mqtt_auth: MqttAuth) -> None:
+           force: bool, shadow: bool, shadow_requests: int, shadow_sample: float,
+           mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     First checks the targets' retained status: the deploy is refused (exit 1, nothing
@@ -230,32 +186,30 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     info = store.add(package)
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
-    try:
-        transfer = make_transfer(max_kbps, window, "--window")
-    except EdgekitError as exc:
-        raise UsageError(exc.message, hint=exc.hint) from exc
+    transfer = _transfer(max_kbps, window)
     with mqtt_auth.client(broker).connect() as client:
         managed = not direct and bool(controllers_for(client, fleet))
         if managed and transfer is not None:
             raise UsageError("--max-kbps and --window go into a direct deploy's document; a"
                              " controller looks after this fleet",
                              hint="add --direct, or deploy without them")
-        report = check_before_deploy(client, fleet, info, devices=targets,
-                                     signed_rollback=allow_downgrade, force=force,
-                                     empty_fleet_ok=managed or no_wait)
-        for finding in report.findings:
-            forced = " (forced)" if finding.refuse else ""
-            click.echo(f"warning: {finding.message}{forced}", err=True)
+        _preflight(client, fleet, info, targets, allow_downgrade=allow_downgrade, force=force,
+                   empty_fleet_ok=managed or no_wait)
         if not direct:
             code = _via_controller(client, fleet, info, key, devices=targets, timeout=timeout,
                                    no_wait=no_wait, as_json=as_json, quiet=quiet,
                                    plan={"probation_requests": probation_requests,
-                                         "probation_seconds": probation_seconds})
+                                         "probation_seconds": probation_seconds,
+                                         **shadow_plan(shadow, shadow_requests, shadow_sample)})
             if code is not None:
                 sys.exit(code)
         http_server = start_http(store, http_addr, None, None)
         delta_dir = tempfile.TemporaryDirectory(prefix="edgekit-deltas-")
         try:
+            if shadow:
+                sys.exit(run_shadow(client, fleet, targets, info, key, store, share_group,
+                                    http_server, url, timeout, include_offline, as_json, quiet,
+                                    spec=shadow_spec(shadow_requests, shadow_sample, timeout)))
             deltas = [] if no_delta else offer_deltas(
                 client, fleet, targets, info, store, [Path(p) for p in delta_from],
                 Path(delta_dir.name), http_server.url_for if http_server else None,
@@ -276,6 +230,24 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
 
 
 
+def _transfer(max_kbps: int | None, window: str | None) -> Transfer | None:
+    try:
+        return make_transfer(max_kbps, window, "--window")
+    except EdgekitError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from exc
+
+
+def _preflight(client: HostClient, fleet: str, info: ArtifactInfo, targets: list[str] | None,
+               *, allow_downgrade: bool, force: bool, empty_fleet_ok: bool) -> None:
+    """The pre-flight check; its findings are printed as warnings (refusals raise)."""
+    report = check_before_deploy(client, fleet, info, devices=targets,
+                                 signed_rollback=allow_downgrade, force=force,
+                                 empty_fleet_ok=empty_fleet_ok)
+    for finding in report.findings:
+        forced = " (forced)" if finding.refuse else ""
+        click.echo(f"warning: {finding.message}{forced}", err=True)
+
+
 @cli.command()
 @click.option("--fleet", required=True, help="Fleet to roll back.")
 @_follow_options
@@ -287,7 +259,7 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
 @click.option("--name", "model_name",
               help="Model name; default: the package's, else the current desired document's.")
 @_probation_options
-@_SHARE
+@SHARE_OPTION
 @mqtt_options
 def rollback(fleet: str, devices: tuple[str, ...], broker: str, timeout: float, no_wait: bool,
              include_offline: bool, as_json: bool, quiet: bool, to_version: str,
@@ -490,11 +462,3 @@ def _line(progress: DeviceProgress) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.is_set():
-        time.sleep(0.2)

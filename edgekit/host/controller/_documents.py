@@ -25,6 +25,7 @@ from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.registry import Registry
 from edgekit.protocol.controller import deployment_id
 from edgekit.protocol.ota.desired import DesiredDocument, Probation, make_desired, seal_desired
+from edgekit.protocol.ota.shadow import ShadowSpec
 from edgekit.protocol.ota.topics import desired_topic
 
 __all__ = ["DesiredDocuments"]
@@ -70,6 +71,23 @@ class DesiredDocuments:
             if not message.is_published():
                 raise EdgekitError(f"the broker did not acknowledge the desired document of"
                                    f" {device} within {_PUBLISH_WAIT_S:g} s")
+
+    def ask_shadow(self, rollout: RolloutRecord, devices: list[str], spec: ShadowSpec) -> None:
+        """Ask ``devices`` to shadow the rollout's model (per-device documents of the
+        ``-shadow`` deployment: they verify it and run it beside their own, never serve it).
+
+        Raises:
+            EdgekitError: the broker did not acknowledge them in time.
+        """
+        info = self.artifact(rollout.model_name, rollout.model_version)
+        url = self.url_for(info.sha256) if self.url_for is not None else None
+        doc = desired_for_package(
+            info, rollout.fleet, devices=sorted(devices), url=url, shadow=spec,
+            deployment=deployment_id(rollout.id, rollout.plan["token"], shadow=True))
+        payload = self._seal(doc)
+        for device in devices:
+            self.client.publish(desired_topic(rollout.fleet, device), payload, qos=1,
+                                retain=True, wait=_PUBLISH_WAIT_S)
 
     def publish_fleet(self, rollout: RolloutRecord) -> None:
         """Make the rollout's model the fleet's (devices that join later get it too).

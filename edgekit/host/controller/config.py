@@ -219,6 +219,23 @@ class RolloutSection:
                                    " commits it (0: no request count).", ge=0)
     probation_seconds: float = _opt(30.0, "Seconds a device serves the new model before it"
                                     " commits it (0: no time limit).", ge=0.0)
+    shadow_enabled: bool = _opt(False, "Shadow stage before the canary: the canary's devices"
+                                " run the new model beside their own on live requests and"
+                                " report; the canary starts only when the reports pass.")
+    shadow_requests: int = _opt(200, "Shadowed requests each device reports on.", ge=1,
+                                le=1_000_000)
+    shadow_sample: float = _opt(0.2, "Share of live requests the new model also runs in the"
+                                " shadow stage.", ge=0.001, le=1.0)
+    shadow_timeout_s: float = _opt(600.0, "Abort when a device has not reported this long"
+                                   " after the shadow stage began.", ge=1.0)
+    shadow_min_agreement: float = _opt(0.9, "Every device's agreement (top-1 share, or mean"
+                                       " cosine for embeddings) must reach this.", ge=-1.0,
+                                       le=1.0)
+    shadow_min_accuracy_delta: float = _opt(-0.02, "Where a device has shadow_min_labels"
+                                            " labels: new accuracy minus serving accuracy must"
+                                            " reach this.", ge=-1.0, le=1.0)
+    shadow_min_labels: int = _opt(20, "Labelled rows a report needs before its accuracy"
+                                  " counts.", ge=1)
 
 
 @dataclass

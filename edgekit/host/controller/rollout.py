@@ -1,5 +1,9 @@
 """The rollout engine: canary, then waves growing by a factor, with abort and rollback.
 
+With ``rollout.shadow_enabled`` a shadow stage comes first (:mod:`._shadow`): the canary's
+devices run the new model beside their own and report, and the canary starts only when the
+reports pass the gate.
+
 A rollout is a row in the database (:class:`~edgekit.host.Store`); this engine drives the
 rollouts its controller owns, one pass per :meth:`RolloutEngine.tick`:
 
@@ -28,7 +32,7 @@ import secrets
 from typing import Any
 
 from edgekit.errors import UsageError
-from edgekit.host.controller._back import AbortingEngine, model_before
+from edgekit.host.controller._back import model_before
 from edgekit.host.controller._engine import count_states, log
 from edgekit.host.controller._plan import (
     Figures,
@@ -39,6 +43,7 @@ from edgekit.host.controller._plan import (
     recorded_baselines,
     wave_sizes,
 )
+from edgekit.host.controller._shadow import ShadowStage
 from edgekit.host.db import RolloutRecord, RolloutState, TargetRecord, TargetState, utcnow
 from edgekit.host.errors import LeaseLostError
 from edgekit.manifest import compare_versions
@@ -48,7 +53,7 @@ __all__ = ["RolloutEngine"]
 _OUTCOMES = {TargetState.SUCCEEDED, TargetState.FAILED, TargetState.TIMED_OUT}
 
 
-class RolloutEngine(AbortingEngine):
+class RolloutEngine(ShadowStage):
     """Creates and drives rollouts; see the module docstring.
 
     ``server`` (optional) serves the artifacts the rollouts name over MQTT; without it some
@@ -208,6 +213,9 @@ class RolloutEngine(AbortingEngine):
     # ---------------------------------------------------------------- running
 
     def _run(self, rollout: RolloutRecord) -> RolloutRecord:
+        shadowing = self._shadow_gate(rollout)  # the shadow stage, before the canary
+        if shadowing is not None:
+            return shadowing
         plan = rollout.plan
         targets = self._observe(rollout, back=False)
         now = utcnow()

@@ -36,6 +36,7 @@ from edgekit.protocol.ota.desired import (
     new_deployment_id,
     seal_desired,
 )
+from edgekit.protocol.ota.shadow import ShadowSpec
 from edgekit.protocol.ota.topics import artifact_request_topic, desired_topic
 from edgekit.protocol.ota.transfer import Transfer
 
@@ -57,9 +58,11 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
                         latency_budget_ms: float | None = None,
                         issued: dt.datetime | None = None,
                         ttl_s: float | None = None,
-                        transfer: Transfer | None = None) -> DesiredDocument:
+                        transfer: Transfer | None = None,
+                        shadow: ShadowSpec | None = None) -> DesiredDocument:
     """The desired document that asks ``devices`` (None: the fleet) for the package ``info``
-    (with ``revert``: to leave it for the model each ran before).
+    (with ``revert``: to leave it for the model each ran before; with ``shadow``: to run it
+    beside their model instead, :mod:`edgekit.protocol.ota.shadow`).
 
     Raises:
         ProtocolError: an argument makes the document invalid (e.g. no source at all).
@@ -71,7 +74,8 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
         request_topic=artifact_request_topic(fleet, info.sha256) if mqtt_source else None,
         url=url, deltas=deltas, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
         allow_rename=allow_rename, revert=revert, probation=probation,
-        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s, transfer=transfer)
+        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s, transfer=transfer,
+        shadow=shadow)
 
 
 def delta_source(delta: DeltaFile, fleet: str, *, mqtt_source: bool = True,

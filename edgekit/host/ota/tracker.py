@@ -27,6 +27,7 @@ from edgekit.protocol.ota.events import (
     update_data,
     update_status,
 )
+from edgekit.protocol.ota.shadow import ShadowReport, parse_shadow_report
 
 __all__ = ["DeployResult", "DeploymentTracker", "DeviceProgress", "Outcome"]
 
@@ -40,10 +41,16 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"  # served, misbehaved, the previous model is back
     TIMED_OUT = "timed_out"  # no final answer before the deadline
     NOT_WAITED = "not_waited"  # --no-wait, or an offline device of a fleet-wide deploy
+    SHADOWED = "shadowed"  # shadow mode: the report came, the candidate never served
+
+
+# A shadow report the host cannot accept closes the device's shadow as failed with this.
+INVALID_REPORT = "invalid_report"
 
 
 _STEP_OUTCOME = {UpdateStep.SUCCEEDED: Outcome.SUCCEEDED, UpdateStep.FAILED: Outcome.FAILED,
-                 UpdateStep.ROLLED_BACK: Outcome.ROLLED_BACK}
+                 UpdateStep.ROLLED_BACK: Outcome.ROLLED_BACK,
+                 UpdateStep.SHADOWED: Outcome.SHADOWED}
 
 
 @dataclass
@@ -61,6 +68,7 @@ class DeviceProgress:
     outcome: Outcome | None = None
     note: str = ""  # why it is not a target, or what it follows instead
     source: str | None = None  # where the bytes came from: mqtt, http, kept, delta
+    shadow: ShadowReport | None = None  # shadow mode: the device's report, checked
     updated: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +85,7 @@ class DeviceProgress:
                                                      ("name", "version", "sha256")},
             "note": self.note,
             "source": self.source,
+            "shadow": self.shadow.to_dict() if self.shadow is not None else None,
         }
 
 
@@ -93,8 +102,10 @@ class DeployResult:
 
     @property
     def ok(self) -> bool:
-        """Every target succeeded (true with no targets: nothing failed)."""
-        return all(p.outcome == Outcome.SUCCEEDED for p in self.targets.values())
+        """Every target succeeded, or sent its shadow report (true with no targets: nothing
+        failed)."""
+        return all(p.outcome in (Outcome.SUCCEEDED, Outcome.SHADOWED)
+                   for p in self.targets.values())
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -164,9 +175,11 @@ class DeploymentTracker:
         progress.serving = None if doc.model is None else _model_dict(
             doc.model.name, doc.model.version, doc.model.sha256)
         changed = before != (progress.state, progress.serving)
-        if update is not None and update.deployment == self.deployment:
-            changed |= self._apply(progress, step_of(EVENT_PREFIX + update.step),
-                                   update.reason, update.message or "", None)
+        step = step_of(EVENT_PREFIX + update.step) if update is not None else None
+        # A shadow's outcome counts only with its report, which only the event carries.
+        if update is not None and update.deployment == self.deployment and \
+                step != UpdateStep.SHADOWED:
+            changed |= self._apply(progress, step, update.reason, update.message or "", None)
         if (self.fleet_wide and self.frozen and device not in self.targets
                 and device not in self.own_document and progress.state == DeviceState.ONLINE):
             self._add_target(device)
@@ -197,7 +210,19 @@ class DeploymentTracker:
         if data.source is not None and progress.outcome is None:
             progress.source = data.source
         percent = data.progress.percent if data.progress is not None else None
-        return self._apply(progress, data.step, doc.reason, doc.message, percent)
+        step, reason, message = data.step, doc.reason, doc.message
+        if step == UpdateStep.SHADOWED and progress.outcome is None:
+            try:
+                details = data.details or {}
+                report = parse_shadow_report(details.get("shadow"))
+                if report.deployment != self.deployment:
+                    raise ProtocolError(f"the report is about {report.deployment!r}")
+                progress.shadow = report
+            except ProtocolError as exc:
+                # A device's report is a claim: one that does not parse counts as a failure.
+                step, reason = UpdateStep.FAILED, INVALID_REPORT
+                message = f"shadow report refused: {exc.message}"
+        return self._apply(progress, step, reason, message, percent)
 
     def observe_desired(self, device: str, has_document: bool) -> None:
         """Note whether a device has a device-level desired document (it then ignores the

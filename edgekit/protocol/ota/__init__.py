@@ -72,6 +72,16 @@ from edgekit.protocol.ota.events import (
     update_data,
     update_status,
 )
+from edgekit.protocol.ota.shadow import (
+    SHADOW_DESIRED_SCHEMA,
+    SHADOW_REPORT_SCHEMA,
+    ModelFigures,
+    ShadowReport,
+    ShadowSpec,
+    make_shadow,
+    parse_shadow,
+    parse_shadow_report,
+)
 from edgekit.protocol.ota.topics import (
     ARTIFACTS_SCOPE,
     DEFAULT_SHARE_GROUP,
@@ -90,6 +100,14 @@ from edgekit.protocol.ota.transfer import (
 )
 
 __all__ = [
+    "parse_shadow_report",
+    "parse_shadow",
+    "make_shadow",
+    "ShadowSpec",
+    "ShadowReport",
+    "ModelFigures",
+    "SHADOW_REPORT_SCHEMA",
+    "SHADOW_DESIRED_SCHEMA",
     "ARTIFACTS_SCOPE",
     "BUNDLE_MAGIC",
     "CHUNK_REQUEST_SCHEMA",

@@ -57,6 +57,7 @@ from edgekit.manifest import parse_version
 from edgekit.protocol import encode, is_valid_id, parse_topic
 from edgekit.protocol.ota import _validate as v
 from edgekit.protocol.ota._time import format_time, parse_time
+from edgekit.protocol.ota.shadow import SHADOW_DESIRED_SCHEMA, ShadowSpec, parse_shadow
 from edgekit.protocol.ota.topics import ARTIFACTS_SCOPE
 from edgekit.protocol.ota.transfer import Transfer, parse_transfer
 from edgekit.protocol.signed import seal
@@ -158,6 +159,7 @@ class DesiredDocument(TypedDict):
     latency_budget_ms: float | None  # staging: mean latency on the golden samples, or None
     probation: Probation
     transfer: NotRequired[Transfer]  # thin links: rate cap and maintenance window
+    shadow: NotRequired[ShadowSpec]  # shadow evaluation instead of activation (schema differs)
 
 
 def new_deployment_id(now: dt.datetime | None = None) -> str:
@@ -174,13 +176,15 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
                  allow_downgrade: bool = False, allow_rename: bool = False,
                  revert: bool = False, probation: Probation | None = None,
                  latency_budget_ms: float | None = None, issued: dt.datetime | None = None,
-                 ttl_s: float | None = None, transfer: Transfer | None = None
-                 ) -> DesiredDocument:
+                 ttl_s: float | None = None, transfer: Transfer | None = None,
+                 shadow: ShadowSpec | None = None) -> DesiredDocument:
     """Build a desired document and validate it as a device would.
 
     ``ttl_s`` is how long it stays valid (default: :data:`ROLLBACK_TTL_S` for a document that
     allows a downgrade or reverts, else :data:`DESIRED_TTL_S`). ``transfer`` (thin links:
-    :mod:`edgekit.protocol.ota.transfer`) is left out of the document when None.
+    :mod:`edgekit.protocol.ota.transfer`) is left out of the document when None; ``shadow``
+    (:mod:`edgekit.protocol.ota.shadow`) makes it a shadow evaluation, of schema
+    :data:`~edgekit.protocol.ota.shadow.SHADOW_DESIRED_SCHEMA`.
 
     Raises:
         ProtocolError: a field is invalid; the message names it.
@@ -208,6 +212,9 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
     }
     if transfer is not None:
         doc["transfer"] = dict(transfer)
+    if shadow is not None:
+        doc["schema"] = SHADOW_DESIRED_SCHEMA
+        doc["shadow"] = dict(shadow)
     return parse_desired(doc)
 
 
@@ -243,7 +250,8 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
             raise ProtocolError(f"desired document is not valid JSON: {exc}",
                                 hint="publish the output of `edgekit deploy`") from exc
     doc = v.obj(raw, "desired")
-    if doc.get("schema") != DESIRED_SCHEMA:
+    shadow = doc.get("schema") == SHADOW_DESIRED_SCHEMA
+    if doc.get("schema") != DESIRED_SCHEMA and not shadow:
         raise ProtocolError(f"desired.schema: expected {DESIRED_SCHEMA!r},"
                             f" found {doc.get('schema')!r}",
                             hint=f"this device understands {DESIRED_SCHEMA} documents")
@@ -267,8 +275,11 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
         raise ProtocolError("desired.model.sha256: a revert names the package it leaves")
     sources = _sources(v.obj(v.field(doc, "sources", "desired"), "desired.sources"),
                        need_one=model["sha256"] is not None and not revert)
+    if shadow and revert:
+        raise ProtocolError("desired.revert: a shadow evaluation never changes the model in"
+                            " service, so it cannot revert one")
     parsed = DesiredDocument(
-        schema=DESIRED_SCHEMA,
+        schema=SHADOW_DESIRED_SCHEMA if shadow else DESIRED_SCHEMA,
         deployment=deployment,
         issued=issued,
         expires=expires,
@@ -287,6 +298,8 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
     transfer = parse_transfer(doc.get("transfer"))
     if transfer is not None:
         parsed["transfer"] = transfer
+    if shadow:
+        parsed["shadow"] = parse_shadow(doc.get("shadow"))
     return parsed
 
 

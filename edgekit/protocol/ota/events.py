@@ -44,14 +44,17 @@ class UpdateStep(StrEnum):
     DOWNLOADING = "downloading"  # repeated with progress
     VERIFYING = "verifying"  # sha256, signature, version, runtime load, inputs and outputs
     STAGED = "staged"  # golden samples and latency passed in a second session
+    SHADOW = "shadow"  # shadow mode: the candidate runs beside the model in service
     ACTIVATING = "activating"  # on-disk switch, then the in-memory swap
     PROBATION = "probation"  # serving, watched for errors, non-finite outputs, latency
     SUCCEEDED = "succeeded"  # committed as the last known good model (or already served)
     ROLLED_BACK = "rolled_back"  # the new model served and was replaced by the previous one
     FAILED = "failed"  # refused before serving; the running model never stopped
+    SHADOWED = "shadowed"  # shadow mode ended: report sent, candidate dropped, never served
 
 
-FINAL_STEPS = frozenset({UpdateStep.SUCCEEDED, UpdateStep.ROLLED_BACK, UpdateStep.FAILED})
+FINAL_STEPS = frozenset({UpdateStep.SUCCEEDED, UpdateStep.ROLLED_BACK, UpdateStep.FAILED,
+                         UpdateStep.SHADOWED})
 
 
 class UpdateReason(StrEnum):
