@@ -201,18 +201,24 @@ def test_the_host_refuses_garbage_and_oversize_reports() -> None:
         with pytest.raises(ProtocolError):
             parse_shadow_report(bad)
 
-    def event(details: Any) -> dict[str, Any]:
-        return {"kind": event_kind(UpdateStep.SHADOWED), "message": "done",
-                "data": {"deployment": "d1", "step": "shadowed", "model": None,
-                         "details": details}}
+    def event(details: Any) -> bytes:
+        return json.dumps({"schema": "edgekit.event/1", "device": "dev", "fleet": "f", "seq": 1,
+                           "ts": 1.0, "kind": event_kind(UpdateStep.SHADOWED),
+                           "message": "done",
+                           "data": {"deployment": "d1", "step": "shadowed", "model": None, "serving": None,
+                                    "details": details}}).encode()
 
+    # An event whose data do not fit the update event at all is refused whole (counted, no
+    # outcome); a well-formed event with a bad report closes the shadow as failed.
     for details, outcome in (({"shadow": {**good, "padding": "x" * 20_000}}, Outcome.FAILED),
                              ({"shadow": {**good, "deployment": "d2"}}, Outcome.FAILED),
-                             ("junk", Outcome.FAILED), ({"shadow": good}, Outcome.SHADOWED)):
+                             ({"shadow": "junk"}, Outcome.FAILED),
+                             ("junk", None), ({"shadow": good}, Outcome.SHADOWED)):
         tracker = DeploymentTracker("d1", "f", model, devices=["dev"])  # type: ignore[arg-type]
         tracker.observe_event("dev", event(details))
         progress = tracker.devices["dev"]
         assert progress.outcome == outcome, details
+        assert tracker.refused.get("events", 0) == (1 if outcome is None else 0)
         assert (progress.shadow is not None) == (outcome == Outcome.SHADOWED)
         if outcome == Outcome.FAILED:
             assert progress.reason == "invalid_report"
