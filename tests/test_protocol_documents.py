@@ -220,3 +220,14 @@ def test_newer_minor_revision_is_accepted() -> None:
     # An event without ``session`` (an older agent) is session 0.
     del doc["session"]
     assert decode(msgspec.json.encode(doc), EventPayload).session == 0
+
+
+def test_an_http_error_body_reads_as_a_predict_reply() -> None:
+    """The agent's HTTP error body carries no request id (the connection pairs it); a reader
+    of /predict answers takes it as a refused prediction, not as garbage."""
+    from edgekit.protocol import PredictReply, decode
+
+    body = b'{"ok": false, "error": {"code": "no_model", "message": "no model is active"}}'
+    reply = decode(body, PredictReply, require_schema=False)
+    assert reply.ok is False and reply.error is not None and reply.error.code == "no_model"
+    assert reply.request_id == ""

@@ -70,8 +70,8 @@ class PredictRequest(Document, tag=Schema.PREDICT_REQUEST.value):
 
 class PredictReply(Document, tag=Schema.PREDICT_REPLY.value):
     max_bytes: ClassVar[int] = 64 * 1024 * 1024
-    request_id: RequestId
     ok: bool
+    request_id: RequestId = ""  # MQTT replies echo the request's; HTTP ones have none
     prediction_id: PredictionId | None = None
     model: ModelRef | None = None
     outputs: dict[str, Any] | None = None  # nested lists or EncodedArray, by output name
