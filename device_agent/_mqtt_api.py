@@ -88,9 +88,9 @@ class MqttApi:
         self._pending_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="mqtt-req")
         self._log = ThrottledLog(log)
-        link.subscribe(agent.topic(Kind.PREDICT), self._on_predict,
+        link.subscribe(agent.events.topic(Kind.PREDICT), self._on_predict,
                        max_bytes=cfg.max_request_bytes, on_oversize=self._on_oversize)
-        link.subscribe(agent.topic(Kind.FEEDBACK), self._on_feedback)
+        link.subscribe(agent.events.topic(Kind.FEEDBACK), self._on_feedback)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

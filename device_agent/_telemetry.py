@@ -1,4 +1,5 @@
-"""Telemetry payloads: the status (birth, will, stop), metrics, and the Prometheus text."""
+"""Telemetry payloads: the metrics of each interval and the Prometheus text (the status is
+:mod:`._status`'s)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgekit.protocol import (
-    DeviceState,
     MetricsPayload,
     PredictionsSection,
     RequestsSection,
-    StatusPayload,
     TelemetrySection,
 )
-from edgekit.signing import key_id
 
 from ._model import probabilities
 from ._stats import Interval
@@ -27,31 +25,7 @@ if TYPE_CHECKING:
 
     from ._agent import Agent
 
-__all__ = ["build_metrics", "build_status", "prometheus_text"]
-
-
-def build_status(agent: Agent, session: int, state: DeviceState, reason: str | None
-                 ) -> StatusPayload:
-    model = agent.slot.current
-    return StatusPayload(
-        state=state,
-        device=agent.config.device.id,
-        fleet=agent.config.device.fleet,
-        session=session,
-        ts=time.time(),
-        agent_version=agent.version,
-        runtimes=agent.runtimes,
-        hardware=agent.hardware,
-        # The will is set before the connection and published after it died, when nothing
-        # serves: it names no model (the last online status of the session does).
-        model=model.ref if model is not None and state != DeviceState.OFFLINE else None,
-        http=agent.http_address,
-        started=agent.started,
-        reason=reason or None,
-        update=agent.ota.status_section(),
-        trusted_keys=[key_id(k) for k in agent.trust.trusted_keys],
-        allow_unsigned=bool(agent.trust.allow_unsigned),
-    )
+__all__ = ["build_metrics", "prometheus_text"]
 
 
 def predictions_section(agent: Agent, interval: Interval) -> PredictionsSection:

@@ -1,0 +1,179 @@
+"""The request path: answer a request with the model in service, and take its label later.
+
+:class:`Predictor` reads the slot's :class:`~device_agent._slot.Serving` once per request,
+checks the inputs, runs the model (through the probation's watch while one runs), records
+the request for telemetry and feedback, and tells the observers. It depends on the slot,
+the statistics, the prediction log, the quality window and the event sink, nothing else.
+
+Observers (:meth:`Predictor.observe`) receive a :class:`Served` after every request the
+model ran, in the requesting thread. That is the hook for work beside the request: a part
+that evaluates a candidate model on a sample of requests (a shadow evaluation) registers an
+observer that puts the sampled feeds on its own bounded queue and returns, and a worker
+thread of its own runs the candidate off the request path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import EdgekitError, InputError, RuntimeBackendError
+from edgekit.protocol import ErrorCode, Kind, SamplePayload, encode_array
+
+from ._events import EventSink
+from ._model import LoadedModel, Prediction
+from ._quality import LoggedPrediction, PredictionLog, QualityWindow, SampleGate
+from ._slot import ModelSlot
+from ._stats import RequestStats
+from .config import DeviceSection
+from .errors import RequestError
+
+__all__ = ["Observer", "Predictor", "Served"]
+
+log = logging.getLogger("device_agent")
+
+
+class Served:
+    """One request the model ran: ``outputs`` on success, ``error`` when the runtime failed.
+    ``feeds`` are the checked inputs (the model's dtypes); like ``outputs`` they belong to
+    the request: an observer that keeps them past its call copies them."""
+
+    __slots__ = ("error", "feeds", "latency_s", "model", "outputs")
+
+    def __init__(self, model: LoadedModel, feeds: dict[str, np.ndarray],
+                 outputs: dict[str, np.ndarray] | None, latency_s: float,
+                 error: Exception | None) -> None:
+        self.model = model
+        self.feeds = feeds
+        self.outputs = outputs
+        self.latency_s = latency_s
+        self.error = error
+
+
+Observer = Callable[[Served], None]
+
+
+class Predictor:
+    """Predictions and feedback of one agent; see the module docstring."""
+
+    def __init__(self, slot: ModelSlot, stats: RequestStats, predictions: PredictionLog,
+                 window: QualityWindow, samples: SampleGate, events: EventSink,
+                 device: DeviceSection) -> None:
+        self.slot = slot
+        self.stats = stats
+        self.predictions = predictions
+        self.window = window
+        self.samples = samples
+        self.events = events
+        self.device = device
+        self.observers: list[Observer] = []
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4) + "-"
+
+    def observe(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def predict(self, inputs: Mapping[str, Any], channel: str) -> Prediction:
+        """Raises: as :meth:`device_agent.Agent.predict`."""
+        t0 = time.perf_counter()
+        serving = self.slot.serving
+        if serving is None:
+            self.stats.error(channel, ErrorCode.NO_MODEL.value)
+            raise RequestError(ErrorCode.NO_MODEL, "no model is active on this device",
+                               hint="start the agent with --model PKG, or deploy one")
+        try:
+            feeds = serving.check(inputs)
+            # ``model`` is the one that answered: in a probation, the previous model answers
+            # for a new one that failed.
+            model, outputs = serving.run(feeds)
+        except InputError:
+            self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
+            raise
+        except RuntimeBackendError as exc:
+            self.stats.error(channel, ErrorCode.INTERNAL.value)
+            for observer in self.observers:
+                observer(Served(serving.model, feeds, None, time.perf_counter() - t0, exc))
+            raise
+        latency = time.perf_counter() - t0
+        pid = self._id_prefix + str(next(self._ids))
+        scores = None
+        if model.num_classes is not None:
+            scores = outputs[model.primary_output].copy()
+            kept = None
+            if self.samples.enabled and self.samples.pick():
+                kept = {k: np.array(v, copy=True) for k, v in feeds.items()}
+            self.predictions.add(pid, LoggedPrediction(model.sha256, scores, kept))
+        self.stats.record(channel, latency, scores)
+        for observer in self.observers:
+            observer(Served(model, feeds, outputs, latency, None))
+        return Prediction(pid, outputs, model, latency * 1000.0)
+
+    def feedback(self, prediction_id: str, label: int | str | None = None,
+                 labels: list[int | str] | None = None) -> int:
+        """Raises: as :meth:`device_agent.Agent.feedback`."""
+        model = self.slot.current
+        try:
+            if model is None or model.num_classes is None:
+                raise RequestError(ErrorCode.UNSUPPORTED, "feedback needs a classification model")
+            if not isinstance(prediction_id, str) or not prediction_id:
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   "prediction_id must be a non-empty string")
+            entry = self.predictions.claim(prediction_id)
+            try:
+                if entry.model_sha256 != model.sha256:
+                    raise RequestError(ErrorCode.UNSUPPORTED,
+                                       f"prediction {prediction_id} was made by a model that is"
+                                       " no longer in service; its label does not count")
+                predicted = entry.classes()
+                truth = _class_ids(model, label, labels, len(predicted))
+            except RequestError:
+                self.predictions.release(prediction_id)
+                raise
+        except RequestError:
+            self.window.rejected()
+            raise
+        self.window.add(truth, predicted.tolist())
+        if entry.inputs is not None and self.events.outbox is not None and self.samples.allow():
+            self._queue_sample(prediction_id, model, entry.inputs, truth, predicted.tolist())
+        return len(truth)
+
+    def _queue_sample(self, pid: str, model: LoadedModel, inputs: dict[str, np.ndarray],
+                      truth: list[int], predicted: list[int]) -> None:
+        try:
+            encoded = {k: encode_array(v) for k, v in inputs.items()}
+        except EdgekitError as exc:
+            log.warning("sample %s not sent: %s", pid, exc.message)
+            return
+        payload = SamplePayload(device=self.device.id, fleet=self.device.fleet, seq=0,
+                                ts=time.time(), prediction_id=pid, model=model.ref,
+                                inputs=encoded, label=truth, prediction=predicted)
+        self.events.queue(Kind.SAMPLES, payload)
+
+
+def _class_ids(model: LoadedModel, label: Any, labels: Any, rows: int) -> list[int]:
+    if (label is None) == (labels is None):
+        raise RequestError(ErrorCode.BAD_REQUEST, "give either 'label' or 'labels'")
+    values = [label] if labels is None else labels
+    if not isinstance(values, list) or len(values) != rows:
+        raise RequestError(ErrorCode.BAD_REQUEST,
+                           f"the prediction has {rows} row(s); give one label per row")
+    names = model.manifest.labels or []
+    n = model.num_classes or 0
+    out = []
+    for value in values:
+        if isinstance(value, str) and value in names:
+            value = names.index(value)
+        elif isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or not 0 <= value < n:
+            raise RequestError(ErrorCode.INVALID_INPUT,
+                               f"label {value!r} is not a class of {model.name} (0..{n - 1}"
+                               + (f" or one of {names}" if names else "") + ")")
+        out.append(int(value))
+    return out
