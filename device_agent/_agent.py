@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from edgekit import __version__
 from edgekit.errors import UsageError
-from edgekit.protocol import EventKind, EventLevel, Kind, MetricsPayload
+from edgekit.protocol import ErrorCode, EventKind, EventLevel, Kind, MetricsPayload
 from edgekit.runtimes import RuntimeOptions
 
 from ._events import EventSink
@@ -42,7 +42,7 @@ from ._stats import RequestStats
 from ._status import StatusPublisher
 from ._store import ModelStore
 from ._system import SystemSampler, hardware_info, runtime_info
-from ._telemetry import build_metrics
+from ._telemetry import build_metrics, prometheus_text
 from .config import AgentConfig, broker_address, http_address
 from .ota import OtaSettings, Updater
 
@@ -196,6 +196,22 @@ class Agent:
             self.events.queue(Kind.METRICS, metrics)
         return metrics
 
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        model = self.slot.current
+        link = self.link
+        return model is not None, {
+            "status": "ok" if model is not None else ErrorCode.NO_MODEL.value,
+            "model": model.ref if model is not None else None,
+            "mqtt": None if link is None else ("connected" if link.connected
+                                               else "disconnected"),
+            "uptime_s": round(time.time() - self.started, 3),
+            "version": self.version,
+        }
+
+    def _metrics_text(self) -> str:
+        last = self.last_metrics if self.config.telemetry.interval_s > 0 else self.tick()
+        return prometheus_text(self, last)
+
     def _telemetry_loop(self, interval: float) -> None:
         next_at = time.monotonic() + interval
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
@@ -216,7 +232,8 @@ class Agent:
         cfg = self.config
         listen = http_address(cfg.http.listen)
         if listen is not None:
-            self.http = HttpApi(self, listen)
+            self.http = HttpApi(self.predictor, cfg.http, listen, self._health,
+                                self._metrics_text)
             self.status.http_address = self.http.address
             self._spawn("http", self.http.serve)
             log.info("HTTP API on http://%s", self.http.address)
@@ -224,7 +241,9 @@ class Agent:
         if address is not None and self.outbox is not None:
             self.link = MqttLink(cfg, address, self.outbox, self.status.topic,
                                  self.status.encoded)
-            self.mqtt_api = MqttApi(self, self.link)
+            self.mqtt_api = MqttApi(self.predictor, self.link, cfg.requests,
+                                    (self.events.topic(Kind.PREDICT),
+                                     self.events.topic(Kind.FEEDBACK)))
         self.events.attach(self.link)
         self.status.attach(self.link)
         self.ota.start(self.link)  # subscribes before the link connects

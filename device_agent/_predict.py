@@ -76,8 +76,21 @@ class Predictor:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4) + "-"
 
+    @property
+    def model(self) -> LoadedModel | None:
+        """The model in service."""
+        return self.slot.current
+
     def observe(self, observer: Observer) -> None:
         self.observers.append(observer)
+
+    def refused(self, channel: str, code: str) -> None:
+        """Count a request refused before it reached :meth:`predict` (or by the transport)."""
+        self.stats.error(channel, code)
+
+    def feedback_refused(self) -> None:
+        """Count a feedback message refused before it reached :meth:`feedback`."""
+        self.window.rejected()
 
     def predict(self, inputs: Mapping[str, Any], channel: str) -> Prediction:
         """Raises: as :meth:`device_agent.Agent.predict`."""

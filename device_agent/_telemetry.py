@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -18,17 +18,37 @@ from edgekit.protocol import (
 )
 
 from ._model import probabilities
-from ._stats import Interval
+from ._mqtt import MqttLink
+from ._outbox import Outbox
+from ._quality import QualityWindow
+from ._slot import ModelSlot
+from ._stats import Interval, RequestStats
+from ._system import SystemSampler
+from .config import AgentConfig
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ._agent import Agent
-
-__all__ = ["build_metrics", "prometheus_text"]
+__all__ = ["MetricsSource", "build_metrics", "prometheus_text"]
 
 
-def predictions_section(agent: Agent, interval: Interval) -> PredictionsSection:
+class MetricsSource(Protocol):
+    """What the metrics are read from (the agent provides it)."""
+
+    config: AgentConfig
+    slot: ModelSlot
+    stats: RequestStats
+    window: QualityWindow
+    system: SystemSampler
+    outbox: Outbox | None
+    link: MqttLink | None
+    class_totals: Counter[str]
+
+    @property
+    def started(self) -> float: ...
+
+
+def predictions_section(agent: MetricsSource, interval: Interval) -> PredictionsSection:
     """Histogram and mean confidence of the interval's classifier outputs, and the running
     totals per class kept for /metrics."""
     model = agent.slot.current
@@ -50,7 +70,7 @@ def predictions_section(agent: Agent, interval: Interval) -> PredictionsSection:
                               mean_confidence=float(probs.max(axis=1).mean()))
 
 
-def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
+def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
     """The metrics of one interval; ``seq`` is filled in when it is queued."""
     model = agent.slot.current
     stats = agent.stats
@@ -82,7 +102,7 @@ def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
     )
 
 
-def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
+def prometheus_text(agent: MetricsSource, last: MetricsPayload | None) -> str:
     """The Prometheus text exposition of the agent's numbers, through prometheus_client.
 
     Counters and the request latency histogram (seconds, cumulative since start, with
@@ -98,7 +118,7 @@ def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
 class _AgentCollector:
     """Reads the agent's state at scrape time (nothing is kept twice)."""
 
-    def __init__(self, agent: Agent, last: MetricsPayload | None) -> None:
+    def __init__(self, agent: MetricsSource, last: MetricsPayload | None) -> None:
         self.agent = agent
         self.last = last
 
@@ -145,7 +165,7 @@ class _AgentCollector:
             yield from _interval_metrics(self.last)
 
 
-def _quality_metrics(agent: Agent) -> Iterator[Metric]:
+def _quality_metrics(agent: MetricsSource) -> Iterator[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     quality = agent.window.snapshot()
