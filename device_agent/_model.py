@@ -160,21 +160,29 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
 
 
 class Prediction:
-    """One answered request. ``outputs`` belong to the caller; ``classes`` and ``confidence``
-    are computed when first read (classifiers only, else None)."""
+    """One answered request. ``outputs`` belong to the caller, who reads them and does not
+    change them in place (the agent keeps the primary output for its telemetry and for the
+    prediction's label). ``id``, ``classes`` and ``confidence`` are computed when first read
+    (``classes`` and ``confidence``: classifiers only, else None)."""
 
     # A plain class with slots: it is made on every request, and a frozen dataclass costs
     # several times more to construct.
-    __slots__ = ("_classes", "_confidence", "id", "latency_ms", "model", "outputs")
+    __slots__ = ("_classes", "_confidence", "_prefix", "_seq", "latency_ms", "model", "outputs")
 
-    def __init__(self, id: str, outputs: dict[str, np.ndarray], model: LoadedModel,
-                 latency_ms: float) -> None:
-        self.id = id
+    def __init__(self, prefix: str, seq: int, outputs: dict[str, np.ndarray],
+                 model: LoadedModel, latency_ms: float) -> None:
+        self._prefix = prefix
+        self._seq = seq
         self.outputs = outputs
         self.model = model
         self.latency_ms = latency_ms
         self._classes: np.ndarray | None = None
         self._confidence: np.ndarray | None = None
+
+    @property
+    def id(self) -> str:
+        """The prediction id feedback names (unique for the agent's life)."""
+        return self._prefix + str(self._seq)
 
     def __repr__(self) -> str:
         return f"Prediction(id={self.id!r}, model={self.model.name} {self.model.version})"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +27,8 @@ from edgekit.protocol import ErrorCode, Kind, SamplePayload, encode_array
 
 from ._events import EventSink
 from ._model import LoadedModel, Prediction
-from ._quality import LoggedPrediction, PredictionLog, QualityWindow, SampleGate
+from ._probation import AnsweredByPrevious
+from ._quality import PredictionLog, QualityWindow, SampleGate
 from ._slot import ModelSlot
 from ._stats import RequestStats
 from .config import DeviceSection
@@ -37,6 +37,8 @@ from .errors import RequestError
 __all__ = ["Observer", "Predictor", "Served"]
 
 log = logging.getLogger("device_agent")
+
+_now = time.perf_counter
 
 
 class Served:
@@ -74,7 +76,7 @@ class Predictor:
         self.device = device
         self.observers: list[Observer] = []
         self._ids = itertools.count(1)
-        self._id_prefix = secrets.token_hex(4) + "-"
+        self._id_prefix = predictions.prefix
 
     @property
     def model(self) -> LoadedModel | None:
@@ -94,7 +96,7 @@ class Predictor:
 
     def predict(self, inputs: Mapping[str, Any], channel: str) -> Prediction:
         """Raises: as :meth:`device_agent.Agent.predict`."""
-        t0 = time.perf_counter()
+        t0 = _now()
         serving = self.slot.serving
         if serving is None:
             self.stats.error(channel, ErrorCode.NO_MODEL.value)
@@ -102,30 +104,38 @@ class Predictor:
                                hint="start the agent with --model PKG, or deploy one")
         try:
             feeds = serving.check(inputs)
-            # ``model`` is the one that answered: in a probation, the previous model answers
-            # for a new one that failed.
-            model, outputs = serving.run(feeds)
+            outputs = serving.run(feeds)
+            model = serving.model
+        except AnsweredByPrevious as answer:
+            # In a probation, the previous model answered for a new one that failed.
+            model, outputs = answer.model, answer.outputs
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
         except RuntimeBackendError as exc:
             self.stats.error(channel, ErrorCode.INTERNAL.value)
             for observer in self.observers:
-                observer(Served(serving.model, feeds, None, time.perf_counter() - t0, exc))
+                observer(Served(serving.model, feeds, None, _now() - t0, exc))
             raise
-        latency = time.perf_counter() - t0
-        pid = self._id_prefix + str(next(self._ids))
+        latency = _now() - t0
+        seq = next(self._ids)
         scores = None
         if model.num_classes is not None:
-            scores = outputs[model.primary_output].copy()
-            kept = None
-            if self.samples.enabled and self.samples.pick():
-                kept = {k: np.array(v, copy=True) for k, v in feeds.items()}
-            self.predictions.add(pid, LoggedPrediction(model.sha256, scores, kept))
+            # Kept by reference: the copy, the argmax and the inputs' copy (for a sample)
+            # wait until a label comes; the caller does not change its outputs.
+            scores = outputs[model.primary_output]
+            samples = self.samples
+            if seq >= samples.next_pick:
+                samples.picked(seq)
+                self.predictions.add(seq, model.sha256, scores,
+                                     {k: v.copy() for k, v in feeds.items()})
+            else:
+                self.predictions.add(seq, model.sha256, scores, None)
         self.stats.record(channel, latency, scores)
-        for observer in self.observers:
-            observer(Served(model, feeds, outputs, latency, None))
-        return Prediction(pid, outputs, model, latency * 1000.0)
+        if self.observers:
+            for observer in self.observers:
+                observer(Served(model, feeds, outputs, latency, None))
+        return Prediction(self._id_prefix, seq, outputs, model, latency * 1000.0)
 
     def feedback(self, prediction_id: str, label: int | str | None = None,
                  labels: list[int | str] | None = None) -> int:

@@ -27,9 +27,21 @@ from edgekit.protocol.ota import Probation, UpdateReason
 
 from ._model import LoadedModel
 
-__all__ = ["ProbationWatch", "Verdict"]
+__all__ = ["AnsweredByPrevious", "ProbationWatch", "Verdict"]
 
 _MIN_LATENCY_SAMPLES = 5
+
+
+class AnsweredByPrevious(Exception):  # noqa: N818 (an answer, not an error)
+    """Raised by :meth:`ProbationWatch.answer` when the previous model answered a request
+    the new one failed: it carries the answer, so the request path (which expects the
+    new model's outputs and has no branch for a probation) reports the model that answered.
+    """
+
+    def __init__(self, model: LoadedModel, outputs: dict[str, np.ndarray]) -> None:
+        super().__init__(model.name)
+        self.model = model
+        self.outputs = outputs
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,18 @@ class ProbationWatch:
             return model, outputs
         self.record(latency_ms=latency_ms, nonfinite=True, fallback=fallback is not None)
         return fallback if fallback is not None else (model, outputs)
+
+    def answer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` as the model slot serves it: the new model's outputs.
+
+        Raises:
+            AnsweredByPrevious: the previous model answered instead (with its outputs).
+            RuntimeBackendError: the new model failed and no previous model could answer.
+        """
+        model, outputs = self.run(feeds)
+        if model is not self.new:
+            raise AnsweredByPrevious(model, outputs)
+        return outputs
 
     def _fallback(self, feeds: Mapping[str, np.ndarray]
                   ) -> tuple[LoadedModel, dict[str, np.ndarray]] | None:

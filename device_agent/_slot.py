@@ -50,7 +50,7 @@ __all__ = ["ModelLoader", "ModelSlot", "Serving", "SwapListener"]
 log = logging.getLogger("device_agent.model")
 
 SwapListener = Callable[["LoadedModel | None", "LoadedModel"], None]
-Answer = Callable[[dict[str, np.ndarray]], tuple[LoadedModel, dict[str, np.ndarray]]]
+Answer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,17 @@ class ModelLoader:
 
 class Serving:
     """What a request needs of the model in service, read with one attribute load:
-    ``check`` (the input validator's), and ``run``, which answers checked feeds and returns
-    the model that answered with its outputs."""
+    ``check`` (the input validator's, specialised to the model's inputs) and ``run``, which
+    answers checked feeds: the session's own call, or in a probation the watch's
+    :meth:`~device_agent._probation.ProbationWatch.answer` (which raises
+    :class:`~device_agent._probation.AnsweredByPrevious` when the previous model answered)."""
 
     __slots__ = ("check", "model", "run")
 
     def __init__(self, model: LoadedModel, run: Answer | None = None) -> None:
         self.model = model
-        self.check = model.validator.check
-        self.run = run if run is not None else _plain(model)
-
-
-def _plain(model: LoadedModel) -> Answer:
-    run = model.session.run_checked
-
-    def answer(feeds: dict[str, np.ndarray]) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        return model, run(feeds)
-
-    return answer
+        self.check = model.validator.checker()
+        self.run = run if run is not None else model.session.run_checked
 
 
 class ModelSlot:
@@ -124,7 +117,7 @@ class ModelSlot:
         with self._lock:
             old = self.current
             self.probation = watch
-            self.serving = Serving(model, watch.run if watch is not None else None)
+            self.serving = Serving(model, watch.answer if watch is not None else None)
             if old is not model:
                 for listener in self._listeners:
                     try:
