@@ -195,7 +195,10 @@ def telemetry_p99(package: Path, work: Path, seconds: float, broker_url: str,
 
 
 class AgentProc:
-    def __init__(self, package: Path, work: Path, broker_url: str, device: str) -> None:
+    """An agent process (``python -m device_agent run``) of the checkout at ``root``."""
+
+    def __init__(self, package: Path, work: Path, broker_url: str, device: str,
+                 root: Path = ROOT) -> None:
         from mqtt_broker import free_port
 
         self.port = free_port()
@@ -203,12 +206,13 @@ class AgentProc:
         self.t0 = time.perf_counter()
         self.log = open(work / f"{device}.log", "wb")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
+        env["PYTHONPATH"] = str(root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "device_agent", "run", "--device-id", device, "--fleet",
              "bench", "--broker", broker_url, "--model", str(package), "--model-dir",
              str(work / device), "--allow-unsigned", "--http", f"127.0.0.1:{self.port}",
              "--telemetry-interval", "5", "--threads", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=root, env=env)
 
     def rss(self) -> int:
         import psutil

@@ -22,9 +22,9 @@ Run from the repository root::
                                      [--json results.json] [--quick]
     python benchmarks/agent_bench.py --package PKG --compare-with OTHER_CHECKOUT [--repeats 5]
 
-``--compare-with`` measures only the overhead, of this checkout's agent and of another
-checkout's (an earlier commit, say), each in its own process, alternated ``--repeats``
-times, and prints both side by side with their medians.
+``--compare-with`` measures only the overhead and the HTTP requests per second, of this
+checkout's agent and of another checkout's (an earlier commit, say), each in its own
+processes, alternated ``--repeats`` times, and prints both side by side with their medians.
 
 ``--quick`` (the test suite runs it) uses the tests' ridge digits model (no training) and
 short runs: it shows the script works, its numbers are not results.
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in well under a minute (tiny model, short runs)")
     parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
-                        help="only the overhead, side by side with another checkout's agent")
+                        help="only the overhead and HTTP requests/s, side by side with another"
+                        " checkout's agent")
     parser.add_argument("--repeats", type=int, default=5,
                         help="processes per checkout with --compare-with")
     parser.add_argument("--overhead-worker", type=Path, help=argparse.SUPPRESS)
@@ -95,17 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.overhead_worker:
         overhead_worker(args.overhead_worker, args.package, args.quick)
         return 0
-    if args.compare_with:
-        return compare(args)
     if args.quick:
         args.seconds = min(args.seconds, 1.0)
+    if args.compare_with:
+        return compare(args)
 
     from mqtt_broker import MqttBroker
 
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         work = Path(tmp)
         package = args.package or (quick_package(work) if args.quick else build_package(work))
-        x = sample_inputs(package)
         results: dict[str, Any] = {"package": str(package), "cpu_count": os.cpu_count(),
                                    "python": sys.version.split()[0], "quick": args.quick}
         rounds = (3, 50) if args.quick else (30, 300)
@@ -122,28 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print("start-up ...", file=sys.stderr)
             results["startup_s"] = startup_time(package, work, broker.url,
                                                 repeats=1 if args.quick else 3)
-            proc = AgentProc(package, work, broker.url, "load")
-            try:
-                body = json.dumps({"inputs": {"x": x[:1].tolist()}}).encode()
-                while True:
-                    try:
-                        c = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=5)
-                        post(c, "/predict", body, "application/json")
-                        c.close()
-                        break
-                    except (OSError, RuntimeError):
-                        time.sleep(0.05)
-                time.sleep(0.5 if args.quick else 2.0)
-                results["rss_idle_mb"] = proc.rss() / 1e6
-                print("HTTP ...", file=sys.stderr)
-                results["http"] = http_numbers(proc, x, args.seconds,
-                                               round_trips=50 if args.quick else 500)
-                print("MQTT ...", file=sys.stderr)
-                results["mqtt"] = mqtt_rps(proc, broker.url, x, args.seconds)
-                results["rss_load_mb"] = max(results["http"]["rss_peak"],
-                                             results["mqtt"]["rss_peak"]) / 1e6
-            finally:
-                proc.stop()
+            results.update(process_numbers(package, work, broker.url, args.seconds, args.quick))
         if args.install_size:
             print("installing edgekit-fleet[agent] into a fresh venv ...", file=sys.stderr)
             results["install"] = install_size(work)
@@ -151,6 +130,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def wait_answering(proc: AgentProc, x: Any) -> None:
+    """Until the agent process answers an HTTP request."""
+    body = json.dumps({"inputs": {"x": x[:1].tolist()}}).encode()
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=5)
+            post(c, "/predict", body, "application/json")
+            c.close()
+            return
+        except (OSError, RuntimeError):
+            if proc.proc.poll() is not None:
+                raise RuntimeError("the agent process exited") from None
+            time.sleep(0.05)
+
+
+def process_numbers(package: Path, work: Path, broker_url: str, seconds: float,
+                    quick: bool) -> dict[str, Any]:
+    """RSS, HTTP and MQTT numbers of one agent process under load."""
+    x = sample_inputs(package)
+    results: dict[str, Any] = {}
+    proc = AgentProc(package, work, broker_url, "load")
+    try:
+        wait_answering(proc, x)
+        time.sleep(0.5 if quick else 2.0)
+        results["rss_idle_mb"] = proc.rss() / 1e6
+        print("HTTP ...", file=sys.stderr)
+        results["http"] = http_numbers(proc, x, seconds, round_trips=50 if quick else 500)
+        print("MQTT ...", file=sys.stderr)
+        results["mqtt"] = mqtt_rps(proc, broker_url, x, seconds)
+        results["rss_load_mb"] = max(results["http"]["rss_peak"],
+                                     results["mqtt"]["rss_peak"]) / 1e6
+    finally:
+        proc.stop()
+    return results
 
 
 def overhead_worker(checkout: Path, package: Path, quick: bool) -> None:
@@ -168,21 +183,35 @@ def overhead_worker(checkout: Path, package: Path, quick: bool) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """This checkout's overhead beside ``--compare-with``'s, alternated in fresh processes."""
+    """This checkout's overhead and HTTP requests/s beside ``--compare-with``'s, alternated
+    in fresh processes."""
+    from mqtt_broker import MqttBroker
+
+    trees = {"this checkout": ROOT, "compared": args.compare_with.resolve()}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+    rps: dict[str, list[float]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
-        package = args.package or (quick_package(Path(tmp)) if args.quick
-                                   else build_package(Path(tmp)))
-        trees = {"this checkout": ROOT, "compared": args.compare_with.resolve()}
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
-        for i in range(args.repeats):
-            for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
-                cmd = [sys.executable, __file__, "--overhead-worker", str(trees[name]),
-                       "--package", str(package)] + (["--quick"] if args.quick else [])
-                done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                      cwd=trees[name], timeout=1800)
-                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"Agent.predict / raw onnxruntime call, {args.repeats} processes each, alternated"
-          f" ({os.cpu_count()} CPUs)")
+        work = Path(tmp)
+        package = args.package or (quick_package(work) if args.quick else build_package(work))
+        x = sample_inputs(package)
+        with MqttBroker(work / "broker") as broker:
+            for i in range(args.repeats):
+                for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
+                    cmd = [sys.executable, __file__, "--overhead-worker", str(trees[name]),
+                           "--package", str(package)] + (["--quick"] if args.quick else [])
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          cwd=trees[name], timeout=1800)
+                    runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    proc = AgentProc(package, work, broker.url, f"cmp-{i}-{len(rps[name])}"
+                                     f"-{'a' if trees[name] == ROOT else 'b'}", trees[name])
+                    try:
+                        wait_answering(proc, x)
+                        rps[name].append(http_numbers(proc, x, args.seconds,
+                                                      round_trips=20)["rps"])
+                    finally:
+                        proc.stop()
+    print(f"Agent.predict / raw onnxruntime call, and HTTP requests/s (4 clients),"
+          f" {args.repeats} processes each, alternated ({os.cpu_count()} CPUs)")
     for name, rs in runs.items():
         for batch in ("batch1", "batch32"):
             ratios = [r[batch]["ratio_vs_raw"] for r in rs]
@@ -191,9 +220,11 @@ def compare(args: argparse.Namespace) -> int:
             print(f"  {name:<14} {batch:<8} median {statistics.median(ratios):.3f}x"
                   f" (raw {raw:.1f} us, Agent.predict {agent:.1f} us; runs:"
                   f" {' '.join(f'{r:.3f}' for r in ratios)})")
+        print(f"  {name:<14} HTTP     median {statistics.median(rps[name]):.0f} requests/s"
+              f" (runs: {' '.join(f'{r:.0f}' for r in rps[name])})")
         print(f"  {name:<14} agent    {rs[0]['agent']}")
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2))
+        args.json.write_text(json.dumps({"overhead": runs, "http_rps": rps}, indent=2))
     return 0
 
 
