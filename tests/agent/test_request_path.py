@@ -13,10 +13,12 @@ import pytest
 from _agent_support import Models
 
 from device_agent import Agent, Served, load_config
-from device_agent._inputs import all_finite
+from device_agent._inputs import InputValidator, all_finite
 from device_agent._quality import PredictionLog, SampleGate
 from device_agent._stats import LATENCY_BUCKETS_S, RequestStats
 from device_agent.errors import RequestError
+from edgekit.errors import InputError
+from edgekit.manifest import TensorSpec
 from edgekit.protocol import ErrorCode
 from edgekit.protocol.ota import Probation
 
@@ -70,6 +72,24 @@ def test_finite_check_agrees_with_numpy_and_stays_quiet(dtype: type, rows: int) 
                 arr[rows // 2, 7] = value
                 assert all_finite(arr) == bool(np.isfinite(arr).all()), value
                 assert all_finite(arr[:, ::2]) == bool(np.isfinite(arr[:, ::2]).all()), value
+
+
+def test_specialised_check_accepts_and_refuses_as_the_full_check() -> None:
+    validator = InputValidator([TensorSpec("x", "float32", ["batch", 64])], max_batch=200)
+    check = validator.checker()
+    assert check is not validator.check  # one plain input: the specialised check
+    for rows in (1, 3, 100, 3, 1):  # 100 x 64 takes the ufunc path; sizes seen twice
+        good = {"x": np.full((rows, 64), 0.5, np.float32)}
+        assert check(good) is good
+        for value in (np.nan, np.inf, -np.inf):
+            bad = {"x": good["x"].copy()}
+            bad["x"][rows - 1, 5] = value
+            with pytest.raises(InputError, match="NaN or infinite"):
+                check(bad)
+    with pytest.raises(InputError, match="more than the limit"):
+        check({"x": np.zeros((201, 64), np.float32)})
+    cast = check({"x": np.zeros((2, 64), np.float64)})  # the full check casts
+    assert cast["x"].dtype == np.float32
 
 
 def test_statistics_fold_keeps_counts_exact() -> None:
