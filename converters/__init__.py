@@ -18,6 +18,7 @@ from ._registry import (
 )
 from .options import ConvertOptions, parse_input_shape
 from .pipeline import ConversionResult, convert, load_source, run_batches
+from .variants import VariantsResult, convert_variants, parse_variants
 
 __all__ = [
     "ConversionResult",
@@ -25,10 +26,13 @@ __all__ = [
     "LoadedSource",
     "SourceRef",
     "TargetResult",
+    "VariantsResult",
     "convert",
+    "convert_variants",
     "load_source",
     "onnx_exporters",
     "parse_input_shape",
+    "parse_variants",
     "run_batches",
     "source_loaders",
     "supported_pairs",

@@ -6,9 +6,11 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from edgekit.calibration import METHODS as ESTIMATE_METHODS
 from edgekit.errors import UsageError
 
-__all__ = ["CALIBRATION_METHODS", "QUANT_MODES", "TASKS", "ConvertOptions", "parse_input_shape"]
+__all__ = ["CALIBRATION_METHODS", "ESTIMATE_METHODS", "QUANT_MODES", "TASKS", "ConvertOptions",
+           "parse_input_shape"]
 
 QUANT_MODES = ("none", "fp16", "dynamic", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -47,6 +49,7 @@ class ConvertOptions:
     golden_rtol: float = field(default=1e-3, metadata={"help": "relative tolerance for golden checks"})
     threads: int = field(default=1, metadata={"help": "threads for latency measurement"})
     latency_runs: int = field(default=50, metadata={"help": "timed runs for the latency figure"})
+    estimate_method: str = field(default="atc", metadata={"help": "accuracy estimate map: atc or isotonic"})
 
     def validate(self) -> ConvertOptions:
         """Check every field and collect all problems into one error.
@@ -58,7 +61,7 @@ class ConvertOptions:
         for key, allowed in (
             ("target", TARGETS), ("quantize", QUANT_MODES),
             ("calibration_method", CALIBRATION_METHODS), ("task", TASKS),
-            ("exporter", EXPORTERS),
+            ("exporter", EXPORTERS), ("estimate_method", ESTIMATE_METHODS),
         ):
             value = getattr(self, key)
             if value not in allowed:

@@ -35,6 +35,7 @@ from ._registry import (
     find_loader,
     target_backends,
 )
+from .calibrate import fit_calibration
 from .options import ConvertOptions
 
 __all__ = ["DEFAULT_VERSION", "ConversionResult", "convert", "default_name", "load_source",
@@ -54,6 +55,8 @@ class ConversionResult:
     manifest: Manifest
     report: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # The package's members (model and golden samples), also when nothing was written.
+    members: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -160,6 +163,7 @@ def convert(
     output: str | os.PathLike[str] | None,
     calibration: str | os.PathLike[str] | Dataset | None = None,
     eval_data: str | os.PathLike[str] | Dataset | None = None,
+    estimate_data: str | os.PathLike[str] | Dataset | None = None,
     weights: str | os.PathLike[str] | None = None,
     sign_key: Ed25519PrivateKey | None = None,
     progress: Progress = _quiet,
@@ -169,10 +173,11 @@ def convert(
 
     ``source`` is a path (.pt2, TorchScript .pt, .keras, SavedModel folder, .onnx), a
     ``package.module:factory`` string, or an in-memory ``nn.Module`` / ``keras.Model``.
+    Labelled ``estimate_data`` (default: ``eval_data``) fit the accuracy-estimate map.
 
     Raises:
         ModelError: the source cannot be loaded.
-        DataError: calibration or evaluation data do not fit the model.
+        DataError: calibration, evaluation or estimate data do not fit the model.
         ConversionError: export or quantization failed.
         ValidationError: parity is outside the tolerances and ``opts.strict`` is set.
         OutputWriteError: the package could not be written (nothing partial is left).
@@ -183,7 +188,7 @@ def convert(
         raise UsageError(f"output folder {Path(output).parent} does not exist")
     raw_calib = _dataset(calibration)
     raw_eval = _dataset(eval_data)
-
+    raw_estimate = _labelled(_dataset(estimate_data), "estimate data")
     progress("loading source model")
     ref = make_ref(source, weights=weights)
     if ref.example is None:
@@ -213,6 +218,8 @@ def convert(
         result.model, result.inputs, result.outputs, RuntimeOptions(threads=opts.threads))
     check = evald or calib or _random_check_data(ref)
     report, task = _validate(loaded, session, result, check, opts)
+    _calibrate(report, session, _fit(raw_estimate, loaded.inputs, "estimate data", warnings)
+               if task == "classification" else None, result.outputs[0].name, opts)
     report["latency"] = _latency(loaded, session, check, opts)
     golden_in = {k: v[: opts.golden_count] for k, v in check.inputs.items()}
     members = {backend.MODEL_FILE: result.model,
@@ -228,7 +235,7 @@ def convert(
         progress("writing package")
         write_package(output, manifest, members, sign_key=sign_key)
         path = Path(output)
-    return ConversionResult(path, manifest, report, warnings)
+    return ConversionResult(path, manifest, report, warnings, members)
 
 
 def _check_parity(report: dict[str, Any], opts: ConvertOptions, warnings: list[str]) -> None:
@@ -382,11 +389,39 @@ def _validate(loaded: LoadedSource, session: Session, result: TargetResult, data
             "drop": src.accuracy - art.accuracy,
             "f1_drop": src.f1 - art.f1,
         }
+        _calibrate(report, first_art, data, result.outputs[0].name, opts)
     elif data.labels is not None and task == "regression":
         src_r = M.regression_report(data.labels, first_ref)
         art_r = M.regression_report(data.labels, first_art)
         report["regression"] = {"source": src_r.to_dict(), "artifact": art_r.to_dict()}
     return report, task
+
+
+def _labelled(data: Dataset | None, what: str) -> Dataset | None:
+    """``data`` as it is, after checking it has labels.
+
+    Raises:
+        DataError: it has none.
+    """
+    if data is not None and data.labels is None:
+        raise DataError(f"{what} {data.source} have no labels",
+                        hint="store the true classes under y in the .npz")
+    return data
+
+
+def _calibrate(report: dict[str, Any], scores: np.ndarray | Session, data: Dataset | None,
+               output: str, opts: ConvertOptions) -> None:
+    """Fit the accuracy-estimate map on the artifact's scores of labelled data (or on those
+    a session gives for it); store it in ``report`` (replacing one fitted before) when there
+    are enough of them."""
+    if data is None or data.labels is None:
+        return
+    if not isinstance(scores, np.ndarray):
+        scores = run_batches(scores.run, data)[output]
+    calibration = fit_calibration(scores, data.labels, opts.estimate_method)
+    if calibration is not None:
+        report["calibration"] = {**calibration.to_dict(), "data": data.source,
+                                 "output": output}
 
 
 def _headline(rep: M.ClassificationReport) -> dict[str, float]:

@@ -86,7 +86,8 @@ class Agent:
         self._lock_handle = _lock_state_dir(config.state_dir)
         self.outbox: Outbox | None = None
         if broker_address(config.mqtt) is not None:
-            self.outbox = Outbox(config.state_dir / "telemetry.sqlite", config.telemetry.queue_max)
+            self.outbox = Outbox(config.state_dir / "telemetry.sqlite", config.telemetry.queue_max,
+                                 config.telemetry.queue_max_bytes)
         self.events = EventSink(config.device, self.outbox)
         self.status = StatusPublisher(config.device, self.version, self.slot, trust,
                                       hardware_info())
@@ -202,6 +203,8 @@ class Agent:
         return model is not None, {
             "status": "ok" if model is not None else ErrorCode.NO_MODEL.value,
             "model": model.ref if model is not None else None,
+            # Present only for a package of variants: which one serves and why.
+            **({"variant": model.variant} if model is not None and model.variant else {}),
             "mqtt": None if link is None else ("connected" if link.connected
                                                else "disconnected"),
             "uptime_s": round(time.time() - self.started, 3),

@@ -17,13 +17,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgekit.artifact import VerifyReport, open_package, sha256_file, verify_package
 from edgekit.errors import RuntimeBackendError
 from edgekit.manifest import Manifest, Task
-from edgekit.protocol import ModelRef
+from edgekit.protocol import ModelRef, VariantSection
 from edgekit.runtimes import RuntimeOptions, Session, backend_for, load_session
 from edgekit.signing import load_public_key
 
 from ._inputs import InputValidator
+from ._variants import choose_variant, golden_excess
 
 __all__ = ["LoadedModel", "Prediction", "TrustPolicy", "load_model"]
+
 
 @dataclass(frozen=True)
 class TrustPolicy:
@@ -61,6 +63,9 @@ class LoadedModel:
     runtime: str
     signed: bool
     key_id: str | None
+    # Which of the package's variants serves and the measurements behind the choice; None
+    # for a package of one artifact. ``manifest`` then reads as the chosen variant's.
+    variant: VariantSection | None = None
     ref: ModelRef = field(init=False)
     num_classes: int | None = field(init=False)
     primary_output: str = field(init=False)  # the output whose argmax is the class
@@ -95,21 +100,12 @@ class LoadedModel:
             RuntimeBackendError: the runtime fails on the golden inputs.
             ArtifactError: the golden member is unreadable.
         """
-        golden_in, golden_out = open_package(self.path).golden()
+        golden_in, golden_out = open_package(self.path).golden(self.manifest.golden.get("file"))
         if not golden_in:
             return None
-        outputs = self.session.run(golden_in)
-        atol = float(self.manifest.golden.get("atol", 1e-4))
-        rtol = float(self.manifest.golden.get("rtol", 1e-3))
-        worst = -np.inf
-        for name, expected in golden_out.items():
-            got = outputs.get(name)
-            if got is None or got.shape != expected.shape:
-                return float("inf")
-            exp = expected.astype(np.float64)
-            excess = np.abs(got.astype(np.float64) - exp) - (atol + rtol * np.abs(exp))
-            worst = max(worst, float(np.nan_to_num(excess, nan=np.inf).max()))
-        return worst
+        return golden_excess(self.session.run(golden_in), golden_out,
+                             float(self.manifest.golden.get("atol", 1e-4)),
+                             float(self.manifest.golden.get("rtol", 1e-3)))
 
 
 def _num_classes(m: Manifest) -> int | None:
@@ -125,6 +121,9 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
                *, max_batch: int = 256, check_golden: bool = True) -> LoadedModel:
     """Verify a package, load it into its runtime and check it against its golden samples.
 
+    A package of several variants is measured first (:mod:`device_agent._variants`): the
+    fastest variant that passes parity within the package's accuracy budget is loaded.
+
     Raises:
         ArtifactError: the package is missing, corrupt or altered.
         SignatureError: the trust policy refuses it.
@@ -135,7 +134,11 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
     report = trust.verify(p)
     pkg = open_package(p)
     manifest = pkg.manifest
-    session = load_session(manifest, pkg.model_bytes(), options)
+    variant = None
+    if manifest.variants:
+        variant, manifest, session = choose_variant(pkg, options)
+    else:
+        session = load_session(manifest, pkg.model_bytes(), options)
     model = LoadedModel(
         path=p,
         sha256=sha256_file(p),
@@ -145,6 +148,7 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
         runtime=backend_for(manifest.format.value).KEY,
         signed=report.signed,
         key_id=report.key_id,
+        variant=variant,
     )
     if check_golden:
         excess = model.run_golden()

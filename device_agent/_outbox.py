@@ -3,8 +3,10 @@
 Every metrics, events and samples message is written here first, with its sequence number
 taken in the same transaction, and deleted only when the broker acknowledged it (QoS 1).
 So messages survive a broker outage and an agent restart, and go out in the order they
-were made. At the bound the oldest are deleted and counted; the count is reported in every
-metrics message. The same database keeps the agent's counters (sequence numbers, the MQTT
+were made. Two bounds hold the queue: a number of messages and a number of bytes (topic
+and payload of the queued messages; SQLite reuses the pages freed, so the file stays near
+that size). Past either, the oldest are deleted and counted; the count is reported in every
+metrics message, with the queue's depth and bytes. The same database keeps the agent's counters (sequence numbers, the MQTT
 session number), so they grow across restarts.
 """
 
@@ -22,6 +24,8 @@ from edgekit.errors import OutputWriteError
 __all__ = ["Outbox", "QueuedMessage"]
 
 DROPPED = "outbox.dropped"
+# A message's size as the byte bound counts it: its topic and its payload.
+_SIZE = "LENGTH(CAST(topic AS BLOB)) + LENGTH(payload)"
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,10 @@ class QueuedMessage:
 class Outbox:
     """The queue and the counters. Thread-safe; one connection behind a lock."""
 
-    def __init__(self, path: Path, max_messages: int) -> None:
+    def __init__(self, path: Path, max_messages: int, max_bytes: int | None = None) -> None:
         self.path = path
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +60,9 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutputWriteError(f"cannot open the telemetry queue {path}: {exc}",
                                    hint="check that the state folder is writable") from exc
-        self._depth = self._count()
+        with self._lock:
+            self._depth = self._count_locked()
+            self._bytes = self._bytes_locked()
 
     @property
     def synchronous(self) -> int:
@@ -87,20 +94,17 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._bump(seq_name, 1)
+                payload = make_payload(seq)
                 self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
-                                 (topic, make_payload(seq), time.time()))
+                                 (topic, payload, time.time()))
                 self._depth += 1
-                excess = self._depth - self.max_messages
-                if excess > 0:
-                    self._db.execute(
-                        "DELETE FROM outbox WHERE id IN"
-                        " (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,))
-                    self._bump(DROPPED, excess)
-                    self._depth -= excess
+                self._bytes += len(topic.encode("utf-8")) + len(payload)
+                self._drop_oldest()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._depth = self._count_locked()
+                self._bytes = self._bytes_locked()
                 raise
         return seq
 
@@ -115,14 +119,22 @@ class Outbox:
     def remove(self, ids: list[int]) -> None:
         if not ids:
             return
+        marks = ",".join("?" * len(ids))
         with self._lock:
-            cur = self._db.execute(
-                f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
+            size = self._db.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM outbox WHERE id IN"
+                                    f" ({marks})", ids).fetchone()[0]
+            cur = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
             self._depth -= max(cur.rowcount, 0)
+            self._bytes -= int(size)
 
     @property
     def depth(self) -> int:
         return self._depth
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the queued messages (topic and payload), what ``max_bytes`` bounds."""
+        return self._bytes
 
     @property
     def dropped(self) -> int:
@@ -135,9 +147,26 @@ class Outbox:
         row = self._db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
         return int(row[0])
 
-    def _count(self) -> int:
-        with self._lock:
-            return self._count_locked()
+    def _drop_oldest(self) -> None:
+        """Delete the oldest messages while a bound is exceeded, and count them (inside the
+        caller's transaction)."""
+        excess = self._depth - self.max_messages
+        over = 0 if self.max_bytes is None else self._bytes - self.max_bytes
+        if excess <= 0 and over <= 0:
+            return
+        cut, freed, last = 0, 0, 0
+        for row_id, size in self._db.execute(f"SELECT id, {_SIZE} FROM outbox ORDER BY id"):
+            if cut >= excess and freed >= over:
+                break
+            cut, freed, last = cut + 1, freed + int(size), int(row_id)
+        self._db.execute("DELETE FROM outbox WHERE id <= ?", (last,))
+        self._bump(DROPPED, cut)
+        self._depth -= cut
+        self._bytes -= freed
 
     def _count_locked(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def _bytes_locked(self) -> int:
+        return int(self._db.execute(f"SELECT COALESCE(SUM({_SIZE}), 0) FROM outbox")
+                   .fetchone()[0])

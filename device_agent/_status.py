@@ -78,6 +78,7 @@ class StatusPublisher:
             update=self.update_section(),
             trusted_keys=[key_id(k) for k in self.trust.trusted_keys],
             allow_unsigned=bool(self.trust.allow_unsigned),
+            variant=model.variant if model is not None and state != DeviceState.OFFLINE else None,
         )
 
     def encoded(self, session: int, state: DeviceState, reason: str | None) -> bytes:

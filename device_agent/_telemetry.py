@@ -17,6 +17,7 @@ from edgekit.protocol import (
     TelemetrySection,
 )
 
+from ._estimate import estimate_section
 from ._model import probabilities
 from ._mqtt import MqttLink
 from ._outbox import Outbox
@@ -48,12 +49,14 @@ class MetricsSource(Protocol):
     def started(self) -> float: ...
 
 
-def predictions_section(agent: MetricsSource, interval: Interval) -> PredictionsSection:
-    """Histogram and mean confidence of the interval's classifier outputs, and the running
-    totals per class kept for /metrics."""
+def predictions_section(agent: MetricsSource, interval: Interval
+                        ) -> tuple[PredictionsSection, np.ndarray | None]:
+    """Histogram and mean confidence of the interval's classifier outputs (and each row's
+    top-1 confidence, for the estimate), and the running totals per class kept for
+    /metrics."""
     model = agent.slot.current
     if not interval.outputs:
-        return PredictionsSection(count=0, histogram={}, mean_confidence=None)
+        return PredictionsSection(count=0, histogram={}, mean_confidence=None), None
     try:
         rows = np.concatenate([o.reshape(len(o), -1) for o in interval.outputs])
     except ValueError:  # outputs of two models of different widths around a swap
@@ -66,8 +69,9 @@ def predictions_section(agent: MetricsSource, interval: Interval) -> Predictions
         name = model.label_name(int(index)) if model is not None else str(int(index))
         histogram[name] = int(counts[index])
     agent.class_totals.update(histogram)
+    top = probs.max(axis=1)
     return PredictionsSection(count=int(len(rows)), histogram=histogram,
-                              mean_confidence=float(probs.max(axis=1).mean()))
+                              mean_confidence=float(top.mean())), top
 
 
 def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
@@ -75,6 +79,7 @@ def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
     model = agent.slot.current
     stats = agent.stats
     outbox = agent.outbox
+    predictions, confidence = predictions_section(agent, interval)
     return MetricsPayload(
         device=agent.config.device.id,
         fleet=agent.config.device.fleet,
@@ -93,12 +98,14 @@ def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
         latency=interval.latency(),
         throughput_rps=interval.requests / interval.duration_s,
         system=agent.system.sample(),
-        predictions=predictions_section(agent, interval),
+        predictions=predictions,
         quality=agent.window.snapshot(),
         telemetry=TelemetrySection(
             queue_depth=outbox.depth if outbox is not None else 0,
             dropped_total=outbox.dropped if outbox is not None else 0,
+            queue_bytes=outbox.bytes if outbox is not None else 0,
         ),
+        estimate=estimate_section(model, confidence),
     )
 
 
@@ -156,9 +163,12 @@ class _AgentCollector:
         if agent.outbox is not None:
             yield GaugeMetricFamily("edgekit_agent_telemetry_queue_depth",
                                     "Messages waiting to be sent.", value=agent.outbox.depth)
+            yield GaugeMetricFamily("edgekit_agent_telemetry_queue_bytes",
+                                    "Bytes of the messages waiting to be sent.",
+                                    value=agent.outbox.bytes)
             yield CounterMetricFamily("edgekit_agent_telemetry_dropped",
-                                      "Messages dropped at the queue bound.",
-                                      value=agent.outbox.dropped)
+                                      "Messages dropped at the queue's bounds (messages,"
+                                      " bytes).", value=agent.outbox.dropped)
         yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the agent.",
                                 value=agent.system.rss_bytes())
         if self.last is not None:
@@ -192,6 +202,10 @@ def _interval_metrics(last: MetricsPayload) -> Iterator[Metric]:
 
     yield GaugeMetricFamily("edgekit_agent_throughput_rps",
                             "Requests per second, last interval.", value=last.throughput_rps)
+    if last.estimate is not None:
+        yield GaugeMetricFamily("edgekit_agent_estimated_accuracy",
+                                "Accuracy estimated without labels (calibrated confidence),"
+                                " last interval.", value=last.estimate.accuracy)
     system = last.system
     if system.cpu_percent is not None:
         yield GaugeMetricFamily("edgekit_agent_cpu_percent", "CPU of the agent, last interval.",

@@ -1,4 +1,5 @@
-"""``edgekit-agent``: run the agent, check its config, install it as a service, show runtimes.
+"""``edgekit-agent``: run the agent, install a site bundle, check its config, install it as a
+service, show runtimes.
 
 Exit codes: 0 success, 1 failure (a refused model, a runtime that cannot load it), 2 usage
 or configuration error. Errors are printed once, as ``error: <message>`` and a hint.
@@ -27,8 +28,10 @@ from edgekit.redact import redact_url
 from edgekit.runtimes import availability
 
 from ._agent import Agent
+from ._install import install_bundle, without_broker
 from ._service import setup_commands, unit_text
 from .config import config_keys, load_config
+from .ota import UpdateFailure
 
 __all__ = ["cli", "main"]
 
@@ -138,6 +141,50 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> None:
     finally:
         log.info("stopping")
         agent.stop()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@_config_options
+@click.option("--timeout", default=3600.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds to wait for the update (probation included) to end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def install(bundle: str, config_path: str | None, overrides: dict[str, Any], timeout: float,
+            as_json: bool) -> None:
+    """Install a site bundle (`edgekit bundle`) with no broker: verify, stage, probation.
+
+    The agent must not be running on this state folder (stop its service first). The
+    bundle's signed intent passes the checks a desired document from the broker passes;
+    the model in service changes only when the package passes verification, staging and
+    probation. Exit code 0 when the update succeeded (or was already done), 1 otherwise.
+    """
+    cfg = load_config(config_path, overrides={**overrides, **without_broker()})
+    logging.basicConfig(level=cfg.agent.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        result = install_bundle(cfg, Path(bundle), timeout=timeout, stop=stop,
+                                on_step=lambda step: log.info("install: %s", step))
+    except UpdateFailure as refusal:
+        if as_json:
+            click.echo(json.dumps({"outcome": "refused", "reason": refusal.reason.value,
+                                   "message": refusal.message}, indent=2))
+        raise UpdateFailure(refusal.reason, f"install refused [{refusal.reason.value}]:"
+                            f" {refusal.message}", hint=refusal.hint) from refusal
+    if as_json:
+        click.echo(json.dumps({"deployment": result.deployment, "model": result.model,
+                               "outcome": result.outcome, "reason": result.reason,
+                               "message": result.message, "serving": result.serving},
+                              indent=2))
+    else:
+        model = result.model
+        why = f" [{result.reason}]" if result.reason else ""
+        click.echo(f"{result.deployment}: {model['name']} {model['version']}:"
+                   f" {result.outcome}{why} {result.message}")
+    if not result.ok:
+        sys.exit(1)
 
 
 @cli.command("check-config")

@@ -21,9 +21,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgekit import typedconfig
-from edgekit.errors import ConfigError, UsageError
+from edgekit.errors import ConfigError, ProtocolError, UsageError
 from edgekit.protocol import check_id
 from edgekit.protocol.ota import MAX_CHUNK_BYTES as _MAX_CHUNK
+from edgekit.protocol.ota import MAX_KBPS as _MAX_KBPS
+from edgekit.protocol.ota import parse_window
 from edgekit.signing import load_public_key
 from edgekit.typedconfig import Invalid, Pattern
 from edgekit.typedconfig import opt as _opt
@@ -68,6 +70,13 @@ def _public_key(value: str) -> None:
     except UsageError as exc:
         raise Invalid(exc.message,
                       "give the PEM public key made by `edgekit keys generate`") from exc
+
+
+def _window(value: str) -> None:
+    try:
+        parse_window(value, "window")
+    except ProtocolError as exc:
+        raise Invalid(exc.message, exc.hint) from exc
 
 
 def _listen(value: str) -> None:
@@ -156,6 +165,10 @@ class TelemetrySection:
                              ge=0.1, or_zero=True)
     queue_max: int = _opt(10000, "Bound of the on-disk store-and-forward queue, in messages;"
                           " the oldest are dropped (and counted) past it.", ge=1)
+    queue_max_bytes: int = _opt(64 * 1024**2, "Bound of the same queue in bytes (topics and"
+                                " payloads): telemetry spooled while no broker is reachable"
+                                " stays within it; the oldest are dropped (and counted) past"
+                                " it.", ge=64 * 1024, le=64 * 1024**3)
     thermal_dir: str = _opt("/sys/class/thermal", "Where the board's thermal zones are read.",
                             path=True)
 
@@ -192,6 +205,13 @@ class OtaSection:
     allow_unsigned_intents: bool = _opt(False, "INSECURE lab setting: follow unsigned desired"
                                         " documents (anyone who can publish to the broker"
                                         " then picks the model). Off: refused.")
+    max_kbps: int = _opt(0, "Thin links: ask for artifact bytes at most this many kilobits a"
+                         " second (a token bucket on chunk requests); a desired document's"
+                         " transfer.max_kbps lowers it. 0: no cap.", ge=0, le=_MAX_KBPS)
+    maintenance_window: str = _opt("", "Thin links: download only between these local times,"
+                                   " HH:MM-HH:MM (22:00-06:00 runs over midnight); wins over"
+                                   " a desired document's transfer.window. Empty: any time.",
+                                   check=_window, allows="empty or HH:MM-HH:MM")
 
 
 @dataclass

@@ -203,10 +203,16 @@ class Package:
     def model_bytes(self) -> bytes:
         return self.read_member(self.manifest.model_file)
 
-    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        if "golden.npz" not in self.manifest.files:
+    def golden(self, member: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The golden samples of ``member`` (default: the manifest's ``golden.file``).
+
+        Raises:
+            ArtifactError: the member is unreadable or altered.
+        """
+        name = member if member is not None else self.manifest.golden.get("file", "golden.npz")
+        if not isinstance(name, str) or name not in self.manifest.files:
             return {}, {}
-        return golden_from_npz(self.read_member("golden.npz"))
+        return golden_from_npz(self.read_member(name))
 
 
 def open_package(path: str | os.PathLike[str]) -> Package:
@@ -253,6 +259,7 @@ def open_package(path: str | os.PathLike[str]) -> Package:
         )
     if manifest.model_file not in listed:
         raise ArtifactError(f"{p}: the model file {manifest.model_file} is not in the package")
+    _check_variant_members(manifest, p)
     _check_declared_sizes(infos, manifest, p)
     return Package(p, manifest, manifest_bytes, signature)
 
@@ -363,6 +370,24 @@ def extract_package(path: str | os.PathLike[str], dest: str | os.PathLike[str]) 
 
 def _dump_manifest(manifest: Manifest) -> bytes:
     return json.dumps(manifest.to_dict(), indent=2, sort_keys=False).encode("utf-8")
+
+
+def _check_variant_members(manifest: Manifest, path: Path) -> None:
+    """Every variant names members that are safe and pinned in ``files``.
+
+    Raises:
+        ArtifactError: a variant's model or golden file is unsafe or not pinned.
+    """
+    for variant in manifest.variants:
+        for what, name in (("model file", variant.model_file), ("golden file", variant.golden_file)):
+            if name is None:
+                continue
+            _check_member_name(name)
+            if name not in manifest.files:
+                raise ArtifactError(
+                    f"{path}: variant {variant.id}'s {what} {name!r} is not pinned in the"
+                    " manifest's files",
+                    hint="this package was not made by edgekit, or was tampered with")
 
 
 def _check_member_name(name: str) -> None:

@@ -53,3 +53,34 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert rows["agents succeeded"] == "2 / 2"
     assert rows["requests failed during the run"] == "0"
     assert "chunk throughput (MB/s)" in out
+
+
+def test_variants_bench_quick(tmp_path: Path) -> None:
+    out = _run("variants_bench.py", tmp_path=tmp_path)
+    assert "## digits: 3 loads" in out
+    assert "onnx-none on CPUExecutionProvider" in out and "1.00x" in out
+    assert "load ratio (variants / plain)" in out
+
+
+def test_delta_bench_quick(tmp_path: Path) -> None:
+    from mqtt_broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("the delta benchmark starts mosquitto, which is not installed")
+    out = _run("delta_bench.py", tmp_path=tmp_path)
+    assert "## delta updates" in out
+    rows = [line for line in out.splitlines() if line.startswith("digits ")]
+    assert [r.split("  ")[0] for r in rows] == ["digits last layer", "digits full retrain"]
+    assert "rebuilt every target exactly" in out
+
+
+def test_estimate_bench_quick(tmp_path: Path) -> None:
+    out = _run("estimate_bench.py", tmp_path=tmp_path)
+    assert "## digits CNN" in out
+    rows = [line.split() for line in out.splitlines()]
+    # Every map on the control and on the demo's strongest drift.
+    for method, data in (("isotonic", "clean"), ("atc", "clean"), ("isotonic", "augmented"),
+                         ("atc", "augmented")):
+        assert [method, data, "none", "(control)"] in [r[:4] for r in rows]
+        assert [method, data, "35,", "0.15"] in [r[:4] for r in rows]
+    assert "worst estimate error on drifted data:" in out and "goal: within 5 points:" in out

@@ -25,7 +25,8 @@ def test_import_stays_light(module: str) -> None:
 @pytest.mark.parametrize(
     "module",
     ["edgekit", "edgekit.artifact", "edgekit.manifest", "edgekit.metrics", "edgekit.data",
-     "edgekit.errors", "edgekit.signing", "edgekit.runtimes", "edgekit.timing", "converters"],
+     "edgekit.errors", "edgekit.signing", "edgekit.runtimes", "edgekit.timing", "converters",
+     "edgekit.calibration"],
 )
 def test_exported_members_exist_and_are_public(module: str) -> None:
     mod = importlib.import_module(module)

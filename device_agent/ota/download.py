@@ -18,13 +18,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 
 from edgekit.errors import ProtocolError
 from edgekit.protocol.ota import (
     ChunkErrorCode,
+    ChunkErrorInfo,
     ChunkRequest,
     UpdateReason,
     decode_chunk,
@@ -34,6 +35,7 @@ from edgekit.protocol.ota import (
 )
 
 from .errors import UpdateFailure
+from .throttle import Pace
 
 __all__ = ["DownloadSettings", "HttpDownload", "MqttDownload", "PartialFile"]
 
@@ -51,6 +53,7 @@ class DownloadSettings:
     window: int = 4  # chunk requests in flight
     request_timeout_s: float = 10.0  # a request unanswered this long is sent again
     stall_timeout_s: float = 300.0  # no progress this long: the download fails
+    pace: Pace = field(default_factory=Pace)  # thin links: rate cap, maintenance window
 
 
 class PartialFile:
@@ -101,6 +104,19 @@ class _Throttle:
             self.reported, self.at = done, time.monotonic()
 
 
+@dataclass
+class _Transfer:
+    """Where one MQTT download stands."""
+
+    done: int  # contiguous checked prefix
+    next_offset: int  # the first byte not asked for yet
+    last_progress: float
+    received: dict[int, int] = field(default_factory=dict)  # offset -> length, past ``done``
+    pending: dict[str, tuple[ChunkRequest, float]] = field(default_factory=dict)
+    retry: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) to ask again
+    corrupt_run: int = 0
+
+
 class MqttDownload:
     """Asks for chunks on ``request_topic``; replies come back through :meth:`deliver`."""
 
@@ -132,104 +148,124 @@ class MqttDownload:
                 named), download_failed (no progress for ``stall_timeout_s``), superseded
                 (``cancel`` was set).
         """
-        s = self.settings
         partial.truncate(start)
         throttle = _Throttle(partial, progress, start)
-        done = start  # contiguous checked prefix
-        next_offset = start
-        received: dict[int, int] = {}  # offset -> length, past ``done``
-        pending: dict[str, tuple[ChunkRequest, float]] = {}
-        retry: list[tuple[int, int]] = []  # (offset, length) to ask again
-        last_progress = time.monotonic()
-        corrupt_run = 0
-        while done < self.size:
+        t = _Transfer(done=start, next_offset=start, last_progress=time.monotonic())
+        while t.done < self.size:
             if self.cancel.is_set():
                 raise UpdateFailure(UpdateReason.SUPERSEDED, "a newer desired document arrived")
-            now = time.monotonic()
-            if now - last_progress > s.stall_timeout_s:
-                raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
-                                    f"no chunk arrived for {s.stall_timeout_s:g} s (at byte"
-                                    f" {done} of {self.size}); no artifact server answers",
-                                    hint="run `edgekit serve PKG` or a controller for the fleet")
-            for rid, (request, sent) in list(pending.items()):
-                if now - sent > s.request_timeout_s:
-                    del pending[rid]
-                    retry.append((request["offset"], request["length"]))
-                    self.stats["resent"] += 1
+            self._check_stall(t)
+            self._expire(t)
             if self._connected():
-                while len(pending) < s.window and (retry or next_offset < self.size):
-                    if retry:
-                        offset, length = retry.pop()
-                    else:
-                        offset, length = next_offset, min(s.chunk_bytes, self.size - next_offset)
-                        next_offset += length
-                    request = self._request(offset, length)
-                    if self._publish(self.request_topic, encode_request(request)):
-                        pending[request["request_id"]] = (request, time.monotonic())
-                    else:
-                        retry.append((offset, length))
-                        break
+                self._send(t)
             try:
                 payload = self._replies.get(timeout=0.2)
             except queue.Empty:
                 continue
-            try:
-                chunk = decode_chunk(payload)
-            except ProtocolError as exc:
-                self.stats["corrupt"] += 1
-                corrupt_run += 1
-                bad_id = peek_request_id(payload)
-                log.warning("refused a chunk reply: %s", exc.message)
-                if bad_id is not None and bad_id in pending:
-                    refused, _ = pending.pop(bad_id)
-                    retry.append((refused["offset"], refused["length"]))
-                if corrupt_run > _MAX_CORRUPT:
-                    raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
-                                        f"{corrupt_run} chunk replies in a row were corrupt") from exc
-                continue
-            entry = pending.pop(chunk.header["request_id"], None)
-            if entry is None:
-                continue  # a late reply to a request already sent again
-            request = entry[0]
-            try:
-                chunk.check_answers(request)
-            except ProtocolError as exc:
-                log.warning("refused a chunk reply: %s", exc.message)
-                retry.append((request["offset"], request["length"]))
-                continue
-            error = chunk.error
-            if error is not None:
-                self.stats["errors"] += 1
-                if error["code"] == ChunkErrorCode.OUT_OF_RANGE.value:
-                    raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
-                                        f"the server's artifact ends before byte"
-                                        f" {request['offset']}, the desired document names"
-                                        f" {self.size} bytes")
-                # not_found, internal: another server of the group may answer, or this one
-                # later (a restart); ask again after the request timeout.
-                pending[request["request_id"]] = (request, time.monotonic())
-                continue
-            corrupt_run = 0
-            total = chunk.header["total"]
-            if total != self.size:
-                reason = UpdateReason.TOO_LARGE if total > self.size else \
-                    UpdateReason.SHA256_MISMATCH
-                raise UpdateFailure(reason, f"the server's artifact is {total} bytes, the"
-                                    f" desired document names {self.size}")
-            if not chunk.data:
-                retry.append((request["offset"], request["length"]))
-                continue
-            partial.write_at(request["offset"], chunk.data)
-            got = len(chunk.data)
-            if got < request["length"]:
-                # The server capped the chunk: ask for the rest of this range.
-                retry.append((request["offset"] + got, request["length"] - got))
-            received[request["offset"]] = got
-            while done in received:
-                done += received.pop(done)
-            last_progress = time.monotonic()
-            throttle.update(done)
-        throttle.update(done, final=True)
+            if self._receive(t, partial, payload):
+                throttle.update(t.done)
+        throttle.update(t.done, final=True)
+
+    def _check_stall(self, t: _Transfer) -> None:
+        stall = self.settings.stall_timeout_s
+        if not (self._connected() and self.settings.pace.open()):
+            # A link that is down or a closed maintenance window is no stall.
+            t.last_progress = time.monotonic()
+        if time.monotonic() - t.last_progress > stall:
+            raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
+                                f"no chunk arrived for {stall:g} s (at byte {t.done} of"
+                                f" {self.size}); no artifact server answers",
+                                hint="run `edgekit serve PKG` or a controller for the fleet")
+
+    def _expire(self, t: _Transfer) -> None:
+        """Requests unanswered for ``request_timeout_s`` are asked again."""
+        now = time.monotonic()
+        for rid, (request, sent) in list(t.pending.items()):
+            if now - sent > self.settings.request_timeout_s:
+                del t.pending[rid]
+                t.retry.append((request["offset"], request["length"]))
+                self.stats["resent"] += 1
+
+    def _send(self, t: _Transfer) -> None:
+        """Fill the window: ranges to ask again first, then the next new ones."""
+        while len(t.pending) < self.settings.window and (t.retry or t.next_offset < self.size) \
+                and self.settings.pace.admit(self.settings.chunk_bytes):
+            if t.retry:
+                offset, length = t.retry.pop()
+            else:
+                offset = t.next_offset
+                length = min(self.settings.chunk_bytes, self.size - offset)
+                t.next_offset += length
+            request = self._request(offset, length)
+            if not self._publish(self.request_topic, encode_request(request)):
+                t.retry.append((offset, length))
+                return
+            t.pending[request["request_id"]] = (request, time.monotonic())
+
+    def _receive(self, t: _Transfer, partial: PartialFile, payload: bytes) -> bool:
+        """Check one reply and write its bytes; True when they were written."""
+        try:
+            chunk = decode_chunk(payload)
+        except ProtocolError as exc:
+            self._corrupt(t, payload, exc)
+            return False
+        entry = t.pending.pop(chunk.header["request_id"], None)
+        if entry is None:
+            return False  # a late reply to a request already sent again
+        request = entry[0]
+        try:
+            chunk.check_answers(request)
+        except ProtocolError as exc:
+            log.warning("refused a chunk reply: %s", exc.message)
+            t.retry.append((request["offset"], request["length"]))
+            return False
+        if chunk.error is not None:
+            self._server_error(t, request, chunk.error)
+            return False
+        t.corrupt_run = 0
+        self._check_total(chunk.header["total"])
+        if not chunk.data:
+            t.retry.append((request["offset"], request["length"]))
+            return False
+        partial.write_at(request["offset"], chunk.data)
+        got = len(chunk.data)
+        if got < request["length"]:
+            # The server capped the chunk: ask for the rest of this range.
+            t.retry.append((request["offset"] + got, request["length"] - got))
+        t.received[request["offset"]] = got
+        while t.done in t.received:
+            t.done += t.received.pop(t.done)
+        t.last_progress = time.monotonic()
+        return True
+
+    def _corrupt(self, t: _Transfer, payload: bytes, exc: ProtocolError) -> None:
+        self.stats["corrupt"] += 1
+        t.corrupt_run += 1
+        bad_id = peek_request_id(payload)
+        log.warning("refused a chunk reply: %s", exc.message)
+        if bad_id is not None and bad_id in t.pending:
+            refused, _ = t.pending.pop(bad_id)
+            t.retry.append((refused["offset"], refused["length"]))
+        if t.corrupt_run > _MAX_CORRUPT:
+            raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
+                                f"{t.corrupt_run} chunk replies in a row were corrupt") from exc
+
+    def _server_error(self, t: _Transfer, request: ChunkRequest, error: ChunkErrorInfo) -> None:
+        self.stats["errors"] += 1
+        if error["code"] == ChunkErrorCode.OUT_OF_RANGE.value:
+            raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
+                                f"the server's artifact ends before byte {request['offset']},"
+                                f" the desired document names {self.size} bytes")
+        # not_found, internal: another server of the group may answer, or this one later (a
+        # restart); ask again after the request timeout.
+        t.pending[request["request_id"]] = (request, time.monotonic())
+
+    def _check_total(self, total: int) -> None:
+        if total != self.size:
+            reason = UpdateReason.TOO_LARGE if total > self.size else \
+                UpdateReason.SHA256_MISMATCH
+            raise UpdateFailure(reason, f"the server's artifact is {total} bytes, the desired"
+                                f" document names {self.size}")
 
     def _request(self, offset: int, length: int) -> ChunkRequest:
         self._count += 1
@@ -265,7 +301,8 @@ class HttpDownload:
         while done < self.size:
             if self.cancel.is_set():
                 raise UpdateFailure(UpdateReason.SUPERSEDED, "a newer desired document arrived")
-            if time.monotonic() - last_progress > self.settings.stall_timeout_s:
+            if time.monotonic() - max(last_progress, self.settings.pace.resumed) > \
+                    self.settings.stall_timeout_s:
                 raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
                                     f"{self.url} gave no bytes for"
                                     f" {self.settings.stall_timeout_s:g} s (at byte {done} of"
@@ -314,6 +351,7 @@ class HttpDownload:
                 partial.write_at(offset, block)
                 offset += len(block)
                 throttle.update(offset)
+                self.settings.pace.wait(len(block), self.cancel)
             if offset >= self.size and response.read(1):
                 raise UpdateFailure(UpdateReason.TOO_LARGE,
                                     f"{self.url} sends more than the {self.size} bytes named")

@@ -26,9 +26,11 @@ from .._model import LoadedModel
 from .._probation import ProbationWatch
 from .._store import STAGED_SUFFIX
 from .checks import check_compatible, stage, verify_package_file
+from .delta import fetch_delta
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
+from .throttle import Pace
 
 if TYPE_CHECKING:
     from .updater import Updater
@@ -163,7 +165,10 @@ class UpdateRun:
                     source=plan[0], progress=(offset, size), details={"resume_from": offset})
         partial = PartialFile(partial_path, size)
         try:
-            for i, source in enumerate(plan):
+            # A delta against a kept package first (device_agent/ota/delta.py); on any
+            # failure it has said why and the package is downloaded.
+            rebuilt = offset == 0 and fetch_delta(self, partial)
+            for i, source in enumerate([] if rebuilt else plan):
                 try:
                     self._fetch_from(source, partial, offset)
                     break
@@ -204,7 +209,8 @@ class UpdateRun:
             chunk_bytes=self.doc["sources"]["mqtt"].get("chunk_size", settings.chunk_bytes)
             if self.doc["sources"]["mqtt"] else settings.chunk_bytes,
             window=settings.window, request_timeout_s=settings.request_timeout_s,
-            stall_timeout_s=settings.stall_timeout_s)
+            stall_timeout_s=settings.stall_timeout_s,
+            pace=Pace.for_update(settings, self.doc))
         if source == "http":
             url = self.doc["sources"]["url"]
             assert url is not None

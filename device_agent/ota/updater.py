@@ -77,6 +77,8 @@ class OtaSettings:
     min_free_bytes: int = 64 * 1024**2
     intent_keys: tuple[str, ...] = ()
     allow_unsigned_intents: bool = False
+    max_kbps: int = 0
+    maintenance_window: str = ""
 
     @classmethod
     def from_config(cls, section: OtaSection) -> OtaSettings:

@@ -33,6 +33,7 @@ from edgekit.protocol.inference import (
 from edgekit.protocol.telemetry import (
     MAX_EVENT_MESSAGE,
     DeviceState,
+    EstimateSection,
     EventKind,
     EventLevel,
     EventPayload,
@@ -48,6 +49,8 @@ from edgekit.protocol.telemetry import (
     StatusPayload,
     SystemSection,
     TelemetrySection,
+    VariantCandidate,
+    VariantSection,
 )
 from edgekit.protocol.topics import (
     FLEET_SCOPE,
@@ -75,6 +78,7 @@ __all__ = [
     "EncodedArray",
     "ErrorCode",
     "ErrorInfo",
+    "EstimateSection",
     "EventKind",
     "EventLevel",
     "EventPayload",
@@ -96,6 +100,8 @@ __all__ = [
     "StatusPayload",
     "SystemSection",
     "TelemetrySection",
+    "VariantCandidate",
+    "VariantSection",
     "TopicParts",
     "check_id",
     "decode",

@@ -20,6 +20,7 @@ from edgekit.protocol.topics import ID_PATTERN, Schema
 __all__ = [
     "MAX_EVENT_MESSAGE",
     "DeviceState",
+    "EstimateSection",
     "EventKind",
     "EventLevel",
     "EventPayload",
@@ -35,6 +36,8 @@ __all__ = [
     "StatusPayload",
     "SystemSection",
     "TelemetrySection",
+    "VariantCandidate",
+    "VariantSection",
 ]
 
 MAX_EVENT_MESSAGE = 2000
@@ -100,6 +103,30 @@ class HardwareInfo(msgspec.Struct, kw_only=True):
     python: Text64
 
 
+class VariantCandidate(msgspec.Struct, kw_only=True, frozen=True):
+    """One (variant, runtime, provider) the device tried, what it measured and why it was
+    or was not picked."""
+
+    variant: Text64
+    runtime: Text64
+    provider: Text64 | None = None  # the onnxruntime execution provider
+    p50_ms: Annotated[float, Meta(ge=0)] | None = None  # median of batch-1 runs; null: not run
+    eligible: bool = False
+    reason: Text256 = ""
+
+
+class VariantSection(msgspec.Struct, kw_only=True, frozen=True):
+    """Which variant of a package of several serves, and why (docs/devices.md)."""
+
+    id: Text64
+    runtime: Text64
+    provider: Text64 | None = None
+    p50_ms: Annotated[float, Meta(ge=0)]
+    runs: Count  # timed runs per candidate
+    reason: Text256
+    candidates: Annotated[list[VariantCandidate], Meta(max_length=32)]
+
+
 class StatusPayload(Document, tag=Schema.STATUS.value):
     """Retained on ``status``. ``session`` grows with every connection the device makes, so a
     reader keeps the payload with the highest session and ignores a late last will."""
@@ -124,6 +151,9 @@ class StatusPayload(Document, tag=Schema.STATUS.value):
     # whether it takes unsigned ones: what `edgekit deploy` checks before it publishes.
     trusted_keys: Annotated[list[Text64], Meta(max_length=64)] | None = None
     allow_unsigned: bool = False
+    # The variant serving, when the model's package holds several (null otherwise, and from
+    # agents that predate variants).
+    variant: VariantSection | None = None
 
 
 class RequestsSection(msgspec.Struct, kw_only=True):
@@ -170,9 +200,19 @@ class QualitySection(msgspec.Struct, kw_only=True):
     feedback_rejected: Count
 
 
+class EstimateSection(msgspec.Struct, kw_only=True):
+    """Accuracy estimated without labels (confidence-based, from the calibration map in the
+    package's manifest; edgekit.calibration) over the interval's classifier predictions."""
+
+    method: Text64 = "cbpe"
+    accuracy: Annotated[float, Meta(ge=0, le=1)]
+    count: Count  # predictions (rows) the estimate covers
+
+
 class TelemetrySection(msgspec.Struct, kw_only=True):
     queue_depth: Count  # messages waiting in the store-and-forward queue
     dropped_total: Count  # messages dropped at the queue's bound since the queue was created
+    queue_bytes: Count = 0  # bytes of the queued messages (the queue's byte bound counts them)
 
 
 class MetricsPayload(Document, tag=Schema.METRICS.value):
@@ -190,6 +230,9 @@ class MetricsPayload(Document, tag=Schema.METRICS.value):
     predictions: PredictionsSection
     quality: QualitySection
     telemetry: TelemetrySection
+    # Added within edgekit.metrics/1: absent from older agents and from packages without a
+    # calibration map; older hosts ignore it.
+    estimate: EstimateSection | None = None
 
 
 class EventPayload(Document, tag=Schema.EVENT.value):

@@ -56,6 +56,12 @@ class Session(ABC):
         self._input_dtypes = [(s.name, np.dtype(s.dtype)) for s in inputs]
         self._output_names = [s.name for s in outputs]
 
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session runs on, in order of preference (onnxruntime);
+        empty for runtimes without providers."""
+        return []
+
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run on arrays already in the model's own dtypes."""

@@ -29,6 +29,10 @@ class OnnxSession(Session):
         fixed = [int(i.shape[0]) for i in graph_inputs if i.shape and isinstance(i.shape[0], int)]
         self._fixed_batch = fixed[0] if fixed and len(fixed) == len(graph_inputs) else None
 
+    @property
+    def providers(self) -> list[str]:
+        return list(self._sess.get_providers())
+
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         step = self._fixed_batch
         if step is None:

@@ -6,6 +6,7 @@ is printed once, as ``error: <message>`` with its hint, and mapped to its exit c
 
 from __future__ import annotations
 
+from edgekit.host.cli import _bundle as _bundle_cmds  # noqa: F401
 from edgekit.host.cli import _console as _console_cmds  # noqa: F401
 from edgekit.host.cli import _controller as _controller_cmds  # noqa: F401
 from edgekit.host.cli import _convert as _convert_cmds  # noqa: F401  (registers commands)

@@ -186,6 +186,7 @@ def _device_json(d: DeviceRecord) -> dict[str, Any]:
             "agent_version": d.agent_version, "latency_p50_ms": m.latency_p50_ms,
             "latency_p95_ms": m.latency_p95_ms, "latency_p99_ms": m.latency_p99_ms,
             "accuracy": m.accuracy, "f1": m.f1, "label_count": m.label_count,
+            "estimated_accuracy": m.estimated_accuracy, "estimated_count": m.estimated_count,
             "first_seen": iso(d.first_seen), "last_seen": iso(d.last_seen),
             "metrics_at": iso(d.metrics_at)}
 
@@ -194,7 +195,8 @@ def _fleet_summary(devices: list[DeviceRecord]) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for d in devices:
         s = out.setdefault(d.fleet, {"devices": 0, "online": 0, "models": {},
-                                     "labels": 0, "accuracy": None, "f1": None})
+                                     "labels": 0, "accuracy": None, "f1": None,
+                                     "estimated": 0, "estimated_accuracy": None})
         s["devices"] += 1
         s["online"] += int(d.online)
         if d.model_version is not None:
@@ -207,10 +209,16 @@ def _fleet_summary(devices: list[DeviceRecord]) -> dict[str, Any]:
             s["_acc"] += n * d.metrics.accuracy
             s["_f1"] += n * d.metrics.f1
             s["labels"] += n
+        k = d.metrics.estimated_count or 0
+        if k and d.metrics.estimated_accuracy is not None:
+            s["_est"] = s.get("_est", 0.0) + k * d.metrics.estimated_accuracy
+            s["estimated"] += k
     for s in out.values():
-        acc, f1 = s.pop("_acc", None), s.pop("_f1", None)
+        acc, f1, est = s.pop("_acc", None), s.pop("_f1", None), s.pop("_est", None)
         if s["labels"]:
             s["accuracy"], s["f1"] = acc / s["labels"], f1 / s["labels"]
+        if s["estimated"]:
+            s["estimated_accuracy"] = est / s["estimated"]
     return out
 
 
@@ -238,15 +246,19 @@ def _status_text(devices: list[DeviceRecord]) -> str:
     rows = [[d.fleet, d.device, "yes" if d.online else "no",
              f"{d.model_name}:{d.model_version}" if d.model_version else None,
              d.metrics.latency_p50_ms, d.metrics.latency_p95_ms, d.metrics.accuracy,
-             d.metrics.f1, d.metrics.label_count, _age(d.last_seen, now)] for d in devices]
+             d.metrics.f1, d.metrics.label_count, d.metrics.estimated_accuracy,
+             _age(d.last_seen, now)] for d in devices]
     lines = [format_table(["FLEET", "DEVICE", "ONLINE", "MODEL", "P50 MS", "P95 MS", "ACCURACY",
-                           "F1", "LABELS", "LAST SEEN"], rows), ""]
+                           "F1", "LABELS", "EST. ACCURACY", "LAST SEEN"], rows), ""]
     for name, s in _fleet_summary(devices).items():
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
         f1 = "-" if s["f1"] is None else f"{s['f1']:.4f}"
         models = ", ".join(f"{ref} x{n}" for ref, n in sorted(s["models"].items())) or "-"
+        estimated = "" if s["estimated_accuracy"] is None else (
+            f"; estimated accuracy {s['estimated_accuracy']:.4f} over {s['estimated']}"
+            " predictions")
         lines.append(f"fleet {name}: {s['online']}/{s['devices']} online; models {models};"
-                     f" accuracy {acc}, F1 {f1} over {s['labels']} labels")
+                     f" accuracy {acc}, F1 {f1} over {s['labels']} labels{estimated}")
     return "\n".join(lines)
 
 

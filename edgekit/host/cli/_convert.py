@@ -28,6 +28,11 @@ from edgekit.signing import load_private_key
               help=".npz with one array per input (or x), used for int8 calibration.")
 @click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
               help=".npz with inputs and labels (y) for parity and accuracy.")
+@click.option("--estimate-data", "estimate_path", type=click.Path(exists=True, dir_okay=False),
+              help="Labelled .npz the accuracy-estimate map is fitted on (default: --eval);"
+                   " it should hold the variation the field will show.")
+@click.option("--estimate-method", type=click.Choice(["atc", "isotonic"]), default="atc",
+              show_default=True, help="How the accuracy-estimate map is fitted.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="state_dict for a package.module:factory source.")
 @click.option("--input-shape", "input_shapes", multiple=True,
@@ -55,17 +60,26 @@ from edgekit.signing import load_private_key
 @click.option("--min-top1", type=float, default=0.97, show_default=True,
               help="Parity (classifiers): least share of samples whose top class agrees.")
 @click.option("--strict", is_flag=True, help="A parity failure is an error (exit 1, no output).")
+@click.option("--variants", "variants_csv", metavar="TARGET:QUANTIZE,...",
+              help="Write one package of several artifacts (e.g. onnx:none,onnx:int8,"
+                   "tflite:int8) in place of --to/--quantize; the device serves the fastest"
+                   " within --max-accuracy-drop.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="With --variants: the largest accuracy drop, in points, a variant may have"
+                   " to be served.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Threads for the latency figure.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the .edgepkg.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(source: str, target: str, quantize: str, per_tensor: bool, calibration_method: str,
-            int8_io: bool, calibration: str | None, eval_path: str | None, weights: str | None,
+            int8_io: bool, calibration: str | None, eval_path: str | None,
+            estimate_path: str | None, estimate_method: str, weights: str | None,
             input_shapes: tuple[str, ...], opset: int, exporter: str, task: str,
             labels_csv: str | None, name: str | None, version: str | None,
             db_url: str | None, sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
-            strict: bool, threads: int, output: str, as_json: bool) -> None:
+            strict: bool, variants_csv: str | None, max_accuracy_drop: float, threads: int,
+            output: str, as_json: bool) -> None:
     """Convert SOURCE into one signed, validated .edgepkg.
 
     SOURCE is a torch.export program (.pt2), a TorchScript file (.pt), a
@@ -90,10 +104,17 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         task=task, labels=labels_csv.split(",") if labels_csv else None, name=name,
         version=version, input_shapes=shapes, input_dtypes=dtypes, atol=atol,
         min_cosine=min_cosine, min_top1=min_top1, strict=strict, threads=threads,
+        estimate_method=estimate_method,
     ).validate()
     key = load_private_key(sign_key) if sign_key else None
+    if variants_csv is not None:
+        _convert_variants(source, variants_csv, opts, max_accuracy_drop, output=output,
+                          calibration=calibration, eval_path=eval_path, weights=weights,
+                          key=key, as_json=as_json)
+        return
     result = run_convert(source, opts, output=output, calibration=calibration,
-                         eval_data=eval_path, weights=weights, sign_key=key,
+                         eval_data=eval_path, estimate_data=estimate_path, weights=weights,
+                         sign_key=key,
                          progress=progress_printer(as_json))
     if as_json:
         emit_json({"output": str(result.path), "name": result.manifest.name,
@@ -106,6 +127,33 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(f"wrote {result.path}{' (signed)' if key else ' (unsigned)'}")
+
+
+def _convert_variants(source: str, variants_csv: str, opts: Any, max_accuracy_drop: float, *,
+                      output: str, calibration: str | None, eval_path: str | None,
+                      weights: str | None, key: Any, as_json: bool) -> None:
+    """``convert --variants``: one package of several artifacts, a report per variant."""
+    from converters import convert_variants, parse_variants
+
+    result = convert_variants(source, parse_variants(variants_csv), opts, output=output,
+                              max_accuracy_drop=max_accuracy_drop / 100.0,
+                              calibration=calibration, eval_data=eval_path, weights=weights,
+                              sign_key=key, progress=progress_printer(as_json))
+    m = result.manifest
+    if as_json:
+        emit_json({"output": str(result.path), "name": m.name, "version": m.version,
+                   "max_accuracy_drop": m.max_accuracy_drop, "default": m.variants[0].id,
+                   "variants": [{"id": v.id, "recipe": v.recipe,
+                                 "report": result.reports[v.id]} for v in m.variants],
+                   "warnings": result.warnings, "signed": key is not None})
+        return
+    for v in m.variants:
+        click.echo(f"[{v.id}] " + format_report(m.name, m.version, v.recipe, result.reports[v.id]))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {result.path} with {len(m.variants)} variants (default {m.variants[0].id},"
+               f" accuracy budget {max_accuracy_drop:g} points)"
+               f"{' (signed)' if key else ' (unsigned)'}")
 
 
 def resolve_cli_naming(source: str, name: str | None, version: str | None,
@@ -236,3 +284,13 @@ def inspect(package: str, as_json: bool) -> None:
     click.echo(f"signature: {'key ' + str(sig.get('key_id')) if sig else 'none'}")
     if m.metrics:
         click.echo(format_report(m.name, m.version, m.recipe, m.metrics))
+    for v in m.variants:
+        drop = v.accuracy_drop
+        click.echo(f"variant {v.id}: {v.model_file}, {format_recipe(v.recipe).splitlines()[0]};"
+                   f" p50 {v.metrics.get('latency', {}).get('artifact', {}).get('p50_ms', 0):.3f}"
+                   f" ms here, accuracy drop"
+                   f" {'-' if drop is None else f'{drop * 100:+.2f} points'}")
+    if m.variants:
+        budget = m.max_accuracy_drop
+        click.echo("the device serves the fastest variant it measures within the accuracy"
+                   f" budget of {'-' if budget is None else f'{budget * 100:g} points'}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -16,6 +18,7 @@ from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._mqtt_options import MqttAuth, mqtt_options
 from edgekit.host.keys import operator_key
 from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.delta import offer_deltas
 from edgekit.host.ota.deploy import desired_for_package
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress, Outcome
@@ -38,6 +41,7 @@ from edgekit.protocol.ota.desired import (
     new_deployment_id,
 )
 from edgekit.protocol.ota.topics import DEFAULT_SHARE_GROUP
+from edgekit.protocol.ota.transfer import MAX_KBPS, make_transfer
 
 _BROKER = click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                        envvar="EDGEKIT_MQTT_BROKER",
@@ -165,10 +169,20 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
               help="Serve PACKAGE over HTTP here while waiting, and name that URL.")
 @click.option("--allow-breaking", is_flag=True,
               help="Accept changed inputs/outputs when the manifest marks the change breaking.")
+@click.option("--delta-from", "delta_from", multiple=True, type=click.Path(dir_okay=False),
+              help="A package devices may serve now: offer a delta from it (repeatable;"
+                   " the .edgepkg files next to PACKAGE are candidates too).")
+@click.option("--no-delta", is_flag=True, help="Offer no deltas, only the full package.")
 @click.option("--latency-budget-ms", type=click.FloatRange(min=0),
               help="Staging: refuse the model when its mean latency on the golden samples is"
                    " over this.")
 @_probation_options
+@click.option("--max-kbps", type=click.IntRange(1, MAX_KBPS),
+              help="Thin links: devices ask for chunks at most this many kbit/s (signed into"
+                   " the document; a device's own ota.max_kbps may be lower).")
+@click.option("--window", "window", metavar="HH:MM-HH:MM",
+              help="Thin links: devices download only in this window of their local time"
+                   " (22:00-06:00 runs over midnight; a device's ota.maintenance_window wins).")
 @_SHARE
 @click.option("--direct", is_flag=True,
               help="Publish to the fleet at once even when a controller looks after it"
@@ -181,10 +195,11 @@ def _probation(requests: int, seconds: float, max_error_rate: float,
 def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, timeout: float,
            no_wait: bool, include_offline: bool, as_json: bool, quiet: bool,
            key_path: str | None, allow_downgrade: bool, allow_rename: bool, url: str | None,
-           http_addr: str | None, allow_breaking: bool,
-           latency_budget_ms: float | None, probation_requests: int,
+           http_addr: str | None, allow_breaking: bool, delta_from: tuple[str, ...],
+           no_delta: bool, latency_budget_ms: float | None, probation_requests: int,
            probation_seconds: float, max_error_rate: float, max_latency_ms: float | None,
-           share_group: str, direct: bool, force: bool, mqtt_auth: MqttAuth) -> None:
+           max_kbps: int | None, window: str | None, share_group: str, direct: bool,
+           force: bool, mqtt_auth: MqttAuth) -> None:
     """Update a fleet, or some of its devices, to PACKAGE.
 
     First checks the targets' retained status: the deploy is refused (exit 1, nothing
@@ -214,8 +229,16 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
     info = store.add(package)
     probation = _probation(probation_requests, probation_seconds, max_error_rate,
                            max_latency_ms)
+    try:
+        transfer = make_transfer(max_kbps, window, "--window")
+    except EdgekitError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from exc
     with mqtt_auth.client(broker).connect() as client:
         managed = not direct and bool(controllers_for(client, fleet))
+        if managed and transfer is not None:
+            raise UsageError("--max-kbps and --window go into a direct deploy's document; a"
+                             " controller looks after this fleet",
+                             hint="add --direct, or deploy without them")
         report = check_before_deploy(client, fleet, info, devices=targets,
                                      signed_rollback=allow_downgrade, force=force,
                                      empty_fleet_ok=managed or no_wait)
@@ -230,19 +253,26 @@ def deploy(package: str, fleet: str, devices: tuple[str, ...], broker: str, time
             if code is not None:
                 sys.exit(code)
         http_server = start_http(store, http_addr, None, None)
+        delta_dir = tempfile.TemporaryDirectory(prefix="edgekit-deltas-")
         try:
-            doc = desired_for_package(info, fleet, devices=targets, url=url or (
+            deltas = [] if no_delta else offer_deltas(
+                client, fleet, targets, info, store, [Path(p) for p in delta_from],
+                Path(delta_dir.name), http_server.url_for if http_server else None,
+                note=None if quiet or as_json else lambda line: click.echo(line, err=True))
+            doc = desired_for_package(info, fleet, devices=targets, deltas=deltas, url=url or (
                 http_server.url_for(info.sha256) if http_server else None),
                 allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
                 allow_rename=allow_rename, probation=probation,
-                latency_budget_ms=latency_budget_ms)
+                latency_budget_ms=latency_budget_ms, transfer=transfer)
             ok = _run(client, fleet, targets, doc, key, store, share_group, timeout=timeout,
                       no_wait=no_wait, include_offline=include_offline, as_json=as_json,
                       quiet=quiet)
         finally:
             if http_server:
                 http_server.stop()
+            delta_dir.cleanup()
     sys.exit(0 if ok else 1)
+
 
 
 @cli.command()

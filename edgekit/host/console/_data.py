@@ -97,12 +97,19 @@ def fleet_view(store: Store) -> dict[str, Any]:
         devices.append({
             "fleet": d.fleet, "device": d.device, "online": d.online,
             "model": d.model_name, "version": d.model_version, "agent": d.agent_version,
+            "variant": _variant_id(d.status),
             "p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "accuracy": m.accuracy,
-            "f1": m.f1, "labels": m.label_count,
+            "f1": m.f1, "labels": m.label_count, "estimated": m.estimated_accuracy,
             **_signals(recent.get((d.fleet, d.device), []), reference),
             "last_seen": _ts(d.last_seen)})
     warnings = {f: sorted(s["warnings"].values()) for f, s in policy.items() if s["warnings"]}
     return {"now": iso(now), "devices": devices, "warnings": warnings}
+
+
+def _variant_id(status: dict[str, Any] | None) -> str | None:
+    """The variant a device serves, from its status (packages of variants only)."""
+    variant = (status or {}).get("variant")
+    return str(variant.get("id")) if isinstance(variant, dict) else None
 
 
 def _section(payload: dict[str, Any], key: str) -> dict[str, Any]:
@@ -111,8 +118,8 @@ def _section(payload: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _series(records: list[MetricRecord]) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {k: [] for k in ("t", "accuracy", "f1", "p50", "p95", "rps",
-                                                  "confidence")}
+    out: dict[str, list[Any]] = {k: [] for k in ("t", "accuracy", "f1", "estimated", "p50",
+                                                  "p95", "rps", "confidence")}
     # By the device's clock: a queue flushed after a reconnect arrives late, out of order.
     for r in sorted(records, key=lambda r: (r.ts, r.session, r.seq)):
         p = r.payload
@@ -120,6 +127,7 @@ def _series(records: list[MetricRecord]) -> dict[str, list[Any]]:
         out["t"].append(r.ts.timestamp())
         out["accuracy"].append(quality.get("accuracy") if quality.get("labels") else None)
         out["f1"].append(quality.get("f1_macro") if quality.get("labels") else None)
+        out["estimated"].append(_section(p, "estimate").get("accuracy"))
         out["p50"].append(latency.get("p50_ms") if latency.get("count") else None)
         out["p95"].append(latency.get("p95_ms") if latency.get("count") else None)
         out["rps"].append(p.get("throughput_rps"))
@@ -152,7 +160,10 @@ def device_view(store: Store, fleet: str, device: str, *,
                                 "state": target.state, "reason": target.reason,
                                 "updated": iso(target.updated)})
     own = store.list_events(fleet=fleet, device=device, limit=200, latest=True)
-    return {"device": {**record.to_dict(), "status": None}, "series": series,
+    variant = (record.status or {}).get("variant")
+    return {"device": {**record.to_dict(), "status": None,
+                       "variant": variant if isinstance(variant, dict) else None},
+            "series": series,
             "markers": markers, "history": history,
             "events": [_event(e) for e in reversed(own)]}
 

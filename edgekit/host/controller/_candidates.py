@@ -54,7 +54,9 @@ class Score:
     samples: int
 
     def metric(self, name: str) -> float:
-        return self.accuracy if name == "accuracy" else self.f1
+        # Candidates are judged on labelled samples: an estimated metric is judged as the
+        # labelled one it estimates.
+        return self.f1 if name == "f1" else self.accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.ref, "accuracy": self.accuracy, "f1": self.f1,
@@ -129,14 +131,14 @@ def next_version(registry: Registry, name: str) -> str:
 
 def options_from_manifest(manifest: dict[str, Any], *, name: str, version: str) -> Any:
     """The :class:`converters.ConvertOptions` that reproduce a package's conversion: its
-    target format, quantization mode and settings from the recipe, its task, labels and
-    golden tolerances.
+    target format, quantization mode and settings from the recipe, its task, labels, golden
+    tolerances and the method of its accuracy-estimate map.
 
     Raises:
         UsageError: the recipe holds a value the converter refuses.
     """
     from converters import ConvertOptions
-    from converters.options import CALIBRATION_METHODS, QUANT_MODES
+    from converters.options import CALIBRATION_METHODS, ESTIMATE_METHODS, QUANT_MODES
 
     recipe = manifest.get("recipe") or {}
     target = (manifest.get("target") or {}).get("format", "onnx")
@@ -159,6 +161,9 @@ def options_from_manifest(manifest: dict[str, Any], *, name: str, version: str) 
         options["opset"] = recipe["opset"]
     if target == "tflite" and recipe.get("int8_io") is True:
         options["int8_io"] = True
+    estimate = (manifest.get("metrics") or {}).get("calibration")
+    if isinstance(estimate, dict) and estimate.get("method") in ESTIMATE_METHODS:
+        options["estimate_method"] = estimate["method"]
     golden = manifest.get("golden") or {}
     for key, option in (("atol", "golden_atol"), ("rtol", "golden_rtol")):
         if isinstance(golden.get(key), int | float):

@@ -47,6 +47,7 @@ __all__ = [
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _METRICS = ("accuracy", "f1")
+_POLICY_METRICS = (*_METRICS, "estimated_accuracy")
 _STRATEGIES = ("registry-then-retrain", "registry", "retrain")
 _SHIFT_MEASURES = ("tv", "psi")
 _LABEL_TIMEOUT_ACTIONS = ("continue", "abort")
@@ -224,13 +225,18 @@ class RolloutSection:
 class PolicySection:
     enabled: bool = _opt(False, "Run the maintenance policy (watch field quality, update the"
                          " model when it drops).")
-    metric: str = _opt("accuracy", "Quality metric: accuracy or f1 (macro).", choices=_METRICS)
+    metric: str = _opt("accuracy", "Quality metric: accuracy, f1 (macro), or"
+                       " estimated_accuracy (estimated without labels from the calibrated"
+                       " confidence of every prediction; packages without a calibration map"
+                       " report none).", choices=_POLICY_METRICS)
     threshold: float = _opt(0.0, "Breach when the fleet's metric is below this (0: off).",
                             ge=0.0, le=1.0)
     relative_drop: float = _opt(0.1, "Breach when the metric is this share below the model's"
                                 " baseline in its manifest (0.1: 10% lower; 0: off).",
                                 ge=0.0, le=1.0)
     min_labels: int = _opt(50, "Labels a window needs (over the fleet) to count.", ge=1)
+    min_estimated: int = _opt(200, "Predictions with an accuracy estimate a window needs (over"
+                              " the fleet) to count, with metric = estimated_accuracy.", ge=1)
     consecutive: int = _opt(3, "Breached windows in a row needed to act (hysteresis).", ge=1)
     interval_s: float = _opt(30.0, "Length of one policy window, in seconds.", ge=0.1)
     confidence_drop: float = _opt(0.15, "Warn when the mean confidence falls this far below the"

@@ -363,11 +363,13 @@ def status_fields(doc: StatusPayload) -> dict[str, Any]:
 
 def metrics_summary(doc: MetricsPayload) -> MetricsSummary:
     """The device summary ``fleet status`` shows, from a metrics document."""
-    latency, quality = doc.latency, doc.quality
+    latency, quality, estimate = doc.latency, doc.quality, doc.estimate
     return MetricsSummary(
         latency_p50_ms=_finite(latency.p50_ms), latency_p95_ms=_finite(latency.p95_ms),
         latency_p99_ms=_finite(latency.p99_ms), accuracy=_finite(quality.accuracy),
         f1=_finite(quality.f1_macro), label_count=quality.labels,
+        estimated_accuracy=estimate.accuracy if estimate is not None else None,
+        estimated_count=estimate.count if estimate is not None else None,
     )
 
 

@@ -6,6 +6,9 @@ for the model most of the fleet's online devices run:
 
 - labelled quality: accuracy and macro F1 of the devices' feedback windows, weighted by
   their label counts (a window counts only with ``min_labels`` labels, some of them new);
+- estimated accuracy (``metric = "estimated_accuracy"``): the devices' label-free estimates
+  (calibrated confidence, edgekit.calibration), weighted by their prediction counts (a
+  window counts only with ``min_estimated`` estimated predictions);
 - label-free signals: the mean confidence and the prediction distribution of the window's
   predictions, compared with a reference (``extra.baseline`` in the model's manifest, else
   the first window the model served). They raise warnings, never an update.
@@ -71,9 +74,19 @@ class Window:
     predictions: int
     confidence: float | None
     distribution: dict[str, float]
+    estimated_accuracy: float | None = None
+    estimated: int = 0  # predictions the estimate covers
 
     def metric(self, name: str) -> float | None:
+        if name == "estimated_accuracy":
+            return self.estimated_accuracy
         return self.accuracy if name == "accuracy" else self.f1
+
+    def enough(self, settings: PolicySection) -> bool:
+        """Whether the window has the data its metric needs to count."""
+        if settings.metric == "estimated_accuracy":
+            return self.estimated >= settings.min_estimated
+        return self.labels >= settings.min_labels and self.new_labels > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -175,8 +188,7 @@ class MaintenancePolicy:
             return None
         self._label_free(fleet, state, window)
         s = self.settings
-        enough = window.labels >= s.min_labels and window.new_labels > 0
-        if not enough:
+        if not window.enough(s):
             return None
         value = window.metric(s.metric)
         baseline = self._baseline(window)
@@ -201,7 +213,8 @@ class MaintenancePolicy:
         name, limit = broken[0]
         self._event(fleet, "policy.breach",
                     f"{window.model}: {s.metric} {value:.4f} < {limit:.4f} ({name}), window"
-                    f" {state.breaches} of {s.consecutive} over {window.labels} labels",
+                    f" {state.breaches} of {s.consecutive} over {window.labels} labels"
+                    f" ({window.estimated} predictions estimated)",
                     level="warning", reason=name,
                     data={**numbers, "breaches": state.breaches, "consecutive": s.consecutive})
         if state.breaches >= s.consecutive and time.monotonic() >= state.cooldown_until:
@@ -222,6 +235,7 @@ class MaintenancePolicy:
         latest: dict[str, dict[str, Any]] = {}
         histogram: Counter[str] = Counter()
         confidence_sum, predicted = 0.0, 0
+        estimated_sum, estimated = 0.0, 0
         for record in records:
             model = record.payload.get("model")
             if not isinstance(model, dict) or model.get("sha256") != sha:
@@ -238,6 +252,11 @@ class MaintenancePolicy:
                 if isinstance(count, int) and count > 0 and isinstance(conf, int | float):
                     confidence_sum += float(conf) * count
                     predicted += count
+            estimate = record.payload.get("estimate")
+            if isinstance(estimate, dict) and isinstance(estimate.get("count"), int) and \
+                    isinstance(estimate.get("accuracy"), int | float):
+                estimated_sum += float(estimate["accuracy"]) * estimate["count"]
+                estimated += estimate["count"]
         labels = new = 0
         acc_sum = f1_sum = 0.0
         for device, payload in latest.items():
@@ -263,14 +282,19 @@ class MaintenancePolicy:
             f1=f1_sum / labels if labels else None,
             predictions=predicted, confidence=confidence_sum / predicted if predicted else None,
             distribution={k: v / hist_total for k, v in sorted(histogram.items())}
-            if hist_total else {})
+            if hist_total else {},
+            estimated_accuracy=estimated_sum / estimated if estimated else None,
+            estimated=estimated)
 
     def _baseline(self, window: Window) -> float | None:
         name, _, version = window.model.partition(":")
         record = self.store.get_model(name, version)
         if record is None:
             return None
-        return evaluation_summary(record.evaluation).get(self.settings.metric)
+        # An estimate is compared with the labelled accuracy it estimates (on the evaluation
+        # data, the calibrated estimate is that accuracy).
+        metric = "f1" if self.settings.metric == "f1" else "accuracy"
+        return evaluation_summary(record.evaluation).get(metric)
 
     def _label_free(self, fleet: str, state: _FleetState, window: Window) -> None:
         s = self.settings

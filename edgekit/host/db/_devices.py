@@ -203,6 +203,7 @@ def _device(row: Any) -> DeviceRecord:
         metrics=MetricsSummary(
             latency_p50_ms=row.latency_p50_ms, latency_p95_ms=row.latency_p95_ms,
             latency_p99_ms=row.latency_p99_ms, accuracy=row.accuracy, f1=row.f1,
-            label_count=row.label_count),
+            label_count=row.label_count, estimated_accuracy=row.estimated_accuracy,
+            estimated_count=row.estimated_count),
         metrics_at=row.metrics_at,
     )

@@ -33,6 +33,8 @@ class MetricsSummary:
     accuracy: float | None = None
     f1: float | None = None
     label_count: int | None = None
+    estimated_accuracy: float | None = None  # without labels, over the last interval
+    estimated_count: int | None = None  # predictions the estimate covers
 
     def to_dict(self) -> dict[str, Any]:
         # Flat fields: a shallow copy, not dataclasses.asdict's deep one (ingest calls this

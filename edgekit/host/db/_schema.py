@@ -32,7 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 #: The schema version in ``schema_info``: the number of the newest migration
 #: (``migrations/versions/NNNN_*.py``). A change to the models below needs a migration.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -175,6 +175,9 @@ class DeviceRow(Base):
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     f1: Mapped[float | None] = mapped_column(Float, nullable=True)
     label_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Accuracy estimated without labels, and the predictions it covers (last interval).
+    estimated_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    estimated_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     metrics_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # (session, seq) of the metrics message the summary came from: an older one never
     # overwrites a newer one when messages arrive out of order.

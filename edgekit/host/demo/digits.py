@@ -63,6 +63,33 @@ def drift(x: np.ndarray, angle_deg: float, noise: float, seed: int = 0) -> np.nd
     return np.clip(noisy, 0.0, 1.0).astype(np.float32)
 
 
+# Drift strengths (angle in degrees, noise) of the accuracy-estimate set: the clean images
+# and copies from slight to beyond the demo's own drift (25 to 45 degrees, noise 0.15).
+ESTIMATE_STRENGTHS = ((5, 0.05), (15, 0.05), (15, 0.1), (25, 0.1), (35, 0.15), (45, 0.2))
+
+
+def drift_each(x: np.ndarray, angle: float, noise: float, seed: int) -> np.ndarray:
+    """Each image rotated by its own random angle within ``angle`` +- 10 degrees, either
+    way, and Gaussian noise added (:func:`drift`); ``angle`` 0 and ``noise`` 0: unchanged."""
+    if angle == 0 and noise == 0:
+        return x
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(max(angle - 10, 0), angle + 10, size=len(x)) \
+        * rng.choice([-1, 1], size=len(x))
+    return np.concatenate([drift(x[i:i + 1], float(a), noise, seed=seed * 100000 + i)
+                           for i, a in enumerate(angles)])
+
+
+def estimate_set(x: np.ndarray, y: np.ndarray, seed: int = 1000,
+                 strengths: tuple[tuple[float, float], ...] = ESTIMATE_STRENGTHS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled data for the package's accuracy-estimate map: ``x`` clean plus one copy per
+    strength (angle, noise) of :func:`drift_each`, drawn with seeds from ``seed`` on (keep
+    them apart from the seeds that draw the data the estimate is judged on)."""
+    xs = [x] + [drift_each(x, a, n, seed + k) for k, (a, n) in enumerate(strengths)]
+    return np.concatenate(xs), np.tile(y, len(xs))
+
+
 def torch_cnn() -> Any:
     """A small CNN for 1x8x8 digits: `examples.digits.models:torch_cnn` as a factory."""
     import torch

@@ -64,7 +64,14 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
     import torch
 
     from converters import ConvertOptions, convert
-    from edgekit.host.demo.digits import load_digits_split, torch_cnn, train_torch, write_npz_files
+    from edgekit.data import Dataset
+    from edgekit.host.demo.digits import (
+        estimate_set,
+        load_digits_split,
+        torch_cnn,
+        train_torch,
+        write_npz_files,
+    )
     from edgekit.signing import load_private_key
 
     clock.say("training the digits CNN (PyTorch) on clean digits")
@@ -77,12 +84,17 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
                                   dynamic_shapes=({0: batch},))
     torch.export.save(program, pt2)
     data = write_npz_files(work / "data")
+    # The accuracy estimate's map learns how far confidence falls with accuracy from the
+    # evaluation split drifted as the field may be (its own seeds, not the traffic's).
+    estimate = estimate_set(*split["eval"])
     clock.say("converting to ONNX, validating against PyTorch, signing")
     out = work / "digits-1.0.0.edgepkg"
     res = convert(pt2, ConvertOptions(target="onnx", quantize="none", name=MODEL,
                                       version="1.0.0", exporter="torchscript",
                                       latency_runs=20),
                   output=out, calibration=data["calib"], eval_data=data["eval"],
+                  estimate_data=Dataset({"x": estimate[0]}, estimate[1],
+                                        "digits evaluation split, clean and drifted"),
                   sign_key=load_private_key(key_path))
     acc = res.report["accuracy"]["artifact"]["accuracy"]
     clock.say(f"packaged {MODEL} 1.0.0: accuracy {acc:.3f} on {res.report['accuracy']['samples']}"

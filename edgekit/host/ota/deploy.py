@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError
 from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.delta import DeltaFile
 from edgekit.host.ota.store import ArtifactInfo
 from edgekit.host.ota.tracker import DeploymentTracker, DeployResult, DeviceProgress
 from edgekit.protocol import ROOT, Kind, parse_topic, subscription
 from edgekit.protocol.ota.desired import (
+    DeltaSource,
     DesiredDocument,
     Probation,
     make_desired,
@@ -37,9 +39,11 @@ from edgekit.protocol.ota.desired import (
     seal_desired,
 )
 from edgekit.protocol.ota.topics import artifact_request_topic, desired_topic
+from edgekit.protocol.ota.transfer import Transfer
 
 __all__ = [
     "Deployer",
+    "delta_source",
     "desired_for_package",
     "read_retained",
 ]
@@ -49,12 +53,13 @@ ChangeCallback = Callable[[DeploymentTracker, DeviceProgress | None], None]
 
 def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | None = None,
                         devices: list[str] | None = None, mqtt_source: bool = True,
-                        url: str | None = None, allow_breaking: bool = False,
-                        allow_downgrade: bool = False, allow_rename: bool = False,
+                        url: str | None = None, deltas: list[DeltaSource] | None = None,
+                        allow_breaking: bool = False, allow_downgrade: bool = False, allow_rename: bool = False,
                         revert: bool = False, probation: Probation | None = None,
                         latency_budget_ms: float | None = None,
                         issued: dt.datetime | None = None,
-                        ttl_s: float | None = None) -> DesiredDocument:
+                        ttl_s: float | None = None,
+                        transfer: Transfer | None = None) -> DesiredDocument:
     """The desired document that asks ``devices`` (None: the fleet) for the package ``info``
     (with ``revert``: to leave it for the model each ran before).
 
@@ -66,9 +71,17 @@ def desired_for_package(info: ArtifactInfo, fleet: str, *, deployment: str | Non
         name=info.name, version=info.version, sha256=info.sha256, size=info.size,
         key_id=info.key_id,
         request_topic=artifact_request_topic(fleet, info.sha256) if mqtt_source else None,
-        url=url, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
+        url=url, deltas=deltas, allow_breaking=allow_breaking, allow_downgrade=allow_downgrade,
         allow_rename=allow_rename, revert=revert, probation=probation,
-        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s)
+        latency_budget_ms=latency_budget_ms, issued=issued, ttl_s=ttl_s, transfer=transfer)
+
+
+def delta_source(delta: DeltaFile, fleet: str, *, mqtt_source: bool = True,
+                 url: str | None = None) -> DeltaSource:
+    """The desired document's entry for a served delta."""
+    return DeltaSource(base_sha256=delta.base_sha256, sha256=delta.sha256, size=delta.size,
+                       request_topic=artifact_request_topic(fleet, delta.sha256)
+                       if mqtt_source else None, url=url)
 
 
 def read_retained(client: HostClient, topic_filter: str, timeout: float = 5.0) -> dict[str, bytes]:

@@ -49,6 +49,7 @@ class DeviceView:
     state: str
     model_name: str | None = None
     model_version: str | None = None
+    model_sha256: str | None = None  # of the package it serves (a delta's possible base)
     trusted_keys: list[str] | None = None  # None: the agent does not report them
     allow_unsigned: bool = False
 
@@ -108,6 +109,7 @@ def parse_status(device: str, payload: bytes) -> DeviceView | None:
     view = DeviceView(device=device, state=doc.state.value)
     if doc.model is not None:
         view.model_name, view.model_version = doc.model.name, doc.model.version
+        view.model_sha256 = doc.model.sha256
     view.trusted_keys = list(doc.trusted_keys) if doc.trusted_keys is not None else None
     view.allow_unsigned = doc.allow_unsigned
     return view

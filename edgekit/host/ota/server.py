@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 from edgekit.errors import ArtifactError, EdgekitError, ProtocolError
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota._http import ArtifactHttpServer
+from edgekit.host.ota.delta import DeltaFile
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.protocol import ROOT, Kind, check_id, is_valid_id, parse_topic
 from edgekit.protocol.ota.chunks import (
@@ -130,6 +131,18 @@ class ArtifactServer:
         self._subscribe(info.sha256)
         log.info("serving %s %s (%s, %d bytes)", info.name, info.version, info.sha256[:12],
                  info.size)
+        return info
+
+    def serve_delta(self, delta: DeltaFile, target: ArtifactInfo) -> ArtifactInfo:
+        """Start answering requests for a delta that rebuilds ``target`` (by its sha256).
+
+        Raises:
+            ArtifactError: the delta file is missing or changed.
+        """
+        info = self.store.add_delta(delta.path, delta.sha256, delta.size, target)
+        self._subscribe(info.sha256)
+        log.info("serving a delta to %s %s from %s (%d bytes)", target.name, target.version,
+                 delta.base_sha256[:12], delta.size)
         return info
 
     def withdraw(self, sha256: str) -> None:

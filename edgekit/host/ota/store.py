@@ -49,6 +49,27 @@ class ArtifactStore:
             self._items[info.sha256] = info
         return info
 
+    def add_delta(self, path: str | os.PathLike[str], sha256: str, size: int,
+                  target: ArtifactInfo) -> ArtifactInfo:
+        """Register a delta file (:mod:`edgekit.host.ota.delta`) that rebuilds ``target``;
+        served like a package, by its own sha256.
+
+        Raises:
+            ArtifactError: the file is missing or not of ``size`` bytes.
+        """
+        p = Path(path).resolve()
+        try:
+            actual = p.stat().st_size
+        except OSError as exc:
+            raise ArtifactError(f"cannot read the delta {p}: {exc.strerror}") from exc
+        if actual != size:
+            raise ArtifactError(f"the delta {p} is {actual} bytes, not {size}")
+        info = ArtifactInfo(sha256=sha256, size=size, path=p, name=target.name,
+                            version=target.version, key_id=None)
+        with self._lock:
+            self._items[sha256] = info
+        return info
+
     def remove(self, sha256: str) -> ArtifactInfo | None:
         with self._lock:
             return self._items.pop(sha256, None)

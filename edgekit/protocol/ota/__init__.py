@@ -4,7 +4,8 @@ The host states the model it wants in a retained *desired document* (:mod:`.desi
 signed by an operator key in an :mod:`edgekit.protocol.signed` envelope and bound to its
 fleet, devices, expiry and issue time; only such a document can allow an older version or
 another model (``allow_downgrade``, ``allow_rename``, ``revert``). An artifact server hands
-the package out in checked chunks (:mod:`.chunks`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
+the package out in checked chunks (:mod:`.chunks`), or a site bundle carries it with its
+signed intent to a device no broker reaches (:mod:`.bundle`), and every step of an update is an event with a reason code (:mod:`.events`). Topics are in
 :mod:`.topics`; docs/ota.md is the prose form.
 
 This package imports nothing heavier than :mod:`edgekit.protocol`. The host's half (the
@@ -14,6 +15,13 @@ artifact server, deployer and tracker) is :mod:`edgekit.host.ota`.
 from __future__ import annotations
 
 from edgekit.protocol.ota._time import format_time, parse_time
+from edgekit.protocol.ota.bundle import (
+    BUNDLE_MAGIC,
+    BundleHeader,
+    BundleParts,
+    read_bundle,
+    write_bundle,
+)
 from edgekit.protocol.ota.chunks import (
     CHUNK_REQUEST_SCHEMA,
     CHUNK_SCHEMA,
@@ -38,6 +46,7 @@ from edgekit.protocol.ota.desired import (
     DESIRED_TTL_S,
     MAX_ARTIFACT_BYTES,
     ROLLBACK_TTL_S,
+    DeltaSource,
     DesiredDocument,
     DesiredModel,
     MqttSource,
@@ -70,9 +79,17 @@ from edgekit.protocol.ota.topics import (
     ota_reply_topic,
     shared,
 )
+from edgekit.protocol.ota.transfer import (
+    MAX_KBPS,
+    Transfer,
+    make_transfer,
+    parse_transfer,
+    parse_window,
+)
 
 __all__ = [
     "ARTIFACTS_SCOPE",
+    "BUNDLE_MAGIC",
     "CHUNK_REQUEST_SCHEMA",
     "CHUNK_SCHEMA",
     "DEFAULT_CHUNK_BYTES",
@@ -84,17 +101,22 @@ __all__ = [
     "FINAL_STEPS",
     "MAX_ARTIFACT_BYTES",
     "MAX_CHUNK_BYTES",
+    "MAX_KBPS",
     "ROLLBACK_TTL_S",
+    "BundleHeader",
+    "BundleParts",
     "Chunk",
     "ChunkErrorCode",
     "ChunkErrorInfo",
     "ChunkHeader",
     "ChunkRequest",
+    "DeltaSource",
     "DesiredDocument",
     "DesiredModel",
     "MqttSource",
     "Probation",
     "Sources",
+    "Transfer",
     "UpdateEventData",
     "UpdateModel",
     "UpdateProgress",
@@ -113,13 +135,18 @@ __all__ = [
     "format_time",
     "make_desired",
     "make_request",
+    "make_transfer",
     "new_deployment_id",
     "ota_reply_topic",
     "parse_desired",
     "parse_request",
     "parse_time",
+    "parse_transfer",
+    "parse_window",
     "peek_request_id",
+    "read_bundle",
     "seal_desired",
     "shared",
     "step_of",
+    "write_bundle",
 ]

@@ -58,6 +58,7 @@ from edgekit.protocol import encode, is_valid_id, parse_topic
 from edgekit.protocol.ota import _validate as v
 from edgekit.protocol.ota._time import format_time, parse_time
 from edgekit.protocol.ota.topics import ARTIFACTS_SCOPE
+from edgekit.protocol.ota.transfer import Transfer, parse_transfer
 from edgekit.protocol.signed import seal
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "MAX_ARTIFACT_BYTES",
     "ROLLBACK_TTL_S",
     "DesiredDocument",
+    "DeltaSource",
     "DesiredModel",
     "MqttSource",
     "Probation",
@@ -86,6 +88,7 @@ _MAX_TTL_S = 400 * 86400.0
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 _MAX_DEVICES = 10_000
+_MAX_DELTAS = 32
 
 
 class DesiredModel(TypedDict):
@@ -101,9 +104,21 @@ class MqttSource(TypedDict):
     chunk_size: NotRequired[int]  # a suggestion; servers cap it
 
 
+class DeltaSource(TypedDict):
+    """A delta (:mod:`edgekit.protocol.ota.delta`) that rebuilds the model from a package a
+    device may keep; fetched like the package, by its own sha256."""
+
+    base_sha256: str  # the .edgepkg the delta starts from
+    sha256: str  # of the delta file
+    size: int  # bytes of the delta file; a hard cap on its download
+    request_topic: str | None  # where chunk requests for it go
+    url: str | None  # http(s) URL of the delta file
+
+
 class Sources(TypedDict):
     mqtt: MqttSource | None
     url: str | None  # http(s) URL of the .edgepkg, fetched with Range requests
+    deltas: NotRequired[list[DeltaSource]]  # smaller ways to the same file, by base
 
 
 class Probation(TypedDict):
@@ -142,6 +157,7 @@ class DesiredDocument(TypedDict):
     revert: bool  # devices serving ``model`` go back to their own previous model
     latency_budget_ms: float | None  # staging: mean latency on the golden samples, or None
     probation: Probation
+    transfer: NotRequired[Transfer]  # thin links: rate cap and maintenance window
 
 
 def new_deployment_id(now: dt.datetime | None = None) -> str:
@@ -153,15 +169,18 @@ def new_deployment_id(now: dt.datetime | None = None) -> str:
 def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256: str | None,
                  size: int | None, devices: list[str] | None = None,
                  key_id: str | None = None, request_topic: str | None = None,
-                 url: str | None = None, allow_breaking: bool = False,
+                 url: str | None = None, deltas: list[DeltaSource] | None = None,
+                 allow_breaking: bool = False,
                  allow_downgrade: bool = False, allow_rename: bool = False,
                  revert: bool = False, probation: Probation | None = None,
                  latency_budget_ms: float | None = None, issued: dt.datetime | None = None,
-                 ttl_s: float | None = None) -> DesiredDocument:
+                 ttl_s: float | None = None, transfer: Transfer | None = None
+                 ) -> DesiredDocument:
     """Build a desired document and validate it as a device would.
 
     ``ttl_s`` is how long it stays valid (default: :data:`ROLLBACK_TTL_S` for a document that
-    allows a downgrade or reverts, else :data:`DESIRED_TTL_S`).
+    allows a downgrade or reverts, else :data:`DESIRED_TTL_S`). ``transfer`` (thin links:
+    :mod:`edgekit.protocol.ota.transfer`) is left out of the document when None.
 
     Raises:
         ProtocolError: a field is invalid; the message names it.
@@ -179,7 +198,7 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
         "model": {"name": name, "version": version, "sha256": sha256, "size": size,
                   "key_id": key_id},
         "sources": {"mqtt": {"request_topic": request_topic} if request_topic else None,
-                    "url": url},
+                    "url": url, **({"deltas": list(deltas)} if deltas else {})},
         "allow_breaking": allow_breaking,
         "allow_downgrade": allow_downgrade,
         "allow_rename": allow_rename,
@@ -187,6 +206,8 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
         "latency_budget_ms": latency_budget_ms,
         "probation": dict(probation or DEFAULT_PROBATION),
     }
+    if transfer is not None:
+        doc["transfer"] = dict(transfer)
     return parse_desired(doc)
 
 
@@ -246,7 +267,7 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
         raise ProtocolError("desired.model.sha256: a revert names the package it leaves")
     sources = _sources(v.obj(v.field(doc, "sources", "desired"), "desired.sources"),
                        need_one=model["sha256"] is not None and not revert)
-    return DesiredDocument(
+    parsed = DesiredDocument(
         schema=DESIRED_SCHEMA,
         deployment=deployment,
         issued=issued,
@@ -263,6 +284,10 @@ def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
                                    nullable=True, low=0.0),
         probation=_probation(doc.get("probation")),
     )
+    transfer = parse_transfer(doc.get("transfer"))
+    if transfer is not None:
+        parsed["transfer"] = transfer
+    return parsed
 
 
 def _id(doc: dict[str, Any], key: str) -> str:
@@ -300,30 +325,60 @@ def _sources(doc: dict[str, Any], *, need_one: bool) -> Sources:
     mqtt: MqttSource | None = None
     if mqtt_doc is not None:
         m = v.obj(mqtt_doc, f"{where}.mqtt")
-        request_topic = v.text(m, "request_topic", f"{where}.mqtt", max_len=1024)
-        if any(c in request_topic for c in "+#\0") or request_topic.startswith("$"):
-            raise ProtocolError(f"{where}.mqtt.request_topic: {request_topic!r} is not a topic"
-                                " one can publish to (wildcards, NUL or a leading '$')")
-        parts = parse_topic(request_topic)
-        if parts is not None and parts.device != ARTIFACTS_SCOPE:
-            # Inside the tree only artifact topics: a request must not land on a device's
-            # status, predict or other topic.
-            raise ProtocolError(f"{where}.mqtt.request_topic: {request_topic!r} is a device"
-                                f" topic; requests go to edgekit/v1/<fleet>/{ARTIFACTS_SCOPE}/...")
-        mqtt = MqttSource(request_topic=request_topic)
+        mqtt = MqttSource(request_topic=_request_topic(m, f"{where}.mqtt"))
         chunk = v.integer(m, "chunk_size", f"{where}.mqtt", low=1024, high=16 * 1024 * 1024,
                           default=None)
         if chunk is not None:
             mqtt["chunk_size"] = chunk
-    url = v.text(doc, "url", where, default=None, nullable=True, max_len=4096)
+    url = _url(doc, where)
+    if need_one and mqtt is None and url is None:
+        raise ProtocolError(f"{where}: names neither mqtt nor url, so the artifact cannot be had",
+                            hint="give sources.mqtt.request_topic or sources.url")
+    sources = Sources(mqtt=mqtt, url=url)
+    if doc.get("deltas") is not None:
+        sources["deltas"] = _deltas(doc["deltas"], f"{where}.deltas")
+    return sources
+
+
+def _request_topic(doc: dict[str, Any], where: str) -> str:
+    request_topic: str = v.text(doc, "request_topic", where, max_len=1024)
+    if any(c in request_topic for c in "+#\0") or request_topic.startswith("$"):
+        raise ProtocolError(f"{where}.request_topic: {request_topic!r} is not a topic"
+                            " one can publish to (wildcards, NUL or a leading '$')")
+    parts = parse_topic(request_topic)
+    if parts is not None and parts.device != ARTIFACTS_SCOPE:
+        # Inside the tree only artifact topics: a request must not land on a device's
+        # status, predict or other topic.
+        raise ProtocolError(f"{where}.request_topic: {request_topic!r} is a device"
+                            f" topic; requests go to edgekit/v1/<fleet>/{ARTIFACTS_SCOPE}/...")
+    return request_topic
+
+
+def _url(doc: dict[str, Any], where: str) -> str | None:
+    url: str | None = v.text(doc, "url", where, default=None, nullable=True, max_len=4096)
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ProtocolError(f"{where}.url: {url!r} is not an http:// or https:// URL")
-    if need_one and mqtt is None and url is None:
-        raise ProtocolError(f"{where}: names neither mqtt nor url, so the artifact cannot be had",
-                            hint="give sources.mqtt.request_topic or sources.url")
-    return Sources(mqtt=mqtt, url=url)
+    return url
+
+
+def _deltas(value: Any, where: str) -> list[DeltaSource]:
+    if not isinstance(value, list) or len(value) > _MAX_DELTAS:
+        raise ProtocolError(f"{where}: expected a list of at most {_MAX_DELTAS} deltas")
+    out: list[DeltaSource] = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        d = v.obj(item, at)
+        topic = _request_topic(d, at) if d.get("request_topic") is not None else None
+        url = _url(d, at)
+        if topic is None and url is None:
+            raise ProtocolError(f"{at}: names neither request_topic nor url")
+        out.append(DeltaSource(base_sha256=v.sha256(d, "base_sha256", at),
+                               sha256=v.sha256(d, "sha256", at),
+                               size=v.integer(d, "size", at, low=1, high=MAX_ARTIFACT_BYTES),
+                               request_topic=topic, url=url))
+    return out
 
 
 def _probation(value: Any) -> Probation:

@@ -90,7 +90,7 @@ class UpdateEventData(TypedDict):
     model: UpdateModel | None  # the model the update is about (None: unreadable document)
     serving: UpdateModel | None  # the model in service when the event was sent
     progress: NotRequired[UpdateProgress]  # downloading only
-    source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk)
+    source: NotRequired[str]  # downloading: "mqtt" | "http" | "kept" (a copy on disk) | "delta"
     details: NotRequired[dict[str, object]]  # numbers behind a decision (latency, rates)
 
 

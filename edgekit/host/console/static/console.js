@@ -121,11 +121,13 @@
       { key: "online", label: "state", render: (d) => badge(d.online ? "online" : "offline") },
       { key: "model", label: "model" },
       { key: "version", label: "version", cls: "version" },
+      { key: "variant", label: "variant", render: (d) => d.variant || "–" },
       { key: "p50", label: "p50", render: (d) => ms(d.p50), cls: "num" },
       { key: "p95", label: "p95", render: (d) => ms(d.p95), cls: "num" },
       { key: "accuracy", label: "accuracy", render: (d) => pct(d.accuracy), cls: "num" },
       { key: "f1", label: "F1", render: (d) => pct(d.f1), cls: "num" },
       { key: "labels", label: "labels", cls: "num" },
+      { key: "estimated", label: "est. accuracy", render: (d) => pct(d.estimated), cls: "num" },
       { key: "confidence", label: "confidence", render: (d) => num(d.confidence), cls: "num" },
       { key: "shift", label: "pred. shift", render: (d) => num(d.shift), cls: "num" },
       { key: "last_seen", label: "last seen", render: (d) => ago(d.last_seen) },
@@ -221,7 +223,8 @@
     const s = data.series;
     const specs = [
       ["field accuracy", [{ label: "accuracy", data: s.accuracy, color: "#2457c5", fmt: pct },
-                          { label: "F1", data: s.f1, color: "#8e44ad", fmt: pct }]],
+                          { label: "F1", data: s.f1, color: "#8e44ad", fmt: pct },
+                          { label: "estimated (no labels)", data: s.estimated, color: "#16a085", fmt: pct }]],
       ["latency", [{ label: "p50", data: s.p50, color: "#1b8a3a", fmt: ms },
                    { label: "p95", data: s.p95, color: "#d35400", fmt: ms }]],
       ["request rate", [{ label: "requests/s", data: s.rps, color: "#555", fmt: (v) => v.toFixed(1) + "/s" }]],
@@ -247,8 +250,11 @@
     replace(document.getElementById("state"), badge(d.online ? "online" : "offline"));
     replace(document.getElementById("summary"),
       [["model", `${d.model_name || "–"} ${d.model_version || ""}`], ["agent", d.agent_version || "–"],
+       ...(d.variant ? [["variant", `${d.variant.id} on ${d.variant.provider || d.variant.runtime},`
+         + ` ${ms(d.variant.p50_ms)} (${d.variant.candidates.length} measured)`]] : []),
        ["p50 / p95", `${ms(m.latency_p50_ms)} / ${ms(m.latency_p95_ms)}`],
        ["accuracy / F1", `${pct(m.accuracy)} / ${pct(m.f1)} (${m.label_count ?? 0} labels)`],
+       ["estimated accuracy", pct(m.estimated_accuracy)],
        ["last seen", ago(d.last_seen)]].map(([k, v]) => h("div", { class: "card" }, h("span", {}, k), h("b", {}, v))));
     const charts = document.getElementById("charts");
     charts.dataset.markers = String(state.markers.length);
