@@ -13,17 +13,19 @@ Embedding it::
     prediction = agent.predict({"x": batch})
     agent.feedback(prediction.id, label=3)
 
-The model in service is held by :class:`ModelSlot` (atomic swap); the model folder by
-:class:`ModelStore`; :func:`load_model` verifies and loads a package. OTA updates build on
-these three.
+The model in service is held by :class:`ModelSlot` (on disk and in memory; every switch
+goes through it); the model folder by :class:`ModelStore`; :func:`load_model` verifies and
+loads a package. OTA updates build on these three.
 """
 
 from __future__ import annotations
 
 from edgekit import __version__
 
-from ._agent import Agent, Observer
-from ._model import LoadedModel, ModelSlot, Prediction, TrustPolicy, load_model
+from ._agent import Agent
+from ._model import LoadedModel, Prediction, TrustPolicy, load_model
+from ._predict import Observer, Served
+from ._slot import ModelSlot
 from ._store import ActiveRecord, ModelStore, StoredPackage
 from .config import AgentConfig, load_config
 from .errors import RequestError
@@ -38,6 +40,7 @@ __all__ = [
     "Observer",
     "Prediction",
     "RequestError",
+    "Served",
     "StoredPackage",
     "TrustPolicy",
     "__version__",

@@ -16,10 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -29,12 +29,10 @@ from edgekit.protocol import Document, ErrorCode, FeedbackMessage, PredictReques
 
 from ._http_pool import PooledHTTPServer
 from ._inputs import inputs_from_npy, inputs_from_npz, inputs_from_request
+from ._predict import Predictor
 from ._replies import prediction_reply
-from ._telemetry import prometheus_text
+from .config import HttpSection
 from .errors import RequestError, describe
-
-if TYPE_CHECKING:
-    from ._agent import Agent
 
 __all__ = ["HttpApi"]
 
@@ -48,7 +46,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 class _Server(PooledHTTPServer):
     allow_reuse_address = True
-    agent: Agent
+    predictor: Predictor
+    cfg: HttpSection
+    health: Callable[[], tuple[bool, dict[str, Any]]]
+    metrics_text: Callable[[], str]
 
 
 class _Server6(_Server):
@@ -114,14 +115,14 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("HTTP %s failed", path)
             if path == "/predict" and code in (ErrorCode.BAD_REQUEST, ErrorCode.INTERNAL):
                 # InputError and no_model are counted by Agent.predict itself.
-                self.server.agent.stats.error("http", code.value)
+                self.server.predictor.refused("http", code.value)
             self._error(code, message, HTTPStatus(status_code))
 
     # ------------------------------------------------------------------ endpoints
 
     def _predict(self, body: bytes) -> None:
-        agent = self.server.agent
-        model = agent.model
+        predictor = self.server.predictor
+        model = predictor.model
         query = parse_qs(urlsplit(self.path).query)
         mode = query.get("outputs", ["lists"])[0]
         kind = self._content_kind(body)
@@ -130,14 +131,14 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(ErrorCode.NO_MODEL, "no model is active on this device")
             feeds = inputs_from_npy(body, model.manifest.inputs)
         elif kind == "npz":
-            feeds = inputs_from_npz(body, agent.config.http.max_body_bytes * 8)
+            feeds = inputs_from_npz(body, self.server.cfg.max_body_bytes * 8)
         else:
             doc = self._decode(body, PredictRequest)
             mode = doc.outputs or mode
             feeds = inputs_from_request(doc)
         if mode not in ("lists", "encoded", "none"):
             raise ProtocolError(f"outputs={mode!r}: use lists, encoded or none")
-        prediction = agent.predict(feeds, channel="http")
+        prediction = predictor.predict(feeds, "http")
         if "application/x-npz" in self.headers.get("Accept", ""):
             buf = io.BytesIO()
             np.savez(buf, **prediction.outputs)  # type: ignore[arg-type]
@@ -150,29 +151,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _feedback(self, body: bytes) -> None:
         doc = self._decode(body, FeedbackMessage)
-        count = self.server.agent.feedback(doc.prediction_id, label=doc.label, labels=doc.labels)
+        count = self.server.predictor.feedback(doc.prediction_id, doc.label, doc.labels)
         self._send(HTTPStatus.OK, encode({"ok": True, "labelled": count}), "application/json")
 
     def _health(self) -> None:
-        agent = self.server.agent
-        model = agent.model
-        doc = {
-            "status": "ok" if model is not None else ErrorCode.NO_MODEL.value,
-            "model": model.ref if model is not None else None,
-            # Present only for a package of variants: which one serves and why.
-            **({"variant": model.variant} if model is not None and model.variant else {}),
-            "mqtt": None if agent.link is None else ("connected" if agent.link.connected
-                                                     else "disconnected"),
-            "uptime_s": round(time.time() - agent.started, 3),
-            "version": agent.version,
-        }
-        status = HTTPStatus.OK if model is not None else HTTPStatus.SERVICE_UNAVAILABLE
+        serving, doc = self.server.health()
+        status = HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE
         self._send(status, encode(doc), "application/json")
 
     def _metrics(self) -> None:
-        agent = self.server.agent
-        last = agent.last_metrics if agent.config.telemetry.interval_s > 0 else agent.tick()
-        text = prometheus_text(agent, last)
+        text = self.server.metrics_text()
         self._send(HTTPStatus.OK, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------ plumbing
@@ -183,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         Raises:
             ProtocolError: not JSON, or it does not fit ``cls``.
         """
-        return decode(body, cls, max_bytes=self.server.agent.config.http.max_body_bytes,
+        return decode(body, cls, max_bytes=self.server.cfg.max_body_bytes,
                       require_schema=False)
 
     def _content_kind(self, body: bytes) -> str:
@@ -212,7 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ErrorCode.BAD_REQUEST, "Content-Length is missing or invalid",
                         HTTPStatus.LENGTH_REQUIRED)
             return None
-        limit = self.server.agent.config.http.max_body_bytes
+        limit = self.server.cfg.max_body_bytes
         if length > limit:
             self.close_connection = True  # the body is not read, so the connection is done
             self._error(ErrorCode.BAD_REQUEST, f"the body is {length} bytes, over the limit of"
@@ -234,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = 0
-        if 0 < length <= self.server.agent.config.http.max_body_bytes:
+        if 0 < length <= self.server.cfg.max_body_bytes:
             self.server.deadlines.arm(self.connection, self.server.body_timeout_s)
             self.rfile.read(length)
         elif length:
@@ -261,13 +249,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HttpApi:
-    """The server bound to ``listen``; :meth:`serve` runs it (in a thread)."""
+    """The server bound to ``listen``; :meth:`serve` runs it (in a thread). Requests go to
+    ``predictor``; ``health`` returns (whether a model serves, the /health document) and
+    ``metrics_text`` the Prometheus text."""
 
-    def __init__(self, agent: Agent, listen: tuple[str, int]) -> None:
+    def __init__(self, predictor: Predictor, cfg: HttpSection, listen: tuple[str, int],
+                 health: Callable[[], tuple[bool, dict[str, Any]]],
+                 metrics_text: Callable[[], str]) -> None:
         """Raises: UsageError: the address cannot be bound (in use, no permission)."""
         host, port = listen
         server_cls = _Server6 if ":" in host else _Server
-        cfg = agent.config.http
         try:
             self._server = server_cls((host, port), _Handler, workers=cfg.workers,
                                       header_timeout_s=cfg.header_timeout_s,
@@ -275,7 +266,10 @@ class HttpApi:
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              hint="choose another http.listen address") from exc
-        self._server.agent = agent
+        self._server.predictor = predictor
+        self._server.cfg = cfg
+        self._server.health = health
+        self._server.metrics_text = metrics_text
         bound_host, bound_port = self._server.server_address[:2]
         host_text = bound_host.decode() if isinstance(bound_host, bytes) else str(bound_host)
         shown = f"[{host_text}]" if ":" in host_text else host_text

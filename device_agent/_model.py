@@ -1,19 +1,13 @@
-"""A verified model loaded into a runtime, and the slot that holds the one in service.
+"""A verified model loaded into a runtime, and the answer to one request.
 
 :func:`load_model` verifies a package (every member's sha256, the signature against the
 trusted keys), loads it with :mod:`edgekit.runtimes` and runs its golden samples, which both
 proves the runtime gives the outputs the converter recorded and warms the session up.
-
-:class:`ModelSlot` holds the :class:`LoadedModel` in service. A request reads the slot once
-and uses that model to the end, so :meth:`ModelSlot.swap` is atomic for requests: each one
-is answered wholly by the old model or wholly by the new one, and none waits.
+(:class:`~device_agent._slot.ModelSlot` holds the one in service).
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +24,7 @@ from edgekit.signing import load_public_key
 from ._inputs import InputValidator
 from ._variants import choose_variant, golden_excess
 
-__all__ = ["LoadedModel", "ModelSlot", "Prediction", "TrustPolicy", "load_model"]
-
-log = logging.getLogger("device_agent.model")
+__all__ = ["LoadedModel", "Prediction", "TrustPolicy", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -171,56 +163,30 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
     return model
 
 
-SwapListener = Callable[["LoadedModel | None", "LoadedModel"], None]
-
-
-class ModelSlot:
-    """The model in service. Reading ``current`` is one attribute read; ``swap`` replaces it.
-
-    Listeners run after each swap, in the swapping thread, with (old, new); a listener that
-    raises is logged and does not undo the swap.
-    """
-
-    def __init__(self) -> None:
-        self._current: LoadedModel | None = None
-        self._lock = threading.Lock()
-        self._listeners: list[SwapListener] = []
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._current
-
-    def on_swap(self, listener: SwapListener) -> None:
-        self._listeners.append(listener)
-
-    def swap(self, new: LoadedModel) -> LoadedModel | None:
-        """Put ``new`` in service and return the model it replaced."""
-        with self._lock:
-            old, self._current = self._current, new
-            for listener in self._listeners:
-                try:
-                    listener(old, new)
-                except Exception:
-                    log.exception("a model-swap listener failed")
-        return old
-
-
 class Prediction:
-    """One answered request. ``outputs`` belong to the caller; ``classes`` and ``confidence``
-    are computed when first read (classifiers only, else None)."""
+    """One answered request. ``outputs`` belong to the caller, who reads them and does not
+    change them in place (the agent keeps the primary output for its telemetry and for the
+    prediction's label). ``id``, ``classes`` and ``confidence`` are computed when first read
+    (``classes`` and ``confidence``: classifiers only, else None)."""
 
     # A plain class with slots: it is made on every request, and a frozen dataclass costs
     # several times more to construct.
-    __slots__ = ("_classes", "_confidence", "id", "latency_ms", "model", "outputs")
+    __slots__ = ("_classes", "_confidence", "_prefix", "_seq", "latency_ms", "model", "outputs")
 
-    def __init__(self, id: str, outputs: dict[str, np.ndarray], model: LoadedModel,
-                 latency_ms: float) -> None:
-        self.id = id
+    def __init__(self, prefix: str, seq: int, outputs: dict[str, np.ndarray],
+                 model: LoadedModel, latency_ms: float) -> None:
+        self._prefix = prefix
+        self._seq = seq
         self.outputs = outputs
         self.model = model
         self.latency_ms = latency_ms
         self._classes: np.ndarray | None = None
         self._confidence: np.ndarray | None = None
+
+    @property
+    def id(self) -> str:
+        """The prediction id feedback names (unique for the agent's life)."""
+        return self._prefix + str(self._seq)
 
     def __repr__(self) -> str:
         return f"Prediction(id={self.id!r}, model={self.model.name} {self.model.version})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -33,13 +33,11 @@ from edgekit.protocol import (
 
 from ._inputs import inputs_from_request
 from ._limits import scan_envelope
-from ._mqtt import ThrottledLog
+from ._mqtt import MqttLink, ThrottledLog
+from ._predict import Predictor
 from ._replies import error_info, error_reply, prediction_reply
+from .config import RequestsSection
 from .errors import RequestError, describe
-
-if TYPE_CHECKING:
-    from ._agent import Agent
-    from ._mqtt import MqttLink
 
 __all__ = ["MqttApi", "check_reply_topic"]
 
@@ -79,18 +77,22 @@ def check_reply_topic(value: Any) -> str:
 
 
 class MqttApi:
-    def __init__(self, agent: Agent, link: MqttLink) -> None:
-        self.agent = agent
+    """Answers the device's ``predict`` and ``feedback`` topics (named by ``topics``, as
+    (predict, feedback)) with ``predictor``, through ``link``."""
+
+    def __init__(self, predictor: Predictor, link: MqttLink, cfg: RequestsSection,
+                 topics: tuple[str, str]) -> None:
+        self.predictor = predictor
         self.link = link
-        cfg = agent.config.requests
+        self._max_request_bytes = cfg.max_request_bytes
         self._max_pending = cfg.max_pending
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="mqtt-req")
         self._log = ThrottledLog(log)
-        link.subscribe(agent.topic(Kind.PREDICT), self._on_predict,
-                       max_bytes=cfg.max_request_bytes, on_oversize=self._on_oversize)
-        link.subscribe(agent.topic(Kind.FEEDBACK), self._on_feedback)
+        link.subscribe(topics[0], self._on_predict, max_bytes=cfg.max_request_bytes,
+                       on_oversize=self._on_oversize)
+        link.subscribe(topics[1], self._on_feedback)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -102,7 +104,7 @@ class MqttApi:
 
     def _on_oversize(self, topic: str, payload: bytes) -> None:
         # Answered from a scan of the bytes: a document this large is never parsed.
-        self.agent.stats.error("mqtt", ErrorCode.BAD_REQUEST.value)
+        self.predictor.refused("mqtt", ErrorCode.BAD_REQUEST.value)
         found = scan_envelope(payload)
         if found is None:
             return
@@ -111,7 +113,7 @@ class MqttApi:
             reply_to = check_reply_topic(reply_to)
         except ProtocolError:
             return
-        limit = self.agent.config.requests.max_request_bytes
+        limit = self._max_request_bytes
         self.link.publish(reply_to, encode(error_reply(request_id, RequestError(
             ErrorCode.BAD_REQUEST, f"the request is {len(payload)} bytes, over this device's"
             f" limit of {limit} (requests.max_request_bytes)",
@@ -126,7 +128,7 @@ class MqttApi:
             if not busy:
                 self._pending += 1
         if busy:
-            self.agent.stats.error("mqtt", ErrorCode.BUSY.value)
+            self.predictor.refused("mqtt", ErrorCode.BUSY.value)
             self._answer_error(topic, payload, RequestError(
                 ErrorCode.BUSY, f"{self._max_pending} requests are waiting; try again later"))
             return
@@ -152,18 +154,18 @@ class MqttApi:
     def _serve_predict(self, topic: str, payload: bytes) -> None:
         doc, request_id, reply_to = self._envelope(topic, payload, PredictRequest)
         if reply_to is None:
-            self.agent.stats.error("mqtt", ErrorCode.BAD_REQUEST.value)
+            self.predictor.refused("mqtt", ErrorCode.BAD_REQUEST.value)
             return
         try:
             if isinstance(doc, Exception):
                 raise doc
-            prediction = self.agent.predict(inputs_from_request(doc), channel="mqtt")
+            prediction = self.predictor.predict(inputs_from_request(doc), "mqtt")
             reply = prediction_reply(prediction, request_id, doc.outputs or "lists")
         except Exception as exc:
             code, _status, message = describe(exc)
             if not isinstance(exc, InputError | RequestError):
-                # Agent.predict counts refusals it makes; the rest are counted here.
-                self.agent.stats.error("mqtt", code.value)
+                # Predictor.predict counts refusals it makes; the rest are counted here.
+                self.predictor.refused("mqtt", code.value)
             if code == ErrorCode.INTERNAL and not isinstance(exc, RequestError):
                 log.exception("request %s failed", request_id)
             else:
@@ -175,17 +177,17 @@ class MqttApi:
         doc, request_id, reply_to = self._envelope(topic, payload, FeedbackMessage,
                                                    reply_required=False)
         if isinstance(doc, Exception) and reply_to is None:
-            self.agent.window.rejected()
+            self.predictor.feedback_refused()
             self._log.warn(topic + "#feedback", "refused feedback on %s: %s", topic, doc)
             return
         reply = FeedbackReply(request_id=request_id, ok=True)
         try:
             if isinstance(doc, Exception):
                 raise doc
-            self.agent.feedback(doc.prediction_id, label=doc.label, labels=doc.labels)
+            self.predictor.feedback(doc.prediction_id, doc.label, doc.labels)
         except Exception as exc:
             if not isinstance(exc, RequestError):
-                self.agent.window.rejected()
+                self.predictor.feedback_refused()
             reply.ok = False
             reply.error = error_info(exc)
             self._log.warn(topic, "refused feedback on %s: %s", topic, reply.error.message)

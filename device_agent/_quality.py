@@ -1,8 +1,9 @@
 """Feedback: labels that arrive after the prediction, and the window they are scored in.
 
 :class:`PredictionLog` remembers the last ``quality.prediction_log`` predictions (model,
-predicted classes, and the inputs of those picked for sample upload) so a label can find
-its prediction later. :class:`QualityWindow` keeps the last ``quality.window`` labelled
+scores, and the inputs of those picked for sample upload) in a ring, so a label can find
+its prediction later; a prediction costs one list store, and the work (argmax, copies) is
+done when its label comes. :class:`QualityWindow` keeps the last ``quality.window`` labelled
 rows of the active model and scores them with :func:`edgekit.metrics.classification_report`,
 the same function the host uses. A model swap empties the window: accuracy belongs to a
 model, and a new one starts from no evidence.
@@ -10,9 +11,12 @@ model, and a new one starts from no evidence.
 
 from __future__ import annotations
 
+import math
+import random
+import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
 import numpy as np
 
@@ -27,58 +31,82 @@ __all__ = ["LoggedPrediction", "PredictionLog", "QualityWindow", "SampleGate"]
 class LoggedPrediction:
     """What feedback needs of a prediction: its model, scores, and (if picked) inputs."""
 
-    __slots__ = ("inputs", "labelled", "model_sha256", "scores")
+    __slots__ = ("inputs", "model_sha256", "scores")
 
     def __init__(self, model_sha256: str, scores: np.ndarray,
                  inputs: dict[str, np.ndarray] | None) -> None:
         self.model_sha256 = model_sha256
-        self.scores = scores  # primary output, a copy
+        self.scores = scores  # primary output, as the model returned it
         self.inputs = inputs  # kept only for predictions picked for sample upload
-        self.labelled = False
 
     def classes(self) -> np.ndarray:
         return self.scores.reshape(len(self.scores), -1).argmax(axis=1)
 
 
+_Entry = tuple[int, str, np.ndarray, "dict[str, np.ndarray] | None"]
+
+
 class PredictionLog:
-    """The most recent predictions by id, oldest evicted first. Thread-safe."""
+    """The most recent ``capacity`` predictions, oldest overwritten first. Thread-safe.
+
+    A prediction id is this log's random prefix and a sequence number; the number names the
+    ring slot, and the slot's entry must carry the same number (else it was overwritten).
+    :meth:`add` is one list store of an immutable tuple, atomic without a lock; claims take
+    the lock.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, LoggedPrediction] = OrderedDict()
+        self.prefix = secrets.token_hex(4) + "-"
+        self._ring: list[_Entry | None] = [None] * capacity
+        self._labelled = [0] * capacity  # the sequence number labelled in each slot
         self._lock = threading.Lock()
 
-    def add(self, prediction_id: str, entry: LoggedPrediction) -> None:
-        with self._lock:
-            self._items[prediction_id] = entry
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+    def add(self, seq: int, model_sha256: str, scores: np.ndarray,
+            inputs: dict[str, np.ndarray] | None) -> None:
+        """Remember prediction ``seq`` (its id is :meth:`id_of`); ``scores`` is kept by
+        reference (the caller does not change it)."""
+        self._ring[seq % self.capacity] = (seq, model_sha256, scores, inputs)
+
+    def id_of(self, seq: int) -> str:
+        return self.prefix + str(seq)
+
+    def _seq(self, prediction_id: str) -> int | None:
+        digits = prediction_id[len(self.prefix):]
+        if not prediction_id.startswith(self.prefix) or not digits.isascii() or \
+                not digits.isdigit() or len(digits) > 18 or str(int(digits)) != digits:
+            return None
+        return int(digits)
 
     def claim(self, prediction_id: str) -> LoggedPrediction:
         """The entry of a prediction that has no label yet; marks it labelled.
 
         Raises:
-            RequestError: unknown (never made, or evicted) or already labelled.
+            RequestError: unknown (never made, or overwritten) or already labelled.
         """
+        seq = self._seq(prediction_id)
         with self._lock:
-            entry = self._items.get(prediction_id)
-            if entry is None:
+            entry = self._ring[seq % self.capacity] if seq is not None else None
+            if entry is None or entry[0] != seq:
                 raise RequestError(
                     ErrorCode.UNKNOWN_PREDICTION,
                     f"prediction {prediction_id!r} is not among the last {self.capacity}",
                     hint="send feedback sooner, or raise quality.prediction_log")
-            if entry.labelled:
+            slot = seq % self.capacity
+            if self._labelled[slot] == seq:
                 raise RequestError(ErrorCode.ALREADY_LABELLED,
                                    f"prediction {prediction_id!r} already has a label")
-            entry.labelled = True
-            return entry
+            self._labelled[slot] = seq
+        return LoggedPrediction(entry[1], entry[2], entry[3])
 
     def release(self, prediction_id: str) -> None:
         """Undo :meth:`claim` when the label turned out to be unusable."""
+        seq = self._seq(prediction_id)
+        if seq is None:
+            return
         with self._lock:
-            entry = self._items.get(prediction_id)
-            if entry is not None:
-                entry.labelled = False
+            if self._labelled[seq % self.capacity] == seq:
+                self._labelled[seq % self.capacity] = 0
 
 
 class QualityWindow:
@@ -127,22 +155,31 @@ class QualityWindow:
 
 
 class SampleGate:
-    """Picks predictions for sample upload (``fraction``) and rate-limits the uploads."""
+    """Picks predictions for sample upload (``fraction``) and rate-limits the uploads.
+
+    The pick is scheduled: the gap to the next picked prediction is drawn from the geometric
+    distribution when a pick happens, so the request path compares two integers.
+    """
 
     def __init__(self, fraction: float, per_minute: int) -> None:
         self.fraction = fraction
         self.per_minute = per_minute
-        self._rng = np.random.default_rng()
+        self.enabled = fraction > 0 and per_minute > 0
+        self._rng = random.Random()
+        self.next_pick: float = math.inf
+        if self.enabled:
+            self.picked(0)
         self._sent: deque[float] = deque()
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self.fraction > 0 and self.per_minute > 0
-
-    def pick(self) -> bool:
-        """Whether to keep a new prediction's inputs in case its label comes."""
-        return self.enabled and bool(self._rng.random() < self.fraction)
+    def picked(self, seq: int) -> None:
+        """Prediction ``seq`` was picked: schedule the next pick."""
+        if self.fraction >= 1.0:
+            self.next_pick = seq + 1
+            return
+        # Inverse transform of the geometric distribution (trials to the first success).
+        u = 1.0 - self._rng.random()
+        self.next_pick = seq + 1 + int(math.log(u) / math.log1p(-self.fraction))
 
     def allow(self) -> bool:
         """Whether one more sample may go out now (sliding one-minute window)."""

@@ -1,62 +1,55 @@
-"""Telemetry payloads: the status (birth, will, stop), metrics, and the Prometheus text."""
+"""Telemetry payloads: the metrics of each interval and the Prometheus text (the status is
+:mod:`._status`'s)."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from edgekit.protocol import (
-    DeviceState,
     MetricsPayload,
     PredictionsSection,
     RequestsSection,
-    StatusPayload,
     TelemetrySection,
 )
-from edgekit.signing import key_id
 
 from ._estimate import estimate_section
 from ._model import probabilities
-from ._stats import Interval
+from ._mqtt import MqttLink
+from ._outbox import Outbox
+from ._quality import QualityWindow
+from ._slot import ModelSlot
+from ._stats import Interval, RequestStats
+from ._system import SystemSampler
+from .config import AgentConfig
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ._agent import Agent
-
-__all__ = ["build_metrics", "build_status", "prometheus_text"]
+__all__ = ["MetricsSource", "build_metrics", "prometheus_text"]
 
 
-def build_status(agent: Agent, session: int, state: DeviceState, reason: str | None
-                 ) -> StatusPayload:
-    model = agent.slot.current
-    return StatusPayload(
-        state=state,
-        device=agent.config.device.id,
-        fleet=agent.config.device.fleet,
-        session=session,
-        ts=time.time(),
-        agent_version=agent.version,
-        runtimes=agent.runtimes,
-        hardware=agent.hardware,
-        # The will is set before the connection and published after it died, when nothing
-        # serves: it names no model (the last online status of the session does).
-        model=model.ref if model is not None and state != DeviceState.OFFLINE else None,
-        http=agent.http_address,
-        started=agent.started,
-        reason=reason or None,
-        update=agent.ota.status_section(),
-        trusted_keys=[key_id(k) for k in agent.trust.trusted_keys],
-        allow_unsigned=bool(agent.trust.allow_unsigned),
-        variant=model.variant if model is not None and state != DeviceState.OFFLINE else None,
-    )
+class MetricsSource(Protocol):
+    """What the metrics are read from (the agent provides it)."""
+
+    config: AgentConfig
+    slot: ModelSlot
+    stats: RequestStats
+    window: QualityWindow
+    system: SystemSampler
+    outbox: Outbox | None
+    link: MqttLink | None
+    class_totals: Counter[str]
+
+    @property
+    def started(self) -> float: ...
 
 
-def predictions_section(agent: Agent, interval: Interval
+def predictions_section(agent: MetricsSource, interval: Interval
                         ) -> tuple[PredictionsSection, np.ndarray | None]:
     """Histogram and mean confidence of the interval's classifier outputs (and each row's
     top-1 confidence, for the estimate), and the running totals per class kept for
@@ -81,7 +74,7 @@ def predictions_section(agent: Agent, interval: Interval
                               mean_confidence=float(top.mean())), top
 
 
-def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
+def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
     """The metrics of one interval; ``seq`` is filled in when it is queued."""
     model = agent.slot.current
     stats = agent.stats
@@ -116,7 +109,7 @@ def build_metrics(agent: Agent, interval: Interval) -> MetricsPayload:
     )
 
 
-def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
+def prometheus_text(agent: MetricsSource, last: MetricsPayload | None) -> str:
     """The Prometheus text exposition of the agent's numbers, through prometheus_client.
 
     Counters and the request latency histogram (seconds, cumulative since start, with
@@ -132,7 +125,7 @@ def prometheus_text(agent: Agent, last: MetricsPayload | None) -> str:
 class _AgentCollector:
     """Reads the agent's state at scrape time (nothing is kept twice)."""
 
-    def __init__(self, agent: Agent, last: MetricsPayload | None) -> None:
+    def __init__(self, agent: MetricsSource, last: MetricsPayload | None) -> None:
         self.agent = agent
         self.last = last
 
@@ -182,7 +175,7 @@ class _AgentCollector:
             yield from _interval_metrics(self.last)
 
 
-def _quality_metrics(agent: Agent) -> Iterator[Metric]:
+def _quality_metrics(agent: MetricsSource) -> Iterator[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     quality = agent.window.snapshot()

@@ -4,8 +4,9 @@
 of :mod:`.steps` (fetch, verify, stage, activate, probation), journalled on disk by
 :mod:`.journal` so a restart finishes or undoes them. :class:`IntentGate` decides which
 signed desired documents are followed and keeps the version floor and the replay
-high-water mark. :class:`ProbationGuard` wraps every
-inference while a new model is on probation.
+high-water mark. The probation of a new model is watched by
+:class:`~device_agent._probation.ProbationWatch`, which the model slot answers requests with
+while it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from .errors import UpdateFailure
 from .intent import Floor, IntentGate, RefusalLimiter
 from .journal import JournalStep, OtaJournal, UpdateRecord
-from .probation import ProbationGuard, ProbationWatch, Verdict
 from .updater import OtaSettings, Updater
 
 __all__ = [
@@ -22,11 +22,8 @@ __all__ = [
     "JournalStep",
     "OtaJournal",
     "OtaSettings",
-    "ProbationGuard",
-    "ProbationWatch",
     "RefusalLimiter",
     "UpdateFailure",
     "UpdateRecord",
     "Updater",
-    "Verdict",
 ]

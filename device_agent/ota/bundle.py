@@ -83,7 +83,7 @@ def prepare_install(path: Path, updater: Updater) -> Prepared:
     done = journal.outcome_of(doc["deployment"])
     if done is not None:
         return Prepared(doc["deployment"], short, done)
-    serving = updater.agent.slot.current
+    serving = updater.slot.current
     if serving is not None and serving.sha256 == wanted["sha256"]:
         done = journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
                               "already serving this model", short)
@@ -107,7 +107,7 @@ def prepare_install(path: Path, updater: Updater) -> Prepared:
 def _open_intent(parts: BundleParts, updater: Updater) -> DesiredDocument:
     """The gate's checks 1 and 2, and what a bundle's intent must name."""
     gate = updater.gate
-    serving = updater.agent.slot.current
+    serving = updater.slot.current
     if serving is not None:
         gate.ensure_floor(serving.name, serving.version)
     doc = gate.open(parts.intent)
@@ -132,7 +132,7 @@ def _stage_package(parts: BundleParts, doc: DesiredDocument, updater: Updater) -
     """
     sha = doc["model"]["sha256"]
     assert sha is not None
-    folder = updater.agent.store.packages_dir
+    folder = updater.store.packages_dir
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     reserve = updater.settings.min_free_bytes

@@ -53,7 +53,7 @@ def fetch_delta(run: UpdateRun, partial: PartialFile) -> bool:
         _fall_back(run, "no package this device keeps is the base of a listed delta")
         return False
     entry, base = choice
-    folder = run.agent.store.packages_dir
+    folder = run.store.packages_dir
     delta_path = folder / f".{entry['sha256']}.delta-part"
     scratch = folder / ".delta-scratch"
     try:
@@ -121,8 +121,8 @@ def _download(run: UpdateRun, entry: DeltaSource, path: Path) -> None:
                     raise
         if entry["request_topic"] is None:
             return
-        link = run.agent.link
-        cfg = run.agent.config.device
+        link = run.u.link
+        cfg = run.u.device
 
         def publish(topic: str, payload: bytes) -> bool:
             return link is not None and link.publish(topic, payload).rc == 0

@@ -2,7 +2,7 @@
 instead of replacing it (docs/ota.md, "Shadow evaluation").
 
 :func:`run_shadow` hands the candidate to a :class:`~device_agent._shadow.ShadowRunner` on
-the agent, waits until it compared the requests asked for (or the time is up, or a newer
+the agent's request path (an observer of its predictions and labels), waits until it compared the requests asked for (or the time is up, or a newer
 desired document arrives), then closes the update as ``shadowed`` with the report in the
 event's ``details.shadow``, and drops the candidate. The model in service never changes. A
 restart during the shadow starts it again from verification (the journal says ``staged``).
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from edgekit.protocol.ota import UpdateReason, UpdateStep
 
 from .._model import LoadedModel
+from .._predict import Served
 from .._shadow import ShadowRunner
 from .errors import UpdateFailure
 
@@ -35,9 +36,9 @@ def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
         UpdateFailure: unavailable, when no model is in service to compare with.
     """
     spec = run.doc["shadow"]
-    agent, record = run.agent, run.record
-    serving = agent.slot.current
-    if serving is None:
+    record, requests = run.record, run.u.requests
+    serving = run.slot.current
+    if serving is None or requests is None:
         raise UpdateFailure(UpdateReason.UNAVAILABLE, "no model is in service to shadow"
                             " the candidate beside", hint="deploy it without --shadow")
     runner = ShadowRunner(candidate, serving, target=spec["requests"], sample=spec["sample"])
@@ -46,7 +47,14 @@ def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
                f" {serving.version} on {spec['sample']:.0%} of requests until"
                f" {spec['requests']} are compared")
     deadline = time.monotonic() + spec["seconds"]
-    agent.shadow = runner
+
+    def offer(served: Served) -> None:
+        if served.outputs is not None:
+            runner.offer(served.prediction_id, served.model, served.feeds, served.outputs,
+                         served.latency_s)
+
+    requests.observe(offer)
+    requests.on_label(runner.label)
     try:
         ended = "requests"
         while not runner.done.wait(0.25):
@@ -60,7 +68,8 @@ def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
                 ended = "timeout"
                 break
     finally:
-        agent.shadow = None
+        requests.unobserve(offer)
+        requests.off_label(runner.label)
         runner.close()
     if ended == "stopped":
         log.info("shadow of %s paused for the shutdown", record.deployment)

@@ -23,6 +23,7 @@ from edgekit.fsutil import fsync_dir
 from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
 
 from .._model import LoadedModel
+from .._probation import ProbationWatch
 from .._store import STAGED_SUFFIX
 from .checks import check_compatible, stage, verify_package_file
 from .delta import fetch_delta
@@ -60,7 +61,8 @@ class UpdateRun:
     def __init__(self, updater: Updater, record: UpdateRecord, doc: DesiredDocument,
                  cancel: threading.Event) -> None:
         self.u = updater
-        self.agent = updater.agent
+        self.slot = updater.slot
+        self.store = updater.store
         self.journal = updater.journal
         self.record = record
         self.doc = doc
@@ -147,7 +149,7 @@ class UpdateRun:
             raise UpdateFailure(UpdateReason.TOO_LARGE,
                                 f"the artifact is {size} bytes, over this device's limit of"
                                 f" {settings.max_artifact_bytes} (ota.max_artifact_bytes)")
-        partial_path = self.agent.store.packages_dir / f".{sha}.part"
+        partial_path = self.store.packages_dir / f".{sha}.part"
         offset = self.record.offset if partial_path.exists() else 0
         offset = min(offset, partial_path.stat().st_size if partial_path.exists() else 0)
         self._check_space(size - offset)
@@ -196,7 +198,7 @@ class UpdateRun:
                                 f" document names {sha[:16]}...")
         # Named by its sha256 (checked above), never by a field inside the unverified file;
         # the model folder gives it its readable name only after verification (_activate).
-        target = self.agent.store.packages_dir / f"{sha}{STAGED_SUFFIX}"
+        target = self.store.packages_dir / f"{sha}{STAGED_SUFFIX}"
         os.replace(partial_path, target)
         fsync_dir(target.parent)
         self.journal.step(JournalStep.VERIFYING, package=self.u.rel(target), sha256=sha)
@@ -212,7 +214,7 @@ class UpdateRun:
             if self.doc["sources"]["mqtt"] else settings.chunk_bytes,
             window=settings.window, request_timeout_s=settings.request_timeout_s,
             stall_timeout_s=settings.stall_timeout_s,
-            pace=Pace.for_update(self.agent.config.ota, self.doc))
+            pace=Pace.for_update(settings, self.doc))
         if source == "http":
             url = self.doc["sources"]["url"]
             assert url is not None
@@ -222,8 +224,8 @@ class UpdateRun:
             return
         mqtt_source = self.doc["sources"]["mqtt"]
         assert mqtt_source is not None
-        cfg = self.agent.config.device
-        link = self.agent.link
+        cfg = self.u.device
+        link = self.u.link
 
         def publish(topic: str, payload: bytes) -> bool:
             return link is not None and link.publish(topic, payload).rc == 0
@@ -253,7 +255,7 @@ class UpdateRun:
         crash_point("downloading")
 
     def _check_space(self, needed: int) -> None:
-        folder = self.agent.store.packages_dir
+        folder = self.store.packages_dir
         free = shutil.disk_usage(folder).free
         reserve = self.u.settings.min_free_bytes
         if free - needed < reserve:
@@ -269,10 +271,10 @@ class UpdateRun:
         self.u.emit(UpdateStep.VERIFYING, self.record, "checking sha256, signature, version,"
                     " runtime and interface")
         path = self.u.abs(self.record.package)
-        agent = self.agent
-        model = verify_package_file(path, self.doc, agent.trust, agent.runtime_options,
-                                    agent.config.requests.max_batch)
-        serving = agent.slot.current
+        loader = self.slot.loader
+        model = verify_package_file(path, self.doc, loader.trust, loader.options,
+                                    loader.max_batch)
+        serving = self.slot.current
         # The floor again, on the package itself (a resumed update too).
         self.u.gate.check_floor(self.doc, model.manifest.name, model.manifest.version)
         check_compatible(model.manifest, serving, self.doc["allow_breaking"])
@@ -289,49 +291,48 @@ class UpdateRun:
     # ---------------------------------------------------------------- activate, probation
 
     def _activate(self, model: LoadedModel) -> None:
-        agent = self.agent
         try:
-            stored = agent.store.add(model.path)
+            stored = self.store.add(model.path)
         except (OutputWriteError, ArtifactError) as exc:
             self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
                                      else UpdateReason.LOAD_FAILED, exc.message))
             return
         if stored.path != model.path:  # a staged download moved to its name in the folder
             model = dataclasses.replace(model, path=stored.path)
-        previous = self.u.serving_stored()
+        previous = self.slot.stored_serving()
         self.journal.step(JournalStep.ACTIVATING, package=self.u.rel(stored.path),
-                          previous=previous.to_dict(agent.store.root) if previous else None)
+                          previous=previous.to_dict(self.store.root) if previous else None)
         self.u.emit(UpdateStep.ACTIVATING, self.record, f"switching to {model.name}"
                     f" {model.version}")
         crash_point("activating")
         try:
-            agent.store.activate(stored)
+            self.store.activate(stored)
         except (OutputWriteError, ArtifactError) as exc:
             self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
                                      else UpdateReason.LOAD_FAILED, exc.message))
             return
         crash_point("activated")
-        old = agent.slot.current
-        watch = self.u.guard.begin(model, old, self.doc["probation"])
-        agent.slot.swap(model)
+        old = self.slot.current
+        watch = self.slot.serve(model, self.doc["probation"], previous=old)
+        assert watch is not None
         self.journal.step(JournalStep.PROBATION, activated=time.time())
         self.u.emit(UpdateStep.PROBATION, self.record, _probation_text(self.doc))
         crash_point("probation")
-        self._watch(watch.new, old)
+        self._watch(watch, old)
 
     def _resume_probation(self) -> None:
         """After a restart in probation with no previous model to go back to: watch again."""
-        model = self.agent.slot.current
+        model = self.slot.current
         if model is None or model.sha256 != self.record.sha256:
             self.u.finish(self.record, UpdateStep.FAILED, UpdateReason.INTERRUPTED,
                           "the agent restarted during the update; the new model is not serving")
             return
-        self.u.guard.begin(model, None, self.doc["probation"])
-        self._watch(model, None)
-
-    def _watch(self, new: LoadedModel, old: LoadedModel | None) -> None:
-        watch = self.u.guard.watch
+        watch = self.slot.serve(model, self.doc["probation"])
         assert watch is not None
+        self._watch(watch, None)
+
+    def _watch(self, watch: ProbationWatch, old: LoadedModel | None) -> None:
+        new = watch.new
         while True:
             verdict = watch.verdict()
             if verdict is not None:
@@ -341,7 +342,7 @@ class UpdateRun:
             watch.changed.wait(min(0.5, watch.time_left() or 0.5))
             watch.changed.clear()
         if verdict.passed:
-            self.u.guard.end()
+            self.slot.end_probation()
             self.u.gate.commit(new.name, new.version)
             self.u.finish(self.record, UpdateStep.SUCCEEDED, None,
                           f"{new.name} {new.version} serves; {verdict.message}",
@@ -353,19 +354,16 @@ class UpdateRun:
     def _rollback(self, reason: UpdateReason, message: str, details: dict[str, Any],
                  old: LoadedModel | None) -> None:
         """Put the previous model back on disk and in service."""
-        agent = self.agent
         previous = self.record.previous
         if previous is None or old is None:
-            self.u.guard.end()
+            self.slot.end_probation()
             self.u.finish(self.record, UpdateStep.FAILED, reason,
                           f"{message}; there is no previous model to go back to, so the new"
                           " one keeps serving", details=details)
             return
         self.journal.step(JournalStep.ROLLING_BACK, reason=reason.value)
         crash_point("rolling_back")
-        agent.store.activate(self.u.stored_from(previous), demote_current=False)
-        agent.slot.swap(old)
-        self.u.guard.end()
+        self.slot.rollback(self.u.stored_from(previous), old)
         self.u.finish(self.record, UpdateStep.ROLLED_BACK, reason,
                       f"{message}; back to {old.name} {old.version}", details=details)
 

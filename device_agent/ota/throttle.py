@@ -22,16 +22,13 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edgekit.protocol.ota import DesiredDocument
 
 from .window import MaintenanceWindow, local_now
 
-if TYPE_CHECKING:
-    from ..config import OtaSection
-
-__all__ = ["Pace", "TokenBucket"]
+__all__ = ["DeviceLimits", "Pace", "TokenBucket"]
 
 _MAX_SLEEP_S = 1.0  # a blocked wait looks at its cancel event at least this often
 
@@ -66,6 +63,16 @@ class TokenBucket:
         return max(0.0, missing / self.rate)
 
 
+class DeviceLimits(Protocol):
+    """The device's own limits (``[ota]``: the config section or the updater's settings)."""
+
+    @property
+    def max_kbps(self) -> int: ...
+
+    @property
+    def maintenance_window(self) -> str: ...
+
+
 class Pace:
     """Whether a download may ask for bytes now: the window and the bucket together."""
 
@@ -80,7 +87,7 @@ class Pace:
         self.resumed = 0.0
 
     @classmethod
-    def for_update(cls, section: OtaSection, doc: DesiredDocument) -> Pace:
+    def for_update(cls, section: DeviceLimits, doc: DesiredDocument) -> Pace:
         """The limits of one update: the device's ``[ota]`` and the document's ``transfer``
         (see the module docstring).
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
-from edgekit.protocol import DeviceState, EventLevel
+from edgekit.protocol import EventLevel
 from edgekit.protocol.ota import (
     DesiredDocument,
     UpdateReason,
@@ -42,17 +42,20 @@ from edgekit.protocol.ota import (
 )
 from edgekit.signing import load_public_key
 
+from .._events import EventSink
+from .._mqtt import MqttLink
+from .._slot import ModelSlot
+from .._status import StatusPublisher
 from .._store import StoredPackage
+from ..config import DeviceSection
 from .download import MqttDownload
 from .errors import UpdateFailure
 from .intent import IntentGate, RefusalLimiter
 from .journal import JournalStep, OtaJournal, UpdateRecord
-from .probation import ProbationGuard
 from .steps import UpdateRun, crash_point
 
 if TYPE_CHECKING:
-    from .._agent import Agent
-    from .._mqtt import MqttLink
+    from .._predict import Predictor
     from ..config import OtaSection
 
 __all__ = ["OtaSettings", "Updater"]
@@ -75,6 +78,8 @@ class OtaSettings:
     min_free_bytes: int = 64 * 1024**2
     intent_keys: tuple[str, ...] = ()
     allow_unsigned_intents: bool = False
+    max_kbps: int = 0
+    maintenance_window: str = ""
 
     @classmethod
     def from_config(cls, section: OtaSection) -> OtaSettings:
@@ -84,19 +89,29 @@ class OtaSettings:
 
 
 class Updater:
-    """Over-the-air updates of one agent's model; see the module docstring."""
+    """Over-the-air updates of one agent's model; see the module docstring.
 
-    def __init__(self, agent: Agent, settings: OtaSettings) -> None:
-        self.agent = agent
+    It switches models only through ``slot``, reports through ``events`` and refreshes the
+    status through ``status``; the MQTT link is given to :meth:`start`.
+    """
+
+    def __init__(self, slot: ModelSlot, events: EventSink, status: StatusPublisher,
+                 settings: OtaSettings, state_dir: Path, device: DeviceSection,
+                 requests: Predictor | None = None) -> None:
+        self.slot = slot
+        self.requests = requests  # the request path, for a shadow evaluation
+        self.store = slot.store
+        self.events = events
+        self.status = status
         self.settings = settings
-        self.journal = OtaJournal(agent.config.state_dir / "ota" / "journal.json")
-        cfg = agent.config.device
-        self.gate = IntentGate(agent.config.state_dir / "ota" / "trust.json",
+        self.device = device
+        self.link: MqttLink | None = None
+        self.journal = OtaJournal(state_dir / "ota" / "journal.json")
+        self.gate = IntentGate(state_dir / "ota" / "trust.json",
                                [load_public_key(p) for p in settings.intent_keys],
                                allow_unsigned=settings.allow_unsigned_intents,
-                               fleet=cfg.fleet, device=cfg.id)
+                               fleet=device.fleet, device=device.id)
         self.refusals = RefusalLimiter()
-        self.guard = ProbationGuard()
         self.stopping = threading.Event()
         self.current_download: MqttDownload | None = None
         self._docs: dict[str, bytes | None] = {"fleet": None, "device": None}
@@ -120,7 +135,7 @@ class Updater:
             return
         step = JournalStep(record.step)
         try:
-            active = self.agent.store.active()
+            active = self.store.active()
         except ArtifactError:
             active = None
         switched = active is not None and active.active.sha256 == record.sha256
@@ -131,7 +146,7 @@ class Updater:
                 self.journal.step(JournalStep.PROBATION)  # nothing to go back to: watch again
                 return
             stored = self.stored_from(previous)
-            self.agent.store.activate(stored, demote_current=False)
+            self.store.activate(stored, demote_current=False)
             # A rollback already under way keeps its reason; otherwise the restart is it.
             reason = UpdateReason(record.reason) if record.reason else UpdateReason.INTERRUPTED
             self.finish(record, UpdateStep.ROLLED_BACK, reason,
@@ -143,8 +158,9 @@ class Updater:
 
     def start(self, link: MqttLink | None) -> None:
         """Subscribe to the desired documents and start the worker thread."""
-        cfg = self.agent.config.device
-        current = self.agent.slot.current
+        self.link = link
+        cfg = self.device
+        current = self.slot.current
         if current is not None:
             self.gate.ensure_floor(current.name, current.version)
         if link is not None and self.settings.enabled and not self.gate.keys and \
@@ -225,7 +241,7 @@ class Updater:
                 return False
             doc = reverted
         wanted = doc["model"]
-        serving = self.agent.slot.current
+        serving = self.slot.current
         if self._serves(doc):
             assert serving is not None
             self.journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
@@ -283,7 +299,7 @@ class Updater:
 
     def _serves(self, doc: DesiredDocument) -> bool:
         wanted = doc["model"]
-        serving = self.agent.slot.current
+        serving = self.slot.current
         return serving is not None and (serving.sha256 == wanted["sha256"] or (
             wanted["sha256"] is None and (serving.name, serving.version)
             == (wanted["name"], wanted["version"])))
@@ -293,9 +309,9 @@ class Updater:
         record of what it ran before (never a version someone else names). None (and the
         outcome recorded) when there is nothing to do."""
         left = doc["model"]
-        serving = self.agent.slot.current
+        serving = self.slot.current
         try:
-            record = self.agent.store.active()
+            record = self.store.active()
         except ArtifactError:
             record = None
         if serving is None or serving.sha256 != left["sha256"]:
@@ -324,7 +340,7 @@ class Updater:
         self.journal.record(deployment, step.value, reason.value if reason else None, text,
                             model)
         self._emit(step, deployment, model, text, reason=reason)
-        self._publish_status()
+        self.status.publish()
 
     # ---------------------------------------------------------------- helpers for steps
 
@@ -337,7 +353,7 @@ class Updater:
               message: str, *, reason: UpdateReason | None = None, source: str | None = None,
               progress: tuple[int, int] | None = None, details: dict[str, Any] | None = None,
               serving: dict[str, Any] | None = None) -> None:
-        current = self.agent.slot.current
+        current = self.slot.current
         data: dict[str, Any] = {
             "deployment": deployment, "step": step.value, "model": model,
             "serving": serving if serving is not None else (
@@ -351,7 +367,7 @@ class Updater:
                                 "percent": round(100.0 * done / max(total, 1), 1)}
         if details:
             data["details"] = details
-        self.agent.event(event_kind(step), _FINAL_LEVEL.get(step, EventLevel.INFO), message,
+        self.events.event(event_kind(step), _FINAL_LEVEL.get(step, EventLevel.INFO), message,
                          reason=reason.value if reason else None, data=data)
 
     def finish(self, record: UpdateRecord, step: UpdateStep, reason: UpdateReason | None,
@@ -362,19 +378,12 @@ class Updater:
         self.journal.finish(step.value, reason.value if reason else None, text,
                             _short(record.desired.get("model", {})))
         self.emit(step, record, text, reason=reason, details=details, serving=serving)
-        self._publish_status()
-
-    def _publish_status(self) -> None:
-        link = self.agent.link
-        if link is not None and link.connected:
-            link.publish(self.agent.status_topic,
-                         self.agent.status_bytes(link.session, DeviceState.ONLINE, None),
-                         retain=True)
+        self.status.publish()
 
     def find_kept(self, name: str, version: str, sha256: str | None) -> Path | None:
         """A package of the model folder with this sha256 (or, without one, this name and
         version, the newest), if the device keeps one."""
-        for path in reversed(self.agent.store.packages()):
+        for path in reversed(self.store.packages()):
             try:
                 if sha256 is not None:
                     if path.name.endswith(f"-{sha256[:12]}.edgepkg") and \
@@ -388,42 +397,27 @@ class Updater:
                 return path
         return None
 
-    def serving_stored(self) -> StoredPackage | None:
-        """The model folder's package of the model in service."""
-        current = self.agent.slot.current
-        if current is None:
-            return None
-        try:
-            record = self.agent.store.active()
-        except ArtifactError:
-            record = None
-        if record is not None:
-            for stored in (record.active, *record.previous):
-                if stored.sha256 == current.sha256:
-                    return stored
-        return StoredPackage(current.path, current.sha256, current.name, current.version)
-
     def stored_from(self, entry: dict[str, str]) -> StoredPackage:
         return StoredPackage(self.abs(entry["package"]), entry["sha256"], entry["name"],
                              entry["version"])
 
     def rel(self, path: Path) -> str:
-        return path.resolve().relative_to(self.agent.store.root.resolve()).as_posix()
+        return path.resolve().relative_to(self.store.root.resolve()).as_posix()
 
     def abs(self, rel: str | None) -> Path:
         if rel is None:
             raise ArtifactError("the journal names no package for this update")
-        return self.agent.store.root / rel
+        return self.store.root / rel
 
     def discard_files(self, record: UpdateRecord, doc: DesiredDocument) -> None:
         """Remove the partial download and a refused package the model folder does not use."""
         sha = doc["model"]["sha256"]
         if sha is not None:
-            (self.agent.store.packages_dir / f".{sha}.part").unlink(missing_ok=True)
+            (self.store.packages_dir / f".{sha}.part").unlink(missing_ok=True)
         if record.package is None or record.source == "kept":
             return
         try:
-            active = self.agent.store.active()
+            active = self.store.active()
         except ArtifactError:
             return
         used = set() if active is None else {p.sha256 for p in (active.active, *active.previous)}

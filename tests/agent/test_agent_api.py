@@ -256,8 +256,8 @@ def test_runtime_failures_are_reported_and_serving_goes_on(tmp_path: Path,
     agent = make_agent(tmp_path, model__package=str(tmp_path / "lookup.edgepkg"),
                        model__allow_unsigned=True)
     seen: list[tuple[str, bool, bool]] = []
-    agent.observe(lambda model, latency, outputs, error: seen.append(
-        (model.name, outputs is not None, error is not None)))
+    agent.observe(lambda served: seen.append(
+        (served.model.name, served.outputs is not None, served.error is not None)))
     try:
         with pytest.raises(RuntimeBackendError, match="inference failed"):
             agent.predict({"idx": [3, 50]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -28,8 +29,9 @@ from edgekit.artifact import golden_to_npz, write_package
 from edgekit.manifest import Manifest, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
+# The agent's own requirements (pyproject's ``agent`` extra) with numpy 1 and tflite-runtime.
 VENV_REQUIREMENTS = ["numpy<2", "tflite-runtime==2.14.0", "cryptography", "click", "psutil",
-                     "paho-mqtt>=2", "msgspec>=0.18"]
+                     "paho-mqtt>=2", "msgspec>=0.18", "zstandard>=0.22"]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def test_litert_backend_with_ai_edge_litert(tflite_package: Path, tmp_path: Path
 
 
 def _venv(cache: Path) -> Path:
-    venv = cache / "tflite-runtime-venv"
+    # Named by its requirements, so checkouts that list different ones keep their own.
+    tag = hashlib.sha256(json.dumps(VENV_REQUIREMENTS).encode()).hexdigest()[:12]
+    venv = cache / f"tflite-runtime-venv-{tag}"
     marker = venv / "edgekit-ready.json"
     python = venv / "bin" / "python"
     cache.mkdir(parents=True, exist_ok=True)

@@ -300,7 +300,6 @@ def served(package: Path, signer: Signer, tmp_path: Path) -> Iterator[Agent]:
 def test_health_status_and_console_name_the_variant(served: Agent, tmp_path: Path) -> None:
     import http.client
 
-    from device_agent._telemetry import build_status
     from edgekit.host.console._data import device_view, fleet_view
     from edgekit.host.controller.ingest import status_fields
     from edgekit.host.db import Store
@@ -316,7 +315,7 @@ def test_health_status_and_console_name_the_variant(served: Agent, tmp_path: Pat
     assert health["variant"]["id"] == model.variant.id
     assert {c["variant"] for c in health["variant"]["candidates"]} == \
         {f"onnx-{q}" for _, q in VARIANTS}
-    status = decode(encode(build_status(served, 1, DeviceState.ONLINE, None)), StatusPayload)
+    status = decode(encode(served.status.build(1, DeviceState.ONLINE, None)), StatusPayload)
     assert status.variant == model.variant
     assert status.model is not None and status.model.sha256 == model.sha256
     old = {k: v for k, v in json.loads(encode(status)).items() if k != "variant"}

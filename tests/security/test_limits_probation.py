@@ -15,7 +15,7 @@ from _limits_support import build_package
 
 import edgekit.protocol.ota as ota
 from device_agent._model import LoadedModel, TrustPolicy, load_model
-from device_agent.ota.probation import ProbationGuard
+from device_agent._probation import ProbationWatch
 from edgekit.protocol.ota import UpdateReason
 
 SETTINGS = ota.Probation(requests=3, seconds=0.0, max_error_rate=0.0, max_nonfinite_rate=0.0,
@@ -45,12 +45,11 @@ def test_overflow_shared_with_the_serving_model_does_not_roll_back(
         models: dict[str, LoadedModel]) -> None:
     old, new = models["v1"], models["v2"]
     assert not _finite(old, HUGE) and not _finite(new, HUGE)  # the input is the problem
-    guard = ProbationGuard()
-    watch = guard.begin(new, old, SETTINGS)
-    guard.run(new, HUGE)
+    watch = ProbationWatch(new, old, SETTINGS)
+    watch.run(HUGE)
     assert watch.verdict() is None
     for _ in range(2):
-        answered_by, _outputs = guard.run(new, NORMAL)
+        answered_by, _outputs = watch.run(NORMAL)
         assert answered_by is new
     verdict = watch.verdict()
     assert verdict is not None and verdict.passed, verdict
@@ -61,9 +60,8 @@ def test_nonfinite_output_of_the_new_model_alone_still_rolls_back(
         models: dict[str, LoadedModel]) -> None:
     old, new = models["v1"], models["nan"]
     assert _finite(old, NEGATIVE) and not _finite(new, NEGATIVE)
-    guard = ProbationGuard()
-    watch = guard.begin(new, old, SETTINGS)
-    answered_by, outputs = guard.run(new, NEGATIVE)
+    watch = ProbationWatch(new, old, SETTINGS)
+    answered_by, outputs = watch.run(NEGATIVE)
     assert answered_by is old and all(np.isfinite(a).all() for a in outputs.values())
     verdict = watch.verdict()
     assert verdict is not None and not verdict.passed

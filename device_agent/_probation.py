@@ -1,13 +1,15 @@
 """Probation: watching a newly activated model, and answering for it when it misbehaves.
 
-While a probation runs, :meth:`ProbationGuard.run` answers each request with the new model
-and records what happened: a failure of the runtime, NaN or infinite outputs, the latency.
+While a probation runs, the model slot answers requests with :meth:`ProbationWatch.run`
+instead of the plain session call (no branch on the request path outside a probation): it
+answers with the new model and records what happened: a failure of the runtime, NaN or infinite outputs, the latency.
 A request the new model fails, or answers with non-finite numbers, is answered by the
 previous model (kept loaded until the probation ends), so no client sees the failure. A
 non-finite output counts against the new model only when the previous model stays finite on
 the same input: an input that overflows both (one huge finite value) says nothing about the
 update and must not roll a good deployment back. The updater asks
-:meth:`ProbationWatch.verdict` for the outcome.
+:meth:`ProbationWatch.verdict` for the outcome and tells the slot to end the probation or to
+roll back.
 """
 
 from __future__ import annotations
@@ -23,11 +25,23 @@ import numpy as np
 from edgekit.errors import RuntimeBackendError
 from edgekit.protocol.ota import Probation, UpdateReason
 
-from .._model import LoadedModel
+from ._model import LoadedModel
 
-__all__ = ["ProbationGuard", "ProbationWatch", "Verdict"]
+__all__ = ["AnsweredByPrevious", "ProbationWatch", "Verdict"]
 
 _MIN_LATENCY_SAMPLES = 5
+
+
+class AnsweredByPrevious(Exception):  # noqa: N818 (an answer, not an error)
+    """Raised by :meth:`ProbationWatch.answer` when the previous model answered a request
+    the new one failed: it carries the answer, so the request path (which expects the
+    new model's outputs and has no branch for a probation) reports the model that answered.
+    """
+
+    def __init__(self, model: LoadedModel, outputs: dict[str, np.ndarray]) -> None:
+        super().__init__(model.name)
+        self.model = model
+        self.outputs = outputs
 
 
 @dataclass(frozen=True)
@@ -108,56 +122,50 @@ class ProbationWatch:
             return 1.0
         return max(0.0, s["seconds"] - (time.monotonic() - self.started))
 
-
-class ProbationGuard:
-    """The agent's hook around each inference; a no-op outside a probation."""
-
-    def __init__(self) -> None:
-        self.watch: ProbationWatch | None = None
-
-    def begin(self, new: LoadedModel, previous: LoadedModel | None,
-              settings: Probation) -> ProbationWatch:
-        self.watch = ProbationWatch(new, previous, settings)
-        return self.watch
-
-    def end(self) -> None:
-        self.watch = None
-
-    def run(self, model: LoadedModel, feeds: Mapping[str, np.ndarray]
-            ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Answer ``feeds`` with ``model``; in probation, watch it and fall back.
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+        """Answer checked ``feeds`` with the new model, watch it, and fall back to the
+        previous model when it fails; return the model that answered and its outputs.
 
         Raises:
-            RuntimeBackendError: the model failed and no previous model could answer.
+            RuntimeBackendError: the new model failed and no previous model could answer.
         """
-        watch = self.watch
-        if watch is None or model is not watch.new:
-            return model, model.session.run(dict(feeds))
+        model = self.new
         t0 = time.perf_counter()
         try:
-            outputs = model.session.run(dict(feeds))
+            outputs = model.session.run_checked(feeds)
         except RuntimeBackendError:
-            fallback = self._fallback(watch, feeds)
-            watch.record(latency_ms=None, error=True, fallback=fallback is not None)
+            fallback = self._fallback(feeds)
+            self.record(latency_ms=None, error=True, fallback=fallback is not None)
             if fallback is None:
                 raise
             return fallback
         latency_ms = (time.perf_counter() - t0) * 1000.0
         if _finite(outputs):
-            watch.record(latency_ms=latency_ms)
+            self.record(latency_ms=latency_ms)
             return model, outputs
-        fallback = self._fallback(watch, feeds)
+        fallback = self._fallback(feeds)
         if fallback is not None and not _finite(fallback[1]):
             # The serving model overflows on this input too: the input is at fault.
-            watch.record(latency_ms=latency_ms, nonfinite_both=True)
+            self.record(latency_ms=latency_ms, nonfinite_both=True)
             return model, outputs
-        watch.record(latency_ms=latency_ms, nonfinite=True, fallback=fallback is not None)
+        self.record(latency_ms=latency_ms, nonfinite=True, fallback=fallback is not None)
         return fallback if fallback is not None else (model, outputs)
 
-    @staticmethod
-    def _fallback(watch: ProbationWatch, feeds: Mapping[str, np.ndarray]
+    def answer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` as the model slot serves it: the new model's outputs.
+
+        Raises:
+            AnsweredByPrevious: the previous model answered instead (with its outputs).
+            RuntimeBackendError: the new model failed and no previous model could answer.
+        """
+        model, outputs = self.run(feeds)
+        if model is not self.new:
+            raise AnsweredByPrevious(model, outputs)
+        return outputs
+
+    def _fallback(self, feeds: Mapping[str, np.ndarray]
                   ) -> tuple[LoadedModel, dict[str, np.ndarray]] | None:
-        previous = watch.previous
+        previous = self.previous
         if previous is None:
             return None
         try:
