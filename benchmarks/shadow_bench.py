@@ -73,7 +73,7 @@ def measure(package: Path, inputs: list[dict[str, np.ndarray]], work: Path, requ
             blocks: int) -> dict[str, Any]:
     from device_agent import Agent, load_config
     from device_agent._model import TrustPolicy, load_model
-    from device_agent._shadow import ShadowRunner
+    from device_agent._shadow import ShadowRunner, attach
 
     agent = Agent(load_config(env={}, overrides={
         "model.dir": str(work / package.stem), "model.package": str(package),
@@ -81,7 +81,7 @@ def measure(package: Path, inputs: list[dict[str, np.ndarray]], work: Path, requ
     try:
         serving = agent.model
         assert serving is not None
-        candidate = load_model(package, TrustPolicy([], True), agent.runtime_options)
+        candidate = load_model(package, TrustPolicy([], True), agent.slot.loader.options)
         for i in range(20):  # warm-up
             agent.predict(inputs[i % len(inputs)])
         times: dict[str, list[float]] = {"plain": [], "shadow": []}
@@ -89,15 +89,21 @@ def measure(package: Path, inputs: list[dict[str, np.ndarray]], work: Path, requ
                               cpu_share=CPU_SHARE, seed=0)
         per_block = max(1, requests // blocks)
         n = 0
+        detach = None
         for block in range(blocks * 2):
             mode = "plain" if block % 2 == 0 else "shadow"
-            agent.shadow = runner if mode == "shadow" else None
+            if mode == "shadow":
+                detach = attach(agent.predictor, runner)
+            elif detach is not None:
+                detach()
+                detach = None
             for _ in range(per_block):
                 t0 = time.perf_counter()
                 agent.predict(inputs[n % len(inputs)])
                 times[mode].append((time.perf_counter() - t0) * 1000.0)
                 n += 1
-        agent.shadow = None
+        if detach is not None:
+            detach()
         runner.close()
         report = runner.report("bench", "stopped")
     finally:

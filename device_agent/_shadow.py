@@ -18,7 +18,8 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from edgekit.metrics import classification_report, cosine_similarity
 from edgekit.protocol.ota.shadow import ModelFigures, ShadowReport
 
 from ._model import LoadedModel, probabilities
+
+if TYPE_CHECKING:
+    from ._predict import Predictor, Served
 
 __all__ = ["DEFAULT_CPU_SHARE", "DEFAULT_QUEUE", "ShadowRunner"]
 
@@ -242,3 +246,23 @@ def _bounded_put(store: OrderedDict[str, Any], key: str, value: Any) -> None:
     store[key] = value
     while len(store) > _KEEP:
         store.popitem(last=False)
+
+
+def attach(requests: Predictor, runner: ShadowRunner) -> Callable[[], None]:
+    """Feed ``runner`` the predictions and labels of ``requests`` (the agent's request path,
+    as an observer: nothing runs on that path while no shadow is attached); returns the
+    function that detaches it."""
+    def offer(served: Served) -> None:
+        if served.outputs is not None:
+            runner.offer(served.prediction_id, served.model, served.feeds, served.outputs,
+                         served.latency_s)
+
+    label = runner.label  # one bound method: the same object detaches it
+    requests.observe(offer)
+    requests.on_label(label)
+
+    def detach() -> None:
+        requests.unobserve(offer)
+        requests.off_label(label)
+
+    return detach

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 from edgekit.protocol.ota import UpdateReason, UpdateStep
 
 from .._model import LoadedModel
-from .._predict import Served
-from .._shadow import ShadowRunner
+from .._shadow import ShadowRunner, attach
 from .errors import UpdateFailure
 
 if TYPE_CHECKING:
@@ -47,14 +46,7 @@ def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
                f" {serving.version} on {spec['sample']:.0%} of requests until"
                f" {spec['requests']} are compared")
     deadline = time.monotonic() + spec["seconds"]
-
-    def offer(served: Served) -> None:
-        if served.outputs is not None:
-            runner.offer(served.prediction_id, served.model, served.feeds, served.outputs,
-                         served.latency_s)
-
-    requests.observe(offer)
-    requests.on_label(runner.label)
+    detach = attach(requests, runner)
     try:
         ended = "requests"
         while not runner.done.wait(0.25):
@@ -68,8 +60,7 @@ def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
                 ended = "timeout"
                 break
     finally:
-        requests.unobserve(offer)
-        requests.off_label(runner.label)
+        detach()
         runner.close()
     if ended == "stopped":
         log.info("shadow of %s paused for the shutdown", record.deployment)

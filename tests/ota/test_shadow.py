@@ -24,7 +24,7 @@ from mqtt_broker import MqttBroker, wait_until
 
 from device_agent import Agent, load_config
 from device_agent._model import TrustPolicy, load_model
-from device_agent._shadow import ShadowRunner
+from device_agent._shadow import ShadowRunner, attach
 from edgekit.errors import ProtocolError
 from edgekit.host.cli import cli
 from edgekit.host.ota.tracker import DeploymentTracker, Outcome
@@ -163,15 +163,15 @@ def test_serving_answers_are_unchanged_and_a_full_queue_drops(tmp_path: Path, pk
         serving = agent.model
         assert serving is not None
         candidate = load_model(digits_pkgs["bad"], TrustPolicy.from_files(
-            [str(pkgs.public_key)], False), agent.runtime_options)
+            [str(pkgs.public_key)], False), agent.slot.loader.options)
         # A tiny queue and a worker that idles 99 times its compute: most sampled requests
         # find the queue full.
         runner = ShadowRunner(candidate, serving, target=10_000, sample=1.0, cpu_share=0.01,
                               queue_size=1, seed=0)
-        agent.shadow = runner
+        detach = attach(agent.predictor, runner)
         during = [agent.predict({"x": r}).outputs["probs"].tobytes() for r in rows]
         wait_until(lambda: runner.requests >= 1, 60, "the shadow worker's first comparison")
-        agent.shadow = None
+        detach()
         runner.close()
         after = [agent.predict({"x": r}).outputs["probs"].tobytes() for r in rows]
         assert during == before and after == before
