@@ -25,7 +25,7 @@ from edgekit.runtimes import RuntimeOptions, load_session
 from examples.text.data import BASE_INTENTS, make_split
 from examples.text.models import IntentClassifier, SentenceEncoder, load_bert, student_of
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _encoder(layers: int) -> SentenceEncoder:
