@@ -38,7 +38,7 @@ def test_agent_source_imports_only_the_light_core() -> None:
                "edgekit.runtimes", "edgekit.errors", "edgekit.protocol", "edgekit.data",
                "edgekit.fsutil", "edgekit.typedconfig", "edgekit.signing", "edgekit.protocol.ota",
                "edgekit.protocol.signed", "edgekit.redact", "edgekit.calibration",
-               "edgekit.delta"}
+               "edgekit.delta", "edgekit.protocol.ota.shadow"}
     for path in (REPO / "device_agent").rglob("*.py"):
         for match in re.finditer(r"^\s*(?:from|import)\s+(edgekit[\w.]*)", path.read_text(),
                                  re.M):

@@ -220,8 +220,8 @@ def test_5_preflight_findings() -> None:
                         version="1.0.0", key_id="k1")
     assert [f.code for f in preflight("f", info, {}, devices=None).findings] == \
         ["unknown_fleet"]
-    views = {"d1": DeviceView("d1", "online", "m", "2.0.0", ["k1"]),
-             "d2": DeviceView("d2", "online", "other", "0.1.0", ["k2"])}
+    views = {"d1": DeviceView("d1", "online", "m", "2.0.0", trusted_keys=["k1"]),
+             "d2": DeviceView("d2", "online", "other", "0.1.0", trusted_keys=["k2"])}
     report = preflight("f", info, views, devices=["d1", "d2", "ghost"])
     assert sorted((f.code, f.device) for f in report.findings) == [
         ("name_change", "d2"), ("older_version", "d1"), ("unknown_device", "ghost"),
