@@ -191,7 +191,7 @@ class SamplesSection:
 class OtaSection:
     enabled: bool = _opt(True, "Follow the desired documents and update the model over the air.")
     chunk_bytes: int = _opt(256 * 1024, "Chunk size asked for over MQTT.", ge=1024, le=_MAX_CHUNK)
-    window: int = _opt(4, "Chunk requests in flight.", ge=1)
+    window: int = _opt(8, "Chunk requests in flight.", ge=1)
     request_timeout_s: float = _opt(10.0, "A chunk request unanswered this long is sent again.",
                                     gt=0)
     stall_timeout_s: float = _opt(300.0, "A download without progress this long fails.", gt=0)

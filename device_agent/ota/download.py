@@ -50,7 +50,7 @@ _MAX_CORRUPT = 20  # corrupted replies in a row before the transfer is given up
 @dataclass(frozen=True)
 class DownloadSettings:
     chunk_bytes: int = 256 * 1024
-    window: int = 4  # chunk requests in flight
+    window: int = 8  # chunk requests in flight (enough to hide the round trip on a loaded host)
     request_timeout_s: float = 10.0  # a request unanswered this long is sent again
     stall_timeout_s: float = 300.0  # no progress this long: the download fails
     pace: Pace = field(default_factory=Pace)  # thin links: rate cap, maintenance window

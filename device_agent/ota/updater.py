@@ -71,7 +71,7 @@ class OtaSettings:
 
     enabled: bool = True
     chunk_bytes: int = 256 * 1024
-    window: int = 4
+    window: int = 8
     request_timeout_s: float = 10.0
     stall_timeout_s: float = 300.0
     max_artifact_bytes: int = 1024**3

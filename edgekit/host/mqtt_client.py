@@ -11,6 +11,7 @@ for the broker (``subscribe(..., wait=)``, :func:`~edgekit.host.ota.deploy.read_
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -60,6 +61,16 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle's algorithm on: the tail of a reply published right after a request
+    # arrived (an artifact chunk, a request/response answer) would wait for the broker's
+    # delayed ACK of the previous segment.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 class HostClient:
     """One MQTT connection shared by host-side parts; see the module docstring."""
 
@@ -92,6 +103,7 @@ class HostClient:
         self.paho.on_connect = self._on_connect
         self.paho.on_disconnect = self._on_disconnect
         self.paho.on_subscribe = self._on_subscribe
+        self.paho.on_socket_open = _no_delay
 
     # ---------------------------------------------------------------- connection
 

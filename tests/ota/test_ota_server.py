@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -76,6 +77,16 @@ class Requester:
 
     def close(self) -> None:
         self.client.close()
+
+
+def test_host_connection_sends_replies_without_nagle_delay(broker: MqttBroker) -> None:
+    # A chunk is published right after its request arrives; with Nagle's algorithm on, the
+    # tail of each reply would wait for the broker's delayed ACK.
+    with HostClient(broker.url) as host:
+        host.connect()
+        sock = host.paho.socket()
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_server_serves_a_package_in_checked_chunks(broker: MqttBroker, package: Path) -> None:
