@@ -79,7 +79,7 @@ class Serving:
     def __init__(self, model: LoadedModel, run: Answer | None = None) -> None:
         self.model = model
         self.check = model.validator.checker()
-        self.run = run if run is not None else model.session.run_checked
+        self.run = run if run is not None else model.session.checked_runner()
 
 
 class ModelSlot:
