@@ -10,7 +10,7 @@ import io
 import math
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from edgekit.protocol import EncodedArray, PredictRequest, decode_array
 __all__ = ["InputValidator", "inputs_from_npy", "inputs_from_npz", "inputs_from_request"]
 
 SINGLE_INPUT_ALIAS = "x"
+R = TypeVar("R")
 
 
 class InputValidator:
@@ -50,31 +51,43 @@ class InputValidator:
                        np.dtype(s.dtype).kind == "f") for s in specs] \
             if simple and len(symbols) == 1 else None
 
-    def checker(self) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
-        """:meth:`check`, or for a model with one plain input (the common case) a function
-        specialised to it: the request path's check is then a handful of comparisons and
-        the finite check. Both accept and refuse the same feeds."""
+    def answerer(self, run: Callable[[dict[str, np.ndarray]], R]
+                 ) -> Callable[[Mapping[str, Any]], tuple[dict[str, np.ndarray], R]]:
+        """A function that checks the feeds (as :meth:`check`) and gives the checked feeds
+        to ``run``, returning both the checked feeds and ``run``'s result: the request
+        path's one call per request. For a model with one plain input (the common case)
+        the check is specialised to it: a handful of comparisons and the finite check. Both
+        accept and refuse the same feeds.
+
+        The function raises: InputError: as :meth:`check`; and whatever ``run`` raises.
+        """
+        full = self.check
         if self._fast is None or len(self._fast) != 1:
-            return self.check
+            def check_run(feeds: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], R]:
+                checked = full(feeds)
+                return checked, run(checked)
+
+            return check_run
         name, dtype, ndim, tail, is_float = self._fast[0]
-        max_batch, full = self.max_batch, self.check
+        max_batch = self.max_batch
         zeros = _zeros_of(dtype)  # by size: the finite check's dot product, inlined below
 
-        def check_one(feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        def check_one_run(feeds: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], R]:
             if type(feeds) is dict and len(feeds) == 1:
                 arr = feeds.get(name)
                 if (arr.__class__ is np.ndarray and arr.dtype == dtype
                         and arr.shape[1:] == tail and arr.ndim == ndim
                         and 0 < arr.shape[0] <= max_batch):
                     if not is_float:
-                        return feeds  # type: ignore[return-value]
+                        return feeds, run(feeds)  # type: ignore[arg-type]
                     z = zeros.get(arr.size)
                     if (_finite_scalar(_vdot(arr, z)) if z is not None
                             else all_finite(arr)):
-                        return feeds  # type: ignore[return-value]
-            return full(feeds)
+                        return feeds, run(feeds)  # type: ignore[arg-type]
+            checked = full(feeds)
+            return checked, run(checked)
 
-        return check_one
+        return check_one_run
 
     def check(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Return the feeds in the model's dtypes.

@@ -111,7 +111,7 @@ class Predictor:
         """Count a feedback message refused before it reached :meth:`feedback`."""
         self.window.rejected()
 
-    def predict(self, inputs: Mapping[str, Any], channel: str) -> Prediction:
+    def predict(self, inputs: Mapping[str, Any], channel: str = "python") -> Prediction:
         """Raises: as :meth:`device_agent.Agent.predict`."""
         t0 = _now()
         serving = self.slot.serving
@@ -120,19 +120,24 @@ class Predictor:
             raise RequestError(ErrorCode.NO_MODEL, "no model is active on this device",
                                hint="start the agent with --model PKG, or deploy one")
         try:
-            feeds = serving.check(inputs)
-            outputs = serving.run(feeds)
+            feeds, outputs = serving.answer(inputs)
             model = serving.model
         except AnsweredByPrevious as answer:
             # In a probation, the previous model answered for a new one that failed.
-            model, outputs = answer.model, answer.outputs
+            model, outputs, feeds = answer.model, answer.outputs, answer.feeds
         except InputError:
             self.stats.error(channel, ErrorCode.INVALID_INPUT.value)
             raise
         except RuntimeBackendError as exc:
             self.stats.error(channel, ErrorCode.INTERNAL.value)
-            for observer in self.observers:
-                observer(Served(serving.model, feeds, None, _now() - t0, exc))
+            observers = self.observers
+            if observers:
+                # The inputs passed the check before the run failed: checking them again
+                # gives the same feeds, off the path of a request that succeeds.
+                served = Served(serving.model, serving.model.validator.check(inputs), None,
+                                _now() - t0, exc)
+                for observer in observers:
+                    observer(served)
             raise
         latency = _now() - t0
         seq = next(self._ids)

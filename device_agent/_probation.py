@@ -38,10 +38,12 @@ class AnsweredByPrevious(Exception):  # noqa: N818 (an answer, not an error)
     new model's outputs and has no branch for a probation) reports the model that answered.
     """
 
-    def __init__(self, model: LoadedModel, outputs: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: LoadedModel, outputs: dict[str, np.ndarray],
+                 feeds: dict[str, np.ndarray]) -> None:
         super().__init__(model.name)
         self.model = model
         self.outputs = outputs
+        self.feeds = feeds  # the checked inputs both models were given
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class ProbationWatch:
         """
         model, outputs = self.run(feeds)
         if model is not self.new:
-            raise AnsweredByPrevious(model, outputs)
+            raise AnsweredByPrevious(model, outputs, feeds)
         return outputs
 
     def _fallback(self, feeds: Mapping[str, np.ndarray]

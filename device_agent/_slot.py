@@ -69,17 +69,18 @@ class ModelLoader:
 
 class Serving:
     """What a request needs of the model in service, read with one attribute load:
-    ``check`` (the input validator's, specialised to the model's inputs) and ``run``, which
-    answers checked feeds: the session's own call, or in a probation the watch's
+    ``answer``, built once per model, checks a request's inputs (the input validator's
+    check, specialised to the model's inputs) and runs the checked feeds, returning both:
+    through the session's own run function, or in a probation through the watch's
     :meth:`~device_agent._probation.ProbationWatch.answer` (which raises
     :class:`~device_agent._probation.AnsweredByPrevious` when the previous model answered)."""
 
-    __slots__ = ("check", "model", "run")
+    __slots__ = ("answer", "model")
 
     def __init__(self, model: LoadedModel, run: Answer | None = None) -> None:
         self.model = model
-        self.check = model.validator.checker()
-        self.run = run if run is not None else model.session.run_checked
+        self.answer = model.validator.answerer(
+            run if run is not None else model.session.checked_runner())
 
 
 class ModelSlot:

@@ -1,17 +1,18 @@
 """Request counters and per-interval buffers, kept cheap on the request path.
 
-A request appends one tuple (channel, latency, primary output) to a pending list under one
-lock; nothing else. The pending list is folded into the counters, the latency histogram
-and the interval's (reservoir-sampled) buffers in bulk: when it reaches a fixed length, and
-whenever the numbers are read (a telemetry tick, a /metrics scrape). The telemetry thread
-does the numpy work on the interval (percentiles, argmax, confidence) off the request path.
+A request appends one tuple (channel, latency, primary output) to a pending deque, without
+a lock (a deque's append and popleft are atomic); nothing else. The pending requests are
+folded into the counters, the latency histogram and the interval's (reservoir-sampled)
+buffers in bulk, under the lock: when they reach a fixed number, and whenever the numbers
+are read (a telemetry tick, a /metrics scrape). The telemetry thread does the numpy work on
+the interval (percentiles, argmax, confidence) off the request path.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,7 @@ LATENCY_BUCKETS_S = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
 # Above this many requests in one interval, latencies are kept by reservoir sampling so the
 # memory of a busy interval stays bounded; counts stay exact.
 _MAX_SAMPLES = 20000
-# Requests recorded before a fold; bounds the pending list's memory between reads.
+# Requests recorded before a fold; bounds the pending deque's memory between reads.
 _FOLD_AT = 2048
 _BOUNDS = np.asarray(LATENCY_BUCKETS_S)
 
@@ -82,7 +83,8 @@ class RequestStats:
         self._bucket_counts = np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
         self._latency_sum_s = 0.0
         self._interval = Interval(time.time(), 0.0)
-        self._pending: list[tuple[str, float, np.ndarray | None]] = []
+        # Appended to by requests without the lock; only a fold (lock held) takes from it.
+        self._pending: deque[tuple[str, float, np.ndarray | None]] = deque()
         self._rng = np.random.default_rng()
 
     @property
@@ -95,15 +97,17 @@ class RequestStats:
     def record(self, channel: str, latency_s: float, primary: np.ndarray | None) -> None:
         """Count one answered request; ``primary`` (a classifier's scores) is kept by
         reference for the interval's prediction histogram: the caller does not change it."""
-        with self._lock:
-            pending = self._pending
-            pending.append((channel, latency_s, primary))
-            if len(pending) >= _FOLD_AT:
+        pending = self._pending
+        pending.append((channel, latency_s, primary))
+        if len(pending) >= _FOLD_AT:
+            with self._lock:
                 self._fold()
 
     def _fold(self) -> None:
         """Move the pending requests into the counters and the interval (lock held)."""
-        pending, self._pending = self._pending, []
+        # Only the requests there now: one appended meanwhile waits for the next fold.
+        take = self._pending.popleft
+        pending = [take() for _ in range(len(self._pending))]
         if not pending:
             return
         channels, latencies, primaries = zip(*pending, strict=True)

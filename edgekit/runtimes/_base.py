@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,6 +120,14 @@ class Session(ABC):
         except Exception as exc:  # runtimes raise their own exception types
             raise RuntimeBackendError(f"inference failed: {exc}") from exc
         return dict(zip(self._output_names, raw, strict=True))
+
+    def checked_runner(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """:meth:`run_checked` as one function, which a runtime may specialise (fewer
+        Python calls per request); the agent takes it once per model.
+
+        The function raises: RuntimeBackendError: the runtime failed on the inputs.
+        """
+        return self.run_checked
 
 
 class RuntimeBackend(ABC):

@@ -76,20 +76,38 @@ def test_finite_check_agrees_with_numpy_and_stays_quiet(dtype: type, rows: int) 
 
 def test_specialised_check_accepts_and_refuses_as_the_full_check() -> None:
     validator = InputValidator([TensorSpec("x", "float32", ["batch", 64])], max_batch=200)
-    check = validator.checker()
-    assert check is not validator.check  # one plain input: the specialised check
+    ran: list[dict[str, np.ndarray]] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> int:
+        ran.append(feeds)
+        return len(ran)
+
+    answer = validator.answerer(run)
     for rows in (1, 3, 100, 3, 1):  # 100 x 64 takes the ufunc path; sizes seen twice
         good = {"x": np.full((rows, 64), 0.5, np.float32)}
-        assert check(good) is good
+        feeds, result = answer(good)
+        assert feeds is good and ran[-1] is good and result == len(ran)
         for value in (np.nan, np.inf, -np.inf):
             bad = {"x": good["x"].copy()}
             bad["x"][rows - 1, 5] = value
             with pytest.raises(InputError, match="NaN or infinite"):
-                check(bad)
+                answer(bad)
+    runs = len(ran)
     with pytest.raises(InputError, match="more than the limit"):
-        check({"x": np.zeros((201, 64), np.float32)})
-    cast = check({"x": np.zeros((2, 64), np.float64)})  # the full check casts
-    assert cast["x"].dtype == np.float32
+        answer({"x": np.zeros((201, 64), np.float32)})
+    assert len(ran) == runs  # refused feeds never reach the model
+    cast, _ = answer({"x": np.zeros((2, 64), np.float64)})  # the full check casts
+    assert cast["x"].dtype == np.float32 and ran[-1] is cast
+
+
+def test_check_of_several_inputs_runs_the_full_check() -> None:
+    validator = InputValidator([TensorSpec("a", "float32", ["batch", 4]),
+                                TensorSpec("b", "int64", ["batch", 2])], max_batch=8)
+    answer = validator.answerer(lambda feeds: sorted(feeds))
+    feeds, names = answer({"a": np.zeros((2, 4), np.float32), "b": np.zeros((2, 2), np.int64)})
+    assert names == ["a", "b"] and feeds["b"].dtype == np.int64
+    with pytest.raises(InputError, match="missing"):
+        answer({"a": np.zeros((2, 4), np.float32)})
 
 
 def test_statistics_fold_keeps_counts_exact() -> None:
