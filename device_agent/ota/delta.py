@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 from edgekit.artifact import sha256_file
 from edgekit.delta import ApplyStats, apply_delta
 from edgekit.errors import ArtifactError, ProtocolError
-from edgekit.protocol.ota import DeltaSource, UpdateReason, UpdateStep, ota_reply_topic
+from edgekit.protocol.ota import DeltaSource, UpdateReason, UpdateStep
 
-from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
+from .download import DownloadSettings, HttpDownload, PartialFile
 from .errors import UpdateFailure
 
 if TYPE_CHECKING:
@@ -121,15 +121,8 @@ def _download(run: UpdateRun, entry: DeltaSource, path: Path) -> None:
                     raise
         if entry["request_topic"] is None:
             return
-        link = run.u.link
-        cfg = run.u.device
-
-        def publish(topic: str, payload: bytes) -> bool:
-            return link is not None and link.publish(topic, payload).rc == 0
-
-        download = MqttDownload(publish, lambda: link is not None and link.connected,
-                                entry["request_topic"], ota_reply_topic(cfg.fleet, cfg.id),
-                                entry["sha256"], entry["size"], dl, run.cancel)
+        download = run.u.mqtt_download(entry["request_topic"], entry["sha256"], entry["size"],
+                                       dl, run.cancel)
         run.u.current_download = download
         try:
             download.run(partial, 0, _no_progress)

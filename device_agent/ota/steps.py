@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from edgekit.artifact import sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
 from edgekit.fsutil import fsync_dir
-from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep, ota_reply_topic
+from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep
 
 from .._model import LoadedModel
 from .._probation import ProbationWatch
@@ -224,15 +224,8 @@ class UpdateRun:
             return
         mqtt_source = self.doc["sources"]["mqtt"]
         assert mqtt_source is not None
-        cfg = self.u.device
-        link = self.u.link
-
-        def publish(topic: str, payload: bytes) -> bool:
-            return link is not None and link.publish(topic, payload).rc == 0
-
-        download = MqttDownload(publish, lambda: link is not None and link.connected,
-                                mqtt_source["request_topic"], ota_reply_topic(cfg.fleet, cfg.id),
-                                sha, size, dl_settings, self.cancel)
+        download = self.u.mqtt_download(mqtt_source["request_topic"], sha, size, dl_settings,
+                                        self.cancel)
         self.download = download
         self.u.current_download = download
         try:

@@ -48,7 +48,7 @@ from .._slot import ModelSlot
 from .._status import StatusPublisher
 from .._store import StoredPackage
 from ..config import DeviceSection
-from .download import MqttDownload
+from .download import DownloadSettings, MqttDownload
 from .errors import UpdateFailure
 from .intent import IntentGate, RefusalLimiter
 from .journal import JournalStep, OtaJournal, UpdateRecord
@@ -379,6 +379,19 @@ class Updater:
                             _short(record.desired.get("model", {})))
         self.emit(step, record, text, reason=reason, details=details, serving=serving)
         self.status.publish()
+
+    def mqtt_download(self, request_topic: str, sha256: str, size: int,
+                      settings: DownloadSettings, cancel: threading.Event) -> MqttDownload:
+        """A chunked download of ``sha256`` over this device's MQTT link (a package or a
+        delta: the one place that binds the downloader to the link)."""
+        link, cfg = self.link, self.device
+
+        def publish(topic: str, payload: bytes) -> bool:
+            return link is not None and link.publish(topic, payload).rc == 0
+
+        return MqttDownload(publish, lambda: link is not None and link.connected,
+                            request_topic, ota_reply_topic(cfg.fleet, cfg.id), sha256, size,
+                            settings, cancel)
 
     def find_kept(self, name: str, version: str, sha256: str | None) -> Path | None:
         """A package of the model folder with this sha256 (or, without one, this name and
