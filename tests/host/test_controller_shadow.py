@@ -75,7 +75,10 @@ def test_shadow_stage_gates_the_canary(broker: Any, tmp_path: Path, signed: Sign
         controller__operator_keys=[str(signed.public)], rollout__canary="1",
         rollout__shadow_enabled=True, rollout__shadow_requests=30,
         rollout__shadow_sample=1.0, rollout__shadow_min_agreement=0.85,
-        rollout__shadow_timeout_s=90.0, rollout__device_timeout_s=60.0)
+        rollout__shadow_timeout_s=90.0, rollout__device_timeout_s=60.0,
+        # What this test judges is the shadow gate; the canary's quality check on ~50 labels
+        # of one device differs by 0.05 between equal models often enough to abort at random.
+        rollout__quality_margin=0.2)
     devices = ("pi-1", "pi-2")
     with Controller(cfg) as ctl, Store(db_url) as store:
         for device in devices:
