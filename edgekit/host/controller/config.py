@@ -121,8 +121,9 @@ class ControllerSection:
     release_key: str = _opt("", "Release key: Ed25519 private key (PEM) that signs retrained"
                             " packages (devices trust it as model.trusted_keys). Empty:"
                             " retrained packages are unsigned.", file=True)
-    workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)."
-                        " Empty: <registry.store>/.controller.", path=True)
+    workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)"
+                        " and the deltas rollouts offer. Empty: <registry.store>/.controller.",
+                        path=True)
     log_level: str = _opt("info", "Log level.", choices=_LOG_LEVELS)
 
 
@@ -219,6 +220,9 @@ class RolloutSection:
                                    " commits it (0: no request count).", ge=0)
     probation_seconds: float = _opt(30.0, "Seconds a device serves the new model before it"
                                     " commits it (0: no time limit).", ge=0.0)
+    deltas: bool = _opt(True, "Offer each device a delta (docs/ota.md) from the package it"
+                        " serves, when the registry holds that package and the delta is"
+                        " smaller than the new one; off: the full package only.")
     shadow_enabled: bool = _opt(False, "Shadow stage before the canary: the canary's devices"
                                 " run the new model beside their own on live requests and"
                                 " report; the canary starts only when the reports pass.")

@@ -205,7 +205,8 @@ class RolloutEngine(ShadowStage):
                     data={"controller": self.controller_id, "state": rollout.state})
         assigned = self.store.list_rollout_targets(rollout.id, state=TargetState.ASSIGNED)
         if assigned and rollout.state == RolloutState.RUNNING:
-            self.documents.ask(rollout, [t.device for t in assigned])
+            devices = [t.device for t in assigned]
+            self.documents.ask(rollout, devices, bases=self._bases(rollout.fleet, devices))
         rolling = self.store.list_rollout_targets(rollout.id, state=TargetState.ROLLING_BACK)
         if rolling:
             self._send_back(rollout, rolling)
@@ -333,7 +334,7 @@ class RolloutEngine(ShadowStage):
             record = known.get(device)
             figures = baseline_figures(self.store, record, now) if record else None
             baselines[device] = figures.to_dict() if figures else None
-        self.documents.ask(rollout, devices)
+        deltas = self.documents.ask(rollout, devices, bases=self._bases(rollout.fleet, devices))
         for device in devices:
             record = known.get(device)
             self._set(rollout, device, TargetState.ASSIGNED, wave=wave,
@@ -342,14 +343,16 @@ class RolloutEngine(ShadowStage):
         self._event(rollout, "rollout.wave",
                     f"wave {wave}: asking {len(devices)} device(s) to run"
                     f" {rollout.model_name} {rollout.model_version}",
-                    data={"wave": wave, "devices": devices, "baseline": baselines})
+                    data={"wave": wave, "devices": devices, "baseline": baselines,
+                          "deltas": [{"base_sha256": d["base_sha256"], "size": d["size"]}
+                                     for d in deltas]})
         self._publish_state(rollout)
         return rollout
 
     def _succeed(self, rollout: RolloutRecord,
                  targets: dict[str, TargetRecord]) -> RolloutRecord:
         if rollout.plan["scope"] == "fleet":
-            self.documents.publish_fleet(rollout)
+            self.documents.publish_fleet(rollout, bases=self._bases(rollout.fleet))
             self.documents.clear(rollout, list(targets))
         counts = count_states(targets.values())
         rollout = self._transition(rollout, RolloutState.SUCCEEDED,
