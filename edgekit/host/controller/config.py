@@ -49,6 +49,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _METRICS = ("accuracy", "f1")
 _POLICY_METRICS = (*_METRICS, "estimated_accuracy")
 _STRATEGIES = ("registry-then-retrain", "registry", "retrain")
+_PICKS = ("offline", "shadow")
 _SHIFT_MEASURES = ("tv", "psi")
 _LABEL_TIMEOUT_ACTIONS = ("continue", "abort")
 _CANARY_RE = re.compile(r"^(\d+(?:\.\d+)?)(%?)$")
@@ -288,6 +289,12 @@ class PolicySection:
                                check=_plain_file_name, allows="a plain file name")
     retrain_timeout_s: float = _opt(900.0, "Longest a retrain command may run.", ge=1.0)
     cooldown_s: float = _opt(300.0, "After acting, wait this long before acting again.", ge=0.0)
+    pick: str = _opt("offline", "How the candidate to roll out is chosen: offline (the best"
+                     " on the held-out samples, if better by margin) or shadow (each candidate"
+                     " shadowed in turn on the canary's devices; the best shadow evidence among"
+                     " those that pass the rollout's shadow gate wins).", choices=_PICKS)
+    shadow_candidates: int = _opt(3, "With pick = shadow: the most candidates shadowed (the"
+                                  " best offline first).", ge=1, le=20)
 
 
 @dataclass

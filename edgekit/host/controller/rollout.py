@@ -66,13 +66,14 @@ class RolloutEngine(ShadowStage):
     def create(self, fleet: str, name: str, version: str, *, devices: list[str] | None = None,
                overrides: dict[str, Any] | None = None, source: str = "api",
                request_id: str | None = None, note: str | None = None,
-               back: dict[str, Any] | None = None) -> RolloutRecord:
+               back: dict[str, Any] | None = None, trial: bool = False) -> RolloutRecord:
         """Create a pending rollout of the registered ``name:version`` to ``fleet``.
 
         Without ``devices`` the targets are the fleet's online devices (all of its devices
         with ``include_offline``); devices that join later follow the fleet's desired
         document once the rollout has succeeded. ``back`` (only from :meth:`roll_back`)
         makes it a roll back: its documents allow the downgrade or rename it names.
+        ``trial`` makes it a shadow trial: it ends after its shadow stage (:mod:`._shadow`).
 
         Raises:
             UsageError: the model is not registered, the fleet has an active rollout, or a
@@ -88,6 +89,8 @@ class RolloutEngine(ShadowStage):
         record = self.registry.get(name, version)
         self.registry.artifact_path(name, version)
         settings = plan_settings(self.settings, overrides)
+        if trial:
+            settings["shadow_enabled"] = True  # a trial is its shadow stage, nothing more
         known = {d.device: d for d in self.store.list_devices(fleet)}
         if devices is not None:
             unknown = sorted(set(devices) - set(known))
@@ -100,7 +103,7 @@ class RolloutEngine(ShadowStage):
             targets = sorted(d.device for d in known.values()
                              if d.online or settings["include_offline"])
         plan = {**settings, "token": secrets.token_hex(3), "source": source,
-                "request_id": request_id, "note": note, "back": back,
+                "request_id": request_id, "note": note, "back": back, "trial": trial,
                 "scope": "devices" if devices is not None else "fleet",
                 "model": {"name": record.name, "version": record.version,
                           "sha256": record.sha256, "size": record.size},
