@@ -8,27 +8,44 @@ from what the device reported: the document is a *revert* of the rollout's own p
 the model it kept from before (docs/ota.md). A roll back of the fleet (an operator's
 ``rollback`` request) is a rollout to the model of the controller's previous rollout; its
 documents allow the downgrade or the name change it needs, nothing more.
+
+Documents that ask devices to update offer deltas (``edgekit.delta/1``, docs/ota.md) from
+each package the devices serve that the registry holds, as ``edgekit deploy`` does: built
+once per (base, target) pair, served beside the package, and listed only when smaller than
+it (``rollout.deltas`` turns them off).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.host.db import RolloutRecord, TargetRecord
 from edgekit.host.mqtt_client import HostClient
-from edgekit.host.ota.deploy import desired_for_package
+from edgekit.host.ota.delta import DeltaFile, deltas_for
+from edgekit.host.ota.deploy import delta_source, desired_for_package
 from edgekit.host.ota.server import ArtifactServer
 from edgekit.host.ota.store import ArtifactInfo, ArtifactStore
 from edgekit.host.registry import Registry
 from edgekit.protocol.controller import deployment_id
-from edgekit.protocol.ota.desired import DesiredDocument, Probation, make_desired, seal_desired
+from edgekit.protocol.ota.desired import (
+    DeltaSource,
+    DesiredDocument,
+    Probation,
+    make_desired,
+    seal_desired,
+)
 from edgekit.protocol.ota.shadow import ShadowSpec
 from edgekit.protocol.ota.topics import desired_topic
 
 __all__ = ["DesiredDocuments"]
+
+log = logging.getLogger("edgekit.controller.rollout")
 
 _PUBLISH_WAIT_S = 10.0
 
@@ -38,28 +55,38 @@ class DesiredDocuments:
 
     ``server`` (optional) serves each artifact a document names; ``url_for`` adds an HTTP
     URL; ``signing_key`` (the operator key) signs every document: without it nothing is
-    published.
+    published. Deltas are written into ``delta_dir`` (None: a temporary folder); they are
+    offered only where ``server`` serves them.
     """
 
     def __init__(self, registry: Registry, client: HostClient, *,
                  server: ArtifactServer | None = None,
                  signing_key: Ed25519PrivateKey | None = None,
-                 url_for: Callable[[str], str] | None = None) -> None:
+                 url_for: Callable[[str], str] | None = None,
+                 delta_dir: Path | None = None) -> None:
         self.registry = registry
         self.client = client
         self.server = server
         self.signing_key = signing_key
         self.url_for = url_for
         self._artifacts = server.store if server is not None else ArtifactStore()
+        self._delta_dir = delta_dir
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._deltas: dict[tuple[str, str], DeltaFile | None] = {}  # (base, target) sha256
 
-    def ask(self, rollout: RolloutRecord, devices: list[str]) -> None:
-        """Ask ``devices`` to run the rollout's model (per-device documents).
+    def ask(self, rollout: RolloutRecord, devices: list[str], *,
+            bases: Iterable[str] = ()) -> list[DeltaSource]:
+        """Ask ``devices`` to run the rollout's model (per-device documents), offering a
+        delta from each of ``bases`` (sha256 of the packages they serve) where one helps;
+        return the deltas offered.
 
         Raises:
             EdgekitError: the broker did not acknowledge them in time.
         """
         info = self.artifact(rollout.model_name, rollout.model_version)
-        payload = self._seal(self._document(rollout, info, devices=sorted(devices)))
+        deltas = self.deltas(rollout, info, bases)
+        payload = self._seal(self._document(rollout, info, devices=sorted(devices),
+                                            deltas=deltas))
         sent = [self.client.publish(desired_topic(rollout.fleet, d), payload, qos=1,
                                     retain=True) for d in devices]
         for device, message in zip(devices, sent, strict=True):
@@ -71,6 +98,49 @@ class DesiredDocuments:
             if not message.is_published():
                 raise EdgekitError(f"the broker did not acknowledge the desired document of"
                                    f" {device} within {_PUBLISH_WAIT_S:g} s")
+        return deltas
+
+    def deltas(self, rollout: RolloutRecord, info: ArtifactInfo,
+               bases: Iterable[str]) -> list[DeltaSource]:
+        """The delta entries to offer for ``info``: one from each of ``bases`` that the
+        registry holds, when the delta is small enough to help (:func:`deltas_for`). None
+        when the rollout's plan turns deltas off or no server here serves them. A delta that
+        cannot be built is logged and left out: the full package is always offered."""
+        if not rollout.plan.get("deltas", True) or self.server is None:
+            return []
+        entries = []
+        for base in sorted(set(bases) - {info.sha256}):
+            key = (base, info.sha256)
+            if key not in self._deltas:
+                self._deltas[key] = self._build_delta(base, info)
+            delta = self._deltas[key]
+            if delta is not None:
+                url = self.url_for(delta.sha256) if self.url_for is not None else None
+                entries.append(delta_source(delta, rollout.fleet, url=url))
+        return entries
+
+    def _build_delta(self, base: str, info: ArtifactInfo) -> DeltaFile | None:
+        assert self.server is not None
+        found = [self.registry.path_of(m) for m in self.registry.list_models()
+                 if m.sha256 == base]
+        if not found:
+            return None  # a package the registry does not hold: nothing to build from
+        if self._delta_dir is None:
+            self._scratch = self._scratch or tempfile.TemporaryDirectory(
+                prefix="edgekit-deltas-")
+            folder = Path(self._scratch.name)
+        else:
+            folder = self._delta_dir
+        try:
+            built = deltas_for(info.path, found, [base], folder)
+            if not built:
+                return None
+            self.server.serve_delta(built[0], info)
+        except EdgekitError as exc:
+            log.warning("no delta from %s to %s %s: %s", base[:12], info.name, info.version,
+                        exc.message)
+            return None
+        return built[0]
 
     def ask_shadow(self, rollout: RolloutRecord, devices: list[str], spec: ShadowSpec) -> None:
         """Ask ``devices`` to shadow the rollout's model (per-device documents of the
@@ -89,14 +159,16 @@ class DesiredDocuments:
             self.client.publish(desired_topic(rollout.fleet, device), payload, qos=1,
                                 retain=True, wait=_PUBLISH_WAIT_S)
 
-    def publish_fleet(self, rollout: RolloutRecord) -> None:
-        """Make the rollout's model the fleet's (devices that join later get it too).
+    def publish_fleet(self, rollout: RolloutRecord, *, bases: Iterable[str] = ()) -> None:
+        """Make the rollout's model the fleet's (devices that join later get it too, with
+        a delta from each of ``bases`` where one helps).
 
         Raises:
             EdgekitError: the broker did not acknowledge it in time.
         """
         info = self.artifact(rollout.model_name, rollout.model_version)
-        doc = self._document(rollout, info, devices=None)
+        doc = self._document(rollout, info, devices=None,
+                             deltas=self.deltas(rollout, info, bases))
         self.client.publish(desired_topic(rollout.fleet), self._seal(doc), qos=1,
                             retain=True, wait=_PUBLISH_WAIT_S)
 
@@ -148,13 +220,15 @@ class DesiredDocuments:
         return seal_desired(doc, self.signing_key)
 
     def _document(self, rollout: RolloutRecord, info: ArtifactInfo, *,
-                  devices: list[str] | None) -> DesiredDocument:
+                  devices: list[str] | None,
+                  deltas: list[DeltaSource] | None = None) -> DesiredDocument:
         url = self.url_for(info.sha256) if self.url_for is not None else None
         # A roll back (a rollout the controller made to the model it deployed before) may
         # go to an older version or another name; the plan says so, never a request.
         back = rollout.plan.get("back") or {}
         return desired_for_package(
-            info, rollout.fleet, devices=devices, url=url, probation=_probation(rollout),
+            info, rollout.fleet, devices=devices, url=url, deltas=deltas or None,
+            probation=_probation(rollout),
             deployment=deployment_id(rollout.id, rollout.plan["token"]),
             allow_downgrade=bool(back.get("allow_downgrade")),
             allow_rename=bool(back.get("allow_rename")))

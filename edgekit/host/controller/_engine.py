@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,7 +44,8 @@ class EngineBase:
                  settings: RolloutSection, *, controller_id: str, lease_s: float,
                  fleets: Iterable[str] = ("+",), server: ArtifactServer | None = None,
                  signing_key: Ed25519PrivateKey | None = None,
-                 url_for: Callable[[str], str] | None = None) -> None:
+                 url_for: Callable[[str], str] | None = None,
+                 delta_dir: Path | None = None) -> None:
         self.store = store
         self.registry = registry
         self.client = client
@@ -52,13 +54,21 @@ class EngineBase:
         self.lease_s = lease_s
         self.fleets = list(fleets)
         self.documents = DesiredDocuments(registry, client, server=server,
-                                          signing_key=signing_key, url_for=url_for)
+                                          signing_key=signing_key, url_for=url_for,
+                                          delta_dir=delta_dir)
         self._cursors: dict[int, int] = {}  # rollout id -> last device event id read
         self._driving: dict[int, dt.datetime] = {}  # rollout id -> when this engine took it
 
     def _forget(self, rollout_id: int) -> None:
         self._driving.pop(rollout_id, None)
         self._cursors.pop(rollout_id, None)
+
+    def _bases(self, fleet: str, devices: Iterable[str] | None = None) -> set[str]:
+        """The packages ``devices`` (None: the fleet's) serve by their last status: what a
+        delta can start from."""
+        wanted = None if devices is None else set(devices)
+        return {d.model_sha256 for d in self.store.list_devices(fleet)
+                if d.model_sha256 and (wanted is None or d.device in wanted)}
 
     def _observe(self, rollout: RolloutRecord, *, back: bool) -> dict[str, TargetRecord]:
         """The targets, with the outcomes that devices reported since the last pass applied."""

@@ -13,6 +13,10 @@ new model, so there is nothing to send back). Canary devices that serve no model
 the stage out (nothing to compare with); with none left it is skipped. The stage's progress is the rollout's own
 events (``rollout.shadow_started``, ``rollout.shadow``), so a controller that takes the
 rollout over carries on.
+
+A *shadow trial* (``trial`` in the plan, made by the maintenance policy to compare
+candidates, :mod:`._pick`) is a rollout that ends after its shadow stage: succeeded when the
+gate passed (its targets skipped: nothing is deployed), aborted when it did not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from edgekit.errors import ProtocolError
 from edgekit.host.controller._back import AbortingEngine
-from edgekit.host.db import RolloutRecord, TargetState, utcnow
+from edgekit.host.db import RolloutRecord, RolloutState, TargetState, utcnow
 from edgekit.protocol.controller import deployment_id
 from edgekit.protocol.ota.events import UpdateStep, event_kind
 from edgekit.protocol.ota.shadow import ShadowReport, make_shadow, parse_shadow_report
@@ -65,7 +69,7 @@ class ShadowStage(AbortingEngine):
             return None
         if self._has_event(rollout, _DONE):
             self._shadow_passed.add(rollout.id)
-            return None
+            return self._end_trial(rollout) if plan.get("trial") else None
         started = self.store.list_events(rollout_id=rollout.id, kinds=[_STARTED], limit=1)
         if not started:
             return self._start_shadow(rollout)
@@ -88,7 +92,18 @@ class ShadowStage(AbortingEngine):
         self._event(rollout, _DONE, f"shadow stage passed on {len(devices)} device(s)",
                     reason="passed", data=data)
         self._shadow_passed.add(rollout.id)
-        return None
+        return self._end_trial(rollout) if plan.get("trial") else None
+
+    def _end_trial(self, rollout: RolloutRecord) -> RolloutRecord:
+        """A shadow trial ends after its stage passed: nothing is deployed."""
+        for target in self.store.list_rollout_targets(rollout.id):
+            if target.state == TargetState.PENDING:
+                self._set(rollout, target.device, TargetState.SKIPPED,
+                          reason="shadow trial: nothing deployed")
+        rollout = self._transition(rollout, RolloutState.SUCCEEDED,
+                                   "shadow trial passed; nothing deployed")
+        self._forget(rollout.id)
+        return rollout
 
     def _start_shadow(self, rollout: RolloutRecord) -> RolloutRecord | None:
         plan = rollout.plan
@@ -103,7 +118,7 @@ class ShadowStage(AbortingEngine):
             self._event(rollout, _DONE, "shadow stage skipped: no canary device serves a"
                         " model to compare with", reason="skipped", data={"devices": canary})
             self._shadow_passed.add(rollout.id)
-            return None
+            return self._end_trial(rollout) if plan.get("trial") else None
         spec = make_shadow(int(plan["shadow_requests"]), float(plan["shadow_sample"]),
                            float(plan["shadow_timeout_s"]))
         if devices:

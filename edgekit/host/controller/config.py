@@ -49,6 +49,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _METRICS = ("accuracy", "f1")
 _POLICY_METRICS = (*_METRICS, "estimated_accuracy")
 _STRATEGIES = ("registry-then-retrain", "registry", "retrain")
+_PICKS = ("offline", "shadow")
 _SHIFT_MEASURES = ("tv", "psi")
 _LABEL_TIMEOUT_ACTIONS = ("continue", "abort")
 _CANARY_RE = re.compile(r"^(\d+(?:\.\d+)?)(%?)$")
@@ -121,8 +122,9 @@ class ControllerSection:
     release_key: str = _opt("", "Release key: Ed25519 private key (PEM) that signs retrained"
                             " packages (devices trust it as model.trusted_keys). Empty:"
                             " retrained packages are unsigned.", file=True)
-    workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)."
-                        " Empty: <registry.store>/.controller.", path=True)
+    workdir: str = _opt("", "Folder for maintenance jobs (exported data, retrained models)"
+                        " and the deltas rollouts offer. Empty: <registry.store>/.controller.",
+                        path=True)
     log_level: str = _opt("info", "Log level.", choices=_LOG_LEVELS)
 
 
@@ -219,6 +221,9 @@ class RolloutSection:
                                    " commits it (0: no request count).", ge=0)
     probation_seconds: float = _opt(30.0, "Seconds a device serves the new model before it"
                                     " commits it (0: no time limit).", ge=0.0)
+    deltas: bool = _opt(True, "Offer each device a delta (docs/ota.md) from the package it"
+                        " serves, when the registry holds that package and the delta is"
+                        " smaller than the new one; off: the full package only.")
     shadow_enabled: bool = _opt(False, "Shadow stage before the canary: the canary's devices"
                                 " run the new model beside their own on live requests and"
                                 " report; the canary starts only when the reports pass.")
@@ -284,6 +289,12 @@ class PolicySection:
                                check=_plain_file_name, allows="a plain file name")
     retrain_timeout_s: float = _opt(900.0, "Longest a retrain command may run.", ge=1.0)
     cooldown_s: float = _opt(300.0, "After acting, wait this long before acting again.", ge=0.0)
+    pick: str = _opt("offline", "How the candidate to roll out is chosen: offline (the best"
+                     " on the held-out samples, if better by margin) or shadow (each candidate"
+                     " shadowed in turn on the canary's devices; the best shadow evidence among"
+                     " those that pass the rollout's shadow gate wins).", choices=_PICKS)
+    shadow_candidates: int = _opt(3, "With pick = shadow: the most candidates shadowed (the"
+                                  " best offline first).", ge=1, le=20)
 
 
 @dataclass

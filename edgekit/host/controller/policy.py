@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -46,6 +45,8 @@ from edgekit.host.controller._candidates import (
     score_package,
     split_holdout,
 )
+from edgekit.host.controller._pick import pick_best, run_trials, trial_devices
+from edgekit.host.controller._window import Window, distribution_shift
 from edgekit.host.controller.config import PolicySection
 from edgekit.host.controller.rollout import RolloutEngine
 from edgekit.host.db import MetricRecord, Store, utcnow
@@ -56,40 +57,6 @@ __all__ = ["MaintenancePolicy", "Window", "distribution_shift"]
 log = logging.getLogger("edgekit.controller.policy")
 
 _REFERENCE_MIN_PREDICTIONS = 50
-_EPS = 1e-4
-
-
-@dataclass(frozen=True)
-class Window:
-    """One policy window of a fleet, for the model most of its devices run."""
-
-    fleet: str
-    model: str  # name:version
-    sha256: str
-    devices: int
-    labels: int
-    new_labels: int
-    accuracy: float | None
-    f1: float | None
-    predictions: int
-    confidence: float | None
-    distribution: dict[str, float]
-    estimated_accuracy: float | None = None
-    estimated: int = 0  # predictions the estimate covers
-
-    def metric(self, name: str) -> float | None:
-        if name == "estimated_accuracy":
-            return self.estimated_accuracy
-        return self.accuracy if name == "accuracy" else self.f1
-
-    def enough(self, settings: PolicySection) -> bool:
-        """Whether the window has the data its metric needs to count."""
-        if settings.metric == "estimated_accuracy":
-            return self.estimated >= settings.min_estimated
-        return self.labels >= settings.min_labels and self.new_labels > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -102,18 +69,6 @@ class _FleetState:
     warnings: set[str] = field(default_factory=set)
     cooldown_until: float = 0.0
     next_at: float = 0.0
-
-
-def distribution_shift(p: dict[str, float], q: dict[str, float], measure: str) -> float:
-    """Total variation distance (``tv``, 0..1) or population stability index (``psi``)."""
-    keys = set(p) | set(q)
-    if measure == "tv":
-        return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
-    total = 0.0
-    for k in keys:
-        a, b = max(p.get(k, 0.0), _EPS), max(q.get(k, 0.0), _EPS)
-        total += (a - b) * math.log(a / b)
-    return total
 
 
 class MaintenancePolicy:
@@ -398,6 +353,7 @@ class MaintenancePolicy:
                                    "held_out": len(holdout), "margin": s.margin,
                                    "metric": s.metric}
         best: tuple[Score, str] | None = None
+        pool: list[tuple[Score, str]] = []  # every candidate, with where it came from
         if s.strategy != "retrain":
             scores = [score_package(self.registry.path_of(m), holdout, m.ref)
                       for m in registered_candidates(self.registry, current)]
@@ -406,6 +362,7 @@ class MaintenancePolicy:
                         f"{len(scores)} registered candidate(s) scored on {len(holdout)}"
                         f" held-out samples; {current.ref}: {s.metric}"
                         f" {base.metric(s.metric):.4f}", data=numbers)
+            pool += [(sc, "registered") for sc in scores]
             if scores:
                 top = max(scores, key=lambda sc: sc.metric(s.metric))
                 best = (top, "registered")
@@ -415,11 +372,14 @@ class MaintenancePolicy:
             found = self._retrain(fleet, current, current_path, train, holdout, numbers)
             if found is not None:
                 best = (found, "retrained")
+                pool.append(best)
                 beats = found.metric(s.metric) >= base.metric(s.metric) + s.margin
         if best is None:
             return self._decide(fleet, "none", "no_candidate",
                                 f"no registered version of {name} newer than {version}"
                                 " fits, and no retraining is configured", numbers)
+        if s.pick == "shadow":
+            return self._shadow_pick(fleet, window, pool, numbers)
         top, origin = best
         numbers["candidate"] = {**top.to_dict(), "origin": origin}
         gain = top.metric(s.metric) - base.metric(s.metric)
@@ -429,16 +389,49 @@ class MaintenancePolicy:
         if not beats:
             return self._decide(fleet, "none", "not_better", f"not better enough: {summary}",
                                 numbers)
-        cand_name, _, cand_version = top.ref.partition(":")
+        return self._roll_out(fleet, top.ref, summary, f"{origin}_better", numbers)
+
+    def _shadow_pick(self, fleet: str, window: Window, pool: list[tuple[Score, str]],
+                     numbers: dict[str, Any]) -> int | None:
+        """Shadow the best ``policy.shadow_candidates`` of ``pool`` (offline order) on the
+        canary's devices and roll out the one with the best shadow evidence (:mod:`._pick`);
+        its rollout skips the shadow stage it just passed on those devices."""
+        s, r = self.settings, self.engine.settings
+        ranked = sorted(pool, key=lambda p: -p[0].metric(s.metric))[:s.shadow_candidates]
+        devices = trial_devices(self.store, fleet, window.sha256, r.canary, r.wave_factor)
+        if not devices:
+            return self._decide(fleet, "none", "no_shadow_devices", "no online device serves"
+                                f" {window.model} to shadow the candidates on", numbers)
+        self._event(fleet, "policy.shadow", f"shadowing {len(ranked)} candidate(s) in turn on"
+                    f" {', '.join(devices)}", data={"devices": devices,
+                                                    "candidates": [sc.ref for sc, _ in ranked]})
+        evidence = run_trials(self.engine, fleet, [sc.ref for sc, _ in ranked], devices)
+        numbers["shadow"] = [e.to_dict() for e in evidence]
+        winner = pick_best(evidence)
+        if winner is None:
+            why = "; ".join(f"{e.model}: {', '.join(e.problems)}" for e in evidence)
+            return self._decide(fleet, "none", "shadow_failed",
+                                f"no candidate passed the shadow gate ({why})", numbers)
+        score, origin = next(p for p in ranked if p[0].ref == winner.model)
+        numbers["candidate"] = {**score.to_dict(), "origin": origin, "shadow": winner.to_dict()}
+        summary = (f"{winner.model}: {winner.summary()} in shadow on {len(devices)} device(s),"
+                   f" the best of {len(evidence)} candidate(s)")
+        return self._roll_out(fleet, winner.model, summary, f"{origin}_shadow_best", numbers,
+                              overrides={"shadow_enabled": False})
+
+    def _roll_out(self, fleet: str, ref: str, summary: str, reason: str,
+                  numbers: dict[str, Any],
+                  overrides: dict[str, Any] | None = None) -> int | None:
+        name, _, version = ref.partition(":")
         try:
-            rollout = self.engine.create(fleet, cand_name, cand_version, source="policy",
-                                         note=summary)
+            rollout = self.engine.create(fleet, name, version, source="policy", note=summary,
+                                         overrides=overrides)
         except EdgekitError as exc:
             return self._decide(fleet, "none", "rollout_refused",
                                 f"{summary}; the rollout was refused: {exc.message}", numbers)
         numbers["rollout"] = rollout.id
-        return self._decide(fleet, "rollout", f"{origin}_better", f"rolling out {summary}",
-                            numbers, rollout_id=rollout.id)
+        return self._decide(fleet, "rollout", reason, f"rolling out {summary}", numbers,
+                            rollout_id=rollout.id)
 
     def _retrain(self, fleet: str, current: Any, current_path: Path, train: Any,
                  holdout: Any, numbers: dict[str, Any]) -> Score | None:

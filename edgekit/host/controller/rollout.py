@@ -66,13 +66,14 @@ class RolloutEngine(ShadowStage):
     def create(self, fleet: str, name: str, version: str, *, devices: list[str] | None = None,
                overrides: dict[str, Any] | None = None, source: str = "api",
                request_id: str | None = None, note: str | None = None,
-               back: dict[str, Any] | None = None) -> RolloutRecord:
+               back: dict[str, Any] | None = None, trial: bool = False) -> RolloutRecord:
         """Create a pending rollout of the registered ``name:version`` to ``fleet``.
 
         Without ``devices`` the targets are the fleet's online devices (all of its devices
         with ``include_offline``); devices that join later follow the fleet's desired
         document once the rollout has succeeded. ``back`` (only from :meth:`roll_back`)
         makes it a roll back: its documents allow the downgrade or rename it names.
+        ``trial`` makes it a shadow trial: it ends after its shadow stage (:mod:`._shadow`).
 
         Raises:
             UsageError: the model is not registered, the fleet has an active rollout, or a
@@ -88,6 +89,8 @@ class RolloutEngine(ShadowStage):
         record = self.registry.get(name, version)
         self.registry.artifact_path(name, version)
         settings = plan_settings(self.settings, overrides)
+        if trial:
+            settings["shadow_enabled"] = True  # a trial is its shadow stage, nothing more
         known = {d.device: d for d in self.store.list_devices(fleet)}
         if devices is not None:
             unknown = sorted(set(devices) - set(known))
@@ -100,7 +103,7 @@ class RolloutEngine(ShadowStage):
             targets = sorted(d.device for d in known.values()
                              if d.online or settings["include_offline"])
         plan = {**settings, "token": secrets.token_hex(3), "source": source,
-                "request_id": request_id, "note": note, "back": back,
+                "request_id": request_id, "note": note, "back": back, "trial": trial,
                 "scope": "devices" if devices is not None else "fleet",
                 "model": {"name": record.name, "version": record.version,
                           "sha256": record.sha256, "size": record.size},
@@ -205,7 +208,8 @@ class RolloutEngine(ShadowStage):
                     data={"controller": self.controller_id, "state": rollout.state})
         assigned = self.store.list_rollout_targets(rollout.id, state=TargetState.ASSIGNED)
         if assigned and rollout.state == RolloutState.RUNNING:
-            self.documents.ask(rollout, [t.device for t in assigned])
+            devices = [t.device for t in assigned]
+            self.documents.ask(rollout, devices, bases=self._bases(rollout.fleet, devices))
         rolling = self.store.list_rollout_targets(rollout.id, state=TargetState.ROLLING_BACK)
         if rolling:
             self._send_back(rollout, rolling)
@@ -333,7 +337,7 @@ class RolloutEngine(ShadowStage):
             record = known.get(device)
             figures = baseline_figures(self.store, record, now) if record else None
             baselines[device] = figures.to_dict() if figures else None
-        self.documents.ask(rollout, devices)
+        deltas = self.documents.ask(rollout, devices, bases=self._bases(rollout.fleet, devices))
         for device in devices:
             record = known.get(device)
             self._set(rollout, device, TargetState.ASSIGNED, wave=wave,
@@ -342,14 +346,16 @@ class RolloutEngine(ShadowStage):
         self._event(rollout, "rollout.wave",
                     f"wave {wave}: asking {len(devices)} device(s) to run"
                     f" {rollout.model_name} {rollout.model_version}",
-                    data={"wave": wave, "devices": devices, "baseline": baselines})
+                    data={"wave": wave, "devices": devices, "baseline": baselines,
+                          "deltas": [{"base_sha256": d["base_sha256"], "size": d["size"]}
+                                     for d in deltas]})
         self._publish_state(rollout)
         return rollout
 
     def _succeed(self, rollout: RolloutRecord,
                  targets: dict[str, TargetRecord]) -> RolloutRecord:
         if rollout.plan["scope"] == "fleet":
-            self.documents.publish_fleet(rollout)
+            self.documents.publish_fleet(rollout, bases=self._bases(rollout.fleet))
             self.documents.clear(rollout, list(targets))
         counts = count_states(targets.values())
         rollout = self._transition(rollout, RolloutState.SUCCEEDED,

@@ -136,16 +136,16 @@ class Controller:
             self.http = ArtifactHttpServer(store, host, int(port),
                                            public_url=cfg.serve.http_public_url or None).start()
             url_for = self.http.url_for
+        workdir = (Path(c.workdir) if c.workdir else
+                   Path(cfg.registry.store or default_store_dir()) / ".controller").expanduser()
         self.engine = RolloutEngine(self.store, registry, self.client, cfg.rollout,
                                     controller_id=self.id, lease_s=c.lease_s, fleets=fleets,
                                     server=self.server, signing_key=signing_key,
-                                    url_for=url_for)
+                                    url_for=url_for, delta_dir=workdir / "deltas")
         if cfg.policy.enabled:
-            workdir = Path(c.workdir) if c.workdir else \
-                Path(cfg.registry.store or default_store_dir()) / ".controller"
             self.policy = MaintenancePolicy(self.store, registry, self.engine, cfg.policy,
                                             controller_id=self.id, fleets=fleets,
-                                            workdir=workdir.expanduser(), lease_s=c.lease_s,
+                                            workdir=workdir, lease_s=c.lease_s,
                                             signing_key=release_key)
         self.ingest = Ingest(self.store, self.client, fleets=fleets,
                              share_group=cfg.share_group, workers=cfg.ingest.workers,
