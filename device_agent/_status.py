@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from edgekit.protocol import (
     DeviceState,
@@ -22,6 +21,7 @@ from edgekit.protocol import (
     encode,
     topic,
 )
+from edgekit.protocol.ota import UpdateStatus
 from edgekit.signing import key_id
 
 from ._model import TrustPolicy
@@ -31,7 +31,7 @@ from .config import DeviceSection
 
 __all__ = ["StatusPublisher"]
 
-UpdateSection = Callable[[], "dict[str, Any] | None"]
+UpdateSection = Callable[[], "UpdateStatus | None"]
 
 
 class StatusPublisher:

@@ -41,6 +41,7 @@ from edgekit.protocol import (
     encode_array,
     schema_of,
 )
+from edgekit.protocol.ota import UpdateModel, UpdateStatus
 
 MODEL = ModelRef(name="digits", version="1.0.0", sha256="ab" * 32, format="onnx",
                  runtime="onnxruntime")
@@ -55,7 +56,8 @@ def documents() -> dict[str, Document]:
         "status": StatusPayload(
             state=DeviceState.ONLINE, device="pi-1", fleet="lab", session=7, ts=1.7e9,
             agent_version="0.1.0", hardware=HARDWARE, model=MODEL, http="127.0.0.1:8080",
-            started=1.7e9, update={"deployment": "r1-ab", "step": "done"},
+            started=1.7e9, update=UpdateStatus(deployment="r1-ab", step="succeeded",
+                                               model=UpdateModel(name="digits")),
             runtimes=[RuntimeInfo(key="onnxruntime", format="onnx", available=True,
                                   version="1.32", providers=["CPUExecutionProvider"])]),
         "metrics": MetricsPayload(
@@ -144,6 +146,10 @@ BOUNDS = [
     ("status", "hardware.cpu_count", -2, "$.hardware.cpu_count"),
     ("status", "agent_version", "v" * 65, "$.agent_version"),
     ("status", "runtimes.0.available", "yes", "$.runtimes[0].available"),
+    ("status", "update.step", "", "$.update.step"),
+    ("status", "update.deployment", 7, "$.update.deployment"),
+    ("status", "update.model.sha256", "zz", "$.update.model.sha256"),
+    ("status", "update.message", "m" * (16 * 1024 + 1), "$.update.message"),
     ("metrics", "seq", -1, "$.seq"), ("metrics", "seq", "nine", "$.seq"),
     ("metrics", "quality.accuracy", 1.5, "$.quality.accuracy"),
     ("metrics", "requests.total", -3, "$.requests.total"),
@@ -220,6 +226,20 @@ def test_newer_minor_revision_is_accepted() -> None:
     # An event without ``session`` (an older agent) is session 0.
     del doc["session"]
     assert decode(msgspec.json.encode(doc), EventPayload).session == 0
+
+
+def test_an_older_agents_status_update_still_decodes() -> None:
+    """The ``update`` an agent sent before it was typed (a dict with every key, nulls in
+    the model) decodes as :class:`UpdateStatus`."""
+    status = msgspec.to_builtins(documents()["status"])
+    status["update"] = {"deployment": "r1-ab", "step": "failed", "message": "refused",
+                        "model": {"name": "digits", "version": None, "sha256": None},
+                        "reason": "bad_signature"}
+    update = decode(msgspec.json.encode(status), StatusPayload).update
+    assert update == UpdateStatus(deployment="r1-ab", step="failed", message="refused",
+                                  model=UpdateModel(name="digits"), reason="bad_signature")
+    del status["update"]
+    assert decode(msgspec.json.encode(status), StatusPayload).update is None
 
 
 def test_an_http_error_body_reads_as_a_predict_reply() -> None:

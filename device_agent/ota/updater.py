@@ -28,12 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
-from edgekit.protocol import EventLevel
+from edgekit.protocol import MAX_UPDATE_MESSAGE, EventLevel
 from edgekit.protocol.ota import (
     DesiredDocument,
+    UpdateEventData,
+    UpdateModel,
+    UpdateProgress,
     UpdateReason,
+    UpdateStatus,
     UpdateStep,
     desired_topic,
     event_kind,
@@ -245,7 +251,7 @@ class Updater:
         if self._serves(doc):
             assert serving is not None
             self.journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
-                                "already serving this model", _short(wanted))
+                                "already serving this model", _journal(_short(wanted)))
             self._emit(UpdateStep.SUCCEEDED, doc["deployment"], _short(wanted),
                        f"already serving {serving.name} {serving.version}")
             return False
@@ -331,14 +337,14 @@ class Updater:
         self._close_unstarted(doc["deployment"], _short(left), outcome, reason, note)
         return None
 
-    def _close_unstarted(self, deployment: str, model: dict[str, Any], step: UpdateStep,
+    def _close_unstarted(self, deployment: str, model: UpdateModel, step: UpdateStep,
                          reason: UpdateReason | None, message: str,
                          hint: str | None = None) -> None:
         """The outcome of a signed document this device decided on without starting an
         update: journalled (not tried again), reported, and shown in the status."""
         text = f"{message} (hint: {hint})" if hint else message
         self.journal.record(deployment, step.value, reason.value if reason else None, text,
-                            model)
+                            _journal(model))
         self._emit(step, deployment, model, text, reason=reason)
         self.status.publish()
 
@@ -349,34 +355,29 @@ class Updater:
         self._emit(step, record.deployment, _short(record.desired.get("model", {})), message,
                    **kw)
 
-    def _emit(self, step: UpdateStep, deployment: str, model: dict[str, Any] | None,
+    def _emit(self, step: UpdateStep, deployment: str, model: UpdateModel | None,
               message: str, *, reason: UpdateReason | None = None, source: str | None = None,
               progress: tuple[int, int] | None = None, details: dict[str, Any] | None = None,
-              serving: dict[str, Any] | None = None) -> None:
+              serving: UpdateModel | None = None) -> None:
         current = self.slot.current
-        data: dict[str, Any] = {
-            "deployment": deployment, "step": step.value, "model": model,
-            "serving": serving if serving is not None else (
-                _short(current.ref.as_dict()) if current is not None else None),
-        }
-        if source:
-            data["source"] = source
-        if progress is not None:
-            done, total = progress
-            data["progress"] = {"bytes": done, "total": total,
-                                "percent": round(100.0 * done / max(total, 1), 1)}
-        if details:
-            data["details"] = details
+        if serving is None and current is not None:
+            serving = _short(current.ref.as_dict())
+        done, total = progress or (0, 0)
+        data = UpdateEventData(
+            deployment=deployment, step=step, model=model, serving=serving,
+            source=source or None, details=details or None,
+            progress=None if progress is None else UpdateProgress(
+                bytes=done, total=total, percent=round(100.0 * done / max(total, 1), 1)))
         self.events.event(event_kind(step), _FINAL_LEVEL.get(step, EventLevel.INFO), message,
-                         reason=reason.value if reason else None, data=data)
+                         reason=reason.value if reason else None, data=data.as_data())
 
     def finish(self, record: UpdateRecord, step: UpdateStep, reason: UpdateReason | None,
                message: str, *, details: dict[str, Any] | None = None, hint: str | None = None,
-               serving: dict[str, Any] | None = None) -> None:
+               serving: UpdateModel | None = None) -> None:
         """Close the current update with an outcome, report it, and refresh the status."""
         text = f"{message} (hint: {hint})" if hint else message
         self.journal.finish(step.value, reason.value if reason else None, text,
-                            _short(record.desired.get("model", {})))
+                            _journal(_short(record.desired.get("model", {}))))
         self.emit(step, record, text, reason=reason, details=details, serving=serving)
         self.status.publish()
 
@@ -437,22 +438,27 @@ class Updater:
         if record.sha256 not in used:
             self.abs(record.package).unlink(missing_ok=True)
 
-    def status_section(self) -> dict[str, Any] | None:
+    def status_section(self) -> UpdateStatus | None:
         """The ``update`` field of the status: the update in progress, else the last one."""
         record = self.journal.current
         if record is not None:
-            return {"deployment": record.deployment, "step": record.step,
-                    "model": _short(record.desired.get("model", {}))}
+            return UpdateStatus(deployment=record.deployment, step=record.step,
+                                model=_short(record.desired.get("model", {})))
         last = self.journal.last
         if last is None:
             return None
-        out = {"deployment": last.deployment, "step": last.outcome, "model": last.model,
-               "message": last.message}
-        if last.reason:
-            out["reason"] = last.reason
-        return out
+        return UpdateStatus(deployment=last.deployment, step=last.outcome,
+                            model=_short(last.model), reason=last.reason or None,
+                            message=last.message[:MAX_UPDATE_MESSAGE])
 
 
-def _short(model: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: model.get(k) for k in ("name", "version", "sha256")}
+def _short(model: Mapping[str, Any]) -> UpdateModel:
+    """The name, version and sha256 of a model (a desired document's, a stored package's)."""
+    return UpdateModel(name=model.get("name"), version=model.get("version"),
+                       sha256=model.get("sha256"))
+
+
+def _journal(model: UpdateModel) -> dict[str, Any]:
+    """``model`` as the journal keeps it."""
+    return msgspec.structs.asdict(model)
 

@@ -32,6 +32,7 @@ from edgekit.protocol.inference import (
 )
 from edgekit.protocol.telemetry import (
     MAX_EVENT_MESSAGE,
+    MAX_UPDATE_MESSAGE,
     DeviceState,
     EstimateSection,
     EventKind,
@@ -72,6 +73,7 @@ __all__ = [
     "MAX_EVENT_MESSAGE",
     "MAX_REQUEST_ID",
     "MAX_TOPIC",
+    "MAX_UPDATE_MESSAGE",
     "ROOT",
     "DeviceState",
     "Document",

@@ -25,14 +25,14 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, NotRequired, TypedDict
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from msgspec import Meta
 
 from edgekit.errors import ProtocolError, SignatureError
-from edgekit.protocol import ROOT, encode, is_valid_id
+from edgekit.protocol import ROOT, encode
 from edgekit.protocol.codec import DEFAULT_MAX_BYTES, Document, decode
 from edgekit.protocol.signed import is_sealed, open_sealed, seal
 from edgekit.protocol.topics import ID_PATTERN
@@ -45,6 +45,7 @@ __all__ = [
     "ROLLOUT_STATE_SCHEMA",
     "PresencePayload",
     "ReplyError",
+    "RolloutAction",
     "RolloutModel",
     "RolloutReply",
     "RolloutRequest",
@@ -90,19 +91,52 @@ class PresencePayload(Document, tag=PRESENCE_SCHEMA):
     ts: float = 0.0
 
 
-class RolloutRequest(TypedDict):
-    schema: str
-    request_id: str  # 8..64 lowercase hex digits
-    reply_to: str  # edgekit/v1/<fleet>/_host/rollout-reply/<request_id>
-    fleet: str  # the fleet it is for (signed: a request cannot be moved to another fleet)
-    issued: float  # Unix time; the controller refuses requests older than REQUEST_TTL_S
-    name: str  # a registered model's name
-    version: str
-    sha256: NotRequired[str | None]  # must match the registered package when given
-    devices: NotRequired[list[str] | None]  # only these devices (default: the fleet)
-    plan: NotRequired[dict[str, Any]]  # overrides of [rollout] keys, e.g. {"canary": "50%"}
-    action: NotRequired[str]  # "rollout" (the default), "abort" or "rollback"
-    rollout_id: NotRequired[int]  # abort, rollback: the rollout (name and version must match)
+RolloutAction = Literal["rollout", "abort", "rollback"]
+
+
+class RolloutRequest(Document, tag=ROLLOUT_REQUEST_SCHEMA):
+    """A request to a fleet's controller (the payload of an operator's signed envelope).
+
+    Decoding (:func:`parse_rollout_request`) checks every field and the rules across them:
+    ``reply_to`` is ``reply_topic(fleet, request_id)``, and an abort or a rollback names its
+    ``rollout_id``.
+    """
+
+    max_bytes: ClassVar[int] = 256 * 1024
+    request_id: Annotated[str, Meta(pattern=_REQUEST_ID_RE.pattern)]
+    reply_to: Annotated[str, Meta(max_length=256)]  # edgekit/v1/<fleet>/_host/rollout-reply/<id>
+    fleet: Annotated[str, Meta(pattern=ID_PATTERN)]  # signed: cannot be moved to another fleet
+    issued: Annotated[float, Meta(ge=0, le=1e11)]  # Unix time; refused past REQUEST_TTL_S
+    name: Annotated[str, Meta(min_length=1, max_length=256)]  # a registered model's name
+    version: Annotated[str, Meta(min_length=1, max_length=64)]
+    sha256: Annotated[str, Meta(pattern=_SHA256_RE.pattern)] | None = None  # must match
+    devices: list[Annotated[str, Meta(pattern=ID_PATTERN)]] | None = None  # None: the fleet
+    plan: dict[str, Any] | None = None  # overrides of [rollout] keys, e.g. {"canary": "50%"}
+    action: RolloutAction = "rollout"
+    rollout_id: Annotated[int, Meta(ge=1)] | None = None  # abort, rollback: the rollout
+
+
+class _Refused(msgspec.Struct):
+    """Keys a request may not carry (a file path instead of a registered model)."""
+
+    package: Any = msgspec.UNSET
+
+
+# What each field of a rollout request must be, for the error that names it.
+_REQUEST_RULES = {
+    "request_id": "request_id must be 8 to 64 lowercase hex digits",
+    "reply_to": "reply_to must be edgekit/v1/<fleet>/_host/rollout-reply/<request_id>",
+    "fleet": "fleet must be a fleet id (letters, digits, _ . -; at most 64)",
+    "issued": "issued must be a Unix time (a finite number of seconds)",
+    "name": "name must be a non-empty string of at most 256 characters",
+    "version": "version must be a non-empty string of at most 64 characters",
+    "sha256": "sha256 must be 64 lowercase hex digits or null",
+    "devices": "devices must be a list of device ids or null",
+    "plan": "plan must be an object",
+    "action": f"action must be one of {', '.join(ROLLOUT_ACTIONS)}",
+    "rollout_id": "rollout_id must be a positive integer",
+}
+_FIELD_RE = re.compile(r"`\$\.([a-z_0-9]+)|field `([a-z_0-9]+)`")
 
 
 class RolloutModel(msgspec.Struct, kw_only=True, frozen=True):
@@ -202,16 +236,14 @@ def make_rollout_request(fleet: str, request_id: str, *, name: str, version: str
     fleet's rollout ``rollout_id``, which is of ``name:version``.
 
     Raises:
-        ProtocolError: a field is invalid.
+        ProtocolError: a field is invalid; the message names it.
     """
-    request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=request_id,
-                             reply_to=reply_topic(fleet, request_id), fleet=fleet,
-                             issued=time.time() if issued is None else issued, name=name,
-                             version=version, sha256=sha256, devices=devices, plan=plan or {},
-                             action=action)
-    if rollout_id is not None:
-        request["rollout_id"] = rollout_id
-    return parse_rollout_request(json.dumps(request).encode())
+    request = RolloutRequest(request_id=request_id, reply_to=reply_topic(fleet, request_id),
+                             fleet=fleet, issued=time.time() if issued is None else issued,
+                             name=name, version=version, sha256=sha256, devices=devices,
+                             plan=plan or None, action=cast(RolloutAction, action),
+                             rollout_id=rollout_id)
+    return parse_rollout_request(encode(request))
 
 
 def sign_request(request: RolloutRequest, key: Ed25519PrivateKey) -> bytes:
@@ -235,10 +267,10 @@ def open_rollout_request(data: bytes, trusted: Sequence[Ed25519PublicKey], fleet
                              hint="send it with `edgekit deploy --key OPERATOR_KEY`")
     opened = open_sealed(data, trusted, what="rollout request")
     request = parse_rollout_request(opened.payload)
-    if request["fleet"] != fleet:
-        raise ProtocolError(f"the request is signed for fleet {request['fleet']!r}, and came"
+    if request.fleet != fleet:
+        raise ProtocolError(f"the request is signed for fleet {request.fleet!r}, and came"
                             f" on the topic of {fleet!r}")
-    age = (time.time() if now is None else now) - request["issued"]
+    age = (time.time() if now is None else now) - request.issued
     if not -_MAX_SKEW_S <= age <= REQUEST_TTL_S:
         raise ProtocolError(f"the request was issued {age:.0f} s ago, outside"
                             f" -{_MAX_SKEW_S:g}..{REQUEST_TTL_S:g} s: stale or replayed",
@@ -269,74 +301,34 @@ def peek_reply_to(data: bytes) -> tuple[str, str] | None:
 
 
 def parse_rollout_request(data: bytes) -> RolloutRequest:
-    """Check a rollout request (the signed payload).
+    """Decode and check a rollout request (the signed payload).
 
     Raises:
-        ProtocolError: not JSON, another schema, or a field missing or of the wrong type;
-            the message names the field.
+        ProtocolError: over 256 KiB, not JSON, another schema, a field missing, of the
+            wrong type or out of range, a ``package`` key, a ``reply_to`` other than the
+            request's own reply topic, or an abort or rollback without ``rollout_id``; the
+            message names the field.
     """
-    doc = _decode(data, ROLLOUT_REQUEST_SCHEMA)
-    for key in ("request_id", "reply_to", "fleet", "name", "version"):
-        if not isinstance(doc.get(key), str) or not doc[key]:
-            raise ProtocolError(f"rollout request: {key} must be a non-empty string")
-    if not _REQUEST_ID_RE.match(doc["request_id"]):
-        raise ProtocolError("rollout request: request_id must be 8 to 64 lowercase hex digits")
-    if not is_valid_id(doc["fleet"]) or doc["reply_to"] != reply_topic(doc["fleet"],
-                                                                       doc["request_id"]):
-        raise ProtocolError("rollout request: reply_to must be"
-                            " edgekit/v1/<fleet>/_host/rollout-reply/<request_id>")
-    if len(doc["name"]) > 256 or len(doc["version"]) > 64:
-        raise ProtocolError("rollout request: name or version is too long")
-    issued = doc.get("issued")
-    if not isinstance(issued, int | float) or isinstance(issued, bool) or issued != issued:
-        raise ProtocolError("rollout request: issued must be a Unix time")
-    if "package" in doc:
+    try:
+        request = decode(data, RolloutRequest)
+    except ProtocolError as exc:
+        raise _named(exc) from None
+    if msgspec.json.decode(data, type=_Refused).package is not msgspec.UNSET:
         raise ProtocolError("rollout request: package is not accepted; a request names a"
                             " registered model (name, version)",
                             hint="push the package with `edgekit registry push` first")
-    request = RolloutRequest(schema=ROLLOUT_REQUEST_SCHEMA, request_id=doc["request_id"],
-                             reply_to=doc["reply_to"], fleet=doc["fleet"], issued=float(issued),
-                             name=doc["name"], version=doc["version"])
-    sha = doc.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA256_RE.match(sha)):
-        raise ProtocolError("rollout request: sha256 must be 64 lowercase hex digits or null")
-    request["sha256"] = sha
-    devices = doc.get("devices")
-    if devices is not None:
-        if not isinstance(devices, list) or not all(is_valid_id(d) for d in devices):
-            raise ProtocolError("rollout request: devices must be a list of device ids")
-        request["devices"] = devices
-    plan = doc.get("plan")
-    if plan is not None:
-        if not isinstance(plan, dict):
-            raise ProtocolError("rollout request: plan must be an object")
-        request["plan"] = plan
-    action = doc.get("action", "rollout")
-    if action not in ROLLOUT_ACTIONS:
-        raise ProtocolError(f"rollout request: action must be one of {', '.join(ROLLOUT_ACTIONS)}")
-    request["action"] = action
-    if action != "rollout":
-        rollout_id = doc.get("rollout_id")
-        if not isinstance(rollout_id, int) or isinstance(rollout_id, bool) or rollout_id < 1:
-            raise ProtocolError(f"rollout request: {action} needs rollout_id, a positive"
-                                " integer")
-        request["rollout_id"] = rollout_id
+    if request.reply_to != reply_topic(request.fleet, request.request_id):
+        raise ProtocolError(f"rollout request: {_REQUEST_RULES['reply_to']}")
+    if request.action != "rollout" and request.rollout_id is None:
+        raise ProtocolError(f"rollout request: {request.action} needs rollout_id, a positive"
+                            " integer")
     return request
 
 
-_MAX_REQUEST_BYTES = 256 * 1024
-
-
-def _decode(data: bytes, schema: str) -> dict[str, Any]:
-    if len(data) > _MAX_REQUEST_BYTES:
-        raise ProtocolError(f"payload is {len(data)} bytes, over the limit of"
-                            f" {_MAX_REQUEST_BYTES}")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"payload is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ProtocolError(f"payload is a JSON {type(doc).__name__}, expected an object")
-    if doc.get("schema") != schema:
-        raise ProtocolError(f"payload schema is {doc.get('schema')!r}, expected {schema!r}")
-    return doc
+def _named(exc: ProtocolError) -> ProtocolError:
+    """``exc`` (from decoding a request) with the rule of the field it names up front."""
+    match = _FIELD_RE.search(exc.message)
+    rule = _REQUEST_RULES.get(match.group(1) or match.group(2)) if match else None
+    message = f"rollout request: {rule} ({exc.message})" if rule else \
+        f"rollout request: {exc.message}"
+    return ProtocolError(message, hint=exc.hint)

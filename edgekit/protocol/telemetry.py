@@ -19,6 +19,7 @@ from edgekit.protocol.topics import ID_PATTERN, Schema
 
 __all__ = [
     "MAX_EVENT_MESSAGE",
+    "MAX_UPDATE_MESSAGE",
     "DeviceState",
     "EstimateSection",
     "EventKind",
@@ -36,11 +37,14 @@ __all__ = [
     "StatusPayload",
     "SystemSection",
     "TelemetrySection",
+    "UpdateModel",
+    "UpdateStatus",
     "VariantCandidate",
     "VariantSection",
 ]
 
 MAX_EVENT_MESSAGE = 2000
+MAX_UPDATE_MESSAGE = 16 * 1024
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
 Count = Annotated[int, Meta(ge=0)]
@@ -127,6 +131,27 @@ class VariantSection(msgspec.Struct, kw_only=True, frozen=True):
     candidates: Annotated[list[VariantCandidate], Meta(max_length=32)]
 
 
+class UpdateModel(msgspec.Struct, kw_only=True, frozen=True):
+    """A model an update is about, or the one in service (no field is required: the model
+    of a desired document too broken to name one has none)."""
+
+    name: Annotated[str, Meta(max_length=128)] | None = None
+    version: Text64 | None = None
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class UpdateStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The ``update`` field of the retained status: the update in progress (``step`` is the
+    journal's: queued ... probation, rolling_back), else the outcome of the last one
+    (docs/ota.md). The agent builds it, the reader decodes it with the status."""
+
+    deployment: Annotated[str, Meta(max_length=128)]
+    step: Annotated[str, Meta(min_length=1, max_length=32)]
+    model: UpdateModel | None = None
+    reason: Text64 | None = None
+    message: Annotated[str, Meta(max_length=MAX_UPDATE_MESSAGE)] | None = None
+
+
 class StatusPayload(Document, tag=Schema.STATUS.value):
     """Retained on ``status``. ``session`` grows with every connection the device makes, so a
     reader keeps the payload with the highest session and ignores a late last will."""
@@ -144,9 +169,8 @@ class StatusPayload(Document, tag=Schema.STATUS.value):
     http: Text256 | None  # HOST:PORT of the local HTTP API, when it runs
     started: Seconds  # when the agent process started
     reason: Text256 | None = None  # why it went offline or stopped
-    # The update in progress, else the last one: deployment, step, model, reason, message
-    # (docs/ota.md).
-    update: dict[str, Any] | None = None
+    # The update in progress, else the last one (absent before the device's first update).
+    update: UpdateStatus | None = None
     # Ids of the release keys whose packages the device accepts (null: not reported), and
     # whether it takes unsigned ones: what `edgekit deploy` checks before it publishes.
     trusted_keys: Annotated[list[Text64], Meta(max_length=64)] | None = None

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from mqtt_broker import broker, wait_until
 
@@ -29,6 +30,7 @@ from edgekit.host.controller.service import Controller
 from edgekit.host.db import RolloutState, Store, TargetState
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.registry import Registry
+from edgekit.protocol import encode
 from edgekit.protocol.controller import parse_rollout_request
 from edgekit.signing import generate_keypair, load_private_key, load_public_key
 
@@ -176,17 +178,19 @@ def test_action_forms_are_checked(kind: str, form: dict[str, str], problem: str)
 
 def test_requests_the_console_builds_parse_on_the_controller() -> None:
     start = build_request(parse_action("rollout", {"fleet": "f", "model": "m:2", "canary": "50%"}))
-    parsed = parse_rollout_request(json.dumps(start).encode())
-    assert (parsed["action"], parsed["version"], parsed["plan"]) == ("rollout", "2", {"canary": "50%"})
+    parsed = parse_rollout_request(encode(start))
+    assert parsed == start
+    assert (parsed.action, parsed.version, parsed.plan) == ("rollout", "2", {"canary": "50%"})
     abort = build_request(Action("abort", "f", "m", "2", rollout_id=7))
-    assert parse_rollout_request(json.dumps(abort).encode())["rollout_id"] == 7
-    back = parse_rollout_request(json.dumps(build_request(
-        Action("rollback", "f", "m", "2", rollout_id=7))).encode())
-    assert (back["action"], back["rollout_id"]) == ("rollback", 7)
+    assert parse_rollout_request(encode(abort)).rollout_id == 7
+    back = parse_rollout_request(encode(build_request(
+        Action("rollback", "f", "m", "2", rollout_id=7))))
+    assert (back.action, back.rollout_id) == ("rollback", 7)
     with pytest.raises(ProtocolError, match="rollback needs rollout_id"):
-        parse_rollout_request(json.dumps({**back, "rollout_id": None}).encode())
-    for broken in ({**abort, "rollout_id": "7"}, {**abort, "rollout_id": True},
-                   {**abort, "action": "drop"}):
+        parse_rollout_request(encode({**msgspec.to_builtins(back), "rollout_id": None}))
+    fields = msgspec.to_builtins(abort)
+    for broken in ({**fields, "rollout_id": "7"}, {**fields, "rollout_id": True},
+                   {**fields, "action": "drop"}):
         with pytest.raises(ProtocolError):
             parse_rollout_request(json.dumps(broken).encode())
 

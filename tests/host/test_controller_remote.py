@@ -29,9 +29,11 @@ from edgekit.protocol.controller import (
     ReplyError,
     RolloutModel,
     RolloutReply,
+    RolloutRequest,
     RolloutStatePayload,
     make_presence,
     make_rollout_request,
+    parse_rollout_request,
     presence_topic,
     rollout_request_topic,
     rollout_state_topic,
@@ -85,25 +87,24 @@ def test_submit_request_skips_bad_replies(host: HostClient, paho_client: mqtt.Cl
     fleet = f"rem-{secrets.token_hex(3)}"
     key, public = _keys(tmp_path)
     request = make_rollout_request(fleet, secrets.token_hex(8), name="digits", version="1.0")
-    seen: list[dict[str, Any]] = []
+    seen: list[RolloutRequest] = []
 
     def answer(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         opened = open_sealed(msg.payload, [public], what="rollout request")
-        seen.append(dict(request))
-        reply_to = request["reply_to"]
-        assert opened.payload  # signed by the key the test holds
+        seen.append(parse_rollout_request(opened.payload))  # signed by the key the test holds
+        reply_to = request.reply_to
         for bad in [*GARBAGE, OVERSIZE,
                     encode(RolloutReply(request_id="f" * 16, ok=True, rollout={"id": 9}))]:
             paho_client.publish(reply_to, bad, qos=1)
         paho_client.publish(reply_to, encode(RolloutReply(
-            request_id=request["request_id"], ok=True, rollout={"id": 3, "targets": []})), qos=1)
+            request_id=request.request_id, ok=True, rollout={"id": 3, "targets": []})), qos=1)
 
     paho_client.message_callback_add(rollout_request_topic(fleet), answer)
     paho_client.subscribe(rollout_request_topic(fleet), qos=1)
     with caplog.at_level("WARNING", logger="edgekit.controller.remote"):
         rollout = submit_request(host, request, key, timeout=30)
     assert rollout == {"id": 3, "targets": []}
-    assert len(seen) == 1
+    assert seen == [request]
     refused = [r.getMessage() for r in caplog.records if "ignored a message" in r.getMessage()]
     assert len(refused) == len(GARBAGE) + 1, refused  # the other request's reply is not one
     assert any("over the" in m for m in refused)
@@ -117,8 +118,8 @@ def test_submit_request_raises_the_controllers_refusal(host: HostClient,
     request = make_rollout_request(fleet, secrets.token_hex(8), name="digits", version="1.0")
 
     def answer(_c: Any, _u: Any, _msg: mqtt.MQTTMessage) -> None:
-        paho_client.publish(request["reply_to"], encode(RolloutReply(
-            request_id=request["request_id"], ok=False,
+        paho_client.publish(request.reply_to, encode(RolloutReply(
+            request_id=request.request_id, ok=False,
             error=ReplyError(code="UsageError", message="no such model", hint="push it"))),
             qos=1)
 

@@ -321,15 +321,16 @@ def test_range_header(header: str | None, expected: Any) -> None:
 
 
 def _status(device: str, state: str, session: int, sha: str | None = None,
-            update: dict[str, Any] | None = None) -> bytes:
-    """A status payload as an agent encodes it."""
+            update: ota.UpdateStatus | dict[str, Any] | None = None) -> bytes:
+    """A status payload as an agent encodes it (``update`` a dict: a raw one, as a broken
+    or forged sender could put on the wire)."""
     model = ModelRef(name="digits", version="1.0.0", sha256=sha) if sha else None
     return encode(StatusPayload(
         state=DeviceState(state), device=device, fleet="f1", session=session, ts=1.0,
         agent_version="test", runtimes=[], hardware=HardwareInfo(
             hostname="h", system="Linux", machine="x86_64", release="6", os="Debian",
             board=None, cpu_count=2, memory_total_bytes=1 << 30, python="3.11"),
-        model=model, http=None, started=1.0, update=update))
+        model=model, http=None, started=1.0, update=update))  # type: ignore[arg-type]
 
 
 def _event(device: str, step: str, deployment: str = "d1", reason: str | None = None,
@@ -368,8 +369,8 @@ def test_tracker_fleet_wide_targets_and_outcomes() -> None:
     # A device that comes online later joins the targets.
     tracker.observe_status("c", _status("c", "online", 3, OTHER_SHA))
     assert "c" in tracker.targets and not tracker.finished()
-    tracker.observe_status("c", _status("c", "online", 3, SHA, update={
-        "deployment": "d1", "step": "failed", "reason": "bad_signature"}))
+    tracker.observe_status("c", _status("c", "online", 3, SHA, update=ota.UpdateStatus(
+        deployment="d1", step="failed", reason="bad_signature")))
     result = tracker.result(1.0)
     assert not result.ok
     assert result.counts() == {"succeeded": 1, "rolled_back": 1, "failed": 1}
@@ -404,7 +405,9 @@ def _bad_event(device: str, kind: str, data: Any) -> bytes:
      "over the 65536-byte limit"),
     ("status", _status("b", "online", 9, SHA), "another device"),
     ("status", _status("a", "online", 9, SHA, update={"deployment": "d1", "step": 3}),
-     "status update does not fit"),
+     "$.update.step"),
+    ("status", _status("a", "online", 9, SHA, update={"step": "failed"}),
+     "missing required field `deployment` - at `$.update`"),
     ("events", b"\xff\xfe", "not valid JSON"),
     ("events", _event("b", "succeeded"), "another device"),
     ("events", _bad_event("a", "update.succeeded", None), "update.succeeded event data"),
@@ -451,9 +454,8 @@ def test_update_documents_round_trip() -> None:
                                         kind="agent.started")) is None
     update = ota.UpdateStatus(deployment="d1", step="rolling_back", reason="slow",
                               model=ota.UpdateModel(name="digits", version="2.0.0"))
-    assert ota.update_status(decode(_status("a", "online", 1, SHA, update=update.as_data()),
-                                    StatusPayload)) == update
-    assert ota.update_status(decode(_status("a", "online", 1, SHA), StatusPayload)) is None
+    assert decode(_status("a", "online", 1, SHA, update=update), StatusPayload).update == update
+    assert decode(_status("a", "online", 1, SHA), StatusPayload).update is None
 
 
 # --------------------------------------------------------------------------- packaging

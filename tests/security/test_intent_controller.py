@@ -134,7 +134,7 @@ def test_forged_status_unsigned_request_and_forged_failure_sign_no_downgrade(
     request = make_rollout_request(fleet, secrets.token_hex(8), name="digits", version="3.0.0",
                                    devices=[DEVICE, GHOST],
                                    plan={"max_failure_rate": 0.0, "canary": "2"})
-    reply = _ask(attacker, fleet, sign_request(request, keys.operator), request["request_id"])
+    reply = _ask(attacker, fleet, sign_request(request, keys.operator), request.request_id)
     assert reply["ok"] is True, reply
     rollout_id = reply["rollout"]["id"]
     ghost_doc = wait_until(lambda: attacker.messages(desired_topic(fleet, GHOST)), 30,
@@ -162,7 +162,7 @@ def test_requests_name_registered_models_never_paths(controller: Controller, hos
     assert "edgekit package" not in reply["error"]["message"]
     # A model the registry does not hold is refused by name.
     unknown = make_rollout_request(fleet, secrets.token_hex(8), name="digits", version="9.9.9")
-    reply = _ask(attacker, fleet, sign_request(unknown, keys.operator), unknown["request_id"])
+    reply = _ask(attacker, fleet, sign_request(unknown, keys.operator), unknown.request_id)
     assert reply["ok"] is False and "not in the controller's registry" in \
         reply["error"]["message"]
     assert _store(controller).list_rollouts(fleet=fleet) == []
@@ -175,7 +175,7 @@ def test_stale_misdirected_and_reflected_requests(controller: Controller, host: 
     # A signed request captured an hour ago and replayed now.
     stale = make_rollout_request(fleet, secrets.token_hex(8), name="digits", version="3.0.0",
                                  issued=time.time() - 3600)
-    reply = _ask(attacker, fleet, sign_request(stale, keys.operator), stale["request_id"])
+    reply = _ask(attacker, fleet, sign_request(stale, keys.operator), stale.request_id)
     assert reply["ok"] is False and "stale or replayed" in reply["error"]["message"]
     # A request signed for another fleet, sent on this fleet's topic.
     other = make_rollout_request("other-fleet", secrets.token_hex(8), name="digits",

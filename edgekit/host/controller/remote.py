@@ -123,8 +123,7 @@ def submit_request(client: HostClient, request: RolloutRequest, key: Ed25519Priv
         RemoteRolloutError: the controller refused the request.
         EdgekitError: no reply within ``timeout`` seconds.
     """
-    fleet = request["fleet"]
-    request_id, reply_to = request["request_id"], request["reply_to"]
+    fleet, request_id, reply_to = request.fleet, request.request_id, request.reply_to
     replies: list[RolloutReply] = []
     got = threading.Event()
 
@@ -150,7 +149,7 @@ def submit_request(client: HostClient, request: RolloutRequest, key: Ed25519Priv
         error = reply.error or ReplyError(code="", message="no reason given")
         kind = RemoteUsageError if error.code in ("UsageError", "ConfigError") else \
             RemoteRolloutError
-        raise kind(f"the controller refused the {request.get('action', 'rollout')}:"
+        raise kind(f"the controller refused the {request.action}:"
                    f" {error.message}", code=error.code, hint=error.hint or None)
     if reply.rollout is None:
         raise EdgekitError("the controller's reply holds no rollout")

@@ -347,24 +347,24 @@ class Controller:
                 applies to (see :meth:`RolloutEngine.abort`, :meth:`RolloutEngine.roll_back`).
         """
         assert self.engine is not None and self.store is not None and self.registry is not None
-        found = self.engine.find_request(fleet, request["request_id"])
-        action = request.get("action", "rollout")
-        if action == "abort":
-            found = self.engine.abort(fleet, request["rollout_id"], name=request["name"],
-                                      version=request["version"],
-                                      request_id=request["request_id"])
-        elif action == "rollback" and found is None:
-            found = self.engine.roll_back(fleet, request["rollout_id"], name=request["name"],
-                                          version=request["version"],
-                                          request_id=request["request_id"])
+        found = self.engine.find_request(fleet, request.request_id)
+        name, version = request.name, request.version
+        target = request.rollout_id  # set on every abort and rollback (parse_rollout_request)
+        if request.action == "abort":
+            assert target is not None
+            found = self.engine.abort(fleet, target, name=name, version=version,
+                                      request_id=request.request_id)
+        elif request.action == "rollback" and found is None:
+            assert target is not None
+            found = self.engine.roll_back(fleet, target, name=name, version=version,
+                                          request_id=request.request_id)
         elif found is None:
-            name, version = request["name"], request["version"]
             record = self.store.get_model(name, version)
             if record is None:
                 raise UsageError(f"model {name}:{version} is not in the controller's registry",
                                  hint="push it with `edgekit registry push` (same --db as the"
                                       " controller)")
-            sha = request.get("sha256")
+            sha = request.sha256
             if sha and sha != record.sha256:
                 raise UsageError(f"{record.ref} is registered with another package (sha256"
                                  f" {record.sha256[:12]}..., the request names {sha[:12]}...)",
@@ -372,15 +372,15 @@ class Controller:
             if self.trusted and record.key_id not in {key_id(k) for k in self.trusted}:
                 raise UsageError(f"{record.ref} is not signed by a key of"
                                  " registry.trusted_keys", hint="sign it with a release key")
-            found = self.engine.create(fleet, name, version, devices=request.get("devices"),
-                                       overrides=request.get("plan"), source="deploy",
-                                       request_id=request["request_id"])
+            found = self.engine.create(fleet, name, version, devices=request.devices,
+                                       overrides=request.plan, source="deploy",
+                                       request_id=request.request_id)
         targets = self.store.list_rollout_targets(found.id)
         return {**found.to_dict(), "targets": [t.device for t in targets]}
 
     def _reply(self, request: RolloutRequest, *, rollout: dict[str, Any] | None = None,
                error: EdgekitError | None = None) -> None:
-        self._send_reply(request["request_id"], request["reply_to"], rollout=rollout,
+        self._send_reply(request.request_id, request.reply_to, rollout=rollout,
                          error=error)
 
     def _send_reply(self, request_id: str, reply_to: str, *,

@@ -25,7 +25,6 @@ from edgekit.protocol.ota.events import (
     UpdateStep,
     step_of,
     update_data,
-    update_status,
 )
 from edgekit.protocol.ota.shadow import ShadowReport, parse_shadow_report
 
@@ -162,10 +161,7 @@ class DeploymentTracker:
         doc = self._document(device, payload, StatusPayload, "status")
         if doc is None:
             return False
-        try:
-            update = update_status(doc)
-        except ProtocolError as exc:
-            return self._refuse("status", device, exc.message)
+        update = doc.update
         progress = self._progress(device)
         if doc.session < progress.session:
             return False  # a late last will of an earlier connection

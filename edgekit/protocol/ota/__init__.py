@@ -70,7 +70,6 @@ from edgekit.protocol.ota.events import (
     event_kind,
     step_of,
     update_data,
-    update_status,
 )
 from edgekit.protocol.ota.shadow import (
     SHADOW_DESIRED_SCHEMA,
@@ -169,6 +168,5 @@ __all__ = [
     "shared",
     "step_of",
     "update_data",
-    "update_status",
     "write_bundle",
 ]

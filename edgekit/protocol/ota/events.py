@@ -3,20 +3,21 @@
 An agent sends one ``events`` payload (:class:`edgekit.protocol.EventPayload`) per step, with
 ``kind`` ``update.<step>``, the reason code in ``reason`` when the step is a failure or a
 rollback, and :class:`UpdateEventData` in ``data``; its status carries :class:`UpdateStatus`
-in ``update``. Readers decode both with :func:`update_data` and :func:`update_status`
-(strict, one :class:`~edgekit.errors.ProtocolError`). docs/ota.md draws the state machine.
+in ``update`` (decoded with the status). The agent builds both through these classes, and a
+reader decodes the event's data with :func:`update_data` (strict, one
+:class:`~edgekit.errors.ProtocolError`). docs/ota.md draws the state machine.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from edgekit.errors import ProtocolError
-from edgekit.protocol.telemetry import EventPayload, StatusPayload
+from edgekit.protocol.telemetry import EventPayload, UpdateModel, UpdateStatus
 
 __all__ = [
     "EVENT_PREFIX",
@@ -30,11 +31,9 @@ __all__ = [
     "event_kind",
     "step_of",
     "update_data",
-    "update_status",
 ]
 
 EVENT_PREFIX = "update."
-S = TypeVar("S", bound=msgspec.Struct)
 
 
 class UpdateStep(StrEnum):
@@ -84,17 +83,7 @@ class UpdateReason(StrEnum):
     SUPERSEDED = "superseded"  # a newer desired document replaced this one
 
 
-Text64 = Annotated[str, Meta(max_length=64)]
 Count = Annotated[int, Meta(ge=0)]
-
-
-class UpdateModel(msgspec.Struct, kw_only=True, frozen=True):
-    """A model an update is about, or the one in service (no field is required: the model
-    of a desired document too broken to name one has none)."""
-
-    name: Annotated[str, Meta(max_length=128)] | None = None
-    version: Text64 | None = None
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class UpdateProgress(msgspec.Struct, kw_only=True, frozen=True):
@@ -125,23 +114,6 @@ class UpdateEventData(msgspec.Struct, kw_only=True, omit_defaults=True):
         return out
 
 
-class UpdateStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The ``update`` field of the retained status: the update in progress (``step`` is the
-    journal's: queued ... probation, rolling_back), else the outcome of the last one.
-    A reader gets it with :func:`update_status`."""
-
-    deployment: Annotated[str, Meta(max_length=128)]
-    step: Annotated[str, Meta(min_length=1, max_length=32)]
-    model: UpdateModel | None = None
-    reason: Text64 | None = None
-    message: Annotated[str, Meta(max_length=16 * 1024)] | None = None
-
-    def as_data(self) -> dict[str, Any]:
-        """The status' ``update`` object."""
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        return out
-
-
 def update_data(event: EventPayload) -> UpdateEventData | None:
     """The typed ``data`` of an ``update.*`` event; None for an event of another kind.
 
@@ -152,28 +124,14 @@ def update_data(event: EventPayload) -> UpdateEventData | None:
     step = step_of(event.kind)
     if step is None:
         return None
-    data = _convert(event.data, UpdateEventData, f"{event.kind} event data")
+    try:
+        data = msgspec.convert(event.data, UpdateEventData, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{event.kind} event data does not fit: {exc}",
+                            hint="see docs/ota.md") from None
     if data.step != step:
         raise ProtocolError(f"{event.kind} event data names step {data.step.value!r}")
     return data
-
-
-def update_status(status: StatusPayload) -> UpdateStatus | None:
-    """The typed ``update`` field of a status; None when it has none.
-
-    Raises:
-        ProtocolError: an ``update`` field that does not fit :class:`UpdateStatus`.
-    """
-    if status.update is None:
-        return None
-    return _convert(status.update, UpdateStatus, "status update")
-
-
-def _convert(value: object, cls: type[S], what: str) -> S:
-    try:
-        return msgspec.convert(value, cls, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"{what} does not fit: {exc}", hint="see docs/ota.md") from None
 
 
 def event_kind(step: UpdateStep) -> str:
