@@ -50,7 +50,7 @@ class ConvertOptions:
     golden_rtol: float = field(default=1e-3, metadata={"help": "relative tolerance for golden checks"})
     threads: int = field(default=1, metadata={"help": "threads for latency measurement"})
     latency_runs: int = field(default=50, metadata={"help": "timed runs for the latency figure"})
-    estimate_method: str = field(default="atc", metadata={"help": "accuracy estimate map: atc or isotonic"})
+    estimate_method: str = field(default="logistic", metadata={"help": "accuracy estimate: logistic, atc or isotonic"})
 
     def validate(self) -> ConvertOptions:
         """Check every field and collect all problems into one error.

@@ -339,12 +339,15 @@ def _fit(data: Dataset | None, specs: list[TensorSpec], what: str,
     if data is None:
         return None
     inputs = check_inputs(data.inputs, specs, f"{what} {data.source}")
+    if data.groups is not None and np.shape(data.groups) != (len(data),):
+        raise DataError(f"{what} {data.source}: {len(data)} samples but groups of shape"
+                        f" {list(np.shape(data.groups))}", hint="give one group per sample")
     for name, arr in inputs.items():
         given = data.inputs.get(name, data.inputs.get("x"))
         if given is not None and given.dtype.kind in "iub" and arr.dtype.kind == "f":
             warnings.append(f"{what} {data.source}: input '{name}' holds {given.dtype},"
                             f" cast to the model's {arr.dtype}")
-    return Dataset(inputs, data.labels, data.source)
+    return Dataset(inputs, data.labels, data.source, data.groups)
 
 
 def _random_like(arr: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -418,7 +421,7 @@ def _calibrate(report: dict[str, Any], scores: np.ndarray | Session, data: Datas
         return
     if not isinstance(scores, np.ndarray):
         scores = run_batches(scores.run, data)[output]
-    calibration = fit_calibration(scores, data.labels, opts.estimate_method)
+    calibration = fit_calibration(scores, data.labels, opts.estimate_method, data.groups)
     if calibration is not None:
         report["calibration"] = {**calibration.to_dict(), "data": data.source,
                                  "output": output}

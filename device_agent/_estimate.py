@@ -1,13 +1,16 @@
-"""Accuracy estimated without labels, per telemetry interval (from confidence: ATC or CBPE).
+"""Accuracy estimated without labels, per telemetry interval (CBPE: the mean of each
+prediction's estimated chance of being right).
 
-Most field traffic never gets a label. A package whose manifest carries a calibration map
-(``metrics.calibration``, fitted by the converter on labelled data;
-:mod:`edgekit.calibration`) lets the agent turn each prediction's top-1 confidence into a
-value of the map (for an ATC map, 1 at or above its threshold and 0 below; for an isotonic
-one, the probability that it is right); the mean over the interval's predictions is the
-estimated accuracy the metrics report beside the label-based figures. It runs on the telemetry thread,
-from the confidences the interval's prediction section already computed: the request path
-does nothing more. A package without the map gets no estimate.
+Most field traffic never gets a label. A package whose manifest carries an accuracy
+estimate (``metrics.calibration``, fitted by the converter on labelled data;
+:mod:`edgekit.calibration`) lets the agent turn each prediction's output row into the chance
+that its top-1 class is right: a logistic model of the row's features (the converter's
+default), or a map of its top-1 confidence (for an ATC map, 1 at or above its threshold and 0
+below; for an isotonic one, the probability that it is right). The mean over the interval's
+predictions is the estimated accuracy the metrics report beside the label-based figures. It
+runs on the telemetry thread, from the output rows the interval already keeps for its
+prediction section (a few dozen numbers per row): the request path does nothing more. A
+package without an estimate gets none.
 """
 
 from __future__ import annotations
@@ -18,47 +21,49 @@ import weakref
 
 import numpy as np
 
-from edgekit.calibration import Calibration
+from edgekit.calibration import Estimator, estimator_from_manifest
 from edgekit.errors import ArtifactError
 from edgekit.protocol import EstimateSection
 
 from ._model import LoadedModel
 
-__all__ = ["estimate_section"]
+__all__ = ["estimate_section", "estimator_of"]
 
 log = logging.getLogger("device_agent.estimate")
 
-# The parsed map of each loaded model (None: it has none, or a malformed one), read once.
-_maps: weakref.WeakKeyDictionary[LoadedModel, Calibration | None] = weakref.WeakKeyDictionary()
+# The parsed estimate of each loaded model (None: it has none, or a malformed one), read once.
+_estimators: weakref.WeakKeyDictionary[LoadedModel, Estimator | None] = \
+    weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
-def calibration_of(model: LoadedModel) -> Calibration | None:
-    """The model's calibration map, or None when its package has none (or a malformed one:
-    logged once; the model serves as before, only without an estimate)."""
+def estimator_of(model: LoadedModel) -> Estimator | None:
+    """The model's accuracy estimate, or None when its package has none (or a malformed
+    one: logged once; the model serves as before, only without an estimate)."""
     with _lock:
-        if model in _maps:
-            return _maps[model]
+        if model in _estimators:
+            return _estimators[model]
         try:
-            found = Calibration.from_manifest(model.manifest.metrics)
+            found = estimator_from_manifest(model.manifest.metrics)
         except ArtifactError as exc:
             log.warning("%s %s: no accuracy estimate: %s", model.name, model.version,
                         exc.message)
             found = None
-        _maps[model] = found
+        _estimators[model] = found
         return found
 
 
-def estimate_section(model: LoadedModel | None, confidence: np.ndarray | None
+def estimate_section(model: LoadedModel | None, rows: np.ndarray | None
                      ) -> EstimateSection | None:
-    """The interval's estimate from its predictions' top-1 confidences, or None without a
-    model, a calibration map or predictions."""
-    if model is None or confidence is None or len(confidence) == 0:
+    """The interval's estimate from its predictions' ``[N, C]`` output rows, or None without
+    a model, an estimate in its package or predictions (or rows of another width than it was
+    fitted on: another model's, around a swap)."""
+    if model is None or rows is None or len(rows) == 0:
         return None
-    calibration = calibration_of(model)
-    if calibration is None:
+    estimator = estimator_of(model)
+    if estimator is None:
         return None
-    accuracy = calibration.estimate(confidence)
+    accuracy = estimator.estimate_scores(rows)
     if accuracy is None:
         return None
-    return EstimateSection(accuracy=min(max(accuracy, 0.0), 1.0), count=int(len(confidence)))
+    return EstimateSection(accuracy=min(max(accuracy, 0.0), 1.0), count=int(len(rows)))

@@ -51,9 +51,8 @@ class MetricsSource(Protocol):
 
 def predictions_section(agent: MetricsSource, interval: Interval
                         ) -> tuple[PredictionsSection, np.ndarray | None]:
-    """Histogram and mean confidence of the interval's classifier outputs (and each row's
-    top-1 confidence, for the estimate), and the running totals per class kept for
-    /metrics."""
+    """Histogram and mean confidence of the interval's classifier outputs (and their rows,
+    for the estimate), and the running totals per class kept for /metrics."""
     model = agent.slot.current
     if not interval.outputs:
         return PredictionsSection(count=0, histogram={}, mean_confidence=None), None
@@ -71,7 +70,7 @@ def predictions_section(agent: MetricsSource, interval: Interval
     agent.class_totals.update(histogram)
     top = probs.max(axis=1)
     return PredictionsSection(count=int(len(rows)), histogram=histogram,
-                              mean_confidence=float(top.mean())), top
+                              mean_confidence=float(top.mean())), rows
 
 
 def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
@@ -79,7 +78,7 @@ def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
     model = agent.slot.current
     stats = agent.stats
     outbox = agent.outbox
-    predictions, confidence = predictions_section(agent, interval)
+    predictions, rows = predictions_section(agent, interval)
     return MetricsPayload(
         device=agent.config.device.id,
         fleet=agent.config.device.fleet,
@@ -105,7 +104,7 @@ def build_metrics(agent: MetricsSource, interval: Interval) -> MetricsPayload:
             dropped_total=outbox.dropped if outbox is not None else 0,
             queue_bytes=outbox.bytes if outbox is not None else 0,
         ),
-        estimate=estimate_section(model, confidence),
+        estimate=estimate_section(model, rows),
     )
 
 
@@ -204,7 +203,7 @@ def _interval_metrics(last: MetricsPayload) -> Iterator[Metric]:
                             "Requests per second, last interval.", value=last.throughput_rps)
     if last.estimate is not None:
         yield GaugeMetricFamily("edgekit_agent_estimated_accuracy",
-                                "Accuracy estimated without labels (calibrated confidence),"
+                                "Accuracy estimated without labels (the package's estimate),"
                                 " last interval.", value=last.estimate.accuracy)
     system = last.system
     if system.cpu_percent is not None:

@@ -1,7 +1,9 @@
 """Calibration and evaluation data: ``.npz`` files with one array per model input.
 
-Keys are input names (a single-input model may use ``x``); labels are under ``y``. Every
-array is batched along axis 0 and all of them hold the same number of samples.
+Keys are input names (a single-input model may use ``x``); labels are under ``y``; estimate
+data may hold each sample's group under ``group`` (the condition it was drawn under, such
+as clean or one drift: the accuracy estimate is fitted to hold every group's accuracy).
+Every array is batched along axis 0 and all of them hold the same number of samples.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from edgekit.manifest import TensorSpec
 __all__ = ["Dataset", "check_inputs", "load_npz", "save_npz"]
 
 LABEL_KEY = "y"
+GROUP_KEY = "group"
 SINGLE_INPUT_KEY = "x"
 
 
 @dataclass
 class Dataset:
-    """Model inputs keyed by input name, and labels when the file has them."""
+    """Model inputs keyed by input name, and labels (and groups) when the file has them."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    groups: np.ndarray | None = None  # each sample's group (estimate data; see above)
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -39,6 +43,7 @@ class Dataset:
             {k: v[start:stop] for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[start:stop],
             self.source,
+            None if self.groups is None else self.groups[start:stop],
         )
 
     def batches(self, size: int) -> list[dict[str, np.ndarray]]:
@@ -47,13 +52,15 @@ class Dataset:
 
 
 def save_npz(path: str | os.PathLike[str], inputs: dict[str, np.ndarray],
-             labels: np.ndarray | None = None) -> None:
+             labels: np.ndarray | None = None, groups: np.ndarray | None = None) -> None:
     """Write a data file in the layout :func:`load_npz` reads, atomically."""
     from edgekit.fsutil import atomic_write
 
     arrays = dict(inputs)
     if labels is not None:
         arrays[LABEL_KEY] = np.asarray(labels)
+    if groups is not None:
+        arrays[GROUP_KEY] = np.asarray(groups)
     with atomic_write(path) as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
 
@@ -83,6 +90,7 @@ def load_npz(
             hint="save data with numpy.savez(path, <input name>=array, y=labels)",
         ) from exc
     labels = arrays.pop(LABEL_KEY, None)
+    groups = arrays.pop(GROUP_KEY, None)
     if require_labels and labels is None:
         raise DataError(
             f"{p} has no labels (key 'y')",
@@ -94,7 +102,10 @@ def load_npz(
     n = len(next(iter(inputs.values())))
     if labels is not None and len(labels) != n:
         raise DataError(f"{p}: {n} samples but {len(labels)} labels under 'y'")
-    return Dataset(inputs, labels, str(p))
+    if groups is not None and (groups.ndim != 1 or len(groups) != n):
+        raise DataError(f"{p}: {n} samples but groups of shape {list(groups.shape)} under"
+                        f" '{GROUP_KEY}'", hint="store one group (an int or a name) per sample")
+    return Dataset(inputs, labels, str(p), groups)
 
 
 def check_inputs(

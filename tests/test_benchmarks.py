@@ -78,12 +78,14 @@ def test_estimate_bench_quick(tmp_path: Path) -> None:
     out = _run("estimate_bench.py", tmp_path=tmp_path)
     assert "## digits CNN" in out
     rows = [line.split() for line in out.splitlines()]
-    # Every map on the control and on the demo's strongest drift.
+    # Every estimate on the control and on the demo's strongest drift.
     for method, data in (("isotonic", "clean"), ("atc", "clean"), ("isotonic", "augmented"),
-                         ("atc", "augmented")):
+                         ("atc", "augmented"), ("logistic", "augmented"),
+                         ("logistic", "pooled")):
         assert [method, data, "none", "(control)"] in [r[:4] for r in rows]
         assert [method, data, "35,", "0.15"] in [r[:4] for r in rows]
-    assert "worst estimate error on drifted data:" in out and "goal: within 5 points:" in out
+    assert "worst estimate error on drifted data:" in out and "goal: within 5 points" in out
+    assert "estimate over one interval of" in out
 
 
 @pytest.mark.slow

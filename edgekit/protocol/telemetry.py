@@ -225,7 +225,7 @@ class QualitySection(msgspec.Struct, kw_only=True):
 
 
 class EstimateSection(msgspec.Struct, kw_only=True):
-    """Accuracy estimated without labels (confidence-based, from the calibration map in the
+    """Accuracy estimated without labels (from the accuracy estimate in the
     package's manifest; edgekit.calibration) over the interval's classifier predictions."""
 
     method: Text64 = "cbpe"
@@ -255,7 +255,7 @@ class MetricsPayload(Document, tag=Schema.METRICS.value):
     quality: QualitySection
     telemetry: TelemetrySection
     # Added within edgekit.metrics/1: absent from older agents and from packages without a
-    # calibration map; older hosts ignore it.
+    # an accuracy estimate; older hosts ignore it.
     estimate: EstimateSection | None = None
 
 

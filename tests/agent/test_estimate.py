@@ -1,7 +1,8 @@
 """The agent's label-free accuracy estimate, in process: a package the real converter
-calibrated, real onnxruntime; the interval's estimate is the mean calibrated probability of
-every row it answered. Packages without a map (older ones) or with a broken one serve as
-before, with no estimate. (Over MQTT, with a controller: tests/host/test_estimate_loop.py.)"""
+calibrated (the logistic model, or an ATC map as older packages carry), real onnxruntime; the
+interval's estimate is the mean estimated probability of every row it answered. Packages
+without an estimate (older ones) or with a broken one serve as before, with no estimate.
+(Over MQTT, with a controller: tests/host/test_estimate_loop.py.)"""
 
 from __future__ import annotations
 
@@ -20,20 +21,29 @@ from converters import ConvertOptions, convert
 from device_agent import Agent, load_config
 from device_agent._telemetry import prometheus_text
 from edgekit.artifact import open_package
-from edgekit.calibration import Calibration, confidences
+from edgekit.calibration import Calibration, Logistic, estimator_from_manifest
 from edgekit.data import Dataset
+
+
+def _calibrated(root: Path, models: Models, method: str) -> Path:
+    x, y = models.data
+    w, b = ridge_weights(x[:1200], y[:1200], 1.0)
+    (root / "ridge.onnx").write_bytes(onnx_classifier(w, b))
+    out = root / f"digits-{method}.edgepkg"
+    convert(root / "ridge.onnx", ConvertOptions(name="digits", version="1.0.0",
+                                                estimate_method=method), output=out,
+            eval_data=Dataset({"x": x[1200:]}, y[1200:], "digits eval"))
+    return out
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Path:
-    root = tmp_path_factory.mktemp("calibrated")
-    x, y = models.data
-    w, b = ridge_weights(x[:1200], y[:1200], 1.0)
-    (root / "ridge.onnx").write_bytes(onnx_classifier(w, b))
-    out = root / "digits.edgepkg"
-    convert(root / "ridge.onnx", ConvertOptions(name="digits", version="1.0.0"), output=out,
-            eval_data=Dataset({"x": x[1200:]}, y[1200:], "digits eval"))
-    return out
+    return _calibrated(tmp_path_factory.mktemp("calibrated"), models, "logistic")
+
+
+@pytest.fixture(scope="module")
+def atc_calibrated(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Path:
+    return _calibrated(tmp_path_factory.mktemp("atc"), models, "atc")
 
 
 def _agent(tmp_path: Path, package: Path) -> Agent:
@@ -42,19 +52,22 @@ def _agent(tmp_path: Path, package: Path) -> Agent:
         "model.package": str(package), "model.allow_unsigned": True}))
 
 
-def test_the_estimate_is_the_mean_calibrated_confidence(tmp_path: Path, models: Models,
-                                                         calibrated: Path) -> None:
+@pytest.mark.parametrize("kind", [Logistic, Calibration])
+def test_the_estimate_is_the_mean_estimated_probability(
+        tmp_path: Path, models: Models, calibrated: Path, atc_calibrated: Path,
+        kind: type) -> None:
     x, _ = models.data
     noisy = np.clip(x[:300] + np.random.default_rng(0).normal(0, 4, x[:300].shape), 0, 16)
-    agent = _agent(tmp_path, calibrated)
+    package = calibrated if kind is Logistic else atc_calibrated
+    agent = _agent(tmp_path, package)
     try:
         outputs = [agent.predict({"x": noisy[i:i + 30].astype(np.float32)}).outputs["probs"]
                    for i in range(0, 300, 30)]
         payload = agent.tick()
         metrics = to_builtins(payload)
-        calibration = Calibration.from_manifest(open_package(calibrated).manifest.metrics)
-        assert calibration is not None
-        expected = calibration.estimate(confidences(np.concatenate(outputs)))
+        estimator = estimator_from_manifest(open_package(package).manifest.metrics)
+        assert isinstance(estimator, kind)
+        expected = estimator.estimate_scores(np.concatenate(outputs))
         assert metrics["estimate"] == {"method": "cbpe", "accuracy": pytest.approx(expected),
                                        "count": 300}
         gauge = [line for line in prometheus_text(agent, payload).splitlines()

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from edgekit.artifact import open_package
+from edgekit.calibration import METHODS as ESTIMATE_METHODS
 from edgekit.errors import EdgekitError
 from edgekit.host.cli._app import cli, emit_json, progress_printer
 from edgekit.host.naming import Naming, registry_records, resolve_naming
@@ -29,10 +30,13 @@ from edgekit.signing import load_private_key
 @click.option("--eval", "eval_path", type=click.Path(exists=True, dir_okay=False),
               help=".npz with inputs and labels (y) for parity and accuracy.")
 @click.option("--estimate-data", "estimate_path", type=click.Path(exists=True, dir_okay=False),
-              help="Labelled .npz the accuracy-estimate map is fitted on (default: --eval);"
-                   " it should hold the variation the field will show.")
-@click.option("--estimate-method", type=click.Choice(["atc", "isotonic"]), default="atc",
-              show_default=True, help="How the accuracy-estimate map is fitted.")
+              help="Labelled .npz the accuracy estimate is fitted on (default: --eval); it"
+                   " should hold the variation the field will show, each sample's condition"
+                   " (clean, each drift) under the key group.")
+@click.option("--estimate-method", type=click.Choice(list(ESTIMATE_METHODS)),
+              default="logistic", show_default=True,
+              help="How the accuracy estimate is fitted: a logistic model of the output row,"
+                   " or a map of confidence (atc, isotonic).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="state_dict for a package.module:factory source.")
 @click.option("--input-shape", "input_shapes", multiple=True,

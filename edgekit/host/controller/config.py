@@ -248,8 +248,8 @@ class PolicySection:
     enabled: bool = _opt(False, "Run the maintenance policy (watch field quality, update the"
                          " model when it drops).")
     metric: str = _opt("accuracy", "Quality metric: accuracy, f1 (macro), or"
-                       " estimated_accuracy (estimated without labels from the calibrated"
-                       " confidence of every prediction; packages without a calibration map"
+                       " estimated_accuracy (estimated without labels from every prediction's"
+                       " output, by the accuracy estimate in the package; packages without one"
                        " report none).", choices=_POLICY_METRICS)
     threshold: float = _opt(0.0, "Breach when the fleet's metric is below this (0: off).",
                             ge=0.0, le=1.0)

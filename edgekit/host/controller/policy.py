@@ -7,7 +7,7 @@ for the model most of the fleet's online devices run:
 - labelled quality: accuracy and macro F1 of the devices' feedback windows, weighted by
   their label counts (a window counts only with ``min_labels`` labels, some of them new);
 - estimated accuracy (``metric = "estimated_accuracy"``): the devices' label-free estimates
-  (calibrated confidence, edgekit.calibration), weighted by their prediction counts (a
+  (edgekit.calibration), weighted by their prediction counts (a
   window counts only with ``min_estimated`` estimated predictions);
 - label-free signals: the mean confidence and the prediction distribution of the window's
   predictions, compared with a reference (``extra.baseline`` in the model's manifest, else

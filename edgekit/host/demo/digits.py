@@ -82,12 +82,13 @@ def drift_each(x: np.ndarray, angle: float, noise: float, seed: int) -> np.ndarr
 
 def estimate_set(x: np.ndarray, y: np.ndarray, seed: int = 1000,
                  strengths: tuple[tuple[float, float], ...] = ESTIMATE_STRENGTHS
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled data for the package's accuracy-estimate map: ``x`` clean plus one copy per
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled data for the package's accuracy estimate: ``x`` clean plus one copy per
     strength (angle, noise) of :func:`drift_each`, drawn with seeds from ``seed`` on (keep
-    them apart from the seeds that draw the data the estimate is judged on)."""
+    them apart from the seeds that draw the data the estimate is judged on); the images, the
+    labels and each image's group (0 for the clean copy, k for the k-th strength)."""
     xs = [x] + [drift_each(x, a, n, seed + k) for k, (a, n) in enumerate(strengths)]
-    return np.concatenate(xs), np.tile(y, len(xs))
+    return np.concatenate(xs), np.tile(y, len(xs)), np.repeat(np.arange(len(xs)), len(x))
 
 
 def torch_cnn() -> Any:

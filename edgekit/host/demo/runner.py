@@ -84,8 +84,9 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
                                   dynamic_shapes=({0: batch},))
     torch.export.save(program, pt2)
     data = write_npz_files(work / "data")
-    # The accuracy estimate's map learns how far confidence falls with accuracy from the
-    # evaluation split drifted as the field may be (its own seeds, not the traffic's).
+    # The accuracy estimate learns how the model's outputs change with its accuracy from the
+    # evaluation split drifted as the field may be (its own seeds, not the traffic's), each
+    # drift strength a group whose accuracy the estimate is held to.
     estimate = estimate_set(*split["eval"])
     clock.say("converting to ONNX, validating against PyTorch, signing")
     out = work / "digits-1.0.0.edgepkg"
@@ -94,7 +95,8 @@ def _train_and_package(work: Path, clock: _Clock, key_path: Path) -> Path:
                                       latency_runs=20),
                   output=out, calibration=data["calib"], eval_data=data["eval"],
                   estimate_data=Dataset({"x": estimate[0]}, estimate[1],
-                                        "digits evaluation split, clean and drifted"),
+                                        "digits evaluation split, clean and drifted",
+                                        estimate[2]),
                   sign_key=load_private_key(key_path))
     acc = res.report["accuracy"]["artifact"]["accuracy"]
     clock.say(f"packaged {MODEL} 1.0.0: accuracy {acc:.3f} on {res.report['accuracy']['samples']}"
