@@ -16,9 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import time
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,6 +29,7 @@ from edgekit.errors import ProtocolError, UsageError
 from edgekit.protocol import Document, ErrorCode, FeedbackMessage, PredictRequest, decode, encode
 
 from ._http_pool import PooledHTTPServer
+from ._http_request import FastHeadHandler
 from ._inputs import inputs_from_npy, inputs_from_npz, inputs_from_request
 from ._predict import Predictor
 from ._replies import prediction_reply
@@ -56,7 +58,7 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FastHeadHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "edgekit-agent"
@@ -67,7 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = 1 << 16  # headers and body leave in one write (flushed after each request)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # formatted only when it is written
+            log.debug("%s %s", self.address_string(), format % args)
 
     # ------------------------------------------------------------------ routing
 
@@ -82,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.deadlines.disarm(self.connection)  # the headers are in
-        path = urlsplit(self.path).path
+        path = _split_target(self.path)[0]
         if path == "/health":
             self._health()
         elif path == "/metrics":
@@ -94,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.server.deadlines.disarm(self.connection)  # the headers are in
-        path = urlsplit(self.path).path
+        path = _split_target(self.path)[0]
         if path not in ("/predict", "/feedback"):
             status = HTTPStatus.METHOD_NOT_ALLOWED if path in ("/health", "/metrics") else \
                 HTTPStatus.NOT_FOUND
@@ -123,8 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _predict(self, body: bytes) -> None:
         predictor = self.server.predictor
         model = predictor.model
-        query = parse_qs(urlsplit(self.path).query)
-        mode = query.get("outputs", ["lists"])[0]
+        query = _split_target(self.path)[1]
+        mode = parse_qs(query).get("outputs", ["lists"])[0] if query else "lists"
         kind = self._content_kind(body)
         if kind == "npy":
             if model is None:
@@ -139,14 +142,14 @@ class _Handler(BaseHTTPRequestHandler):
         if mode not in ("lists", "encoded", "none"):
             raise ProtocolError(f"outputs={mode!r}: use lists, encoded or none")
         prediction = predictor.predict(feeds, "http")
-        if "application/x-npz" in self.headers.get("Accept", ""):
+        if "application/x-npz" in self.fields.get("accept", ""):
             buf = io.BytesIO()
             np.savez(buf, **prediction.outputs)  # type: ignore[arg-type]
             self._send(HTTPStatus.OK, buf.getvalue(), "application/x-npz",
                        {"X-Prediction-Id": prediction.id,
                         "X-Model": f"{prediction.model.name} {prediction.model.version}"})
             return
-        reply = prediction_reply(prediction, self.headers.get("X-Request-Id", ""), mode)
+        reply = prediction_reply(prediction, self.fields.get("x-request-id", ""), mode)
         self._send(HTTPStatus.OK, encode(reply), "application/json")
 
     def _feedback(self, body: bytes) -> None:
@@ -175,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
                       require_schema=False)
 
     def _content_kind(self, body: bytes) -> str:
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        ctype = self.fields.get("content-type", "").split(";")[0].strip().lower()
         if ctype in ("application/x-npy", "application/npy") or (
                 ctype in ("", "application/octet-stream") and body.startswith(_NPY_MAGIC)):
             return "npy"
@@ -185,12 +188,12 @@ class _Handler(BaseHTTPRequestHandler):
         return "json"
 
     def _body(self) -> bytes | None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if "chunked" in self.fields.get("transfer-encoding", "").lower():
             self.close_connection = True
             self._error(ErrorCode.BAD_REQUEST, "chunked bodies are not accepted; send"
                         " Content-Length", HTTPStatus.LENGTH_REQUIRED)
             return None
-        raw = self.headers.get("Content-Length")
+        raw = self.fields.get("content-length")
         try:
             length = int(raw) if raw is not None else -1
         except ValueError:
@@ -219,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drain(self) -> None:
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(self.fields.get("content-length") or 0)
         except ValueError:
             length = 0
         if 0 < length <= self.server.cfg.max_body_bytes:
@@ -234,18 +237,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str,
               headers: dict[str, str] | None = None) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+        # The head as the stdlib's send_response and send_header write it, in one string.
+        self.log_request(status)
+        head = ""
+        if self.request_version != "HTTP/0.9":
+            head = (f"{self.protocol_version} {status.value} {status.phrase}\r\n"
+                    f"Server: {self.version_string()}\r\nDate: {_http_date()}\r\n"
+                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n")
             for key, value in (headers or {}).items():
-                self.send_header(key, value)
+                head += f"{key}: {value}\r\n"
             if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
+                head += "Connection: close\r\n"
+            head += "\r\n"
+        try:
+            self.wfile.write(head.encode("latin-1", "strict") + body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """The path and the query of a request target; ``urlsplit`` only where the target is
+    more than ``/path?query`` (an absolute URL, a fragment)."""
+    if target.startswith("/") and "#" not in target:
+        path, _, query = target.partition("?")
+        return path, query
+    parts = urlsplit(target)
+    return parts.path, parts.query
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date field's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
 
 
 class HttpApi:

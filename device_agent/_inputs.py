@@ -56,8 +56,9 @@ class InputValidator:
         """A function that checks the feeds (as :meth:`check`) and gives the checked feeds
         to ``run``, returning both the checked feeds and ``run``'s result: the request
         path's one call per request. For a model with one plain input (the common case)
-        the check is specialised to it: a handful of comparisons and the finite check. Both
-        accept and refuse the same feeds.
+        the check is specialised to it: the dtype, a lookup of the shape among those that
+        passed the full check before, and the finite check. Both accept and refuse the
+        same feeds.
 
         The function raises: InputError: as :meth:`check`; and whatever ``run`` raises.
         """
@@ -68,23 +69,30 @@ class InputValidator:
                 return checked, run(checked)
 
             return check_run
-        name, dtype, ndim, tail, is_float = self._fast[0]
-        max_batch = self.max_batch
-        zeros = _zeros_of(dtype)  # by size: the finite check's dot product, inlined below
+        name, dtype, _ndim, _tail, is_float = self._fast[0]
+        # The shapes that passed the full check (a shape passes or not whatever the values):
+        # one dict lookup stands for the rank, fixed-dimension and batch-size checks. Each
+        # maps to the zeros the finite check dots with (a view of one buffer), or None for
+        # an array too large for the dot (or not float: no finite check). At most
+        # ``max_batch`` shapes, one per batch size.
+        passed: dict[tuple[int, ...], np.ndarray | None] = {}
+        zeros = np.zeros(_DOT_MAX, dtype) if is_float else None
+
+        def learn(checked: dict[str, np.ndarray]) -> None:
+            arr = checked[name]
+            size = arr.size
+            passed[arr.shape] = zeros[:size] if zeros is not None and size <= _DOT_MAX else None
 
         def check_one_run(feeds: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], R]:
             if type(feeds) is dict and len(feeds) == 1:
                 arr = feeds.get(name)
-                if (arr.__class__ is np.ndarray and arr.dtype == dtype
-                        and arr.shape[1:] == tail and arr.ndim == ndim
-                        and 0 < arr.shape[0] <= max_batch):
-                    if not is_float:
-                        return feeds, run(feeds)  # type: ignore[arg-type]
-                    z = zeros.get(arr.size)
-                    if (_finite_scalar(_vdot(arr, z)) if z is not None
-                            else all_finite(arr)):
+                if arr.__class__ is np.ndarray and arr.dtype == dtype:
+                    z = passed.get(arr.shape, _UNSEEN)
+                    if z is not _UNSEEN and (_finite_scalar(_vdot(arr, z)) if z is not None
+                                             else not is_float or all_finite(arr)):
                         return feeds, run(feeds)  # type: ignore[arg-type]
             checked = full(feeds)
+            learn(checked)
             return checked, run(checked)
 
         return check_one_run
@@ -164,7 +172,7 @@ class InputValidator:
                 problems.append(f"input '{name}' holds {arr.shape[0]} rows, more than the limit"
                                 f" of {self.max_batch} per request")
                 ok = False
-        if ok and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if ok and arr.dtype.kind == "f" and not all_finite(arr):
             problems.append(f"input '{name}' holds NaN or infinite values")
             ok = False
         return ok
@@ -172,8 +180,11 @@ class InputValidator:
 
 _isfinite = np.isfinite
 _all = np.logical_and.reduce
-_vdot = np.vdot
+# np.vdot's C function without the ``__array_function__`` dispatch before it (a fifth of
+# the call on a small array); the arrays here are always plain ndarrays.
+_vdot = getattr(np.vdot, "_implementation", np.vdot)
 _finite_scalar = math.isfinite
+_UNSEEN = np.empty(0)  # a shape not in ``passed`` (None there means: no dot product)
 # Arrays up to this many elements are checked with one dot product against zeros.
 _DOT_MAX = 2048
 # Zeros per dtype and size: a model's shape checks pass at most ``max_batch`` sizes.

@@ -8,6 +8,7 @@ proves the runtime gives the outputs the converter recorded and warms the sessio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,13 +209,35 @@ class Prediction:
         if self.model.num_classes is None:
             return None
         if self._confidence is None:
-            self._confidence = probabilities(self._scores()).max(axis=1)
+            self._confidence = confidence(self._scores())
         return self._confidence
 
     @property
     def labels(self) -> list[str] | None:
         classes = self.classes
         return None if classes is None else [self.model.label_name(int(c)) for c in classes]
+
+
+# Up to this many scores, :func:`confidence` works on Python floats: a reply to a small
+# request would otherwise spend more on a dozen numpy calls than on the model.
+_SMALL_SCORES = 64
+
+
+def confidence(scores: np.ndarray) -> np.ndarray:
+    """``probabilities(scores).max(axis=1)`` (float64): the largest probability of each row,
+    for a softmax row ``1 / sum(exp(row - max(row)))``."""
+    if scores.size > _SMALL_SCORES:
+        return probabilities(scores).max(axis=1)
+    out = []
+    for row in scores.tolist():
+        top, total = max(row), sum(row)
+        if not math.isfinite(total):  # NaN or infinity: numpy's rules, not max()'s
+            return probabilities(scores).max(axis=1)
+        if min(row) >= 0 and abs(total - 1.0) < 1e-3:
+            out.append(top)
+        else:
+            out.append(1.0 / sum([math.exp(v - top) for v in row]))
+    return np.asarray(out, dtype=np.float64)
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from ._model import LoadedModel, Prediction
 from ._probation import AnsweredByPrevious
 from ._quality import PredictionLog, QualityWindow, SampleGate
 from ._slot import ModelSlot
-from ._stats import RequestStats
+from ._stats import FOLD_AT, RequestStats
 from .config import DeviceSection
 from .errors import RequestError
 
@@ -67,6 +67,12 @@ LabelListener = Callable[[str, list[int]], None]
 class Predictor:
     """Predictions and feedback of one agent; see the module docstring."""
 
+    # Slots: the request path reads a dozen of these after the model ran, when the
+    # runtime has pushed most else out of the CPU's caches.
+    __slots__ = ("_id_prefix", "_ids", "_log_ring", "_log_size", "_pending", "device", "events",
+                 "label_listeners", "observers", "predictions", "samples", "slot", "stats",
+                 "window")
+
     def __init__(self, slot: ModelSlot, stats: RequestStats, predictions: PredictionLog,
                  window: QualityWindow, samples: SampleGate, events: EventSink,
                  device: DeviceSection) -> None:
@@ -83,6 +89,11 @@ class Predictor:
         self.label_listeners: list[LabelListener] = []
         self._ids = itertools.count(1)
         self._id_prefix = predictions.prefix
+        # The prediction log's ring and the statistics' pending deque, written inline by
+        # :meth:`predict` (PredictionLog.add and RequestStats.record without their calls).
+        self._log_ring = predictions.ring
+        self._log_size = predictions.capacity
+        self._pending = stats.pending
 
     @property
     def model(self) -> LoadedModel | None:
@@ -152,8 +163,11 @@ class Predictor:
                 self.predictions.add(seq, model.sha256, scores,
                                      {k: v.copy() for k, v in feeds.items()})
             else:
-                self.predictions.add(seq, model.sha256, scores, None)
-        self.stats.record(channel, latency, scores)
+                self._log_ring[seq % self._log_size] = (seq, model.sha256, scores, None)
+        pending = self._pending
+        pending.append((channel, latency, scores))
+        if len(pending) >= FOLD_AT:
+            self.stats.fold()
         observers = self.observers
         if observers:
             served = Served(model, feeds, outputs, latency, None, self._id_prefix + str(seq))

@@ -51,14 +51,15 @@ class PredictionLog:
 
     A prediction id is this log's random prefix and a sequence number; the number names the
     ring slot, and the slot's entry must carry the same number (else it was overwritten).
-    :meth:`add` is one list store of an immutable tuple, atomic without a lock; claims take
-    the lock.
+    :meth:`add` is one list store of an immutable tuple, atomic without a lock (``ring``:
+    the agent's request path makes the same store inline); claims take the lock.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.prefix = secrets.token_hex(4) + "-"
-        self._ring: list[_Entry | None] = [None] * capacity
+        # Slot ``seq % capacity`` holds (seq, model sha256, scores, inputs or None).
+        self.ring: list[_Entry | None] = [None] * capacity
         self._labelled = [0] * capacity  # the sequence number labelled in each slot
         self._lock = threading.Lock()
 
@@ -66,7 +67,7 @@ class PredictionLog:
             inputs: dict[str, np.ndarray] | None) -> None:
         """Remember prediction ``seq`` (its id is :meth:`id_of`); ``scores`` is kept by
         reference (the caller does not change it)."""
-        self._ring[seq % self.capacity] = (seq, model_sha256, scores, inputs)
+        self.ring[seq % self.capacity] = (seq, model_sha256, scores, inputs)
 
     def id_of(self, seq: int) -> str:
         return self.prefix + str(seq)
@@ -86,7 +87,7 @@ class PredictionLog:
         """
         seq = self._seq(prediction_id)
         with self._lock:
-            entry = self._ring[seq % self.capacity] if seq is not None else None
+            entry = self.ring[seq % self.capacity] if seq is not None else None
             if entry is None or entry[0] != seq:
                 raise RequestError(
                     ErrorCode.UNKNOWN_PREDICTION,

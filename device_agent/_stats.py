@@ -1,7 +1,8 @@
 """Request counters and per-interval buffers, kept cheap on the request path.
 
 A request appends one tuple (channel, latency, primary output) to a pending deque, without
-a lock (a deque's append and popleft are atomic); nothing else. The pending requests are
+a lock (a deque's append and popleft are atomic); nothing else. :meth:`RequestStats.record`
+does that; the agent's request path does the same inline (``pending`` and ``FOLD_AT``). The pending requests are
 folded into the counters, the latency histogram and the interval's (reservoir-sampled)
 buffers in bulk, under the lock: when they reach a fixed number, and whenever the numbers
 are read (a telemetry tick, a /metrics scrape). The telemetry thread does the numpy work on
@@ -19,7 +20,7 @@ import numpy as np
 
 from edgekit.protocol import LatencySection
 
-__all__ = ["LATENCY_BUCKETS_S", "Interval", "LatencyHistogram", "RequestStats"]
+__all__ = ["FOLD_AT", "LATENCY_BUCKETS_S", "Interval", "LatencyHistogram", "RequestStats"]
 
 # Upper bounds (seconds) of the cumulative latency histogram /metrics exposes: from the
 # 10 us of a tiny model to seconds on a loaded Pi.
@@ -30,7 +31,7 @@ LATENCY_BUCKETS_S = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
 # memory of a busy interval stays bounded; counts stay exact.
 _MAX_SAMPLES = 20000
 # Requests recorded before a fold; bounds the pending deque's memory between reads.
-_FOLD_AT = 2048
+FOLD_AT = 2048
 _BOUNDS = np.asarray(LATENCY_BUCKETS_S)
 
 
@@ -84,7 +85,8 @@ class RequestStats:
         self._latency_sum_s = 0.0
         self._interval = Interval(time.time(), 0.0)
         # Appended to by requests without the lock; only a fold (lock held) takes from it.
-        self._pending: deque[tuple[str, float, np.ndarray | None]] = deque()
+        # A writer that appends directly calls :meth:`fold` once it holds ``FOLD_AT``.
+        self.pending: deque[tuple[str, float, np.ndarray | None]] = deque()
         self._rng = np.random.default_rng()
 
     @property
@@ -97,17 +99,21 @@ class RequestStats:
     def record(self, channel: str, latency_s: float, primary: np.ndarray | None) -> None:
         """Count one answered request; ``primary`` (a classifier's scores) is kept by
         reference for the interval's prediction histogram: the caller does not change it."""
-        pending = self._pending
+        pending = self.pending
         pending.append((channel, latency_s, primary))
-        if len(pending) >= _FOLD_AT:
-            with self._lock:
-                self._fold()
+        if len(pending) >= FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the pending requests into the counters now."""
+        with self._lock:
+            self._fold()
 
     def _fold(self) -> None:
         """Move the pending requests into the counters and the interval (lock held)."""
         # Only the requests there now: one appended meanwhile waits for the next fold.
-        take = self._pending.popleft
-        pending = [take() for _ in range(len(self._pending))]
+        take = self.pending.popleft
+        pending = [take() for _ in range(len(self.pending))]
         if not pending:
             return
         channels, latencies, primaries = zip(*pending, strict=True)

@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import re
+import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -164,3 +165,53 @@ def test_feedback_over_http_and_prometheus_metrics(served: Agent, models: Models
     served.tick()
     _, _, again = call(served, "GET", "/metrics")
     assert f"edgekit_agent_request_latency_seconds_count {count}" in again.decode()
+
+
+def raw_exchange(agent: Agent, request: bytes, replies: int = 1) -> bytes:
+    """Send ``request`` as bytes on a fresh connection; read until ``replies`` replies have
+    arrived or the server closes."""
+    host, port = agent.http_address.rsplit(":", 1)  # type: ignore[union-attr]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while data.count(b"HTTP/1.") < replies or not data.endswith((b"}", b"\r\n\r\n")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_request_heads_are_read_as_the_stdlib_reads_them(served: Agent, models: Models) -> None:
+    body = encode({"inputs": {"x": models.data[0][:1].tolist()}, "outputs": "none"})
+    head = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-TYPE: application/json\r\n"
+            b"CONTENT-LENGTH: " + str(len(body)).encode() + b"\r\n")
+    # Names in any case, the first of a repeated field, a folded line, a line that is no
+    # field (skipped).
+    got = raw_exchange(served, head + b"X-Request-Id: first\r\n  part\r\nx-request-id: second"
+                       b"\r\nnot a field\r\nConnection: close\r\n\r\n" + body)
+    status, _, reply = got.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close" in status
+    assert json.loads(reply)["request_id"] == "first part"
+    assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT\r\n", status)
+    # Expect: 100-continue gets the interim reply before the answer.
+    got = raw_exchange(served, head + b"Expect: 100-continue\r\nConnection: close\r\n\r\n" + body,
+                       replies=2)
+    assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    # HTTP/1.0 closes after the reply unless it asks to keep the connection.
+    got = raw_exchange(served, head.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n" + body)
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in got
+    # A request line it cannot read gets the stdlib's error page (without a status line,
+    # as the stdlib answers before it knows the version); too many or too long fields a 431.
+    for request, start in (
+            (b"POST /predict HTTP/x.1\r\n\r\n", b"<!DOCTYPE HTML>"),
+            (b"POST /predict HTTP/2.0\r\n\r\n", b"<!DOCTYPE HTML>"),
+            (b"POST /predict\r\n\r\n", b"<!DOCTYPE HTML>"),  # HTTP/0.9 takes GET only
+            (head + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+             b"HTTP/1.1 431 "),
+            (head + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n", b"HTTP/1.1 431 ")):
+        assert raw_exchange(served, request).startswith(start), request[:60]
+    for request, code in ((b"POST /predict HTTP/x.1\r\n\r\n", b"400"),
+                          (b"POST /predict HTTP/2.0\r\n\r\n", b"505")):
+        assert b"Error code: " + code in raw_exchange(served, request)
+    assert call(served, "GET", "/health")[0] == 200  # and the server goes on

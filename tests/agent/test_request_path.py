@@ -14,6 +14,7 @@ from _agent_support import Models
 
 from device_agent import Agent, Served, load_config
 from device_agent._inputs import InputValidator, all_finite
+from device_agent._model import confidence, probabilities
 from device_agent._quality import PredictionLog, SampleGate
 from device_agent._stats import LATENCY_BUCKETS_S, RequestStats
 from device_agent.errors import RequestError
@@ -98,6 +99,29 @@ def test_specialised_check_accepts_and_refuses_as_the_full_check() -> None:
     assert len(ran) == runs  # refused feeds never reach the model
     cast, _ = answer({"x": np.zeros((2, 64), np.float64)})  # the full check casts
     assert cast["x"].dtype == np.float32 and ran[-1] is cast
+    for _ in range(2):  # a refused shape is never taken for a checked one
+        for shape in ((2, 63), (2, 64, 1), (0, 64)):
+            with pytest.raises(InputError):
+                answer({"x": np.zeros(shape, np.float32)})
+    assert len(ran) == runs + 1
+
+
+@pytest.mark.parametrize("rows", [1, 6, 7])  # 7 x 10 scores take numpy's path
+def test_confidence_is_the_largest_probability(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    logits = rng.normal(size=(rows, 10)).astype(np.float32) * 5
+    probs = probabilities(rng.random((rows, 10))).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    mixed = np.concatenate([logits[: rows // 2], probs[rows // 2:]])
+    for scores in (logits, probs, mixed, -np.abs(logits)):
+        assert np.allclose(confidence(scores), probabilities(scores).max(axis=1),
+                           rtol=1e-12, atol=0)
+    with np.errstate(invalid="ignore"):
+        for value in (np.nan, np.inf):
+            bad = logits.copy()
+            bad[0, 3] = value
+            assert np.array_equal(confidence(bad), probabilities(bad).max(axis=1),
+                                  equal_nan=True)
 
 
 def test_check_of_several_inputs_runs_the_full_check() -> None:
