@@ -92,7 +92,8 @@ def test_estimate_bench_quick(tmp_path: Path) -> None:
 def test_text_bench_quick(tmp_path: Path) -> None:
     out = _run("text_bench.py", tmp_path=tmp_path)
     assert "## MiniLM intents (2 layers" in out
-    for variant in ("PyTorch eager fp32", "ONNX fp32", "ONNX int8 optimized", "student int8"):
+    for variant in ("PyTorch eager fp32", "ONNX fp32", "ONNX fp32 fused", "ONNX int8 optimized",
+                    "student int8"):
         assert any(line.startswith(variant) for line in out.splitlines()), variant
     assert "head retrain (+2 intents): package" in out
     assert "'Attention': 2" in out

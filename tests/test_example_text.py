@@ -2,8 +2,9 @@
 
 The pipeline test runs ``python -m examples.text.run`` as a user would, shrunk (a one-layer
 teacher, few sentences), with a real mosquitto broker and two real agents. The quality test
-converts the full six-layer MiniLM encoder with the example's recipe and checks every
-held-out sentence's embedding against PyTorch's. The fallback test forces the float
+converts the full six-layer MiniLM encoder with the example's recipe (fusion, CPU rewrites,
+outlier split, float fallback) and checks every held-out sentence's embedding against
+PyTorch's. The fallback test forces the float
 fallback with a floor the plain int8 graph misses.
 """
 
@@ -92,6 +93,10 @@ def test_int8_minilm_keeps_every_held_out_sentence_at_cosine_099(tmp_path: Path)
     assert recipe["transformer_fusion"]["fused_ops"]["Attention"] == 6
     assert recipe["transformer_fusion"]["num_heads"] == 12
     assert recipe["float_fallback"]["final"]["min_cosine"] >= 0.992
+    rewrites = recipe["transformer_fusion"]["cpu_rewrites"]
+    assert rewrites["attention_masks_set"] == 6 and rewrites["skip_layer_norms_unfused"] == 12
+    # MiniLM's feed-forward inputs carry outlier channels (hidden channel 99 above all).
+    assert recipe["outlier_split"]["channels"]
     assert _cosines(path, encoder, held_out).min() >= 0.99
 
 
@@ -112,7 +117,10 @@ def test_float_fallback_keeps_costly_nodes_in_float(tmp_path: Path) -> None:
     record = recipe["float_fallback"]
     assert record["plain"]["min_cosine"] < floor
     assert record["met"] and record["kept_in_float"], record["outcome"]
-    assert recipe["nodes_in_float"] == record["kept_in_float"]
+    # The outlier split's float products are in float in every probe; the fallback adds its own.
+    split = (recipe["outlier_split"] or {}).get("float_nodes", [])
+    assert recipe["nodes_in_float"] == [*split, *record["kept_in_float"]]
     assert record["final"]["min_cosine"] >= floor
-    assert len(record["probes"]) == sum(len(v) for v in recipe["quantizable_nodes"].values())
+    quantizable = sum(len(v) for v in recipe["quantizable_nodes"].values())
+    assert len(record["probes"]) == quantizable - len(split)
     assert _cosines(path, encoder, calib).min() >= floor - 1e-6

@@ -6,7 +6,8 @@ the pairs into the int8 kernels its CPU has.
 
 BERT-like transformers are first fused by onnxruntime's transformer optimizer (attention,
 embedding and skip layer normalization, bias + GELU), so the quantizer sees one ``Attention``
-node per layer and writes its int8 kernel (``QAttention``). :func:`float_fallback` then
+node per layer and writes its int8 kernel (``QAttention``); two rewrites of the fused graph
+(:mod:`._onnx_transformer`) keep its CPU kernels off slow paths. :func:`float_fallback` then
 keeps in float the nodes whose int8 version costs output cosine, until every calibration
 sample's output agrees with the float model to the asked cosine.
 """
@@ -89,10 +90,13 @@ def transformer_shape(module: Any) -> TransformerShape | None:
     return None
 
 
-def fuse_transformer(model: bytes, shape: TransformerShape) -> tuple[bytes, dict[str, int]]:
+def fuse_transformer(model: bytes, shape: TransformerShape
+                     ) -> tuple[bytes, dict[str, int], dict[str, Any]]:
     """Fuse attention, embedding / skip layer normalization and bias + GELU with
-    onnxruntime's transformer optimizer (model type ``bert``); return the model and the
-    count of each fused operator.
+    onnxruntime's transformer optimizer (model type ``bert``), then apply the CPU rewrites
+    of :mod:`._onnx_transformer` (attention mask filter, skip layer normalization written
+    back as add + layer normalization); return the model, the count of each fused operator
+    and the rewrites' record.
 
     Only the optimizer's own fusions run (``opt_level=0``): onnxruntime's graph
     optimizations are applied at load on each device, for its CPU.
@@ -102,6 +106,8 @@ def fuse_transformer(model: bytes, shape: TransformerShape) -> tuple[bytes, dict
     """
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from ._onnx_transformer import cpu_rewrites
 
     try:
         with _no_stdout():
@@ -114,7 +120,8 @@ def fuse_transformer(model: bytes, shape: TransformerShape) -> tuple[bytes, dict
                               hint="convert with --exporter torchscript, whose graph the"
                                    " optimizer's patterns match") from exc
     fused = {str(op): int(n) for op, n in stats.items() if n}
-    return bytes(optimized.model.SerializeToString()), fused
+    rewrites = cpu_rewrites(optimized.model)
+    return bytes(optimized.model.SerializeToString()), fused, rewrites
 
 
 def sample_cosines(reference: bytes, model: bytes, data: Dataset) -> np.ndarray:

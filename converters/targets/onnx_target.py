@@ -145,13 +145,18 @@ class OnnxTarget(TargetBackend):
                 "reason": "float16 graphs are left to each device's onnxruntime, whose CPU"
                           " kernels for float16 differ"}
             return Q.quantize_fp16(model)
+        fixed: list[str] = []
         if mode in ("dynamic", "int8"):
             model = _prepare_int8(model, source, opts, recipe, notes, progress)
+            if mode == "dynamic":
+                model, fixed = _split_outliers(model, opts, calibration, recipe, progress)
+            Q.check_nodes_to_exclude(model, opts.nodes_to_exclude)
+            recipe["quantizable_nodes"] = Q.quantizable_nodes(model)
         if mode == "dynamic":
             progress("quantizing weights to int8 (dynamic)")
             model = _with_fallback(model, lambda kept: Q.quantize_dynamic_int8(
                 model, per_channel=opts.per_channel, nodes_to_exclude=kept),
-                opts, calibration, recipe, notes, progress)
+                opts, calibration, recipe, notes, progress, fixed=fixed)
         elif mode == "int8":
             assert calibration is not None
             progress(f"calibrating ({opts.calibration_method}) and quantizing to int8 (QDQ)")
@@ -183,21 +188,21 @@ class OnnxTarget(TargetBackend):
 def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
                   recipe: dict[str, Any], notes: list[str], progress: Progress) -> bytes:
     """Fuse a BERT-like transformer (heads and hidden size from its config), then run the
-    quantization pre-processing; record both and the nodes that can be kept in float.
+    quantization pre-processing; record both.
 
     Raises:
         ConversionError: the transformer optimizer failed.
-        UsageError: ``nodes_to_exclude`` names nodes the graph does not have.
     """
     shape = Q.transformer_shape(getattr(source, "module", None))
     recipe["transformer_fusion"] = None
     if shape is not None:
         progress(f"fusing the transformer ({shape.num_heads} heads, hidden {shape.hidden_size})")
-        model, fused = Q.fuse_transformer(model, shape)
+        model, fused, rewrites = Q.fuse_transformer(model, shape)
         recipe["transformer_fusion"] = {"optimizer": "onnxruntime.transformers (bert)",
                                         "config_model_type": shape.model_type,
                                         "num_heads": shape.num_heads,
-                                        "hidden_size": shape.hidden_size, "fused_ops": fused}
+                                        "hidden_size": shape.hidden_size, "fused_ops": fused,
+                                        "cpu_rewrites": rewrites}
         if not fused:
             notes.append("the transformer optimizer fused nothing in this export (try"
                          " --exporter torchscript)")
@@ -206,22 +211,42 @@ def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
     recipe["preprocess"] = {"outcome": pre.outcome, "detail": pre.detail}
     if pre.outcome != "full":
         notes.append(f"quantization pre-processing: {pre.outcome} ({pre.detail})")
-    Q.check_nodes_to_exclude(pre.model, opts.nodes_to_exclude)
-    recipe["quantizable_nodes"] = Q.quantizable_nodes(pre.model)
     return pre.model
+
+
+def _split_outliers(model: bytes, opts: ConvertOptions, calibration: Dataset | None,
+                    recipe: dict[str, Any], progress: Progress) -> tuple[bytes, list[str]]:
+    """For a fused transformer with calibration data, move the outlier input channels of
+    its matrix products to float products (:mod:`._onnx_outliers`); return the model and
+    the float products' names, which every quantization of it keeps in float."""
+    from ._onnx_outliers import split_outlier_channels
+
+    recipe["outlier_split"] = None
+    if recipe.get("transformer_fusion") is None or calibration is None:
+        return model, []
+    if opts.outlier_channels == 0:
+        return model, []
+    progress(f"splitting outlier input channels (up to {opts.outlier_channels} per product)")
+    # Every product is split, also those the user keeps in float: the split depends on the
+    # graph and the calibration data alone, so a conversion that repeats a package's
+    # nodes_in_float (a head-only update) finds the same float products.
+    split = split_outlier_channels(model, calibration, most=opts.outlier_channels)
+    recipe["outlier_split"] = split.record(opts.outlier_channels)
+    return split.model, split.float_nodes
 
 
 def _with_fallback(model: bytes, quantize: Callable[[list[str]], bytes], opts: ConvertOptions,
                    calibration: Dataset | None, recipe: dict[str, Any], notes: list[str],
-                   progress: Progress) -> bytes:
+                   progress: Progress, fixed: list[str] | None = None) -> bytes:
     """``quantize(nodes_in_float)``, with the float fallback when ``opts`` asks for one and
     calibration data are there to measure it; the record goes to ``recipe["float_fallback"]``
-    and the nodes kept in float to ``recipe["nodes_in_float"]``.
+    and the nodes kept in float (``fixed`` ones, the user's and the fallback's) to
+    ``recipe["nodes_in_float"]``.
 
     Raises:
         ConversionError: the quantizer failed.
     """
-    user = list(opts.nodes_to_exclude)
+    user = list(dict.fromkeys([*(fixed or []), *opts.nodes_to_exclude]))
     recipe["nodes_in_float"] = user
     if opts.float_fallback_cosine is None:
         return quantize(user)
