@@ -32,6 +32,7 @@ from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
 from edgekit.protocol import EventLevel
 from edgekit.protocol.ota import (
+    DEFAULT_CHUNK_BYTES,
     DesiredDocument,
     UpdateReason,
     UpdateStep,
@@ -70,8 +71,8 @@ class OtaSettings:
     """The ``[ota]`` configuration section, as the updater uses it."""
 
     enabled: bool = True
-    chunk_bytes: int = 256 * 1024
-    window: int = 8
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    window: int = 4
     request_timeout_s: float = 10.0
     stall_timeout_s: float = 300.0
     max_artifact_bytes: int = 1024**3
