@@ -2,14 +2,19 @@
 
 In one run, on one machine, against one mosquitto:
 
-1. Raw broker throughput: a paho publisher and a paho subscriber move the same bytes the
-   fleet will download (agents x artifact size), in messages of the chunk size, QoS 1.
-2. N agent processes start on model v1 (each with its own model folder and HTTP API); a
+1. N agent processes start on model v1 (each with its own model folder and HTTP API); a
    client per agent sends requests over HTTP the whole time.
+2. Raw broker throughput, right before the deploy, under that load: a paho publisher and a
+   paho subscriber (in this process, beside the artifact server) move the same bytes the
+   fleet will download (agents x artifact size), in messages of the chunk size the agents
+   ask for (``DEFAULT_CHUNK_BYTES``), QoS 1. The same figure measured before the agents
+   start is printed too: the machine's load from other work swings it, which is why the
+   ratio uses the one next to the download.
 3. A fleet-wide deploy of v2 (a 20 MB package) is published; an in-process artifact server
    serves it in chunks. Measured: the time until every agent reports ``succeeded``, the
    download phase (deploy to the last agent's 100 %), chunk throughput (bytes the server sent
-   / download phase) and its ratio to the raw throughput, and the requests that failed
+   / download phase) and its ratio to the raw throughput, the CPU time each agent process
+   spent from the deploy to its own 100 % (median; Linux), and the requests that failed
    during the swap (must be 0).
 
     .venv/bin/python benchmarks/ota_bench.py [--agents 20] [--size-mb 20] [--json out.json]
@@ -47,11 +52,12 @@ from edgekit.host.ota.deploy import Deployer, desired_for_package
 from edgekit.host.ota.server import ArtifactServer
 from edgekit.manifest import Manifest, TensorSpec
 from edgekit.protocol import Kind, subscription
+from edgekit.protocol.ota import DEFAULT_CHUNK_BYTES
 from edgekit.protocol.ota.desired import Probation
 from edgekit.signing import generate_keypair, load_private_key
 
 REPO = Path(__file__).resolve().parents[1]
-CHUNK = 256 * 1024
+CHUNK = DEFAULT_CHUNK_BYTES  # the raw baseline moves messages of the size the agents ask for
 
 
 # --------------------------------------------------------------------------- setup
@@ -161,6 +167,15 @@ def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
             "mb_per_s": got["bytes"] / seconds / 1e6}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------------- agents
 
 
@@ -243,12 +258,13 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
         v1 = build_package(work / "bench-1.edgepkg", "1.0.0", 0.05, 1, key)
         v2 = build_package(work / "bench-2.edgepkg", "2.0.0", size_mb, 2, key)
         size = v2.stat().st_size
-        raw = raw_throughput(port, size * agents_n, CHUNK)
+        raw_quiet = raw_throughput(port, size * agents_n, CHUNK)
         procs = start_agents(agents_n, port, work, v1, keys.public_path, operator.public_path)
         wait_healthy(procs, 300)
         clients = [LoadClient(f"http://127.0.0.1:{p}/predict", stop) for _, p in procs]
         for c in clients:
             c.start()
+        raw = raw_throughput(port, size * agents_n, CHUNK)
         host = HostClient(f"mqtt://127.0.0.1:{port}").connect()
         server = ArtifactServer(host, fleets=["bench"])
         info = server.serve(v2)
@@ -258,6 +274,8 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             requests=20, seconds=probation_s, max_error_rate=0.0, max_nonfinite_rate=0.0,
             max_latency_ms=None))
         downloaded: dict[str, float] = {}
+        pids = {f"dev-{i:02d}": proc.pid for i, (proc, _) in enumerate(procs)}
+        cpu: dict[str, tuple[float | None, float | None]] = {}
 
         def on_event(msg: mqtt.MQTTMessage) -> None:
             try:
@@ -266,12 +284,17 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
                 return
             data = payload.get("data") or {}
             progress = data.get("progress") or {}
-            if data.get("deployment") == doc["deployment"] and progress.get("percent") == 100.0:
-                downloaded.setdefault(payload.get("device", "?"), time.perf_counter())
+            device = payload.get("device", "?")
+            if data.get("deployment") == doc["deployment"] and progress.get("percent") == 100.0 \
+                    and device not in downloaded:
+                downloaded[device] = time.perf_counter()
+                if device in cpu:
+                    cpu[device] = (cpu[device][0], cpu_seconds(pids[device]))
 
         host.subscribe(subscription("bench", "+", Kind.EVENTS), on_event)
         deployer = Deployer(host, "bench", doc, load_private_key(operator.private_path))
         deployer.discover()
+        cpu.update({device: (cpu_seconds(pid), None) for device, pid in pids.items()})
         t0 = time.perf_counter()
         deployer.publish()
         result = deployer.wait(900)
@@ -283,6 +306,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
         download_s = (max(downloaded.values()) - t0) if downloaded else float("nan")
         chunk_bytes = server.stats.bytes - served_before
         chunk_mb_s = chunk_bytes / download_s / 1e6
+        spent = sorted(b - a for a, b in cpu.values() if a is not None and b is not None)
         host.close()
         return {
             "agents": agents_n,
@@ -293,8 +317,11 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             "download_phase_s": round(download_s, 2),
             "chunk_bytes_served": chunk_bytes,
             "chunk_mb_per_s": round(chunk_mb_s, 2),
+            "chunk_bytes": CHUNK,
             "raw_broker_mb_per_s": round(raw["mb_per_s"], 2),
             "chunk_to_raw_ratio": round(chunk_mb_s / raw["mb_per_s"], 3),
+            "raw_broker_before_agents_mb_per_s": round(raw_quiet["mb_per_s"], 2),
+            "agent_cpu_s_to_downloaded": round(spent[len(spent) // 2], 3) if spent else None,
             "requests_ok": sum(c.ok for c in clients),
             "requests_failed": sum(c.failed for c in clients),
             "failure_samples": [e for c in clients for e in c.errors][:5],
@@ -330,9 +357,13 @@ def main() -> None:
         ("agents succeeded", f"{out['succeeded']} / {out['agents']}"),
         ("time to all succeeded (s)", out["time_to_all_succeeded_s"]),
         ("download phase (s)", out["download_phase_s"]),
+        ("chunk size (KiB)", out["chunk_bytes"] // 1024),
         ("chunk throughput (MB/s)", out["chunk_mb_per_s"]),
         ("raw broker throughput (MB/s)", out["raw_broker_mb_per_s"]),
         ("chunk / raw ratio", out["chunk_to_raw_ratio"]),
+        ("raw broker before the agents started (MB/s)",
+         out["raw_broker_before_agents_mb_per_s"]),
+        ("agent CPU s to its 100 % (median)", out["agent_cpu_s_to_downloaded"]),
         ("requests answered during the run", out["requests_ok"]),
         ("requests failed during the run", out["requests_failed"]),
     ]

@@ -47,6 +47,7 @@ StatusBuilder = Callable[[int, DeviceState, str | None], bytes]
 SESSION_COUNTER = "mqtt.session"
 _SEND_WINDOW = 20  # messages in flight from the queue (paho's default in-flight limit)
 _ACK_TIMEOUT_S = 60.0  # a queued message unacknowledged this long on a live link is resent
+_MATCH_CACHE = 256  # topics whose matching filters are remembered (paho builds a matcher per test)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class MqttLink:
         self.status_topic = status_topic
         self._build_status = build_status
         self._routes: dict[str, _Route] = {}
+        self._matches: dict[str, list[tuple[str, _Route]]] = {}  # topic -> its routes
         self._predict_max_bytes = cfg.requests.max_request_bytes
         self.rejected: Counter[str] = Counter()  # oversized messages refused, per filter
         self._log = ThrottledLog(log)
@@ -142,6 +144,7 @@ class MqttLink:
         cap = max_bytes if max_bytes is not None else payload_cap(topic_filter,
                                                                   self._predict_max_bytes)
         self._routes[topic_filter] = _Route(handler, cap, on_oversize)
+        self._matches = {}
         if self.connected:
             self._client.subscribe(topic_filter, qos=1)
 
@@ -226,9 +229,7 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)
-        for topic_filter, route in list(self._routes.items()):
-            if not mqtt.topic_matches_sub(topic_filter, message.topic):
-                continue
+        for topic_filter, route in self._routes_for(message.topic):
             handler = route.handler
             if len(payload) > route.max_bytes:
                 self.rejected[topic_filter] += 1
@@ -244,6 +245,18 @@ class MqttLink:
             except Exception:
                 # Whatever arrives, the agent logs it and goes on.
                 log.exception("handler for %s failed on a message", message.topic)
+
+    def _routes_for(self, topic: str) -> list[tuple[str, _Route]]:
+        # Artifact chunks arrive many a second on one topic: match each topic once.
+        matches = self._matches
+        found = matches.get(topic)
+        if found is None:
+            found = [(f, r) for f, r in list(self._routes.items())
+                     if mqtt.topic_matches_sub(f, topic)]
+            if len(matches) >= _MATCH_CACHE:
+                matches.clear()
+            matches[topic] = found
+        return found
 
     def _on_own_status(self, topic: str, payload: bytes) -> None:
         try:

@@ -23,9 +23,9 @@ from urllib.parse import unquote, urlsplit
 from edgekit import typedconfig
 from edgekit.errors import ConfigError, ProtocolError, UsageError
 from edgekit.protocol import check_id
+from edgekit.protocol.ota import DEFAULT_CHUNK_BYTES, parse_window
 from edgekit.protocol.ota import MAX_CHUNK_BYTES as _MAX_CHUNK
 from edgekit.protocol.ota import MAX_KBPS as _MAX_KBPS
-from edgekit.protocol.ota import parse_window
 from edgekit.signing import load_public_key
 from edgekit.typedconfig import Invalid, Pattern
 from edgekit.typedconfig import opt as _opt
@@ -190,8 +190,9 @@ class SamplesSection:
 @dataclass
 class OtaSection:
     enabled: bool = _opt(True, "Follow the desired documents and update the model over the air.")
-    chunk_bytes: int = _opt(256 * 1024, "Chunk size asked for over MQTT.", ge=1024, le=_MAX_CHUNK)
-    window: int = _opt(8, "Chunk requests in flight.", ge=1)
+    chunk_bytes: int = _opt(DEFAULT_CHUNK_BYTES, "Chunk size asked for over MQTT (capped under a"
+                            " rate limit, see docs/ota.md).", ge=1024, le=_MAX_CHUNK)
+    window: int = _opt(4, "Chunk requests in flight (of ota.chunk_bytes each).", ge=1)
     request_timeout_s: float = _opt(10.0, "A chunk request unanswered this long is sent again.",
                                     gt=0)
     stall_timeout_s: float = _opt(300.0, "A download without progress this long fails.", gt=0)

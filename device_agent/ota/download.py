@@ -24,6 +24,8 @@ from pathlib import Path
 
 from edgekit.errors import ProtocolError
 from edgekit.protocol.ota import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
     ChunkErrorCode,
     ChunkErrorInfo,
     ChunkRequest,
@@ -42,18 +44,33 @@ __all__ = ["DownloadSettings", "HttpDownload", "MqttDownload", "PartialFile"]
 log = logging.getLogger("device_agent.ota")
 
 Progress = Callable[[int], None]
-_SYNC_BYTES = 1024 * 1024  # checked bytes between two journal records
+# A journal record (fsync of the file, atomic rewrite of the journal) every second, or every
+# tenth of the artifact (at least a MiB) when that comes first: a restart loses at most that
+# much, and progress events can still come every 10 %. (A record every MiB took about 40 % of
+# the downloading thread's CPU on a fast link.)
+_SYNC_BYTES = 1024 * 1024
 _SYNC_SECONDS = 1.0
 _MAX_CORRUPT = 20  # corrupted replies in a row before the transfer is given up
 
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    chunk_bytes: int = 256 * 1024
-    window: int = 8  # chunk requests in flight (enough to hide the round trip on a loaded host)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # asked for; see request_bytes
+    window: int = 4  # chunk requests in flight: 4 MiB at the default chunk size
     request_timeout_s: float = 10.0  # a request unanswered this long is sent again
     stall_timeout_s: float = 300.0  # no progress this long: the download fails
     pace: Pace = field(default_factory=Pace)  # thin links: rate cap, maintenance window
+
+    def request_bytes(self) -> int:
+        """The chunk size to ask for: ``chunk_bytes``, at most the protocol's
+        :data:`MAX_CHUNK_BYTES` and, under a rate cap, at most what the capped rate moves in
+        a quarter of ``request_timeout_s``. A chunk is one MQTT message: one that cannot
+        arrive before its request times out would be asked for again and again."""
+        size = min(self.chunk_bytes, MAX_CHUNK_BYTES)
+        if self.pace.max_kbps:
+            paced = int(self.pace.max_kbps * 125 * self.request_timeout_s / 4)
+            size = min(size, max(1024, paced - paced % 1024))
+        return size
 
 
 class PartialFile:
@@ -87,18 +104,20 @@ class PartialFile:
 
 
 class _Throttle:
-    """Calls ``progress`` for the checked prefix at most every MiB or second (and at the end)."""
+    """Calls ``progress`` for the checked prefix every second or tenth of the file (at least
+    a MiB), whichever comes first, and at the end."""
 
     def __init__(self, partial: PartialFile, progress: Progress, start: int) -> None:
         self.partial = partial
         self.progress = progress
         self.reported = start
         self.at = time.monotonic()
+        self.step = max(_SYNC_BYTES, partial.size // 10)
 
     def update(self, done: int, *, final: bool = False) -> None:
         if done == self.reported:
             return
-        if final or done - self.reported >= _SYNC_BYTES or time.monotonic() - self.at >= _SYNC_SECONDS:
+        if final or done - self.reported >= self.step or time.monotonic() - self.at >= _SYNC_SECONDS:
             self.partial.sync()
             self.progress(done)
             self.reported, self.at = done, time.monotonic()
@@ -130,6 +149,7 @@ class MqttDownload:
         self.sha256 = sha256
         self.size = size
         self.settings = settings
+        self.chunk_bytes = settings.request_bytes()
         self.cancel = cancel
         self._replies: queue.Queue[bytes] = queue.Queue()
         self._prefix = secrets.token_hex(4)
@@ -189,12 +209,12 @@ class MqttDownload:
     def _send(self, t: _Transfer) -> None:
         """Fill the window: ranges to ask again first, then the next new ones."""
         while len(t.pending) < self.settings.window and (t.retry or t.next_offset < self.size) \
-                and self.settings.pace.admit(self.settings.chunk_bytes):
+                and self.settings.pace.admit(self.chunk_bytes):
             if t.retry:
                 offset, length = t.retry.pop()
             else:
                 offset = t.next_offset
-                length = min(self.settings.chunk_bytes, self.size - offset)
+                length = min(self.chunk_bytes, self.size - offset)
                 t.next_offset += length
             request = self._request(offset, length)
             if not self._publish(self.request_topic, encode_request(request)):

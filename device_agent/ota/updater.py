@@ -34,6 +34,7 @@ from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
 from edgekit.protocol import MAX_UPDATE_MESSAGE, EventLevel
 from edgekit.protocol.ota import (
+    DEFAULT_CHUNK_BYTES,
     DesiredDocument,
     UpdateEventData,
     UpdateModel,
@@ -76,8 +77,8 @@ class OtaSettings:
     """The ``[ota]`` configuration section, as the updater uses it."""
 
     enabled: bool = True
-    chunk_bytes: int = 256 * 1024
-    window: int = 8
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    window: int = 4
     request_timeout_s: float = 10.0
     stall_timeout_s: float = 300.0
     max_artifact_bytes: int = 1024**3

@@ -14,10 +14,17 @@ from typing import Any
 import pytest
 
 from device_agent.config import OtaSection, load_config
+from device_agent.ota.download import DownloadSettings
 from device_agent.ota.throttle import Pace, TokenBucket
 from device_agent.ota.window import MaintenanceWindow
 from edgekit.errors import ConfigError, ProtocolError
-from edgekit.protocol.ota import make_desired, make_transfer, parse_desired
+from edgekit.protocol.ota import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    make_desired,
+    make_transfer,
+    parse_desired,
+)
 
 SHA = "ab" * 32
 
@@ -138,3 +145,20 @@ def test_transfer_in_the_desired_document() -> None:
         parse_desired(bad)
     unknown = dict(doc, transfer={"max_kbps": 64, "future": 1})
     assert parse_desired(unknown)["transfer"] == {"max_kbps": 64, "window": None}
+
+
+@pytest.mark.parametrize(("chunk", "kbps", "timeout", "expected"), [
+    (DEFAULT_CHUNK_BYTES, None, 10.0, DEFAULT_CHUNK_BYTES),  # a fast link: as configured
+    (16 * 1024 * 1024, None, 10.0, MAX_CHUNK_BYTES),  # a document's suggestion over the limit
+    (DEFAULT_CHUNK_BYTES, 256, 10.0, 78 * 1024),  # 32 kB/s: a quarter of 10 s is 80 kB
+    (16 * 1024, 64, 10.0, 16 * 1024),  # a thin link's own small chunks stay
+    (DEFAULT_CHUNK_BYTES, 1, 1.0, 1024),  # never below 1 KiB
+    (100, None, 10.0, 100),
+])
+def test_chunk_size_asked_for(chunk: int, kbps: int | None, timeout: float,
+                              expected: int) -> None:
+    """A chunk is one MQTT message: under a rate cap it must arrive well within its request's
+    timeout, or it would be asked for again and again."""
+    settings = DownloadSettings(chunk_bytes=chunk, request_timeout_s=timeout,
+                                pace=Pace(max_kbps=kbps))
+    assert settings.request_bytes() == expected
