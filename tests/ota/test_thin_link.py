@@ -226,13 +226,20 @@ def test_deploy_signs_the_thin_link_limits(broker: MqttBroker, pkgs: Packages,
 @pytest.mark.slow
 def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, make_agent: Any,
                                           pkgs: Packages) -> None:
-    """The device's maintenance window opens at the next minute of its local time (the
-    one after, when that is less than 10 s away): no chunk is asked for before it, and the
-    wait does not count as a stall (``ota.stall_timeout_s`` is 5 s here)."""
-    now = dt.datetime.now().astimezone()
-    opens = (now + dt.timedelta(minutes=1 if now.second < 50 else 2)).replace(second=0,
-                                                                                microsecond=0)
-    window = f"{opens:%H:%M}-{opens + dt.timedelta(minutes=30):%H:%M}"
+    """The device's maintenance window opens at the next minute of its local time: no chunk
+    is asked for before it, and the wait does not count as a stall (``ota.stall_timeout_s``
+    is 5 s here).
+
+    The agent runs in a time zone of its own (a POSIX ``TZ`` offset in seconds) whose clock
+    reads hh:mm:30 when the test starts, so its window opens about 30 s later instead of up
+    to 70 s with the host's own clock.
+    """
+    utc = dt.datetime.now(dt.timezone.utc)
+    shift = (30 - utc.second) % 60  # the agent's clock is this many seconds ahead of UTC
+    local = utc + dt.timedelta(seconds=shift)
+    opens_local = (local + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
+    opens = (opens_local - dt.timedelta(seconds=shift)).replace(tzinfo=dt.timezone.utc)
+    window = f"{opens_local:%H:%M}-{opens_local + dt.timedelta(minutes=30):%H:%M}"
     fleet = Fleet(broker, "thin-window")
     reply_to = ota_reply_topic("thin-window", "dev")
     first_request: list[dt.datetime] = []
@@ -244,10 +251,13 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
 
     fleet.host.subscribe(artifact_subscription("thin-window"), seen)
     agent = make_agent("thin-window", "dev", env={"EDGEKIT_OTA_MAINTENANCE_WINDOW": window,
-                                                  "EDGEKIT_OTA_STALL_TIMEOUT_S": "5"})
+                                                  "EDGEKIT_OTA_STALL_TIMEOUT_S": "5",
+                                                  "TZ": f"EKT-00:00:{shift:02d}"})
     try:
         agent.wait_healthy()
         fleet.wait_serving("dev", "1.0.0")
+        sent = dt.datetime.now(dt.timezone.utc)
+        assert sent < opens, f"the deploy went out at {sent}, after the window opened at {opens}"
         doc = fleet.deploy("dev", pkgs.v2)
         outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
         assert outcome["kind"] == "update.succeeded", outcome
