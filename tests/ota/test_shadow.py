@@ -27,7 +27,10 @@ from device_agent._model import TrustPolicy, load_model
 from device_agent._shadow import ShadowRunner, attach
 from edgekit.errors import ProtocolError
 from edgekit.host.cli import cli
+from edgekit.host.mqtt_client import HostClient
+from edgekit.host.ota.deploy import read_retained
 from edgekit.host.ota.tracker import DeploymentTracker, Outcome
+from edgekit.protocol import Kind, topic
 from edgekit.protocol.ota import make_shadow, parse_shadow_report
 from edgekit.protocol.ota.events import UpdateStep, event_kind
 
@@ -100,6 +103,16 @@ def client_for() -> Iterator[Any]:
         c.stop()
 
 
+def _wait_retained_status(broker: MqttBroker, device: str) -> None:
+    """The agent answers HTTP a moment before its status is retained on the broker."""
+    host = HostClient(broker.url).connect()
+    try:
+        wait_until(lambda: topic(FLEET, device, Kind.STATUS) in read_retained(
+            host, topic(FLEET, device, Kind.STATUS), 5), 30, f"{device}'s retained status")
+    finally:
+        host.close()
+
+
 def _shadow_cli(pkg: Path, broker: MqttBroker, pkgs: Packages, *extra: str) -> Any:
     return CliRunner().invoke(cli, [
         "deploy", str(pkg), "--fleet", FLEET, "--device", "d1", "--broker", broker.url,
@@ -114,6 +127,7 @@ def test_shadow_from_the_cli_good_and_bad_candidates(make_agent: Any, broker: Mq
                                                      client_for: Any) -> None:
     agent = make_agent(FLEET, "d1", model=digits_pkgs["serving"])
     agent.wait_healthy()
+    _wait_retained_status(broker, "d1")  # the CLI's preflight reads it
     client = client_for(agent.url)
 
     good = _shadow_cli(digits_pkgs["good"], broker, pkgs, "--json")
