@@ -42,8 +42,9 @@ from _digits import write_digits_package  # noqa: E402
 __all__ = ["broker"]  # the fixture, imported for pytest
 
 
-def _setup(broker: Any, tmp_path: Path, name: str,
-           behavior: dict[str, str] | None = None) -> tuple[Any, str, str, list[SimDevice]]:
+def _setup(broker: Any, tmp_path: Path, name: str, behavior: dict[str, str] | None = None,
+           accuracy: dict[str, float] | None = None,
+           **overrides: Any) -> tuple[Any, str, str, list[SimDevice]]:
     """A registry with digits 1.0.0 and 2.0.0, a controller config that trusts the operator
     key for requests, and two simulated devices serving 1.0.0 (not started)."""
     keys = generate_keypair(tmp_path / "signer")
@@ -61,10 +62,10 @@ def _setup(broker: Any, tmp_path: Path, name: str,
         "controller.signing_key": str(keys.private_path),
         "controller.operator_keys": [str(keys.public_path)], "rollout.canary": "1",
         "rollout.device_timeout_s": 120.0, "rollout.rollback_timeout_s": 30.0,
-        "rollout.probation_requests": 0, "rollout.probation_seconds": 0.0})
+        "rollout.probation_requests": 0, "rollout.probation_seconds": 0.0, **overrides})
     serving = {"name": "digits", "version": "1.0.0", "sha256": sha256_file(v1)}
     sims = [SimDevice(broker.url, fleet, f"dev{i}", serving=serving, behavior=behavior,
-                      trusted=[load_public_key(keys.public_path)]) for i in range(2)]
+                      accuracy=accuracy, trusted=[load_public_key(keys.public_path)]) for i in range(2)]
     return cfg, str(keys.private_path), fleet, sims
 
 
@@ -112,7 +113,12 @@ def test_an_operator_abort_sends_the_devices_back(broker: Any, tmp_path: Path) -
 
 def test_an_operator_roll_back_returns_the_fleet_to_the_model_deployed_before(
         broker: Any, tmp_path: Path) -> None:
-    cfg, key_path, fleet, sims = _setup(broker, tmp_path, "back")
+    # The field says the earlier model is worse (0.6 against 0.9): the operator's roll back
+    # goes through all the same, with no quality gate and no wait for labels, while the
+    # rollouts forward are judged (at least 20 labels, margin 0.05).
+    cfg, key_path, fleet, sims = _setup(
+        broker, tmp_path, "back", accuracy={"1.0.0": 0.6, "2.0.0": 0.9},
+        **{"rollout.quality_min_labels": 20, "rollout.quality_margin": 0.05})
     client = HostClient(broker.url).connect()
     intruder = load_private_key(generate_keypair(tmp_path / "intruder").private_path)
     try:
@@ -156,6 +162,8 @@ def test_an_operator_roll_back_returns_the_fleet_to_the_model_deployed_before(
             wait_until(lambda: store.get_rollout(record.id).state == RolloutState.SUCCEEDED,
                        60, "the roll back")
             assert {sim.version for sim in sims} == {"1.0.0"}
+            assert store.list_events(rollout_id=second, kinds=["rollout.quality"])
+            assert not store.list_events(rollout_id=record.id, kinds=["rollout.quality"])
     finally:
         client.close()
         for sim in sims:

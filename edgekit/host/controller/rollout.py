@@ -119,9 +119,11 @@ class RolloutEngine(ShadowStage):
     def roll_back(self, fleet: str, rollout_id: int, *, name: str, version: str,
                   request_id: str | None = None) -> RolloutRecord:
         """Roll the fleet back from its latest rollout, at an operator's request: a new
-        rollout (canary, waves and abort criteria like any) to the model the controller
-        deployed to the fleet before it (:func:`~._back.model_before`, its own records),
-        whose signed documents allow that downgrade (or name change) and nothing else.
+        rollout (canary, waves, failure-rate and timeout criteria like any; no quality gate
+        and no wait for labels: the operator judged that model better) to the model the
+        controller deployed to the fleet before it (:func:`~._back.model_before`, its own
+        records), whose signed documents allow that downgrade (or name change) and nothing
+        else.
 
         Raises:
             UsageError: rollout ``rollout_id`` is not ``fleet``'s latest succeeded fleet-wide
@@ -276,7 +278,9 @@ class RolloutEngine(ShadowStage):
 
     def _canary_quality(self, rollout: RolloutRecord, targets: dict[str, TargetRecord]) -> Any:
         canary = [t for t in targets.values() if t.wave == 0]
-        if not canary:
+        if not canary or rollout.plan.get("back"):
+            # A roll back returns to the model the operator chose over the one it replaces:
+            # judging it against that model would keep the fleet on what was rejected.
             return None
         plan = rollout.plan
         baselines = recorded_baselines(self.store, rollout.id)
@@ -301,7 +305,7 @@ class RolloutEngine(ShadowStage):
                         verdict: Any) -> RolloutRecord | None:
         """The rollout while the finished wave still waits for labels; None when it need not."""
         plan = rollout.plan
-        need = plan["wave_min_labels"]
+        need = 0 if plan.get("back") else plan["wave_min_labels"]
         short = []
         if need > 0:
             for target in wave:
