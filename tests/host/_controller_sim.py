@@ -46,6 +46,17 @@ HARDWARE = {"hostname": "sim", "system": "Linux", "machine": "x86_64", "release"
 
 
 
+def register(db_url: str, store: Path, *packages: Path) -> None:
+    """Push ``packages`` into the registry at ``store`` of the database at ``db_url``."""
+    from edgekit.host.db import Store
+    from edgekit.host.registry import Registry
+
+    with Store(db_url) as db:
+        registry = Registry(db, store)
+        for package in packages:
+            registry.push(package)
+
+
 def controller_config(*, broker_url: str, db_url: str, store: Path, **overrides: Any) -> Any:
     """A validated controller config with short intervals; ``overrides`` use
     ``section__key`` names (``rollout__canary="2"``)."""

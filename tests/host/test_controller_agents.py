@@ -25,10 +25,9 @@ from click.testing import CliRunner
 from edgekit.host.cli import cli
 from edgekit.host.controller import Controller
 from edgekit.host.db import RolloutState, Store
-from edgekit.host.registry import Registry
 from edgekit.signing import generate_keypair, load_private_key
 
-from ._controller_sim import broker, controller_config, wait_until
+from ._controller_sim import broker, controller_config, register, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent"))
 from _digits import digits_data, write_digits_package  # noqa: E402
@@ -177,10 +176,7 @@ def test_real_agents_rollout_and_quality_rollback(broker: Any, db_url: str, tmp_
     x, y = digits_data()
     fleet = f"ota-{secrets.token_hex(3)}"
     store_dir = tmp_path / "store"
-    with Store(db_url) as store:
-        registry = Registry(store, store_dir)
-        for package in (signed.v1, signed.v2, signed.bad):
-            registry.push(package)
+    register(db_url, store_dir, signed.v1, signed.v2, signed.bad)
     cfg = controller_config(
         broker_url=broker.url, db_url=db_url, store=store_dir, controller__fleets=[fleet],
         controller__signing_key=str(signed.key),

@@ -5,36 +5,23 @@ device that serves the base version as a delta rebuilt on the device (its downlo
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _pkgutil import digits_retrain_packages
 
 from edgekit.artifact import sha256_file
 from edgekit.host.controller import Controller
 from edgekit.host.db import RolloutState, Store
-from edgekit.host.registry import Registry
 from edgekit.signing import load_private_key
 
-from ._controller_sim import broker, controller_config, wait_until
+from ._controller_sim import broker, controller_config, register, wait_until
 from .test_controller_agents import Signed, _version, signed, start_agent
 
 __all__ = ["broker", "signed", "start_agent"]  # fixtures, imported for pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _digits_packages(folder: Path, key: Any) -> dict[str, Path]:
-    spec = importlib.util.spec_from_file_location(
-        "_digits_retrain", REPO / "benchmarks" / "_digits_retrain.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    packages: dict[str, Path] = module.digits_packages(folder, key)
-    return packages
 
 
 def _sources(store: Store, rollout: int, device: str) -> list[dict[str, Any]]:
@@ -49,14 +36,11 @@ def _sources(store: Store, rollout: int, device: str) -> list[dict[str, Any]]:
 def test_controller_rollout_sends_a_delta(broker: Any, tmp_path: Path, signed: Signed,
                                           start_agent: Callable[..., Any]) -> None:
     (tmp_path / "pkgs").mkdir()
-    pkgs = _digits_packages(tmp_path / "pkgs", load_private_key(signed.key))
+    pkgs = digits_retrain_packages(tmp_path / "pkgs", load_private_key(signed.key))
     fleet = f"delta-{secrets.token_hex(3)}"
     db_url = f"sqlite:///{tmp_path / 'edgekit.db'}"
     store_dir = tmp_path / "store"
-    with Store(db_url) as store:
-        registry = Registry(store, store_dir)
-        for package in (pkgs["base"], pkgs["last_layer"]):
-            registry.push(package)
+    register(db_url, store_dir, pkgs["base"], pkgs["last_layer"])
     cfg = controller_config(
         broker_url=broker.url, db_url=db_url, store=store_dir, controller__fleets=[fleet],
         controller__signing_key=str(signed.key),

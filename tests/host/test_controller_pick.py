@@ -16,9 +16,8 @@ import pytest
 from edgekit.host.controller import Controller
 from edgekit.host.controller._pick import Evidence, pick_best
 from edgekit.host.db import RolloutState, Store
-from edgekit.host.registry import Registry
 
-from ._controller_sim import broker, controller_config, wait_until
+from ._controller_sim import broker, controller_config, register, wait_until
 from .test_controller_agents import Signed, _version, signed, start_agent
 from .test_controller_shadow import traffic
 
@@ -59,10 +58,7 @@ def test_policy_picks_the_candidate_by_shadow(broker: Any, tmp_path: Path, signe
     fleet = f"pick-{secrets.token_hex(3)}"
     db_url = f"sqlite:///{tmp_path / 'edgekit.db'}"
     store_dir = tmp_path / "store"
-    with Store(db_url) as store:
-        registry = Registry(store, store_dir)
-        for package in (signed.v1, signed.v2, signed.bad):
-            registry.push(package)
+    register(db_url, store_dir, signed.v1, signed.v2, signed.bad)
     cfg = controller_config(
         broker_url=broker.url, db_url=db_url, store=store_dir, controller__fleets=[fleet],
         controller__signing_key=str(signed.key),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 from _ota_fleet import Fleet, Packages
+from _pkgutil import digits_retrain_packages
 from mqtt_broker import MqttBroker
 
 from edgekit.artifact import sha256_file
@@ -26,8 +26,6 @@ from edgekit.host.ota.delta import DeltaFile, write_delta
 from edgekit.host.ota.deploy import delta_source
 from edgekit.protocol.ota import DesiredDocument
 from edgekit.protocol.ota.delta import decode_header
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +165,13 @@ def test_kill_during_rebuild(make_agent: Any, broker: MqttBroker, host: HostClie
     assert used and "fallback" not in used[-1], used
 
 
-def _digits_packages(folder: Path, key: Any) -> dict[str, Path]:
-    spec = importlib.util.spec_from_file_location(
-        "_digits_retrain", REPO / "benchmarks" / "_digits_retrain.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    packages: dict[str, Path] = module.digits_packages(folder, key)
-    return packages
-
-
 @pytest.mark.slow
 def test_digits_last_layer_retrain_moves_a_small_delta(make_agent: Any, broker: MqttBroker,
                                                        host: HostClient, pkgs: Packages,
                                                        tmp_path: Path) -> None:
     """The demo's digits CNN, converted, then its last layer retrained and converted again:
     the device fetches a delta of at most 15 % of the package over the broker."""
-    digits = _digits_packages(tmp_path, pkgs.key)
+    digits = digits_retrain_packages(tmp_path, pkgs.key)
     fleet = Fleet(broker, "delta-digits", client=host)
     agent = make_agent("delta-digits", "dev", model=digits["base"])
     agent.wait_healthy()

@@ -234,11 +234,11 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
     reads hh:mm:30 when the test starts, so its window opens about 30 s later instead of up
     to 70 s with the host's own clock.
     """
-    utc = dt.datetime.now(dt.timezone.utc)
+    utc = dt.datetime.now(dt.UTC)
     shift = (30 - utc.second) % 60  # the agent's clock is this many seconds ahead of UTC
     local = utc + dt.timedelta(seconds=shift)
     opens_local = (local + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
-    opens = (opens_local - dt.timedelta(seconds=shift)).replace(tzinfo=dt.timezone.utc)
+    opens = (opens_local - dt.timedelta(seconds=shift)).replace(tzinfo=dt.UTC)
     window = f"{opens_local:%H:%M}-{opens_local + dt.timedelta(minutes=30):%H:%M}"
     fleet = Fleet(broker, "thin-window")
     reply_to = ota_reply_topic("thin-window", "dev")
@@ -256,7 +256,7 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
     try:
         agent.wait_healthy()
         fleet.wait_serving("dev", "1.0.0")
-        sent = dt.datetime.now(dt.timezone.utc)
+        sent = dt.datetime.now(dt.UTC)
         assert sent < opens, f"the deploy went out at {sent}, after the window opened at {opens}"
         doc = fleet.deploy("dev", pkgs.v2)
         outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
