@@ -17,8 +17,10 @@ function in float, up to rounding.
 Only inputs whose largest channel range is ``RATIO`` times the median channel's are scaled
 (the threshold of :mod:`._onnx_outliers`), so graphs with even ranges are left untouched.
 On MiniLM at 128 tokens, alpha 0.65 took those six products' largest-to-median ratio from
-17-20 to about 4, below the outlier split's threshold, so their float products (five nodes
-each) are no longer needed.
+12-20 to 2-4, below the outlier split's threshold, so their float products (five nodes each)
+are no longer needed: the corrections' nodes went from 9% of the int8 encoder's kernel time
+to 3% (onnxruntime profiling, one thread), and the worst held-out cosine to PyTorch rose
+from 0.9927 to 0.9948.
 """
 
 from __future__ import annotations
