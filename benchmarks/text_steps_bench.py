@@ -17,6 +17,7 @@ comparable with each other; across invocations the machine's load moves them.
 Run from the repository root::
 
     python benchmarks/text_steps_bench.py [--repeats 5] [--runs 20] [--seq-len 128]
+    python benchmarks/text_steps_bench.py --quick   # 2 layers, 32 tokens, few sentences
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> int:
     from text_bench import _time
 
     from examples.text.data import BASE_INTENTS, make_split
-    from examples.text.models import SentenceEncoder, load_bert
+    from examples.text.models import IntentClassifier, SentenceEncoder, load_bert, student_of
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=128)
@@ -81,11 +82,23 @@ def main() -> int:
     parser.add_argument("--eval-per-intent", type=int, default=10)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=6, help="encoder layers")
+    parser.add_argument("--quick", action="store_true", help="small and fast (the test suite)")
     args = parser.parse_args()
+    if args.quick:
+        args.layers, args.seq_len, args.calib_per_intent, args.eval_per_intent = 2, 32, 3, 3
+        args.runs, args.repeats = 3, 1
+
+    def bert(attn: str | None) -> Any:
+        model = load_bert(attn)
+        if args.layers < len(model.encoder.layer):
+            model = student_of(IntentClassifier(model, 1), args.layers).bert
+        return model.eval()
+
     calib = make_split(BASE_INTENTS, args.calib_per_intent, 2, "calibration").dataset(args.seq_len)
     held = make_split(BASE_INTENTS, args.eval_per_intent, 1, "evaluation").dataset(args.seq_len)
-    graphs = _graphs(SentenceEncoder(load_bert("eager")).eval(), calib, args.seq_len)
-    eager = SentenceEncoder(load_bert(None)).eval()
+    graphs = _graphs(SentenceEncoder(bert("eager")).eval(), calib, args.seq_len)
+    eager = SentenceEncoder(bert(None)).eval()
     ids, mask = (torch.from_numpy(held.inputs[k]) for k in ("input_ids", "attention_mask"))
     with torch.no_grad():
         reference = eager(ids, mask).numpy()
@@ -105,7 +118,7 @@ def main() -> int:
         scores[name] = (float(cos.min()), float(cos.mean()))
         calls[name] = (lambda s: lambda: s.run(None, one))(session)
     timing = _time(calls, args.runs, args.repeats)
-    print(f"## int8 MiniLM corrections ({args.seq_len} tokens, batch 1, 1 thread, median of"
+    print(f"## int8 MiniLM corrections ({args.layers} layers, {args.seq_len} tokens, batch 1, 1 thread, median of"
           f" {args.repeats} rounds x {args.runs} runs; eager p50"
           f" {timing['eager']['p50_ms']:.2f} ms)")
     for name, (low, mean) in scores.items():
