@@ -9,8 +9,9 @@ its embeddings for accuracy and F1):
 - ONNX fp32 fused: that graph through the int8 recipe's fusion and CPU rewrites
   (``converters.targets._onnx_quant.fuse_transformer``), not quantized;
 - ONNX int8 optimized: the transformer fused by onnxruntime's optimizer and rewritten for its
-  CPU kernels, outlier input channels of the matrix products split off in float, dynamic
-  int8 per channel, the float fallback keeping every calibration sentence at cosine >=
+  CPU kernels, the uneven inputs of the products after a layer normalization scaled
+  SmoothQuant-style, the outlier input channels left split off in float, dynamic int8 per
+  channel, the float fallback keeping every calibration sentence at cosine >=
   ``--floor``;
 - student int8: ``--student-layers`` of the teacher's layers, distilled, then as above.
 
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                      **_scores(emb, reference, heads[key], ev.labels),
                      "fused_ops": (recipe.get("transformer_fusion") or {}).get("fused_ops"),
                      "outlier_split": (recipe.get("outlier_split") or {}).get("channels"),
+                     "smoothed": list((recipe.get("smoothing") or {}).get("products") or []),
                      "kept_in_float": fallback.get("kept_in_float")}
         calls[key] = (lambda s: lambda: s.run(one))(session)
     _log(f"timing: {args.repeats} rounds of {args.runs} interleaved runs, batch 1, 1 thread")
@@ -256,7 +258,8 @@ def _print(result: dict[str, Any]) -> None:
           f" {d['model_delta_bytes']:,} bytes")
     int8 = next(r for r in result["rows"] if r["variant"] == "ONNX int8 optimized")
     split = int8["outlier_split"] or {}
-    print(f"fused: {int8['fused_ops']}; outlier channels split off in float:"
+    print(f"fused: {int8['fused_ops']}; smoothed products: {len(int8['smoothed'])};"
+          f" outlier channels split off in float:"
           f" {sum(len(c) for c in split.values())} in {len(split)} products;"
           f" kept in float by the fallback: {int8['kept_in_float'] or 'none'}")
     print(f"goal int8 <= {RATIO_GOAL}x eager: {int8['ratio']:.3f}x"

@@ -35,6 +35,7 @@ class ConvertOptions:
     nodes_to_exclude: list[str] = field(default_factory=list, metadata={"help": "ONNX nodes kept in float"})
     float_fallback_cosine: float | None = field(default=None, metadata={"help": "ONNX int8: keep nodes in float until every calibration sample's output cosine to the float graph reaches this"})
     outlier_channels: int = field(default=4, metadata={"help": "ONNX dynamic int8 of a fused transformer with calibration data: per matrix product, up to this many input channels whose calibration range is 8x the median channel's stay in a float product (0: off)"})
+    smooth_alpha: float = field(default=0.65, metadata={"help": "ONNX dynamic int8 of a fused transformer with calibration data: a matrix product after a layer normalization whose input has a channel 8x the median channel's range gets SmoothQuant scaling, this share of the spread moved to the weights (0: off)"})
     name: str | None = field(default=None, metadata={"help": "artifact name (default: source file stem)"})
     version: str | None = field(default=None, metadata={"help": "dotted version (default: 0.1.0; the CLI takes the next patch from the registry)"})
     task: str = field(default="auto", metadata={"help": "auto, classification, regression, embedding"})
@@ -80,6 +81,8 @@ class ConvertOptions:
             problems.append("float_fallback_cosine: must be above 0 and at most 1")
         if self.outlier_channels < 0:
             problems.append("outlier_channels: must be >= 0 (0 turns the split off)")
+        if not 0 <= self.smooth_alpha < 1:
+            problems.append("smooth_alpha: must be >= 0 and below 1 (0 turns the scaling off)")
         if self.golden_count < 1:
             problems.append("golden_count: at least 1 golden sample is needed")
         if self.threads < 0 or self.latency_runs < 1:

@@ -100,6 +100,13 @@ def test_text_bench_quick(tmp_path: Path) -> None:
     assert "goal int8 <= 0.25x eager" in out
 
 
+def test_text_steps_bench_quick(tmp_path: Path) -> None:
+    out = _run("text_steps_bench.py", tmp_path=tmp_path)
+    assert "## int8 MiniLM corrections (2 layers" in out
+    for graph in ("plain", "split", "smoothed + split"):
+        assert any(line.startswith(f"{graph} ") for line in out.splitlines()), graph
+
+
 def test_shadow_bench_quick(tmp_path: Path) -> None:
     out = _run("shadow_bench.py", tmp_path=tmp_path)
     assert "## digits: serving latency of Agent.predict" in out

@@ -3,7 +3,7 @@
 The pipeline test runs ``python -m examples.text.run`` as a user would, shrunk (a one-layer
 teacher, few sentences), with a real mosquitto broker and two real agents. The quality test
 converts the full six-layer MiniLM encoder with the example's recipe (fusion, CPU rewrites,
-outlier split, float fallback) and checks every held-out sentence's embedding against
+smoothing, outlier split, float fallback) and checks every held-out sentence's embedding against
 PyTorch's. The fallback test forces the float
 fallback with a floor the plain int8 graph misses.
 """
@@ -95,8 +95,14 @@ def test_int8_minilm_keeps_every_held_out_sentence_at_cosine_099(tmp_path: Path)
     assert recipe["float_fallback"]["final"]["min_cosine"] >= 0.992
     rewrites = recipe["transformer_fusion"]["cpu_rewrites"]
     assert rewrites["attention_masks_set"] == 6 and rewrites["skip_layer_norms_unfused"] == 12
-    # MiniLM's feed-forward inputs carry outlier channels (hidden channel 99 above all).
+    # MiniLM's feed-forward inputs carry outlier channels (hidden channel 99 above all): the
+    # first product's are scaled into its weights in every layer, the split takes the rest.
+    smoothed = recipe["smoothing"]["products"]
+    assert sorted(smoothed) == [f"/bert/encoder/layer.{i}/intermediate/dense/MatMul"
+                                for i in range(6)]
+    assert all(p["before"] > 8 > p["after"] for p in smoothed.values())
     assert recipe["outlier_split"]["channels"]
+    assert not set(recipe["outlier_split"]["channels"]) & set(smoothed)
     assert _cosines(path, encoder, held_out).min() >= 0.99
 
 

@@ -105,3 +105,29 @@ def test_outlier_split_leaves_products_without_outliers() -> None:
     assert split_outlier_channels(raw, even, most=4).channels == {}
     assert split_outlier_channels(raw, data, most=0).model == raw
     assert split_outlier_channels(raw, data, most=1).channels["dense/MatMul"] in ([3], [17])
+
+
+def test_outlier_split_before_a_residual_sum_joins_it() -> None:
+    """A product read by a bias ``Add`` then a residual ``Sum``: the float part becomes one
+    more input of the ``Sum``, no join node."""
+    rng = np.random.default_rng(3)
+    model, data = _product(rng)
+    model.graph.node.extend([
+        helper.make_node("Add", ["y", "bias"], ["yb"], name="dense/bias"),
+        helper.make_node("Sum", ["yb", "skip"], ["out"], name="residual")])
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias"),
+        numpy_helper.from_array(rng.standard_normal((SEQ, 8)).astype(np.float32), "skip")])
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                            [None, SEQ, 8]))
+    raw = model.SerializeToString()
+    split = split_outlier_channels(raw, data, most=4)
+    assert split.channels == {"dense/MatMul": [3, 17]}
+    proto = onnx.load_from_string(split.model)
+    onnx.checker.check_model(proto)
+    residual = next(n for n in proto.graph.node if n.name == "residual")
+    assert list(residual.input) == ["yb", "skip", "dense/MatMul_float_part"]
+    assert not [n for n in proto.graph.node if n.name.endswith("_join")]
+    feeds = {"x": data.inputs["x"][:8]}
+    np.testing.assert_allclose(_run(split.model, feeds), _run(raw, feeds), atol=1e-4)

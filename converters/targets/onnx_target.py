@@ -149,6 +149,7 @@ class OnnxTarget(TargetBackend):
         if mode in ("dynamic", "int8"):
             model = _prepare_int8(model, source, opts, recipe, notes, progress)
             if mode == "dynamic":
+                model = _smooth(model, opts, calibration, recipe, progress)
                 model, fixed = _split_outliers(model, opts, calibration, recipe, progress)
             Q.check_nodes_to_exclude(model, opts.nodes_to_exclude)
             recipe["quantizable_nodes"] = Q.quantizable_nodes(model)
@@ -212,6 +213,24 @@ def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
     if pre.outcome != "full":
         notes.append(f"quantization pre-processing: {pre.outcome} ({pre.detail})")
     return pre.model
+
+
+def _smooth(model: bytes, opts: ConvertOptions, calibration: Dataset | None,
+            recipe: dict[str, Any], progress: Progress) -> bytes:
+    """For a fused transformer with calibration data, scale the uneven input channels of
+    the matrix products after its layer normalizations (:mod:`._onnx_smooth`), before the
+    outlier split looks for what is left."""
+    from ._onnx_smooth import smooth_products
+
+    recipe["smoothing"] = None
+    if recipe.get("transformer_fusion") is None or calibration is None:
+        return model
+    if opts.smooth_alpha == 0:
+        return model
+    progress(f"smoothing uneven input channels (SmoothQuant, alpha {opts.smooth_alpha:g})")
+    smoothed = smooth_products(model, calibration, alpha=opts.smooth_alpha)
+    recipe["smoothing"] = smoothed.record()
+    return smoothed.model
 
 
 def _split_outliers(model: bytes, opts: ConvertOptions, calibration: Dataset | None,
