@@ -15,11 +15,14 @@ newer minor revision. Decoding is strict: a wrong type is an error, never coerce
 
 :func:`decode` checks the size *before* parsing and raises :class:`~edgekit.errors.ProtocolError`
 for anything wrong (too large, not JSON, wrong schema, a field missing or out of range), the
-one error type the protocol raises.
+one error type the protocol raises. Given ``where`` (the document's name, e.g. ``desired``),
+the message starts with the dotted path of the field that is wrong
+(``desired.model.size: Expected `int` >= 1``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -32,6 +35,7 @@ __all__ = [
     "Document",
     "decode",
     "encode",
+    "field_error",
     "schema_of",
 ]
 
@@ -40,7 +44,9 @@ DEFAULT_MAX_BYTES = 64 * 1024
 D = TypeVar("D", bound="Document")
 
 _encoder = msgspec.json.Encoder()
-_decoders: dict[tuple[type, bool], msgspec.json.Decoder[Any]] = {}
+_decoders: dict[tuple[tuple[type, ...], bool], msgspec.json.Decoder[Any]] = {}
+_AT_RE = re.compile(r"^(.*) - at `\$(.*)`$", re.DOTALL)
+_MISSING_RE = re.compile(r"^Object missing required field `(.*)`$")
 
 
 class Document(msgspec.Struct, kw_only=True, tag_field="schema", omit_defaults=True):
@@ -71,21 +77,42 @@ class _Absent(Document, tag="edgekit.absent/0"):
     which it treats as optional when a tagged Struct is decoded on its own."""
 
 
-def _decoder(cls: type[D], require_schema: bool) -> msgspec.json.Decoder[Any]:
-    decoder = _decoders.get((cls, require_schema))
+def _decoder(classes: tuple[type, ...], require_schema: bool) -> msgspec.json.Decoder[Any]:
+    decoder = _decoders.get((classes, require_schema))
     if decoder is None:
-        target: Any = cls | _Absent if require_schema else cls  # type: ignore[operator]
-        decoder = _decoders[(cls, require_schema)] = msgspec.json.Decoder(target)
+        members = classes + (_Absent,) if require_schema or len(classes) > 1 else classes
+        target: Any = members[0]
+        for member in members[1:]:
+            target = target | member
+        decoder = _decoders[(classes, require_schema)] = msgspec.json.Decoder(target)
     return decoder
 
 
+def field_error(message: str, where: str) -> str:
+    """A msgspec validation message with the dotted path of the field up front:
+    ``Expected `int` >= 1 - at `$.model.size``` becomes ``desired.model.size: Expected
+    `int` >= 1``; a missing field reads ``desired.model.size: missing``."""
+    path = where
+    match = _AT_RE.match(message)
+    if match is not None:
+        message, path = match.group(1), where + match.group(2)
+    missing = _MISSING_RE.match(message)
+    if missing is not None:
+        return f"{path}.{missing.group(1)}: missing"
+    return f"{path}: {message}"
+
+
 def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
-           max_bytes: int | None = None, require_schema: bool = True) -> D:
+           max_bytes: int | None = None, require_schema: bool = True,
+           where: str | None = None, variants: tuple[type[D], ...] = ()) -> D:
     """Parse ``payload`` as a ``cls`` document after checking its size.
 
     ``max_bytes`` overrides the class's cap (for a reader configured tighter or looser).
     ``require_schema=False`` accepts a payload without a ``schema`` field (one with another
     schema is still refused): for the HTTP API, where the URL says what the body is.
+    ``where`` names the document in error messages, which then start with the dotted path of
+    the field (:func:`field_error`). ``variants`` are subclasses of ``cls`` with schemas of
+    their own that are accepted as well (their schema picks the class).
 
     Raises:
         ProtocolError: the payload is larger than the cap, not JSON, of another schema, or a
@@ -99,8 +126,11 @@ def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
             hint="the sender must split or shrink it; nothing of it was parsed",
         )
     try:
-        doc = _decoder(cls, require_schema).decode(payload)
+        doc = _decoder((cls, *variants), require_schema).decode(payload)
     except msgspec.ValidationError as exc:
+        if where is not None:
+            raise ProtocolError(field_error(str(exc), where),
+                                hint=f"the payload does not fit {schema_of(cls)}") from None
         raise ProtocolError(f"payload does not fit {schema_of(cls)}: {exc}",
                             hint="see docs/protocol.md") from None
     except msgspec.DecodeError as exc:
