@@ -22,6 +22,7 @@ the message starts with the dotted path of the field that is wrong
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
@@ -47,6 +48,9 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[tuple[tuple[type, ...], bool], msgspec.json.Decoder[Any]] = {}
 _AT_RE = re.compile(r"^(.*) - at `\$(.*)`$", re.DOTALL)
 _MISSING_RE = re.compile(r"^Object missing required field `(.*)`$")
+_KIND_RE = re.compile(r"^Expected `([a-z |]+)`, got `([a-z]+)`$")
+_KINDS = {"object": "an object", "array": "an array", "str": "a string", "int": "an integer",
+          "float": "a number", "bool": "true or false", "null": "null"}
 
 
 class Document(msgspec.Struct, kw_only=True, tag_field="schema", omit_defaults=True):
@@ -91,7 +95,8 @@ def _decoder(classes: tuple[type, ...], require_schema: bool) -> msgspec.json.De
 def field_error(message: str, where: str) -> str:
     """A msgspec validation message with the dotted path of the field up front:
     ``Expected `int` >= 1 - at `$.model.size``` becomes ``desired.model.size: Expected
-    `int` >= 1``; a missing field reads ``desired.model.size: missing``."""
+    `int` >= 1``, a missing field reads ``desired.model.size: missing`` and a wrong type
+    ``desired.model.size: expected an integer or null, found a string``."""
     path = where
     match = _AT_RE.match(message)
     if match is not None:
@@ -99,6 +104,10 @@ def field_error(message: str, where: str) -> str:
     missing = _MISSING_RE.match(message)
     if missing is not None:
         return f"{path}.{missing.group(1)}: missing"
+    kind = _KIND_RE.match(message)
+    if kind is not None:
+        wanted = " or ".join(_KINDS.get(k, k) for k in kind.group(1).split(" | "))
+        return f"{path}: expected {wanted}, found {_KINDS.get(kind.group(2), kind.group(2))}"
     return f"{path}: {message}"
 
 
@@ -134,7 +143,30 @@ def decode(payload: bytes | bytearray | memoryview | str, cls: type[D], *,
         raise ProtocolError(f"payload does not fit {schema_of(cls)}: {exc}",
                             hint="see docs/protocol.md") from None
     except msgspec.DecodeError as exc:
+        if where is not None:
+            _name_non_json_field(payload, (cls, *variants), where)
         raise ProtocolError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(doc, cls):
         raise ProtocolError(f"payload does not fit {schema_of(cls)}: schema is {schema_of(type(doc))}")
     return doc
+
+
+def _name_non_json_field(payload: bytes | bytearray | memoryview | str,
+                         classes: tuple[type, ...], where: str) -> None:
+    """For a payload that is not JSON only because a number is NaN or infinite (which
+    Python's json module writes): raise the error that names the field. Returns when that
+    is not the case, for the caller's "not valid JSON".
+
+    Raises:
+        ProtocolError: the payload parses with Python's json module and a field is wrong.
+    """
+    try:
+        loose = json.loads(bytes(payload) if isinstance(payload, memoryview) else payload)
+        target: Any = classes[0]
+        for member in classes[1:]:
+            target = target | member
+        msgspec.convert(loose, target, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(field_error(str(exc), where)) from None
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return

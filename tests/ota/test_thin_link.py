@@ -37,6 +37,7 @@ from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import read_retained
 from edgekit.protocol.ota import (
     Probation,
+    Transfer,
     artifact_subscription,
     desired_topic,
     make_transfer,
@@ -171,14 +172,14 @@ def test_thin_lossy_link_with_a_kill(tmp_path: Path, broker: MqttBroker, pkgs: P
         agent.start()
         agent.wait_healthy()
         load = LoadClient(agent)
-        outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
+        outcome = fleet.outcome("dev", doc.deployment, timeout=240)
         load.stop()
         assert outcome["kind"] == "update.succeeded", outcome
         assert load.failures == [], load.failures[:3]
         assert "1.0.0" in load.versions and load.ok > 0
         assert agent.predict_version() == "2.5.0"
 
-        events = fleet.update_events("dev", doc["deployment"])
+        events = fleet.update_events("dev", doc.deployment)
         starts = [e["data"]["details"]["resume_from"] for e in events
                   if e["kind"] == "update.downloading" and "resume_from" in
                   (e["data"].get("details") or {})]
@@ -220,7 +221,7 @@ def test_deploy_signs_the_thin_link_limits(broker: MqttBroker, pkgs: Packages,
     with HostClient(broker.url).connect() as client:
         payload = read_retained(client, topic)[topic]
     doc = parse_desired(open_sealed(payload, [OPERATOR_KEY.public_key()]).payload)
-    assert doc["transfer"] == {"max_kbps": 64, "window": "22:00-06:00"}
+    assert doc.transfer == Transfer(max_kbps=64, window="22:00-06:00")
 
 
 @pytest.mark.slow
@@ -234,11 +235,11 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
     reads hh:mm:30 when the test starts, so its window opens about 30 s later instead of up
     to 70 s with the host's own clock.
     """
-    utc = dt.datetime.now(dt.timezone.utc)
+    utc = dt.datetime.now(dt.UTC)
     shift = (30 - utc.second) % 60  # the agent's clock is this many seconds ahead of UTC
     local = utc + dt.timedelta(seconds=shift)
     opens_local = (local + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
-    opens = (opens_local - dt.timedelta(seconds=shift)).replace(tzinfo=dt.timezone.utc)
+    opens = (opens_local - dt.timedelta(seconds=shift)).replace(tzinfo=dt.UTC)
     window = f"{opens_local:%H:%M}-{opens_local + dt.timedelta(minutes=30):%H:%M}"
     fleet = Fleet(broker, "thin-window")
     reply_to = ota_reply_topic("thin-window", "dev")
@@ -256,10 +257,10 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
     try:
         agent.wait_healthy()
         fleet.wait_serving("dev", "1.0.0")
-        sent = dt.datetime.now(dt.timezone.utc)
+        sent = dt.datetime.now(dt.UTC)
         assert sent < opens, f"the deploy went out at {sent}, after the window opened at {opens}"
         doc = fleet.deploy("dev", pkgs.v2)
-        outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
+        outcome = fleet.outcome("dev", doc.deployment, timeout=240)
         assert outcome["kind"] == "update.succeeded", outcome
         assert first_request and first_request[0] >= opens, (first_request, window)
     finally:
