@@ -78,7 +78,7 @@ def _deploy(fleet: Fleet, device: str, base: Path, target: Path, folder: Path, *
     fleet.server.serve_delta(delta, info)
     entry = delta_source(delta, fleet.name)
     if listed_base is not None:
-        entry["base_sha256"] = listed_base
+        entry = msgspec.structs.replace(entry, base_sha256=listed_base)
     return fleet.deploy(device, target, deltas=[entry])
 
 

@@ -277,11 +277,11 @@ def test_signed_rollback_to_a_kept_copy_and_no_replay(fleet: Fleet,
     # Forward again (from the copy kept on disk: nothing serves v4 any more) ...
     forward = desired_for_package(ArtifactStore().add(v4), FLEET)
     fleet.desire(DEVICE, forward)
-    assert fleet.outcome(DEVICE, forward["deployment"])["kind"] == "update.succeeded"
+    assert fleet.outcome(DEVICE, forward.deployment)["kind"] == "update.succeeded"
     fleet.wait_serving(DEVICE, "4.0.0")
     # ... then the captured, older downgrade: a replay, refused.
     fleet.desire(DEVICE, captured)
-    event = fleet.outcome(DEVICE, captured["deployment"])
+    event = fleet.outcome(DEVICE, captured.deployment)
     assert (event["kind"], event.get("reason")) == ("update.failed", "replayed"), event
     assert _serving_now(fleet) == "4.0.0"
     _no_failures(device[1])

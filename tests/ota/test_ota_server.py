@@ -109,12 +109,12 @@ def test_server_serves_a_package_in_checked_chunks(broker: MqttBroker, package: 
             assert hashlib.sha256(data).hexdigest() == sha256_file(package) == info.sha256
             past = requester.ask("past", info.sha256, info.size, 10)
             assert past is not None and past.error is not None
-            assert past.error["code"] == "out_of_range"
+            assert past.error.code == "out_of_range"
             # A request whose sha256 is not the one of its topic is refused.
             wrong = requester.ask("wrong", "0" * 64, 0, 10,
                                   topic=ota.artifact_request_topic("f1", info.sha256))
             assert wrong is not None and wrong.error is not None
-            assert wrong.error["code"] == "bad_request"
+            assert wrong.error.code == "bad_request"
             # Garbage on the request topic is dropped and the server keeps serving.
             host.publish(ota.artifact_request_topic("f1", info.sha256), b"\x00garbage")
             again = requester.ask("again", info.sha256, 0, 16)
