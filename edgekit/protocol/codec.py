@@ -84,12 +84,17 @@ class _Absent(Document, tag="edgekit.absent/0"):
 def _decoder(classes: tuple[type, ...], require_schema: bool) -> msgspec.json.Decoder[Any]:
     decoder = _decoders.get((classes, require_schema))
     if decoder is None:
-        members = classes + (_Absent,) if require_schema or len(classes) > 1 else classes
-        target: Any = members[0]
-        for member in members[1:]:
-            target = target | member
+        target = _union(classes + (_Absent,) if require_schema else classes)
         decoder = _decoders[(classes, require_schema)] = msgspec.json.Decoder(target)
     return decoder
+
+
+def _union(classes: tuple[type, ...]) -> Any:
+    """``classes[0] | classes[1] | ...``: the type msgspec decodes a tagged union as."""
+    target: Any = classes[0]
+    for member in classes[1:]:
+        target = target | member
+    return target
 
 
 def field_error(message: str, where: str) -> str:
@@ -162,10 +167,7 @@ def _name_non_json_field(payload: bytes | bytearray | memoryview | str,
     """
     try:
         loose = json.loads(bytes(payload) if isinstance(payload, memoryview) else payload)
-        target: Any = classes[0]
-        for member in classes[1:]:
-            target = target | member
-        msgspec.convert(loose, target, strict=True)
+        msgspec.convert(loose, _union(classes), strict=True)
     except msgspec.ValidationError as exc:
         raise ProtocolError(field_error(str(exc), where)) from None
     except (ValueError, UnicodeDecodeError, TypeError):
