@@ -285,7 +285,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             data = payload.get("data") or {}
             progress = data.get("progress") or {}
             device = payload.get("device", "?")
-            if data.get("deployment") == doc["deployment"] and progress.get("percent") == 100.0 \
+            if data.get("deployment") == doc.deployment and progress.get("percent") == 100.0 \
                     and device not in downloaded:
                 downloaded[device] = time.perf_counter()
                 if device in cpu:

@@ -98,31 +98,31 @@ class ProbationWatch:
         d = self.details()
         n = d["requests"]
         if n:
-            if d["errors"] / n > s["max_error_rate"]:
+            if d["errors"] / n > s.max_error_rate:
                 return Verdict(False, UpdateReason.PROBATION_ERRORS,
                                f"{d['errors']} of {n} requests failed on the new model"
-                               f" (allowed: {s['max_error_rate']:.1%})", d)
-            if d["nonfinite"] / n > s["max_nonfinite_rate"]:
+                               f" (allowed: {s.max_error_rate:.1%})", d)
+            if d["nonfinite"] / n > s.max_nonfinite_rate:
                 return Verdict(False, UpdateReason.NONFINITE_OUTPUT,
                                f"{d['nonfinite']} of {n} requests gave NaN or infinite outputs"
-                               f" (allowed: {s['max_nonfinite_rate']:.1%})", d)
-        limit = s["max_latency_ms"]
-        enough = len(self.latencies_ms) >= min(_MIN_LATENCY_SAMPLES, max(1, s["requests"]))
+                               f" (allowed: {s.max_nonfinite_rate:.1%})", d)
+        limit = s.max_latency_ms
+        enough = len(self.latencies_ms) >= min(_MIN_LATENCY_SAMPLES, max(1, s.requests))
         if limit is not None and enough and d["p95_ms"] is not None and d["p95_ms"] > limit:
             return Verdict(False, UpdateReason.SLOW,
                            f"p95 latency {d['p95_ms']:.1f} ms over {limit:g} ms", d)
-        done_requests = s["requests"] > 0 and n >= s["requests"]
-        done_seconds = s["seconds"] > 0 and d["seconds"] >= s["seconds"]
-        if done_requests or done_seconds or (s["requests"] == 0 and s["seconds"] == 0):
+        done_requests = s.requests > 0 and n >= s.requests
+        done_seconds = s.seconds > 0 and d["seconds"] >= s.seconds
+        if done_requests or done_seconds or (s.requests == 0 and s.seconds == 0):
             return Verdict(True, None, f"probation passed after {n} requests in"
                            f" {d['seconds']:.1f} s", d)
         return None
 
     def time_left(self) -> float:
         s = self.settings
-        if s["seconds"] <= 0:
+        if s.seconds <= 0:
             return 1.0
-        return max(0.0, s["seconds"] - (time.monotonic() - self.started))
+        return max(0.0, s.seconds - (time.monotonic() - self.started))
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[LoadedModel, dict[str, np.ndarray]]:
         """Answer checked ``feeds`` with the new model, watch it, and fall back to the

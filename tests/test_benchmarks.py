@@ -55,6 +55,12 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert "chunk throughput (MB/s)" in out
 
 
+def test_ota_wire_bench_quick(tmp_path: Path) -> None:
+    out = _run("ota_wire_bench.py", tmp_path=tmp_path)
+    for call in ("parse_request", "decode_chunk", "parse_desired"):
+        assert any(line.startswith(call) for line in out.splitlines()), call
+
+
 def test_variants_bench_quick(tmp_path: Path) -> None:
     out = _run("variants_bench.py", tmp_path=tmp_path)
     assert "## digits: 3 loads" in out

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import fsync_dir
 from edgekit.protocol.ota import (
@@ -69,39 +71,39 @@ def prepare_install(path: Path, updater: Updater) -> Prepared:
     journal = updater.journal
     parts = read_bundle(path, max_package_bytes=updater.settings.max_artifact_bytes)
     doc = _open_intent(parts, updater)
-    wanted = doc["model"]
-    short = {k: wanted[k] for k in ("name", "version", "sha256")}
+    wanted = doc.model
+    short = {"name": wanted.name, "version": wanted.version, "sha256": wanted.sha256}
     current = journal.current
     if current is not None:
-        if current.deployment == doc["deployment"]:
-            return Prepared(doc["deployment"], short)  # an install that was interrupted
+        if current.deployment == doc.deployment:
+            return Prepared(doc.deployment, short)  # an install that was interrupted
         raise UpdateFailure(UpdateReason.SUPERSEDED,
                             f"update {current.deployment} is in progress (step"
                             f" '{current.step}'); a bundle is installed only between updates",
                             hint="run the agent (`edgekit-agent run`) until it finishes, then"
                                  " install again")
-    done = journal.outcome_of(doc["deployment"])
+    done = journal.outcome_of(doc.deployment)
     if done is not None:
-        return Prepared(doc["deployment"], short, done)
+        return Prepared(doc.deployment, short, done)
     serving = updater.slot.current
-    if serving is not None and serving.sha256 == wanted["sha256"]:
-        done = journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
+    if serving is not None and serving.sha256 == wanted.sha256:
+        done = journal.record(doc.deployment, UpdateStep.SUCCEEDED.value, None,
                               "already serving this model", short)
-        return Prepared(doc["deployment"], short, done)
+        return Prepared(doc.deployment, short, done)
     updater.gate.check_fresh(doc)
     updater.gate.acted_on(doc)
     try:
-        updater.gate.check_floor(doc, wanted["name"], wanted["version"])
+        updater.gate.check_floor(doc, wanted.name, wanted.version)
     except UpdateFailure as refusal:
         text = f"{refusal.message} (hint: {refusal.hint})" if refusal.hint else refusal.message
-        journal.record(doc["deployment"], UpdateStep.FAILED.value, refusal.reason.value, text,
+        journal.record(doc.deployment, UpdateStep.FAILED.value, refusal.reason.value, text,
                        short)
         raise
     staged = _stage_package(parts, doc, updater)
-    journal.begin(UpdateRecord(deployment=doc["deployment"], desired=dict(doc),
+    journal.begin(UpdateRecord(deployment=doc.deployment, desired=msgspec.to_builtins(doc),
                                step=JournalStep.VERIFYING.value, source=BUNDLE_SOURCE,
-                               package=updater.rel(staged), sha256=wanted["sha256"]))
-    return Prepared(doc["deployment"], short)
+                               package=updater.rel(staged), sha256=wanted.sha256))
+    return Prepared(doc.deployment, short)
 
 
 def _open_intent(parts: BundleParts, updater: Updater) -> DesiredDocument:
@@ -112,15 +114,15 @@ def _open_intent(parts: BundleParts, updater: Updater) -> DesiredDocument:
         gate.ensure_floor(serving.name, serving.version)
     doc = gate.open(parts.intent)
     gate.check_bound(doc)
-    wanted = doc["model"]
-    if doc["revert"] or wanted["sha256"] is None:
+    wanted = doc.model
+    if doc.revert or wanted.sha256 is None:
         raise UpdateFailure(UpdateReason.INVALID_DESIRED,
-                            f"deployment {doc['deployment']} names no package to install (a"
+                            f"deployment {doc.deployment} names no package to install (a"
                             " revert or a rollback to a kept copy); a bundle carries one")
-    if wanted["size"] != parts.package_size:
+    if wanted.size != parts.package_size:
         raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
                             f"the bundle's package is {parts.package_size} bytes, the signed"
-                            f" intent names {wanted['size']}")
+                            f" intent names {wanted.size}")
     return doc
 
 
@@ -130,7 +132,7 @@ def _stage_package(parts: BundleParts, doc: DesiredDocument, updater: Updater) -
     Raises:
         UpdateFailure: no_space, sha256_mismatch.
     """
-    sha = doc["model"]["sha256"]
+    sha = doc.model.sha256
     assert sha is not None
     folder = updater.store.packages_dir
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def verify_package_file(path: Path, doc: DesiredDocument, trust: TrustPolicy,
     Raises:
         UpdateFailure: sha256_mismatch, unsigned, bad_signature, load_failed.
     """
-    expected = doc["model"]["sha256"]
+    expected = doc.model.sha256
     if expected is not None:
         actual = sha256_file(path)
         if actual != expected:
@@ -50,18 +50,18 @@ def verify_package_file(path: Path, doc: DesiredDocument, trust: TrustPolicy,
                             " device requires signatures",
                             hint="sign it with `edgekit sign PKG --key KEY`")
     manifest = pkg.manifest
-    doc_model = doc["model"]
-    if (manifest.name, manifest.version) != (doc_model["name"], doc_model["version"]):
+    doc_model = doc.model
+    if (manifest.name, manifest.version) != (doc_model.name, doc_model.version):
         raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
                             f"the package is {manifest.name} {manifest.version}, the desired"
-                            f" document names {doc_model['name']} {doc_model['version']}")
+                            f" document names {doc_model.name} {doc_model.version}")
     try:
         model = load_model(path, trust, options, max_batch=max_batch, check_golden=False)
     except SignatureError as exc:
         raise UpdateFailure(UpdateReason.BAD_SIGNATURE, exc.message, hint=exc.hint) from exc
     except (ArtifactError, RuntimeBackendError) as exc:
         raise UpdateFailure(UpdateReason.LOAD_FAILED, exc.message, hint=exc.hint) from exc
-    key_id = doc_model["key_id"]
+    key_id = doc_model.key_id
     if key_id is not None and model.signed and model.key_id is not None and model.key_id != key_id:
         raise UpdateFailure(UpdateReason.BAD_SIGNATURE,
                             f"signed by key {model.key_id}, the desired document names {key_id}")

@@ -45,7 +45,7 @@ def fetch_delta(run: UpdateRun, partial: PartialFile) -> bool:
         UpdateFailure: superseded (a newer document arrived) or no_space; every other
             failure falls back to the full package.
     """
-    deltas = run.doc["sources"].get("deltas") or []
+    deltas = run.doc.sources.deltas or []
     if not deltas:
         return False
     choice = _choose(run, deltas)
@@ -54,14 +54,14 @@ def fetch_delta(run: UpdateRun, partial: PartialFile) -> bool:
         return False
     entry, base = choice
     folder = run.store.packages_dir
-    delta_path = folder / f".{entry['sha256']}.delta-part"
+    delta_path = folder / f".{entry.sha256}.delta-part"
     scratch = folder / ".delta-scratch"
     try:
         _download(run, entry, delta_path)
         digest = sha256_file(delta_path)
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             raise ArtifactError(f"the delta's sha256 is {digest[:16]}..., the desired document"
-                                f" names {entry['sha256'][:16]}...")
+                                f" names {entry.sha256[:16]}...")
         stats = _apply(run, delta_path, base, partial, scratch)
     except UpdateFailure as failure:
         if failure.reason in (UpdateReason.SUPERSEDED, UpdateReason.NO_SPACE):
@@ -80,11 +80,11 @@ def fetch_delta(run: UpdateRun, partial: PartialFile) -> bool:
     finally:
         delta_path.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
-    size = run.doc["model"]["size"] or 0
+    size = run.doc.model.size or 0
     run.u.emit(UpdateStep.DOWNLOADING, run.record,
-               f"rebuilt from a {entry['size']}-byte delta against {entry['base_sha256'][:12]}",
+               f"rebuilt from a {entry.size}-byte delta against {entry.base_sha256[:12]}",
                source="delta", progress=(size, size),
-               details={"delta": {"base_sha256": entry["base_sha256"], "bytes": entry["size"],
+               details={"delta": {"base_sha256": entry.base_sha256, "bytes": entry.size,
                                   "copied": stats.copied, "inserted": stats.inserted}})
     return True
 
@@ -92,12 +92,12 @@ def fetch_delta(run: UpdateRun, partial: PartialFile) -> bool:
 def _choose(run: UpdateRun, deltas: list[DeltaSource]) -> tuple[DeltaSource, Path] | None:
     """The first listed delta whose base this device keeps (hash checked), within its size
     limit and smaller than the package."""
-    model = run.doc["model"]
+    model = run.doc.model
     for entry in deltas:
-        if entry["size"] >= (model["size"] or 0) or \
-                entry["size"] > run.u.settings.max_artifact_bytes:
+        if entry.size >= (model.size or 0) or \
+                entry.size > run.u.settings.max_artifact_bytes:
             continue
-        base = run.u.find_kept(model["name"], model["version"], entry["base_sha256"])
+        base = run.u.find_kept(model.name, model.version, entry.base_sha256)
         if base is not None:
             return entry, base
     return None
@@ -108,20 +108,20 @@ def _download(run: UpdateRun, entry: DeltaSource, path: Path) -> None:
     dl = DownloadSettings(chunk_bytes=settings.chunk_bytes, window=settings.window,
                           request_timeout_s=settings.request_timeout_s,
                           stall_timeout_s=min(settings.stall_timeout_s, _DELTA_STALL_S))
-    partial = PartialFile(path, entry["size"])
+    partial = PartialFile(path, entry.size)
     try:
-        if entry["url"] is not None:
+        if entry.url is not None:
             try:
-                HttpDownload(entry["url"], entry["size"], dl, run.cancel).run(
+                HttpDownload(entry.url, entry.size, dl, run.cancel).run(
                     partial, 0, _no_progress)
                 return
             except UpdateFailure as failure:
                 if failure.reason != UpdateReason.DOWNLOAD_FAILED or \
-                        entry["request_topic"] is None:
+                        entry.request_topic is None:
                     raise
-        if entry["request_topic"] is None:
+        if entry.request_topic is None:
             return
-        download = run.u.mqtt_download(entry["request_topic"], entry["sha256"], entry["size"],
+        download = run.u.mqtt_download(entry.request_topic, entry.sha256, entry.size,
                                        dl, run.cancel)
         run.u.current_download = download
         try:
@@ -136,8 +136,8 @@ def _apply(run: UpdateRun, delta_path: Path, base: Path, partial: PartialFile,
            scratch: Path) -> ApplyStats:
     from .steps import crash_point  # imported here: the steps module imports this one
 
-    model = run.doc["model"]
-    assert model["sha256"] is not None and model["size"] is not None
+    model = run.doc.model
+    assert model.sha256 is not None and model.size is not None
     scratch.mkdir(exist_ok=True)
     partial.truncate(0)
     position = 0
@@ -148,8 +148,8 @@ def _apply(run: UpdateRun, delta_path: Path, base: Path, partial: PartialFile,
         position += len(block)
 
     with open(delta_path, "rb") as delta:
-        stats = apply_delta(delta, base, write, scratch, target_sha256=model["sha256"],
-                            target_size=model["size"],
+        stats = apply_delta(delta, base, write, scratch, target_sha256=model.sha256,
+                            target_size=model.size,
                             checkpoint=lambda: crash_point("rebuilding"))
     partial.sync()
     return stats

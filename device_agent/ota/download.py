@@ -203,7 +203,7 @@ class MqttDownload:
         for rid, (request, sent) in list(t.pending.items()):
             if now - sent > self.settings.request_timeout_s:
                 del t.pending[rid]
-                t.retry.append((request["offset"], request["length"]))
+                t.retry.append((request.offset, request.length))
                 self.stats["resent"] += 1
 
     def _send(self, t: _Transfer) -> None:
@@ -220,7 +220,7 @@ class MqttDownload:
             if not self._publish(self.request_topic, encode_request(request)):
                 t.retry.append((offset, length))
                 return
-            t.pending[request["request_id"]] = (request, time.monotonic())
+            t.pending[request.request_id] = (request, time.monotonic())
 
     def _receive(self, t: _Transfer, partial: PartialFile, payload: bytes) -> bool:
         """Check one reply and write its bytes; True when they were written."""
@@ -229,7 +229,7 @@ class MqttDownload:
         except ProtocolError as exc:
             self._corrupt(t, payload, exc)
             return False
-        entry = t.pending.pop(chunk.header["request_id"], None)
+        entry = t.pending.pop(chunk.header.request_id, None)
         if entry is None:
             return False  # a late reply to a request already sent again
         request = entry[0]
@@ -237,22 +237,22 @@ class MqttDownload:
             chunk.check_answers(request)
         except ProtocolError as exc:
             log.warning("refused a chunk reply: %s", exc.message)
-            t.retry.append((request["offset"], request["length"]))
+            t.retry.append((request.offset, request.length))
             return False
         if chunk.error is not None:
             self._server_error(t, request, chunk.error)
             return False
         t.corrupt_run = 0
-        self._check_total(chunk.header["total"])
+        self._check_total(chunk.header.total)
         if not chunk.data:
-            t.retry.append((request["offset"], request["length"]))
+            t.retry.append((request.offset, request.length))
             return False
-        partial.write_at(request["offset"], chunk.data)
+        partial.write_at(request.offset, chunk.data)
         got = len(chunk.data)
-        if got < request["length"]:
+        if got < request.length:
             # The server capped the chunk: ask for the rest of this range.
-            t.retry.append((request["offset"] + got, request["length"] - got))
-        t.received[request["offset"]] = got
+            t.retry.append((request.offset + got, request.length - got))
+        t.received[request.offset] = got
         while t.done in t.received:
             t.done += t.received.pop(t.done)
         t.last_progress = time.monotonic()
@@ -265,20 +265,20 @@ class MqttDownload:
         log.warning("refused a chunk reply: %s", exc.message)
         if bad_id is not None and bad_id in t.pending:
             refused, _ = t.pending.pop(bad_id)
-            t.retry.append((refused["offset"], refused["length"]))
+            t.retry.append((refused.offset, refused.length))
         if t.corrupt_run > _MAX_CORRUPT:
             raise UpdateFailure(UpdateReason.DOWNLOAD_FAILED,
                                 f"{t.corrupt_run} chunk replies in a row were corrupt") from exc
 
     def _server_error(self, t: _Transfer, request: ChunkRequest, error: ChunkErrorInfo) -> None:
         self.stats["errors"] += 1
-        if error["code"] == ChunkErrorCode.OUT_OF_RANGE.value:
+        if error.code == ChunkErrorCode.OUT_OF_RANGE.value:
             raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
-                                f"the server's artifact ends before byte {request['offset']},"
+                                f"the server's artifact ends before byte {request.offset},"
                                 f" the desired document names {self.size} bytes")
         # not_found, internal: another server of the group may answer, or this one later (a
         # restart); ask again after the request timeout.
-        t.pending[request["request_id"]] = (request, time.monotonic())
+        t.pending[request.request_id] = (request, time.monotonic())
 
     def _check_total(self, total: int) -> None:
         if total != self.size:

@@ -118,11 +118,11 @@ class IntentGate:
         Raises:
             UpdateFailure: not_for_device.
         """
-        if doc["fleet"] != self.fleet or (doc["devices"] is not None
-                                          and self.device not in doc["devices"]):
+        if doc.fleet != self.fleet or (doc.devices is not None
+                                       and self.device not in doc.devices):
             raise UpdateFailure(UpdateReason.NOT_FOR_DEVICE,
-                                f"deployment {doc['deployment']} is signed for fleet"
-                                f" {doc['fleet']!r}, devices {_short(doc['devices'])}, not"
+                                f"deployment {doc.deployment} is signed for fleet"
+                                f" {doc.fleet!r}, devices {_short(doc.devices)}, not"
                                 f" {self.fleet}/{self.device}")
 
     def check_fresh(self, doc: DesiredDocument, now: dt.datetime | None = None) -> None:
@@ -132,14 +132,14 @@ class IntentGate:
             UpdateFailure: expired, replayed.
         """
         moment = now or dt.datetime.now(dt.UTC)
-        if parse_time(doc["expires"], "desired.expires") <= moment:
+        if parse_time(doc.expires, "desired.expires") <= moment:
             raise UpdateFailure(UpdateReason.EXPIRED,
-                                f"deployment {doc['deployment']} expired at {doc['expires']}",
+                                f"deployment {doc.deployment} expired at {doc.expires}",
                                 hint="deploy again: a new document gets a new expiry")
-        issued = parse_time(doc["issued"], "desired.issued")
+        issued = parse_time(doc.issued, "desired.issued")
         if self.high_water is not None and issued < self.high_water:
             raise UpdateFailure(UpdateReason.REPLAYED,
-                                f"deployment {doc['deployment']} was issued at {doc['issued']},"
+                                f"deployment {doc.deployment} was issued at {doc.issued},"
                                 " before the newest document this device acted on"
                                 f" ({format_time(self.high_water)})",
                                 hint="deploy again: a new document is issued now")
@@ -154,14 +154,14 @@ class IntentGate:
         floor = self.floor
         if floor is None:
             return
-        if name != floor.name and not doc["allow_rename"]:
+        if name != floor.name and not doc.allow_rename:
             raise UpdateFailure(UpdateReason.RENAMED,
                                 f"{name} {version} is another model than {floor.name}"
                                 f" {floor.version}, which this device committed, and the signed"
                                 " document does not allow a rename",
                                 hint="deploy with --allow-rename")
         if name == floor.name and compare_versions(version, floor.version) <= 0 and \
-                not doc["allow_downgrade"]:
+                not doc.allow_downgrade:
             raise UpdateFailure(UpdateReason.OLDER_VERSION,
                                 f"{name} {version} is not newer than {floor.version}, which this"
                                 " device committed, and the signed document does not allow a"
@@ -172,7 +172,7 @@ class IntentGate:
 
     def acted_on(self, doc: DesiredDocument) -> None:
         """Raise the high-water mark to ``doc``'s issue time (the device acts on it)."""
-        issued = parse_time(doc["issued"], "desired.issued")
+        issued = parse_time(doc.issued, "desired.issued")
         if self.high_water is None or issued > self.high_water:
             self.high_water = issued
             self._save()

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from edgekit.protocol.ota import UpdateReason, UpdateStep
+from edgekit.protocol.ota import ShadowSpec, UpdateReason, UpdateStep
 
 from .._model import LoadedModel
 from .._shadow import ShadowRunner, attach
@@ -28,24 +28,24 @@ __all__ = ["run_shadow"]
 log = logging.getLogger("device_agent.ota")
 
 
-def run_shadow(run: UpdateRun, candidate: LoadedModel) -> None:
-    """Shadow ``candidate`` as the run's desired document asks, then report and drop it.
+def run_shadow(run: UpdateRun, candidate: LoadedModel, spec: ShadowSpec) -> None:
+    """Shadow ``candidate`` as the run's desired document asks (its ``shadow``, ``spec``),
+    then report and drop it.
 
     Raises:
         UpdateFailure: unavailable, when no model is in service to compare with.
     """
-    spec = run.doc["shadow"]
     record, requests = run.record, run.u.requests
     serving = run.slot.current
     if serving is None or requests is None:
         raise UpdateFailure(UpdateReason.UNAVAILABLE, "no model is in service to shadow"
                             " the candidate beside", hint="deploy it without --shadow")
-    runner = ShadowRunner(candidate, serving, target=spec["requests"], sample=spec["sample"])
+    runner = ShadowRunner(candidate, serving, target=spec.requests, sample=spec.sample)
     run.u.emit(UpdateStep.SHADOW, record,
                f"shadowing {candidate.name} {candidate.version} beside {serving.name}"
-               f" {serving.version} on {spec['sample']:.0%} of requests until"
-               f" {spec['requests']} are compared")
-    deadline = time.monotonic() + spec["seconds"]
+               f" {serving.version} on {spec.sample:.0%} of requests until"
+               f" {spec.requests} are compared")
+    deadline = time.monotonic() + spec.seconds
     detach = attach(requests, runner)
     try:
         ended = "requests"

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 from edgekit.artifact import sha256_file
 from edgekit.errors import ArtifactError, OutputWriteError
 from edgekit.fsutil import fsync_dir
-from edgekit.protocol.ota import DesiredDocument, UpdateReason, UpdateStep
+from edgekit.protocol.ota import (
+    DesiredDocument,
+    ShadowDesiredDocument,
+    UpdateReason,
+    UpdateStep,
+)
 
 from .._model import LoadedModel
 from .._probation import ProbationWatch
@@ -89,8 +94,8 @@ class UpdateRun:
             self._check_cancel()
             self._stage(model)
             self._check_cancel()
-            if "shadow" in self.doc:
-                run_shadow(self, model)  # reports and drops the candidate; never activates
+            if isinstance(self.doc, ShadowDesiredDocument):
+                run_shadow(self, model, self.doc.shadow)  # reports and drops the candidate; never activates
                 return
         except UpdateFailure as failure:
             if self.u.stopping.is_set():
@@ -129,8 +134,8 @@ class UpdateRun:
     # ---------------------------------------------------------------- fetch
 
     def _fetch(self) -> None:
-        doc_model = self.doc["model"]
-        kept = self.u.find_kept(doc_model["name"], doc_model["version"], doc_model["sha256"])
+        doc_model = self.doc.model
+        kept = self.u.find_kept(doc_model.name, doc_model.version, doc_model.sha256)
         if kept is not None:
             self.u.emit(UpdateStep.DOWNLOADING, self.record, "using the copy kept on disk",
                         source="kept", progress=(kept.stat().st_size, kept.stat().st_size))
@@ -138,12 +143,12 @@ class UpdateRun:
                               package=self.u.rel(kept), sha256=sha256_file(kept))
             crash_point("verifying")
             return
-        if doc_model["sha256"] is None or doc_model["size"] is None:
+        if doc_model.sha256 is None or doc_model.size is None:
             raise UpdateFailure(UpdateReason.UNAVAILABLE,
-                                f"{doc_model['name']} {doc_model['version']} is not kept on this"
+                                f"{doc_model.name} {doc_model.version} is not kept on this"
                                 " device, and the rollback names no package to download",
                                 hint="roll back with --package PKG")
-        sha, size = doc_model["sha256"], doc_model["size"]
+        sha, size = doc_model.sha256, doc_model.size
         settings = self.u.settings
         if size > settings.max_artifact_bytes:
             raise UpdateFailure(UpdateReason.TOO_LARGE,
@@ -153,15 +158,15 @@ class UpdateRun:
         offset = self.record.offset if partial_path.exists() else 0
         offset = min(offset, partial_path.stat().st_size if partial_path.exists() else 0)
         self._check_space(size - offset)
-        sources = self.doc["sources"]
+        sources = self.doc.sources
         plan: list[str] = []
-        if sources["url"]:
+        if sources.url:
             plan.append("http")
-        if sources["mqtt"]:
+        if sources.mqtt:
             plan.append("mqtt")
         if not plan:
             raise UpdateFailure(UpdateReason.UNAVAILABLE,
-                                f"{doc_model['name']} {doc_model['version']} is not kept on this"
+                                f"{doc_model.name} {doc_model.version} is not kept on this"
                                 " device, and the desired document names no source")
         self.journal.step(JournalStep.DOWNLOADING, source=plan[0], offset=offset)
         self.u.emit(UpdateStep.DOWNLOADING, self.record,
@@ -205,26 +210,26 @@ class UpdateRun:
         crash_point("verifying")
 
     def _fetch_from(self, source: str, partial: PartialFile, offset: int) -> None:
-        sha, size = self.doc["model"]["sha256"], self.doc["model"]["size"]
+        sha, size = self.doc.model.sha256, self.doc.model.size
         assert sha is not None and size is not None
         self.record.source = source
         settings = self.u.settings
         dl_settings = DownloadSettings(
-            chunk_bytes=self.doc["sources"]["mqtt"].get("chunk_size", settings.chunk_bytes)
-            if self.doc["sources"]["mqtt"] else settings.chunk_bytes,
+            chunk_bytes=self.doc.sources.mqtt.chunk_size or settings.chunk_bytes
+            if self.doc.sources.mqtt else settings.chunk_bytes,
             window=settings.window, request_timeout_s=settings.request_timeout_s,
             stall_timeout_s=settings.stall_timeout_s,
             pace=Pace.for_update(settings, self.doc))
         if source == "http":
-            url = self.doc["sources"]["url"]
+            url = self.doc.sources.url
             assert url is not None
             http = HttpDownload(url, size, dl_settings, self.cancel)
             self.download = http
             http.run(partial, offset, self._progress)
             return
-        mqtt_source = self.doc["sources"]["mqtt"]
+        mqtt_source = self.doc.sources.mqtt
         assert mqtt_source is not None
-        download = self.u.mqtt_download(mqtt_source["request_topic"], sha, size, dl_settings,
+        download = self.u.mqtt_download(mqtt_source.request_topic, sha, size, dl_settings,
                                         self.cancel)
         self.download = download
         self.u.current_download = download
@@ -235,7 +240,7 @@ class UpdateRun:
 
     def _progress(self, offset: int) -> None:
         self.journal.progress(offset)
-        size = self.doc["model"]["size"] or 1
+        size = self.doc.model.size or 1
         percent = 100.0 * offset / size
         now = time.monotonic()
         if percent >= 100.0 or percent - self._last_percent >= 10.0 or \
@@ -270,14 +275,14 @@ class UpdateRun:
         serving = self.slot.current
         # The floor again, on the package itself (a resumed update too).
         self.u.gate.check_floor(self.doc, model.manifest.name, model.manifest.version)
-        check_compatible(model.manifest, serving, self.doc["allow_breaking"])
+        check_compatible(model.manifest, serving, self.doc.allow_breaking)
         return model
 
     def _stage(self, model: LoadedModel) -> None:
-        details = stage(model, self.doc["latency_budget_ms"])
+        details = stage(model, self.doc.latency_budget_ms)
         self.journal.step(JournalStep.STAGED)
         self.u.emit(UpdateStep.STAGED, self.record, "golden samples"
-                    + (" and latency" if self.doc["latency_budget_ms"] is not None else "")
+                    + (" and latency" if self.doc.latency_budget_ms is not None else "")
                     + " pass in a second session", details=details)
         crash_point("staged")
 
@@ -306,7 +311,7 @@ class UpdateRun:
             return
         crash_point("activated")
         old = self.slot.current
-        watch = self.slot.serve(model, self.doc["probation"], previous=old)
+        watch = self.slot.serve(model, self.doc.probation, previous=old)
         assert watch is not None
         self.journal.step(JournalStep.PROBATION, activated=time.time())
         self.u.emit(UpdateStep.PROBATION, self.record, _probation_text(self.doc))
@@ -320,7 +325,7 @@ class UpdateRun:
             self.u.finish(self.record, UpdateStep.FAILED, UpdateReason.INTERRUPTED,
                           "the agent restarted during the update; the new model is not serving")
             return
-        watch = self.slot.serve(model, self.doc["probation"])
+        watch = self.slot.serve(model, self.doc.probation)
         assert watch is not None
         self._watch(watch, None)
 
@@ -367,11 +372,11 @@ class UpdateRun:
 
 
 def _probation_text(doc: DesiredDocument) -> str:
-    p = doc["probation"]
+    p = doc.probation
     parts = []
-    if p["requests"]:
-        parts.append(f"{p['requests']} requests")
-    if p["seconds"]:
-        parts.append(f"{p['seconds']:g} s")
+    if p.requests:
+        parts.append(f"{p.requests} requests")
+    if p.seconds:
+        parts.append(f"{p.seconds:g} s")
     return "watching the new model for " + (" or ".join(parts) or "no time (no probation)")
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from edgekit.protocol.ota import DesiredDocument
+from edgekit.protocol.ota import DesiredDocument, Transfer
 
 from .window import MaintenanceWindow, local_now
 
@@ -95,11 +95,11 @@ class Pace:
             ProtocolError: a window that does not parse (both are checked when read, so
                 this is a bug).
         """
-        transfer = doc.get("transfer") or {"max_kbps": None, "window": None}
-        rates = [r for r in (section.max_kbps, transfer["max_kbps"]) if r]
+        transfer = doc.transfer or Transfer()
+        rates = [r for r in (section.max_kbps, transfer.max_kbps) if r]
         window = MaintenanceWindow.parse(section.maintenance_window, "ota.maintenance_window")
-        if window is None and transfer["window"]:
-            window = MaintenanceWindow.parse(transfer["window"], "desired.transfer.window")
+        if window is None and transfer.window:
+            window = MaintenanceWindow.parse(transfer.window, "desired.transfer.window")
         return cls(min(rates) if rates else None, window)
 
     @property

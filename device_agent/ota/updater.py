@@ -36,6 +36,7 @@ from edgekit.protocol import MAX_UPDATE_MESSAGE, EventLevel
 from edgekit.protocol.ota import (
     DEFAULT_CHUNK_BYTES,
     DesiredDocument,
+    DesiredModel,
     UpdateEventData,
     UpdateModel,
     UpdateProgress,
@@ -43,6 +44,7 @@ from edgekit.protocol.ota import (
     UpdateStatus,
     UpdateStep,
     desired_topic,
+    encode_desired,
     event_kind,
     ota_reply_topic,
     parse_desired,
@@ -198,7 +200,7 @@ class Updater:
                 JournalStep.QUEUED, JournalStep.DOWNLOADING, JournalStep.VERIFYING,
                 JournalStep.STAGED):
             doc = self._effective(report=False)
-            if doc is not None and doc["deployment"] != record.deployment:
+            if doc is not None and doc.deployment != record.deployment:
                 self._cancel.set()
         self._wake.set()
 
@@ -240,33 +242,33 @@ class Updater:
 
     def _consider(self) -> bool:
         doc = self._effective(report=True)
-        if doc is None or self.journal.outcome_of(doc["deployment"]) is not None:
+        if doc is None or self.journal.outcome_of(doc.deployment) is not None:
             return False
-        if doc["revert"]:
+        if doc.revert:
             reverted = self._revert_target(doc)
             if reverted is None:
                 return False
             doc = reverted
-        wanted = doc["model"]
+        wanted = doc.model
         serving = self.slot.current
         if self._serves(doc):
             assert serving is not None
-            self.journal.record(doc["deployment"], UpdateStep.SUCCEEDED.value, None,
+            self.journal.record(doc.deployment, UpdateStep.SUCCEEDED.value, None,
                                 "already serving this model", _journal(_short(wanted)))
-            self._emit(UpdateStep.SUCCEEDED, doc["deployment"], _short(wanted),
+            self._emit(UpdateStep.SUCCEEDED, doc.deployment, _short(wanted),
                        f"already serving {serving.name} {serving.version}")
             return False
         self.gate.acted_on(doc)
         try:
-            self.gate.check_floor(doc, wanted["name"], wanted["version"])
+            self.gate.check_floor(doc, wanted.name, wanted.version)
         except UpdateFailure as refusal:
-            self._close_unstarted(doc["deployment"], _short(wanted), UpdateStep.FAILED,
+            self._close_unstarted(doc.deployment, _short(wanted), UpdateStep.FAILED,
                                   refusal.reason, refusal.message, hint=refusal.hint)
             return False
-        record = UpdateRecord(deployment=doc["deployment"], desired=dict(doc))
+        record = UpdateRecord(deployment=doc.deployment, desired=msgspec.to_builtins(doc))
         self.journal.begin(record)
-        self.emit(UpdateStep.QUEUED, record, f"update to {wanted['name']} {wanted['version']}"
-                  f" (deployment {doc['deployment']})")
+        self.emit(UpdateStep.QUEUED, record, f"update to {wanted.name} {wanted.version}"
+                  f" (deployment {doc.deployment})")
         crash_point("queued")
         return True
 
@@ -282,8 +284,8 @@ class Updater:
             try:
                 doc = self.gate.open(payload)
                 self.gate.check_bound(doc)
-                if self.journal.outcome_of(doc["deployment"]) is not None or \
-                        (not doc["revert"] and self._serves(doc)):
+                if self.journal.outcome_of(doc.deployment) is not None or \
+                        (not doc.revert and self._serves(doc)):
                     return doc  # carried out already, or nothing to change: quietly
                 self.gate.check_fresh(doc)
                 return doc
@@ -298,44 +300,43 @@ class Updater:
         if not self.refusals.allow(key):
             return
         log.warning("ignored a desired document: %s", refusal.message)
-        self._emit(UpdateStep.FAILED, doc["deployment"] if doc else "",
-                   _short(doc["model"]) if doc else None,
+        self._emit(UpdateStep.FAILED, doc.deployment if doc else "",
+                   _short(doc.model) if doc else None,
                    f"ignored a desired document: {refusal.message}", reason=refusal.reason,
                    details={"suppressed": self.refusals.suppressed} if
                    self.refusals.suppressed else None)
 
     def _serves(self, doc: DesiredDocument) -> bool:
-        wanted = doc["model"]
+        wanted = doc.model
         serving = self.slot.current
-        return serving is not None and (serving.sha256 == wanted["sha256"] or (
-            wanted["sha256"] is None and (serving.name, serving.version)
-            == (wanted["name"], wanted["version"])))
+        return serving is not None and (serving.sha256 == wanted.sha256 or (
+            wanted.sha256 is None and (serving.name, serving.version)
+            == (wanted.name, wanted.version)))
 
     def _revert_target(self, doc: DesiredDocument) -> DesiredDocument | None:
         """A revert names the model to leave; the model to go back to is this device's own
         record of what it ran before (never a version someone else names). None (and the
         outcome recorded) when there is nothing to do."""
-        left = doc["model"]
+        left = doc.model
         serving = self.slot.current
         try:
             record = self.store.active()
         except ArtifactError:
             record = None
-        if serving is None or serving.sha256 != left["sha256"]:
-            note = f"not serving {left['name']} {left['version']}: nothing to revert"
+        if serving is None or serving.sha256 != left.sha256:
+            note = f"not serving {left.name} {left.version}: nothing to revert"
             outcome, reason = UpdateStep.SUCCEEDED, None
         elif record is None or not record.previous or not record.previous[0].path.is_file():
-            note = f"no model kept from before {left['name']} {left['version']}"
+            note = f"no model kept from before {left.name} {left.version}"
             outcome, reason = UpdateStep.FAILED, UpdateReason.UNAVAILABLE
         else:
             back = record.previous[0]
-            target = dict(doc)
-            target["model"] = {"name": back.name, "version": back.version,
-                               "sha256": back.sha256, "size": back.path.stat().st_size,
-                               "key_id": None}
-            return parse_desired(target)
+            target = msgspec.structs.replace(doc, model=DesiredModel(
+                name=back.name, version=back.version, sha256=back.sha256,
+                size=back.path.stat().st_size, key_id=None))
+            return parse_desired(encode_desired(target))
         self.gate.acted_on(doc)
-        self._close_unstarted(doc["deployment"], _short(left), outcome, reason, note)
+        self._close_unstarted(doc.deployment, _short(left), outcome, reason, note)
         return None
 
     def _close_unstarted(self, deployment: str, model: UpdateModel, step: UpdateStep,
@@ -426,7 +427,7 @@ class Updater:
 
     def discard_files(self, record: UpdateRecord, doc: DesiredDocument) -> None:
         """Remove the partial download and a refused package the model folder does not use."""
-        sha = doc["model"]["sha256"]
+        sha = doc.model.sha256
         if sha is not None:
             (self.store.packages_dir / f".{sha}.part").unlink(missing_ok=True)
         if record.package is None or record.source == "kept":
@@ -453,8 +454,11 @@ class Updater:
                             message=last.message[:MAX_UPDATE_MESSAGE])
 
 
-def _short(model: Mapping[str, Any]) -> UpdateModel:
-    """The name, version and sha256 of a model (a desired document's, a stored package's)."""
+def _short(model: DesiredModel | Mapping[str, Any]) -> UpdateModel:
+    """The name, version and sha256 of a model (a desired document's, or as a journal or a
+    stored package keeps it)."""
+    if isinstance(model, DesiredModel):
+        return UpdateModel(name=model.name, version=model.version, sha256=model.sha256)
     return UpdateModel(name=model.get("name"), version=model.get("version"),
                        sha256=model.get("sha256"))
 

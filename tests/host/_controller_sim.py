@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import paho.mqtt.client as mqtt
 from mqtt_broker import MqttBroker, broker, wait_until  # noqa: F401  (re-exported for the controller tests)
 from paho.mqtt.enums import CallbackAPIVersion
@@ -194,7 +195,9 @@ class SimDevice:
         doc = None
         if msg.payload:
             try:
-                doc = parse_desired(open_sealed(bytes(msg.payload), self.trusted).payload)
+                # The simulator keeps the checked document as plain JSON values.
+                doc = msgspec.to_builtins(
+                    parse_desired(open_sealed(bytes(msg.payload), self.trusted).payload))
             except EdgekitError as exc:
                 self._event("update.failed", "", {}, reason="untrusted_intent",
                             message=exc.message)
@@ -316,7 +319,7 @@ class SimDevice:
                 assert time.monotonic() < deadline, "no artifact server answered"
                 continue
             assert chunk.error is None, f"chunk error {chunk.error}"
-            if chunk.header["request_id"] == rid:
+            if chunk.header.request_id == rid:
                 data += chunk.data
         assert hashlib.sha256(data).hexdigest() == sha, "the artifact's sha256 differs"
         self.downloads += 1

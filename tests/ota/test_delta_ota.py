@@ -76,7 +76,7 @@ def _deploy(fleet: Fleet, device: str, base: Path, target: Path, folder: Path, *
     fleet.server.serve_delta(delta, info)
     entry = delta_source(delta, fleet.name)
     if listed_base is not None:
-        entry["base_sha256"] = listed_base
+        entry = msgspec.structs.replace(entry, base_sha256=listed_base)
     return fleet.deploy(device, target, deltas=[entry])
 
 
@@ -92,13 +92,13 @@ def test_delta_rebuilds_the_package(make_agent: Any, broker: MqttBroker, host: H
     agent.wait_healthy()
     fleet.wait_serving("dev", "1.0.0")
     doc = _deploy(fleet, "dev", pkgs.v1, same_weights, tmp_path / "deltas")
-    event = fleet.outcome("dev", doc["deployment"])
+    event = fleet.outcome("dev", doc.deployment)
     assert event["kind"] == "update.succeeded", event
     model = fleet.wait_serving("dev", "2.0.0")
     assert model["sha256"] == sha256_file(same_weights)
-    used = [e["details"]["delta"] for e in _delta_events(fleet, "dev", doc["deployment"])]
+    used = [e["details"]["delta"] for e in _delta_events(fleet, "dev", doc.deployment)]
     assert len(used) == 1 and "fallback" not in used[0], used
-    delta_size = doc["sources"]["deltas"][0]["size"]
+    delta_size = doc.sources.deltas[0].size
     # Only the delta crossed the broker (and the server's one-byte reachability probes),
     # and it is a fraction of the package.
     assert used[0]["bytes"] == delta_size
@@ -128,11 +128,11 @@ def test_delta_failures_fall_back_to_the_package(case: str, make_agent: Any,
                       listed_base=sha256_file(pkgs.v1))
     else:
         doc = _deploy(fleet, "dev", twin, same_weights, folder)
-    event = fleet.outcome("dev", doc["deployment"])
+    event = fleet.outcome("dev", doc.deployment)
     assert event["kind"] == "update.succeeded", event
     assert fleet.wait_serving("dev", "2.0.0")["sha256"] == sha256_file(same_weights)
     why = [e["details"]["delta"]["fallback"] for e in _delta_events(fleet, "dev",
-                                                                    doc["deployment"])]
+                                                                    doc.deployment)]
     expected = {"corrupt": "literal stream|sha256|writes past", "hostile": "past the end",
                 "other_base": "the base here",
                 "base_not_kept": "no package this device keeps"}[case]
@@ -157,11 +157,11 @@ def test_kill_during_rebuild(make_agent: Any, broker: MqttBroker, host: HostClie
 
     agent.start(env={"EDGEKIT_TEST_CRASH_AT": ""})
     agent.wait_healthy()
-    event = fleet.outcome("dev", doc["deployment"])
+    event = fleet.outcome("dev", doc.deployment)
     assert event["kind"] == "update.succeeded", event
     assert fleet.wait_serving("dev", "2.0.0")["sha256"] == sha256_file(same_weights)
     assert agent.predict_version() == "2.0.0"
-    used = [e["details"]["delta"] for e in _delta_events(fleet, "dev", doc["deployment"])]
+    used = [e["details"]["delta"] for e in _delta_events(fleet, "dev", doc.deployment)]
     assert used and "fallback" not in used[-1], used
 
 
@@ -178,11 +178,11 @@ def test_digits_last_layer_retrain_moves_a_small_delta(make_agent: Any, broker: 
     fleet.wait_serving("dev", "1.0.0")
     target = digits["last_layer"]
     doc = _deploy(fleet, "dev", digits["base"], target, tmp_path / "deltas")
-    event = fleet.outcome("dev", doc["deployment"])
+    event = fleet.outcome("dev", doc.deployment)
     assert event["kind"] == "update.succeeded", event
     assert fleet.wait_serving("dev", "1.1.0")["sha256"] == sha256_file(target)
     moved = fleet.server.stats.bytes
-    assert doc["sources"]["deltas"][0]["size"] <= moved
+    assert doc.sources.deltas[0].size <= moved
     assert moved <= 0.15 * target.stat().st_size, (moved, target.stat().st_size)
 
 

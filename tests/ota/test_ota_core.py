@@ -10,6 +10,7 @@ import json
 import struct
 from typing import Any
 
+import msgspec
 import pytest
 
 import edgekit.protocol.ota as ota
@@ -43,7 +44,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def desired(**overrides: Any) -> dict[str, Any]:
-    doc = dict(ota.make_desired(
+    doc: dict[str, Any] = msgspec.to_builtins(ota.make_desired(
         deployment="d1", fleet="f1", name="digits", version="2.0.0", sha256=SHA, size=1000,
         key_id="0123456789abcdef", request_topic=ota.artifact_request_topic("f1", SHA)))
     doc.update(overrides)
@@ -56,15 +57,15 @@ def desired(**overrides: Any) -> dict[str, Any]:
 def test_desired_round_trip_fills_defaults() -> None:
     doc = desired()
     parsed = ota.parse_desired(ota.encode_desired(ota.parse_desired(doc)))
-    assert parsed == doc
-    assert parsed["probation"] == ota.DEFAULT_PROBATION
+    assert msgspec.to_builtins(parsed) == doc
+    assert parsed.probation == ota.DEFAULT_PROBATION
     optional = ("probation", "allow_breaking", "latency_budget_ms", "allow_downgrade",
                 "allow_rename", "revert")
     minimal = {k: v for k, v in doc.items() if k not in optional}
     filled = ota.parse_desired(json.dumps(minimal).encode())
-    assert (filled["allow_breaking"], filled["allow_downgrade"], filled["allow_rename"],
-            filled["revert"]) == (False, False, False, False)
-    assert filled["probation"]["requests"] == ota.DEFAULT_PROBATION["requests"]
+    assert (filled.allow_breaking, filled.allow_downgrade, filled.allow_rename,
+            filled.revert) == (False, False, False, False)
+    assert filled.probation.requests == ota.DEFAULT_PROBATION.requests
 
 
 def _set(path: str, value: Any) -> Any:
@@ -140,14 +141,15 @@ def test_desired_that_is_not_a_json_object(payload: bytes) -> None:
 def test_unknown_keys_are_ignored() -> None:
     doc = desired()
     doc["added_later"] = {"x": 1}
-    assert "added_later" not in ota.parse_desired(json.dumps(doc).encode())
+    parsed = ota.parse_desired(json.dumps(doc).encode())
+    assert "added_later" not in msgspec.to_builtins(parsed)
 
 
 def test_deployment_ids_are_valid_and_distinct() -> None:
     ids = {ota.new_deployment_id() for _ in range(50)}
     assert len(ids) == 50
     for d in ids:
-        assert ota.parse_desired(json.dumps(desired(deployment=d)))["deployment"] == d
+        assert ota.parse_desired(json.dumps(desired(deployment=d))).deployment == d
 
 
 # --------------------------------------------------------------------------- signed
@@ -192,8 +194,8 @@ def test_envelope_size_is_checked_before_parsing(keys: dict[str, Any]) -> None:
 def test_downgrade_and_revert_rules() -> None:
     kept = ota.make_desired(deployment="d2", fleet="f1", name="digits", version="1.0.0",
                             sha256=None, size=None, allow_downgrade=True)
-    assert kept["model"]["sha256"] is None and kept["sources"]["mqtt"] is None
-    life = ota.parse_time(kept["expires"], "x") - ota.parse_time(kept["issued"], "x")
+    assert kept.model.sha256 is None and kept.sources.mqtt is None
+    life = ota.parse_time(kept.expires, "x") - ota.parse_time(kept.issued, "x")
     assert life.total_seconds() == ota.ROLLBACK_TTL_S
     with pytest.raises(ProtocolError, match="desired.model.sha256"):
         ota.make_desired(deployment="d2", fleet="f1", name="digits", version="1.0.0",
@@ -203,7 +205,7 @@ def test_downgrade_and_revert_rules() -> None:
                          sha256=None, size=None, revert=True, allow_downgrade=True)
     revert = ota.make_desired(deployment="d2", fleet="f1", devices=["b", "a", "a"],
                               name="digits", version="2.0.0", sha256=SHA, size=5, revert=True)
-    assert revert["devices"] == ["a", "b"] and revert["sources"]["mqtt"] is None
+    assert revert.devices == ["a", "b"] and revert.sources.mqtt is None
 
 
 # --------------------------------------------------------------------------- chunks
@@ -221,7 +223,7 @@ def test_chunk_round_trip() -> None:
     data = bytes(range(64))
     chunk = ota.decode_chunk(ota.encode_chunk(request, data, total=1000))
     assert chunk.data == data and chunk.error is None
-    assert chunk.header["total"] == 1000 and chunk.header["offset"] == 100
+    assert chunk.header.total == 1000 and chunk.header.offset == 100
     chunk.check_answers(request)
     assert ota.parse_request(ota.encode_request(request)) == request
 
@@ -260,7 +262,7 @@ def test_bad_frames() -> None:
 def test_error_reply_and_mismatched_replies() -> None:
     chunk = ota.decode_chunk(ota.encode_chunk_error("r1", SHA, 5, ota.ChunkErrorCode.NOT_FOUND,
                                                     "no such artifact"))
-    assert chunk.error == {"code": "not_found", "message": "no such artifact"}
+    assert chunk.error == ota.ChunkErrorInfo(code="not_found", message="no such artifact")
     assert chunk.data == b""
     request = _request()
     reply = ota.decode_chunk(ota.encode_chunk(request, b"z" * 64, total=1000))
@@ -278,7 +280,7 @@ def test_error_reply_and_mismatched_replies() -> None:
     ("schema", "edgekit.chunk-request/9", "chunk_request.schema"),
 ])
 def test_invalid_chunk_request_names_the_key(field: str, value: Any, key: str) -> None:
-    doc = dict(_request())
+    doc = msgspec.to_builtins(_request())
     doc[field] = value
     with pytest.raises(ProtocolError, match=key.replace(".", r"\.")):
         ota.parse_request(json.dumps(doc))
@@ -347,7 +349,7 @@ def _event(device: str, step: str, deployment: str = "d1", reason: str | None = 
 
 def test_tracker_fleet_wide_targets_and_outcomes() -> None:
     doc = ota.parse_desired(json.dumps(desired()))
-    tracker = DeploymentTracker("d1", "f1", doc["model"])
+    tracker = DeploymentTracker("d1", "f1", doc.model)
     tracker.observe_status("a", _status("a", "online", 3, OTHER_SHA))
     tracker.observe_status("b", _status("b", "online", 1, OTHER_SHA))
     tracker.observe_status("c", _status("c", "offline", 2, OTHER_SHA))
@@ -381,7 +383,7 @@ def test_tracker_fleet_wide_targets_and_outcomes() -> None:
 
 def test_tracker_named_devices_time_out() -> None:
     doc = ota.parse_desired(json.dumps(desired()))
-    tracker = DeploymentTracker("d1", "f1", doc["model"], devices=["x", "y"])
+    tracker = DeploymentTracker("d1", "f1", doc.model, devices=["x", "y"])
     tracker.observe_event("x", _event("x", "succeeded"))
     tracker.observe_event("z", _event("z", "succeeded"))  # reports on this deployment: a target
     assert not tracker.finished()
@@ -425,7 +427,7 @@ def test_tracker_refuses_what_does_not_decode(kind: str, payload: bytes, why: st
     """Garbage, oversize, wrong-schema and other-device payloads change nothing: each is
     logged with the reason and counted, never raised."""
     doc = ota.parse_desired(json.dumps(desired()))
-    tracker = DeploymentTracker("d1", "f1", doc["model"], devices=["a"])
+    tracker = DeploymentTracker("d1", "f1", doc.model, devices=["a"])
     tracker.observe_status("a", _status("a", "online", 1, OTHER_SHA))
     before = tracker.devices["a"].to_dict()
     observe = tracker.observe_status if kind == "status" else tracker.observe_event

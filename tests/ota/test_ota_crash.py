@@ -57,12 +57,12 @@ def test_kill_at_step(point: str, make_agent: Any, broker: MqttBroker, host: Hos
     if client is not None:
         client.stop()
     journal = agent.journal["current"]
-    assert journal["deployment"] == doc["deployment"]
+    assert journal["deployment"] == doc.deployment
     crashed_at_offset = journal["offset"]
 
     agent.start(env={"EDGEKIT_TEST_CRASH_AT": ""})
     agent.wait_healthy()
-    event = fleet.outcome("dev", doc["deployment"])
+    event = fleet.outcome("dev", doc.deployment)
     assert (event["kind"], event.get("reason")) == (outcome, reason), event
     model = fleet.wait_serving("dev", serving)
     # What the status names is what answers requests.
@@ -72,7 +72,7 @@ def test_kill_at_step(point: str, make_agent: Any, broker: MqttBroker, host: Hos
         # The download resumed from the journalled offset instead of starting over.
         assert crashed_at_offset > 0
         starts = [e["data"]["details"]["resume_from"]
-                  for e in fleet.update_events("dev", doc["deployment"])
+                  for e in fleet.update_events("dev", doc.deployment)
                   if "resume_from" in (e["data"].get("details") or {})]
         assert starts == [0, crashed_at_offset]
     if outcome == "update.rolled_back":

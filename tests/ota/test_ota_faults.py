@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from _ota_fleet import Agent, Fleet, LoadClient, Packages, wait_until
 from mqtt_broker import MqttBroker
@@ -88,16 +89,16 @@ def test_refused_update_keeps_the_model(fleet: Fleet, device: tuple[Agent, LoadC
                                         reason: str) -> None:
     before = _serving_now(fleet)
     doc = fleet.deploy(DEVICE, getattr(pkgs, package), **options)
-    event = fleet.outcome(DEVICE, doc["deployment"])
+    event = fleet.outcome(DEVICE, doc.deployment)
     assert (event["kind"], event.get("reason")) == ("update.failed", reason), event
     assert event["data"]["serving"]["version"] == before
     assert _serving_now(fleet) == before
     status_update = fleet.status[DEVICE].get("update") or {}
-    assert status_update.get("deployment") == doc["deployment"]
+    assert status_update.get("deployment") == doc.deployment
     assert status_update.get("reason") == reason
     # The refused package is not left in the model folder.
     agent = device[0]
-    sha = doc["model"]["sha256"]
+    sha = doc.model.sha256
     assert not list((agent.workdir / "models" / "packages").glob(f"*{sha[:12]}*"))
     _no_failures(device[1])
 
@@ -105,9 +106,9 @@ def test_refused_update_keeps_the_model(fleet: Fleet, device: tuple[Agent, LoadC
 def test_nonfinite_outputs_roll_back(fleet: Fleet, device: tuple[Agent, LoadClient],
                                      pkgs: Packages) -> None:
     doc = fleet.deploy(DEVICE, pkgs.nan)  # its golden samples pass; the client's inputs not
-    event = fleet.outcome(DEVICE, doc["deployment"])
+    event = fleet.outcome(DEVICE, doc.deployment)
     assert (event["kind"], event.get("reason")) == ("update.rolled_back", "nonfinite_output")
-    steps = [e["data"]["step"] for e in fleet.update_events(DEVICE, doc["deployment"])]
+    steps = [e["data"]["step"] for e in fleet.update_events(DEVICE, doc.deployment)]
     assert steps[:2] == ["queued", "downloading"] and "probation" in steps
     assert event["data"]["details"]["answered_by_previous"] >= 1
     fleet.wait_serving(DEVICE, "1.0.0")
@@ -146,10 +147,10 @@ def test_corrupted_chunks_are_fetched_again(broker: MqttBroker, fleet: Fleet,
             requests=5, seconds=2.0, max_error_rate=0.0, max_nonfinite_rate=0.0,
             max_latency_ms=None))
         fleet.desire(DEVICE, doc)
-        event = fleet.outcome(DEVICE, doc["deployment"])
+        event = fleet.outcome(DEVICE, doc.deployment)
         assert event["kind"] == "update.succeeded", event
         assert client.corrupted >= 1
-        downloads = [e for e in fleet.update_events(DEVICE, doc["deployment"])
+        downloads = [e for e in fleet.update_events(DEVICE, doc.deployment)
                      if e["data"]["step"] == "downloading"]
         assert downloads[-1]["data"]["details"]["corrupt"] >= 1
         fleet.wait_serving(DEVICE, "2.0.0")
@@ -195,7 +196,7 @@ def test_truncated_http_download_resumes(fleet: Fleet, device: tuple[Agent, Load
         url = f"http://127.0.0.1:{http.server_address[1]}/v3.edgepkg"
         doc = desired_for_package(info, FLEET, mqtt_source=False, url=url)
         fleet.desire(DEVICE, doc)
-        event = fleet.outcome(DEVICE, doc["deployment"])
+        event = fleet.outcome(DEVICE, doc.deployment)
         assert event["kind"] == "update.succeeded", event
         # The second request picked up where the cut one stopped.
         assert len(handler.ranges) >= 2
@@ -232,7 +233,10 @@ def test_broker_restart_mid_transfer(broker: MqttBroker, fleet: Fleet,
         info = server.serve(v4)
         server.ensure_reachable()
         doc = desired_for_package(info, FLEET)
-        doc["sources"]["mqtt"]["chunk_size"] = 32 * 1024  # about a hundred requests
+        assert doc.sources.mqtt is not None
+        doc = msgspec.structs.replace(doc, sources=msgspec.structs.replace(
+            doc.sources, mqtt=msgspec.structs.replace(
+                doc.sources.mqtt, chunk_size=32 * 1024)))  # about a hundred requests
         fleet.desire(DEVICE, doc)
         agent = device[0]
         under_way = wait_until(
@@ -240,7 +244,7 @@ def test_broker_restart_mid_transfer(broker: MqttBroker, fleet: Fleet,
             "the download to be under way")
         assert under_way["step"] == "downloading" and under_way["offset"] < info.size
         broker.restart()
-        event = fleet.outcome(DEVICE, doc["deployment"], timeout=180)
+        event = fleet.outcome(DEVICE, doc.deployment, timeout=180)
         assert event["kind"] == "update.succeeded", event
         fleet.wait_serving(DEVICE, "4.0.0")
     finally:
@@ -265,19 +269,19 @@ def test_signed_rollback_to_a_kept_copy_and_no_replay(fleet: Fleet,
     captured = downgrade(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))
     doc = downgrade()
     fleet.desire(DEVICE, doc)
-    event = fleet.outcome(DEVICE, doc["deployment"])
+    event = fleet.outcome(DEVICE, doc.deployment)
     assert event["kind"] == "update.succeeded", event
-    sources = {e["data"].get("source") for e in fleet.update_events(DEVICE, doc["deployment"])}
+    sources = {e["data"].get("source") for e in fleet.update_events(DEVICE, doc.deployment)}
     assert sources >= {"kept"}
     fleet.wait_serving(DEVICE, "3.0.0")
     # Forward again (from the copy kept on disk: nothing serves v4 any more) ...
     forward = desired_for_package(ArtifactStore().add(v4), FLEET)
     fleet.desire(DEVICE, forward)
-    assert fleet.outcome(DEVICE, forward["deployment"])["kind"] == "update.succeeded"
+    assert fleet.outcome(DEVICE, forward.deployment)["kind"] == "update.succeeded"
     fleet.wait_serving(DEVICE, "4.0.0")
     # ... then the captured, older downgrade: a replay, refused.
     fleet.desire(DEVICE, captured)
-    event = fleet.outcome(DEVICE, captured["deployment"])
+    event = fleet.outcome(DEVICE, captured.deployment)
     assert (event["kind"], event.get("reason")) == ("update.failed", "replayed"), event
     assert _serving_now(fleet) == "4.0.0"
     _no_failures(device[1])
@@ -288,11 +292,11 @@ def test_size_in_the_document_is_a_hard_cap(fleet: Fleet, device: tuple[Agent, L
     # A package the device does not keep, so it must come over the wire.
     info = fleet.serve(pkgs.make(tmp_path / "v5.edgepkg", version="5.0.0", seed=12,
                                  padding=500_000))
-    doc = dict(desired_for_package(info, FLEET))
-    doc["model"] = dict(doc["model"], size=info.size - 1000)
-    capped = ota.parse_desired(doc)
+    doc = desired_for_package(info, FLEET)
+    capped = ota.parse_desired(ota.encode_desired(msgspec.structs.replace(
+        doc, model=msgspec.structs.replace(doc.model, size=info.size - 1000))))
     fleet.desire(DEVICE, capped)
-    event = fleet.outcome(DEVICE, capped["deployment"])
+    event = fleet.outcome(DEVICE, capped.deployment)
     assert (event["kind"], event.get("reason")) == ("update.failed", "too_large"), event
     agent = device[0]
     assert not list((agent.workdir / "models" / "packages").glob(".*.part"))
@@ -309,7 +313,7 @@ def test_too_little_disk_space(make_agent: Any, fleet: Fleet, pkgs: Packages) ->
     agent.wait_healthy()
     fleet.wait_serving("dev-small", "1.0.0")
     doc = fleet.deploy("dev-small", pkgs.v2)
-    event = fleet.outcome("dev-small", doc["deployment"])
+    event = fleet.outcome("dev-small", doc.deployment)
     assert (event["kind"], event.get("reason")) == ("update.failed", "no_space"), event
     assert event["data"]["details"]["reserve"] == 10**15
     assert not list((agent.workdir / "models" / "packages").glob(".*.part"))

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from _pkgutil import make_package
 from click.testing import CliRunner
@@ -58,7 +59,7 @@ class Requester:
     def _on_reply(self, msg: Any) -> None:
         with self._cond:
             header = ota.decode_chunk(bytes(msg.payload)).header
-            self.replies[header["request_id"]] = bytes(msg.payload)
+            self.replies[header.request_id] = bytes(msg.payload)
             self._cond.notify_all()
 
     def ask(self, request_id: str, sha: str, offset: int, length: int,
@@ -102,18 +103,18 @@ def test_server_serves_a_package_in_checked_chunks(broker: MqttBroker, package: 
                 # Ask for more than the server's cap: it answers with at most its cap.
                 chunk = requester.ask(f"r{len(data)}", info.sha256, len(data), 1024 * 1024)
                 assert chunk is not None and chunk.error is None
-                assert chunk.header["total"] == info.size
+                assert chunk.header.total == info.size
                 assert 0 < len(chunk.data) <= 128 * 1024
                 data += chunk.data
             assert hashlib.sha256(data).hexdigest() == sha256_file(package) == info.sha256
             past = requester.ask("past", info.sha256, info.size, 10)
             assert past is not None and past.error is not None
-            assert past.error["code"] == "out_of_range"
+            assert past.error.code == "out_of_range"
             # A request whose sha256 is not the one of its topic is refused.
             wrong = requester.ask("wrong", "0" * 64, 0, 10,
                                   topic=ota.artifact_request_topic("f1", info.sha256))
             assert wrong is not None and wrong.error is not None
-            assert wrong.error["code"] == "bad_request"
+            assert wrong.error.code == "bad_request"
             # Garbage on the request topic is dropped and the server keeps serving.
             host.publish(ota.artifact_request_topic("f1", info.sha256), b"\x00garbage")
             again = requester.ask("again", info.sha256, 0, 16)
@@ -226,13 +227,13 @@ def test_deploy_no_wait_publishes_the_retained_document(broker: MqttBroker, pack
     opened = open_sealed(retained[out["topics"][0]], [load_public_key(keys.public_path)])
     assert opened.key_id == keys.key_id
     doc = ota.parse_desired(opened.payload)
-    assert doc["deployment"] == out["deployment"]
-    assert (doc["fleet"], doc["devices"]) == ("f3", ["dev-1", "dev-2"])
-    assert doc["model"]["sha256"] == sha256_file(package)
-    assert doc["model"]["size"] == package.stat().st_size
-    assert doc["sources"]["mqtt"] == {"request_topic": ota.artifact_request_topic(
-        "f3", doc["model"]["sha256"])}
-    assert doc["probation"]["requests"] == 5 and doc["allow_downgrade"] is False
+    assert doc.deployment == out["deployment"]
+    assert (doc.fleet, doc.devices) == ("f3", ["dev-1", "dev-2"])
+    assert doc.model.sha256 == sha256_file(package)
+    assert doc.model.size == package.stat().st_size
+    assert doc.sources.mqtt == ota.MqttSource(request_topic=ota.artifact_request_topic(
+        "f3", doc.model.sha256))
+    assert doc.probation.requests == 5 and doc.allow_downgrade is False
 
 
 def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package: Path,
@@ -252,10 +253,10 @@ def test_rollback_without_package_uses_the_kept_copy(broker: MqttBroker, package
         retained = read_retained(host, ota.desired_topic("f4"))
     opened = open_sealed(retained[ota.desired_topic("f4")], [load_public_key(keys.public_path)])
     doc = ota.parse_desired(opened.payload)
-    assert doc["model"] == {"name": "tiny", "version": "0.9.0", "sha256": None, "size": None,
-                            "key_id": None}
-    assert (doc["fleet"], doc["devices"], doc["allow_downgrade"]) == ("f4", None, True)
-    life = ota.parse_time(doc["expires"], "e") - ota.parse_time(doc["issued"], "i")
+    assert msgspec.to_builtins(doc.model) == {"name": "tiny", "version": "0.9.0",
+                                              "sha256": None, "size": None, "key_id": None}
+    assert (doc.fleet, doc.devices, doc.allow_downgrade) == ("f4", None, True)
+    life = ota.parse_time(doc.expires, "e") - ota.parse_time(doc.issued, "i")
     assert life.total_seconds() == ota.ROLLBACK_TTL_S
     bad = runner.invoke(cli, ["rollback", "--fleet", "f4", "--to", "v1", "--sign-key",
                               str(keys.private_path), "--broker", broker.url, "--no-wait"])

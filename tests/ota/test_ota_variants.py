@@ -44,7 +44,7 @@ def test_an_update_to_a_package_of_variants(make_agent: Any, broker: MqttBroker,
         fleet.wait_serving(DEVICE, "1.0.0")
         assert fleet.status[DEVICE].get("variant") is None  # a package of one artifact
         doc = fleet.deploy(DEVICE, package)
-        event = fleet.outcome(DEVICE, doc["deployment"])
+        event = fleet.outcome(DEVICE, doc.deployment)
         assert event["kind"] == "update.succeeded", event
         fleet.wait_serving(DEVICE, "2.0.0")
         status = wait_until(lambda: (s := fleet.status[DEVICE]).get("variant") and s, 30,

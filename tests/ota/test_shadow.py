@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from _ota_fleet import Packages
@@ -239,13 +240,14 @@ def test_the_host_refuses_garbage_and_oversize_reports() -> None:
 
 
 def test_a_shadow_document_is_refused_by_schema_where_shadow_is_unknown() -> None:
-    from edgekit.protocol.ota import DESIRED_SCHEMA, make_desired
+    from edgekit.protocol.ota import DESIRED_SCHEMA, ShadowDesiredDocument, make_desired
 
     doc = make_desired(deployment="d1", fleet="f", name="m", version="1.0.0", sha256="a" * 64,
                        size=10, request_topic="edgekit/v1/f/_artifacts/get/x",
                        shadow=make_shadow(5, 0.5))
     # An agent that knows only edgekit.desired/2 refuses this one instead of activating it.
-    assert doc["schema"] != DESIRED_SCHEMA and doc["shadow"]["requests"] == 5
+    assert isinstance(doc, ShadowDesiredDocument) and doc.shadow.requests == 5
+    assert msgspec.to_builtins(doc)["schema"] != DESIRED_SCHEMA
     with pytest.raises(ProtocolError):
         make_shadow(0, 0.5)
     with pytest.raises(ProtocolError):

@@ -37,6 +37,7 @@ from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import read_retained
 from edgekit.protocol.ota import (
     Probation,
+    Transfer,
     artifact_subscription,
     desired_topic,
     make_transfer,
@@ -171,14 +172,14 @@ def test_thin_lossy_link_with_a_kill(tmp_path: Path, broker: MqttBroker, pkgs: P
         agent.start()
         agent.wait_healthy()
         load = LoadClient(agent)
-        outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
+        outcome = fleet.outcome("dev", doc.deployment, timeout=240)
         load.stop()
         assert outcome["kind"] == "update.succeeded", outcome
         assert load.failures == [], load.failures[:3]
         assert "1.0.0" in load.versions and load.ok > 0
         assert agent.predict_version() == "2.5.0"
 
-        events = fleet.update_events("dev", doc["deployment"])
+        events = fleet.update_events("dev", doc.deployment)
         starts = [e["data"]["details"]["resume_from"] for e in events
                   if e["kind"] == "update.downloading" and "resume_from" in
                   (e["data"].get("details") or {})]
@@ -220,7 +221,7 @@ def test_deploy_signs_the_thin_link_limits(broker: MqttBroker, pkgs: Packages,
     with HostClient(broker.url).connect() as client:
         payload = read_retained(client, topic)[topic]
     doc = parse_desired(open_sealed(payload, [OPERATOR_KEY.public_key()]).payload)
-    assert doc["transfer"] == {"max_kbps": 64, "window": "22:00-06:00"}
+    assert doc.transfer == Transfer(max_kbps=64, window="22:00-06:00")
 
 
 @pytest.mark.slow
@@ -259,7 +260,7 @@ def test_no_chunk_before_the_window_opens(tmp_path: Path, broker: MqttBroker, ma
         sent = dt.datetime.now(dt.UTC)
         assert sent < opens, f"the deploy went out at {sent}, after the window opened at {opens}"
         doc = fleet.deploy("dev", pkgs.v2)
-        outcome = fleet.outcome("dev", doc["deployment"], timeout=240)
+        outcome = fleet.outcome("dev", doc.deployment, timeout=240)
         assert outcome["kind"] == "update.succeeded", outcome
         assert first_request and first_request[0] >= opens, (first_request, window)
     finally:

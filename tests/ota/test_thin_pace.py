@@ -11,6 +11,7 @@ import datetime as dt
 import threading
 from typing import Any
 
+import msgspec
 import pytest
 
 from device_agent.config import OtaSection, load_config
@@ -132,11 +133,11 @@ def test_device_and_document_limits_combine(device: dict[str, Any], document: di
 
 
 def test_transfer_in_the_desired_document() -> None:
-    plain = _doc()
+    plain = msgspec.to_builtins(_doc())
     assert "transfer" not in plain  # absent unless given: older devices see the same bytes
-    doc = _doc(max_kbps=256, window="22:00-06:00")
+    doc = msgspec.to_builtins(_doc(max_kbps=256, window="22:00-06:00"))
     assert doc["transfer"] == {"max_kbps": 256, "window": "22:00-06:00"}
-    assert parse_desired(dict(doc))["transfer"] == doc["transfer"]
+    assert msgspec.to_builtins(parse_desired(dict(doc)).transfer) == doc["transfer"]
     bad = dict(doc, transfer={"max_kbps": 0, "window": None})
     with pytest.raises(ProtocolError, match=r"desired\.transfer\.max_kbps"):
         parse_desired(bad)
@@ -144,7 +145,8 @@ def test_transfer_in_the_desired_document() -> None:
     with pytest.raises(ProtocolError, match=r"desired\.transfer\.window"):
         parse_desired(bad)
     unknown = dict(doc, transfer={"max_kbps": 64, "future": 1})
-    assert parse_desired(unknown)["transfer"] == {"max_kbps": 64, "window": None}
+    parsed = parse_desired(unknown).transfer
+    assert msgspec.to_builtins(parsed) == {"max_kbps": 64, "window": None}
 
 
 @pytest.mark.parametrize(("chunk", "kbps", "timeout", "expected"), [

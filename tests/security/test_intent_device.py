@@ -65,7 +65,7 @@ def test_documents_signed_by_other_keys_are_refused(make_agent: Callable[..., Ag
     assert host.serving(DEVICE)["version"] == "1.0.0"  # type: ignore[index]
     # The operator's own signature goes through.
     host.publish(DEVICE, host.sign(doc))
-    assert host.outcome(DEVICE, doc["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, doc.deployment)["kind"] == "update.succeeded"
 
 
 def test_a_forged_device_document_cannot_hide_the_fleets(make_agent: Callable[..., Agent],
@@ -78,7 +78,7 @@ def test_a_forged_device_document_cannot_hide_the_fleets(make_agent: Callable[..
     wait_until(lambda: host.refusals(DEVICE, "untrusted_intent"), 60, "the refusal")
     doc = host.document(packages.digits2, None)
     host.publish(None, host.sign(doc))
-    assert host.outcome(DEVICE, doc["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, doc.deployment)["kind"] == "update.succeeded"
     host.wait_serving(DEVICE, "digits", "2.0.0")
 
 
@@ -88,13 +88,13 @@ def test_a_document_for_another_device_or_fleet(make_agent: Callable[..., Agent]
     # Signed by the operator for d2: replayed on d1's topic.
     for_d2 = host.document(packages.digits2, ["d2"])
     host.publish(DEVICE, host.sign(for_d2))
-    event = host.outcome(DEVICE, for_d2["deployment"])
+    event = host.outcome(DEVICE, for_d2.deployment)
     assert event["reason"] == "not_for_device", event
     # Signed for another fleet: moved onto this fleet's topic.
     elsewhere = ota.make_desired(**{**_args(for_d2), "fleet": "other-fleet", "devices": None,
                                     "deployment": ota.new_deployment_id()})
     host.publish(None, host.sign(elsewhere))
-    event = host.outcome(DEVICE, elsewhere["deployment"])
+    event = host.outcome(DEVICE, elsewhere.deployment)
     assert event["reason"] == "not_for_device", event
     assert host.serving(DEVICE)["version"] == "1.0.0"  # type: ignore[index]
 
@@ -107,22 +107,22 @@ def test_a_name_change_does_not_bypass_the_version_floor(make_agent: Callable[..
     _started(make_agent, host, packages.digits2, "digits", "2.0.0")
     rename = host.document(packages.other, [DEVICE])
     host.publish(DEVICE, host.sign(rename))
-    event = host.outcome(DEVICE, rename["deployment"])
+    event = host.outcome(DEVICE, rename.deployment)
     assert (event["kind"], event["reason"]) == ("update.failed", "renamed"), event
     down = host.document(packages.digits1, [DEVICE])
     host.publish(DEVICE, host.sign(down))
-    event = host.outcome(DEVICE, down["deployment"])
+    event = host.outcome(DEVICE, down.deployment)
     assert (event["kind"], event["reason"]) == ("update.failed", "older_version"), event
     assert host.serving(DEVICE)["version"] == "2.0.0"  # type: ignore[index]
     # Allowed explicitly in the signed document, the rename goes through; the floor is
     # now other 0.0.1, so digits 1.0.0 is still a (refused) change of name.
     allowed = host.document(packages.other, [DEVICE], allow_rename=True)
     host.publish(DEVICE, host.sign(allowed))
-    assert host.outcome(DEVICE, allowed["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, allowed.deployment)["kind"] == "update.succeeded"
     host.wait_serving(DEVICE, "other", "0.0.1")
     again = host.document(packages.digits1, [DEVICE])
     host.publish(DEVICE, host.sign(again))
-    assert host.outcome(DEVICE, again["deployment"])["reason"] == "renamed"
+    assert host.outcome(DEVICE, again.deployment)["reason"] == "renamed"
 
 
 def test_expired_documents_and_replays_survive_a_restart(make_agent: Callable[..., Agent],
@@ -134,7 +134,7 @@ def test_expired_documents_and_replays_survive_a_restart(make_agent: Callable[..
     stale = host.document(packages.digits1, [DEVICE], allow_downgrade=True,
                           issued=two_days_ago)
     host.publish(DEVICE, host.sign(stale))
-    event = host.outcome(DEVICE, stale["deployment"])
+    event = host.outcome(DEVICE, stale.deployment)
     assert event["reason"] == "expired", event
     # A rollback signed a minute ago (still valid), then a newer deployment the device
     # carries out.
@@ -142,17 +142,17 @@ def test_expired_documents_and_replays_survive_a_restart(make_agent: Callable[..
                              issued=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))
     newer = host.document(packages.digits3, [DEVICE])
     host.publish(DEVICE, host.sign(newer))
-    assert host.outcome(DEVICE, newer["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, newer.deployment)["kind"] == "update.succeeded"
     # After a restart, the captured (older) document is still a replay.
     agent.stop()
     host.publish(DEVICE, host.sign(captured))
     agent.start()
-    event = host.outcome(DEVICE, captured["deployment"])
+    event = host.outcome(DEVICE, captured.deployment)
     assert event["reason"] == "replayed", event
     host.wait_serving(DEVICE, "digits", "3.0.0")
     trust = json.loads((agent.workdir / "models" / "state" / "ota" / "trust.json").read_text())
     assert trust["floor"] == {"name": "digits", "version": "3.0.0"}
-    assert trust["high_water"] == newer["issued"]
+    assert trust["high_water"] == newer.issued
 
 
 def test_refusals_are_reported_once_and_rate_limited(make_agent: Callable[..., Agent],
@@ -166,7 +166,7 @@ def test_refusals_are_reported_once_and_rate_limited(make_agent: Callable[..., A
     # The last one stays retained and is looked at again and again: still reported once.
     marker = host.document(packages.digits2, None)
     host.publish(None, host.sign(marker))
-    assert host.outcome(DEVICE, marker["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, marker.deployment)["kind"] == "update.succeeded"
     assert 1 <= len(host.refusals(DEVICE, "untrusted_intent")) <= 6
     assert host.serving(DEVICE)["version"] == "2.0.0"  # type: ignore[index]
 
@@ -178,15 +178,15 @@ def test_insecure_lab_setting_is_off_by_default_and_loud(make_agent: Callable[..
     host.wait_serving(DEVICE, "digits", "1.0.0")
     doc = host.document(packages.digits2, [DEVICE])
     host.publish(DEVICE, ota.encode_desired(doc))
-    assert host.outcome(DEVICE, doc["deployment"])["kind"] == "update.succeeded"
+    assert host.outcome(DEVICE, doc.deployment)["kind"] == "update.succeeded"
     assert "INSECURE" in agent.log()
 
 
 def _args(doc: ota.DesiredDocument) -> dict[str, Any]:
-    model = doc["model"]
-    mqtt = doc["sources"]["mqtt"]
-    return {"deployment": doc["deployment"], "fleet": doc["fleet"], "devices": doc["devices"],
-            "name": model["name"], "version": model["version"], "sha256": model["sha256"],
-            "size": model["size"], "key_id": model["key_id"],
-            "request_topic": mqtt["request_topic"] if mqtt else None,
-            "probation": doc["probation"]}
+    model = doc.model
+    mqtt = doc.sources.mqtt
+    return {"deployment": doc.deployment, "fleet": doc.fleet, "devices": doc.devices,
+            "name": model.name, "version": model.version, "sha256": model.sha256,
+            "size": model.size, "key_id": model.key_id,
+            "request_topic": mqtt.request_topic if mqtt else None,
+            "probation": doc.probation}

@@ -10,6 +10,7 @@ import json
 import threading
 from pathlib import Path
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from _limits_support import (  # noqa: F401  (fixtures)
@@ -73,9 +74,8 @@ def test_server_sends_nothing_to_a_topic_the_requester_chose(
         for i, victim in enumerate(victims):
             request = ota.make_request(f"r{i}", info.sha256, 0, 1024 * 1024, victim)
             attacker.publish(request_topic, ota.encode_request(request), wait=10)
-        oversized = json.dumps({**ota.make_request("big", info.sha256, 0, 1024,
-                                                   ota.ota_reply_topic(FLEET, "d1")),
-                                "pad": "x" * 8192})
+        big = ota.make_request("big", info.sha256, 0, 1024, ota.ota_reply_topic(FLEET, "d1"))
+        oversized = json.dumps({**msgspec.to_builtins(big), "pad": "x" * 8192})
         attacker.publish(request_topic, oversized, wait=10)
         good = ota.ota_reply_topic(FLEET, "d1")
         attacker.publish(request_topic, ota.encode_request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import msgspec
 
 from edgekit.host.cli._app import cli, emit_json
 from edgekit.host.cli._deploy import KEY_OPTION, _probation, _probation_options
@@ -50,13 +51,13 @@ def bundle(package: str, fleet: str, devices: tuple[str, ...], key_path: str | N
                          ttl_s=expires_days * 86400.0, allow_downgrade=allow_downgrade,
                          allow_rename=allow_rename, allow_breaking=allow_breaking)
     doc = result.document
-    model = doc["model"]
+    model = doc.model
     if as_json:
         emit_json({"path": str(result.path), "size": result.size,
-                   "deployment": doc["deployment"], "fleet": fleet, "devices": doc["devices"],
-                   "model": dict(model), "expires": doc["expires"]})
+                   "deployment": doc.deployment, "fleet": fleet, "devices": doc.devices,
+                   "model": msgspec.to_builtins(model), "expires": doc.expires})
         return
-    whom = ", ".join(doc["devices"]) if doc["devices"] else "every device"
-    click.echo(f"wrote {result.path} ({result.size} bytes): {model['name']} {model['version']}"
-               f" for fleet {fleet} ({whom}), deployment {doc['deployment']}, valid until"
-               f" {doc['expires']}")
+    whom = ", ".join(doc.devices) if doc.devices else "every device"
+    click.echo(f"wrote {result.path} ({result.size} bytes): {model.name} {model.version}"
+               f" for fleet {fleet} ({whom}), deployment {doc.deployment}, valid until"
+               f" {doc.expires}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
@@ -83,13 +84,13 @@ def _follow_options(fn: Any) -> Any:
 
 _PROBATION_OPTIONS = [
     click.option("--probation-requests", type=click.IntRange(min=0),
-                 default=DEFAULT_PROBATION["requests"], show_default=True,
+                 default=DEFAULT_PROBATION.requests, show_default=True,
                  help="Probation passes after this many requests (0: not used)."),
     click.option("--probation-seconds", type=click.FloatRange(min=0),
-                 default=DEFAULT_PROBATION["seconds"], show_default=True,
+                 default=DEFAULT_PROBATION.seconds, show_default=True,
                  help="... or after this many seconds of serving (0: not used)."),
     click.option("--max-error-rate", type=click.FloatRange(0, 1),
-                 default=DEFAULT_PROBATION["max_error_rate"], show_default=True,
+                 default=DEFAULT_PROBATION.max_error_rate, show_default=True,
                  help="Probation: roll back when more requests than this share fail."),
     click.option("--max-latency-ms", type=click.FloatRange(min=0),
                  help="Probation: roll back when p95 latency goes over this."),
@@ -105,7 +106,7 @@ def _probation_options(fn: Any) -> Any:
 def _probation(requests: int, seconds: float, max_error_rate: float,
                max_latency_ms: float | None) -> Probation:
     return Probation(requests=requests, seconds=seconds, max_error_rate=max_error_rate,
-                     max_nonfinite_rate=DEFAULT_PROBATION["max_nonfinite_rate"],
+                     max_nonfinite_rate=DEFAULT_PROBATION.max_nonfinite_rate,
                      max_latency_ms=max_latency_ms)
 
 
@@ -313,17 +314,18 @@ def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: Desired
     outcome = deploy_direct(client, fleet, devices, doc, key, store, share_group,
                             timeout=timeout, no_wait=no_wait, include_offline=include_offline,
                             on_change=view.update, restore_on_failure=restore_on_failure)
-    model = doc["model"]
+    model = doc.model
     result = outcome.result
     if result is None:
-        if not outcome.served_elsewhere and not doc["sources"]["url"]:
+        if not outcome.served_elsewhere and not doc.sources.url:
             click.echo("warning: no server answers for this artifact; devices wait until"
                        " `edgekit serve` or a controller serves it", err=True)
         if as_json:
-            emit_json({"deployment": doc["deployment"], "fleet": fleet, "model": dict(model),
-                       "topics": outcome.topics, "served": outcome.served_elsewhere})
+            emit_json({"deployment": doc.deployment, "fleet": fleet,
+                       "model": msgspec.to_builtins(model), "topics": outcome.topics,
+                       "served": outcome.served_elsewhere})
         else:
-            click.echo(f"published {doc['deployment']}: {model['name']} {model['version']}"
+            click.echo(f"published {doc.deployment}: {model.name} {model.version}"
                        f" -> {', '.join(outcome.topics)}")
         return True
     view.finish(result)
@@ -332,7 +334,7 @@ def _run(client: HostClient, fleet: str, devices: list[str] | None, doc: Desired
     else:
         _print_result(result)
     if outcome.restored:
-        click.echo(f"every target refused {model['name']} {model['version']}: the desired"
+        click.echo(f"every target refused {model.name} {model.version}: the desired"
                    f" document from before is back on {', '.join(outcome.restored)}", err=True)
     return outcome.ok
 
@@ -385,7 +387,7 @@ def _via_controller(client: HostClient, fleet: str, info: ArtifactInfo,
 def _print_result(result: DeployResult) -> None:
     model = result.model
     counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts().items())) or "no targets"
-    click.echo(f"{result.deployment}: {model['name']} {model['version']} to fleet"
+    click.echo(f"{result.deployment}: {model.name} {model.version} to fleet"
                f" {result.fleet}: {counts} ({result.elapsed_s:.1f} s)")
     for device, progress in sorted(result.targets.items()):
         click.echo(f"  {device}: {_describe(progress)}")

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import click
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit.errors import EdgekitError, UsageError
@@ -94,7 +95,7 @@ def run_shadow(client: HostClient, fleet: str, devices: list[str] | None, info: 
     result = outcome.result
     assert result is not None
     if as_json:
-        emit_json({**result.to_dict(), "shadow": dict(spec)})
+        emit_json({**result.to_dict(), "shadow": msgspec.to_builtins(spec)})
     else:
         click.echo(_headline(doc, result))
         click.echo(shadow_table(result.targets))
@@ -107,9 +108,9 @@ def _put_back(client: HostClient, previous: dict[str, bytes | None]) -> None:
 
 
 def _headline(doc: DesiredDocument, result: DeployResult) -> str:
-    model = doc["model"]
+    model = doc.model
     counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts().items())) or "no targets"
-    return (f"{result.deployment}: shadow of {model['name']} {model['version']} on fleet"
+    return (f"{result.deployment}: shadow of {model.name} {model.version} on fleet"
             f" {result.fleet}: {counts} ({result.elapsed_s:.1f} s)")
 
 

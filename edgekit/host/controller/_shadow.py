@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from edgekit.errors import ProtocolError
 from edgekit.host.controller._back import AbortingEngine
 from edgekit.host.db import RolloutRecord, RolloutState, TargetState, utcnow
@@ -126,8 +128,8 @@ class ShadowStage(AbortingEngine):
         self._event(rollout, _STARTED,
                     f"shadow stage: {len(devices)} device(s) run {rollout.model_name}"
                     f" {rollout.model_version} beside their model on"
-                    f" {spec['sample']:.0%} of requests",
-                    data={"devices": devices, "shadow": dict(spec),
+                    f" {spec.sample:.0%} of requests",
+                    data={"devices": devices, "shadow": msgspec.to_builtins(spec),
                           "deployment": deployment_id(rollout.id, plan["token"], shadow=True)})
         return rollout
 

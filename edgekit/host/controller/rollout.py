@@ -351,7 +351,7 @@ class RolloutEngine(ShadowStage):
                     f"wave {wave}: asking {len(devices)} device(s) to run"
                     f" {rollout.model_name} {rollout.model_version}",
                     data={"wave": wave, "devices": devices, "baseline": baselines,
-                          "deltas": [{"base_sha256": d["base_sha256"], "size": d["size"]}
+                          "deltas": [{"base_sha256": d.base_sha256, "size": d.size}
                                      for d in deltas]})
         self._publish_state(rollout)
         return rollout

@@ -123,7 +123,7 @@ class Deployer:
         self.document = document
         self.key = key
         self.devices = sorted(set(devices)) if devices else None
-        self.tracker = DeploymentTracker(document["deployment"], fleet, document["model"],
+        self.tracker = DeploymentTracker(document.deployment, fleet, document.model,
                                          devices=self.devices, include_offline=include_offline)
         self._on_change = on_change
         self._lock = threading.Lock()

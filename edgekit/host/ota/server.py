@@ -217,33 +217,33 @@ class ArtifactServer:
             self.stats.errors += 1
             log.warning("ignoring a chunk request on %s: %s", msg.topic, exc.message)
             return
-        reply_to = request["reply_to"]
+        reply_to = request.reply_to
         if not reply_topic_allowed(msg.topic, reply_to):
             self.stats.errors += 1
             log.warning("ignoring a chunk request on %s: its reply topic %r is not a device's"
                         " reply/ota topic of this fleet", msg.topic, reply_to[:200])
             return
-        if not msg.topic.endswith("/" + request["sha256"]):
-            self._error(reply_to, request["request_id"], request["sha256"],
-                        request["offset"], ChunkErrorCode.BAD_REQUEST,
+        if not msg.topic.endswith("/" + request.sha256):
+            self._error(reply_to, request.request_id, request.sha256,
+                        request.offset, ChunkErrorCode.BAD_REQUEST,
                         "the request's sha256 is not the one of the topic it was sent to")
             return
-        length = min(request["length"], self.max_chunk)
+        length = min(request.length, self.max_chunk)
         try:
-            info, data, digest = self._read(request["sha256"], request["offset"], length)
+            info, data, digest = self._read(request.sha256, request.offset, length)
         except KeyError:
-            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+            self._error(reply_to, request.request_id, request.sha256, request.offset,
                         ChunkErrorCode.NOT_FOUND, "this server does not hold the artifact")
             return
         except ArtifactError as exc:
-            log.error("cannot serve %s: %s", request["sha256"][:12], exc.message)
-            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+            log.error("cannot serve %s: %s", request.sha256[:12], exc.message)
+            self._error(reply_to, request.request_id, request.sha256, request.offset,
                         ChunkErrorCode.INTERNAL, exc.message)
             return
-        if request["offset"] >= info.size:
-            self._error(reply_to, request["request_id"], request["sha256"], request["offset"],
+        if request.offset >= info.size:
+            self._error(reply_to, request.request_id, request.sha256, request.offset,
                         ChunkErrorCode.OUT_OF_RANGE,
-                        f"offset {request['offset']} is past the end ({info.size} bytes)")
+                        f"offset {request.offset} is past the end ({info.size} bytes)")
             return
         self.client.publish(reply_to, encode_chunk(request, data, info.size, digest), qos=1)
         self.stats.chunks += 1
@@ -289,7 +289,7 @@ def probe_artifact(client: HostClient, fleet: str, sha256: str, timeout: float =
             chunk = decode_chunk(bytes(msg.payload))
         except ProtocolError:
             return
-        if chunk.header["request_id"] == nonce and chunk.error is None:
+        if chunk.header.request_id == nonce and chunk.error is None:
             answered.set()
 
     client.subscribe(reply_to, on_reply, wait=max(timeout, 5.0))

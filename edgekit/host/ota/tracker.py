@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
+import msgspec
+
 from edgekit.errors import ProtocolError
 from edgekit.protocol import DeviceState, Document, EventPayload, StatusPayload, decode
 from edgekit.protocol.ota.desired import DesiredModel
@@ -117,7 +119,7 @@ class DeployResult:
         return {
             "deployment": self.deployment,
             "fleet": self.fleet,
-            "model": dict(self.model),
+            "model": msgspec.to_builtins(self.model),
             "ok": self.ok,
             "counts": self.counts(),
             "elapsed_s": round(self.elapsed_s, 3),

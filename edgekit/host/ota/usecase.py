@@ -77,7 +77,7 @@ def current_model_name(client: HostClient, fleet: str, devices: list[str] | None
         if payload and is_sealed(payload):
             try:
                 inner = open_sealed(payload, [key.public_key()]).payload
-                return parse_desired(inner)["model"]["name"]
+                return parse_desired(inner).model.name
             except EdgekitError:
                 continue
     raise UsageError("no desired document names the model to roll back",
@@ -144,8 +144,8 @@ def deploy_direct(client: HostClient, fleet: str, devices: list[str] | None,
     """
     deployer = Deployer(client, fleet, doc, key, devices=devices,
                         include_offline=include_offline, on_change=on_change)
-    sha = doc["model"]["sha256"]
-    served = sha is None or not store.infos() or doc["sources"]["mqtt"] is None \
+    sha = doc.model.sha256
+    served = sha is None or not store.infos() or doc.sources.mqtt is None \
         or probe_artifact(client, fleet, sha)
     topics = ([desired_topic(fleet, d) for d in deployer.devices] if deployer.devices
               else [desired_topic(fleet)])

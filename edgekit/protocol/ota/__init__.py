@@ -51,6 +51,7 @@ from edgekit.protocol.ota.desired import (
     DesiredModel,
     MqttSource,
     Probation,
+    ShadowDesiredDocument,
     Sources,
     encode_desired,
     make_desired,
@@ -78,7 +79,6 @@ from edgekit.protocol.ota.shadow import (
     ShadowReport,
     ShadowSpec,
     make_shadow,
-    parse_shadow,
     parse_shadow_report,
 )
 from edgekit.protocol.ota.topics import (
@@ -93,14 +93,13 @@ from edgekit.protocol.ota.topics import (
 from edgekit.protocol.ota.transfer import (
     MAX_KBPS,
     Transfer,
+    check_transfer,
     make_transfer,
-    parse_transfer,
     parse_window,
 )
 
 __all__ = [
     "parse_shadow_report",
-    "parse_shadow",
     "make_shadow",
     "ShadowSpec",
     "ShadowReport",
@@ -134,6 +133,7 @@ __all__ = [
     "DesiredModel",
     "MqttSource",
     "Probation",
+    "ShadowDesiredDocument",
     "Sources",
     "Transfer",
     "UpdateEventData",
@@ -144,6 +144,7 @@ __all__ = [
     "UpdateStep",
     "artifact_request_topic",
     "artifact_subscription",
+    "check_transfer",
     "decode_chunk",
     "desired_topic",
     "encode_chunk",
@@ -160,7 +161,6 @@ __all__ = [
     "parse_desired",
     "parse_request",
     "parse_time",
-    "parse_transfer",
     "parse_window",
     "peek_request_id",
     "read_bundle",

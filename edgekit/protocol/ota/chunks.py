@@ -13,7 +13,9 @@ to answer on. A server answers with one binary payload::
 The header repeats the request id, sha256 and offset, gives the artifact's ``total`` size
 and the sha256 of the bytes that follow, so a device checks every chunk on its own before it
 writes it. An error reply has an ``error`` and no bytes. Requests carry their reply topic,
-so the exchange works on MQTT 3.1.1 and MQTT 5 brokers alike.
+so the exchange works on MQTT 3.1.1 and MQTT 5 brokers alike. :class:`ChunkRequest` and
+:class:`ChunkHeader` are :class:`~edgekit.protocol.codec.Document` Structs: the same classes
+encode on one end and decode, strictly and size-capped, on the other.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NotRequired, TypedDict
+from typing import Annotated, ClassVar
+
+import msgspec
+from msgspec import Meta
 
 from edgekit.errors import ProtocolError
-from edgekit.protocol.ota import _validate as v
-from edgekit.protocol.ota.desired import MAX_ARTIFACT_BYTES
+from edgekit.protocol.codec import Document, decode, encode
+from edgekit.protocol.ota.desired import MAX_ARTIFACT_BYTES, SHA256_PATTERN
 
 __all__ = [
     "CHUNK_REQUEST_SCHEMA",
@@ -56,6 +61,8 @@ CHUNK_SCHEMA = "edgekit.chunk/1"
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_REQUEST_BYTES = 4 * 1024  # a request is a few hundred bytes of JSON
+_MAX_ERROR_MESSAGE = 500
 _LEN = struct.Struct(">I")
 
 
@@ -66,29 +73,42 @@ class ChunkErrorCode(StrEnum):
     INTERNAL = "internal"  # the server could not read the artifact
 
 
-class ChunkRequest(TypedDict):
-    schema: str
-    request_id: str
-    sha256: str
-    offset: int
-    length: int  # at most this many bytes; servers may send fewer (their cap, the file's end)
-    reply_to: str
+_Sha256 = Annotated[str, Meta(pattern=SHA256_PATTERN)]
+_RequestId = Annotated[str, Meta(min_length=1, max_length=64)]
+_Offset = Annotated[int, Meta(ge=0, le=MAX_ARTIFACT_BYTES)]
 
 
-class ChunkErrorInfo(TypedDict):
-    code: str  # ChunkErrorCode
-    message: str
+# msgspec lets a frozen Struct subclass the (unfrozen) Document base; mypy applies the
+# dataclass rule that forbids it, hence the ignores on these class lines.
+class ChunkRequest(Document, tag=CHUNK_REQUEST_SCHEMA, frozen=True):  # type: ignore[misc]
+    """A device's request for ``length`` bytes at ``offset``; :func:`parse_request` also
+    checks that ``reply_to`` is a topic one can publish to."""
+
+    max_bytes: ClassVar[int] = _MAX_REQUEST_BYTES
+    request_id: _RequestId
+    sha256: _Sha256
+    offset: _Offset
+    # at most this many bytes; servers may send fewer (their cap, the file's end)
+    length: Annotated[int, Meta(ge=1, le=MAX_CHUNK_BYTES)]
+    reply_to: Annotated[str, Meta(min_length=1, max_length=1024)]
 
 
-class ChunkHeader(TypedDict):
-    schema: str
-    request_id: str
-    sha256: str  # of the whole artifact
-    offset: int
-    length: int  # bytes that follow the header
-    total: int  # size of the whole artifact (0 in an error reply)
-    chunk_sha256: str  # of the bytes that follow
-    error: NotRequired[ChunkErrorInfo]
+class ChunkErrorInfo(msgspec.Struct, kw_only=True, frozen=True):
+    code: Annotated[str, Meta(min_length=1, max_length=64)]  # a ChunkErrorCode value
+    message: Annotated[str, Meta(max_length=_MAX_ERROR_MESSAGE)] = ""
+
+
+class ChunkHeader(Document, tag=CHUNK_SCHEMA, frozen=True):  # type: ignore[misc]
+    """The JSON header of a chunk reply; ``error`` is left out of the header when None."""
+
+    max_bytes: ClassVar[int] = _MAX_HEADER_BYTES
+    request_id: _RequestId
+    sha256: _Sha256  # of the whole artifact
+    offset: _Offset
+    length: Annotated[int, Meta(ge=0, le=MAX_CHUNK_BYTES)]  # bytes that follow the header
+    total: _Offset  # size of the whole artifact (0 in an error reply)
+    chunk_sha256: _Sha256  # of the bytes that follow
+    error: ChunkErrorInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,7 @@ class Chunk:
 
     @property
     def error(self) -> ChunkErrorInfo | None:
-        return self.header.get("error")
+        return self.header.error
 
     def check_answers(self, request: ChunkRequest) -> None:
         """Check that this reply answers ``request`` (and is not a stray or late one).
@@ -109,16 +129,16 @@ class Chunk:
             ProtocolError: another request id, artifact or offset, or more bytes than asked.
         """
         h = self.header
-        if h["request_id"] != request["request_id"]:
-            raise ProtocolError(f"chunk reply for request {h['request_id']!r}, expected"
-                                f" {request['request_id']!r}")
-        if h["sha256"] != request["sha256"] or h["offset"] != request["offset"]:
+        if h.request_id != request.request_id:
+            raise ProtocolError(f"chunk reply for request {h.request_id!r}, expected"
+                                f" {request.request_id!r}")
+        if h.sha256 != request.sha256 or h.offset != request.offset:
             raise ProtocolError(
-                f"chunk reply for {h['sha256'][:12]}@{h['offset']}, the request asked for"
-                f" {request['sha256'][:12]}@{request['offset']}")
-        if h["length"] > request["length"]:
-            raise ProtocolError(f"chunk reply holds {h['length']} bytes, the request asked for"
-                                f" at most {request['length']}")
+                f"chunk reply for {h.sha256[:12]}@{h.offset}, the request asked for"
+                f" {request.sha256[:12]}@{request.offset}")
+        if h.length > request.length:
+            raise ProtocolError(f"chunk reply holds {h.length} bytes, the request asked for"
+                                f" at most {request.length}")
 
 
 def make_request(request_id: str, sha256: str, offset: int, length: int,
@@ -129,46 +149,35 @@ def make_request(request_id: str, sha256: str, offset: int, length: int,
         ProtocolError: a field is out of range.
     """
     return parse_request(encode_request(ChunkRequest(
-        schema=CHUNK_REQUEST_SCHEMA, request_id=request_id, sha256=sha256, offset=offset,
-        length=length, reply_to=reply_to)))
+        request_id=request_id, sha256=sha256, offset=offset, length=length,
+        reply_to=reply_to)))
 
 
 def encode_request(request: ChunkRequest) -> bytes:
-    return json.dumps(request, separators=(",", ":")).encode()
+    return encode(request)
 
 
 def parse_request(data: bytes | str) -> ChunkRequest:
-    """Parse a chunk request.
+    """Decode and check a chunk request.
 
     Raises:
-        ProtocolError: not JSON, another schema, or a field missing or out of range; the
-            message names the key.
+        ProtocolError: over 4 KiB, not JSON, another schema, or a field missing, of the
+            wrong type or out of range; the message names the key (``chunk_request.length``).
     """
-    doc = _json(data, "chunk request")
-    where = "chunk_request"
-    if doc.get("schema") != CHUNK_REQUEST_SCHEMA:
-        raise ProtocolError(f"{where}.schema: expected {CHUNK_REQUEST_SCHEMA!r},"
-                            f" found {doc.get('schema')!r}")
-    reply_to = v.text(doc, "reply_to", where, max_len=1024)
+    request = decode(data, ChunkRequest, where="chunk_request")
+    reply_to = request.reply_to
     if any(c in reply_to for c in "+#\0") or reply_to.startswith("$"):
-        raise ProtocolError(f"{where}.reply_to: {reply_to!r} is not a topic one can publish to")
-    return ChunkRequest(
-        schema=CHUNK_REQUEST_SCHEMA,
-        request_id=v.text(doc, "request_id", where, max_len=64),
-        sha256=v.sha256(doc, "sha256", where),
-        offset=v.integer(doc, "offset", where, high=MAX_ARTIFACT_BYTES),
-        length=v.integer(doc, "length", where, low=1, high=MAX_CHUNK_BYTES),
-        reply_to=reply_to,
-    )
+        raise ProtocolError(f"chunk_request.reply_to: {reply_to!r} is not a topic one can"
+                            " publish to")
+    return request
 
 
 def encode_chunk(request: ChunkRequest, data: bytes, total: int,
                  chunk_sha256: str | None = None) -> bytes:
-    """A reply carrying ``data``, the bytes at ``request['offset']`` (``chunk_sha256``: their
+    """A reply carrying ``data``, the bytes at ``request.offset`` (``chunk_sha256``: their
     hash when the caller has it already)."""
-    header = ChunkHeader(schema=CHUNK_SCHEMA, request_id=request["request_id"],
-                         sha256=request["sha256"], offset=request["offset"], length=len(data),
-                         total=total,
+    header = ChunkHeader(request_id=request.request_id, sha256=request.sha256,
+                         offset=request.offset, length=len(data), total=total,
                          chunk_sha256=chunk_sha256 or hashlib.sha256(data).hexdigest())
     return _frame(header, data)
 
@@ -176,10 +185,10 @@ def encode_chunk(request: ChunkRequest, data: bytes, total: int,
 def encode_chunk_error(request_id: str, sha256: str, offset: int, code: ChunkErrorCode,
                        message: str) -> bytes:
     """A reply that says why a request cannot be answered."""
-    header = ChunkHeader(schema=CHUNK_SCHEMA, request_id=request_id, sha256=sha256,
-                         offset=offset, length=0, total=0,
-                         chunk_sha256=hashlib.sha256(b"").hexdigest(),
-                         error=ChunkErrorInfo(code=code.value, message=message[:500]))
+    header = ChunkHeader(request_id=request_id, sha256=sha256, offset=offset, length=0,
+                         total=0, chunk_sha256=hashlib.sha256(b"").hexdigest(),
+                         error=ChunkErrorInfo(code=code.value,
+                                              message=message[:_MAX_ERROR_MESSAGE]))
     return _frame(header, b"")
 
 
@@ -196,30 +205,13 @@ def decode_chunk(payload: bytes) -> Chunk:
     if header_len > _MAX_HEADER_BYTES or _LEN.size + header_len > len(payload):
         raise ProtocolError(f"chunk reply header length {header_len} does not fit the"
                             f" {len(payload)}-byte payload")
-    doc = _json(payload[_LEN.size:_LEN.size + header_len], "chunk reply header")
+    header = decode(payload[_LEN.size:_LEN.size + header_len], ChunkHeader, where="chunk")
     data = payload[_LEN.size + header_len:]
-    where = "chunk"
-    if doc.get("schema") != CHUNK_SCHEMA:
-        raise ProtocolError(f"{where}.schema: expected {CHUNK_SCHEMA!r}, found"
-                            f" {doc.get('schema')!r}")
-    header = ChunkHeader(
-        schema=CHUNK_SCHEMA,
-        request_id=v.text(doc, "request_id", where, max_len=64),
-        sha256=v.sha256(doc, "sha256", where),
-        offset=v.integer(doc, "offset", where, high=MAX_ARTIFACT_BYTES),
-        length=v.integer(doc, "length", where, high=MAX_CHUNK_BYTES),
-        total=v.integer(doc, "total", where, high=MAX_ARTIFACT_BYTES),
-        chunk_sha256=v.sha256(doc, "chunk_sha256", where),
-    )
-    if doc.get("error") is not None:
-        err = v.obj(doc["error"], f"{where}.error")
-        header["error"] = ChunkErrorInfo(code=v.text(err, "code", f"{where}.error", max_len=64),
-                                         message=str(err.get("message", ""))[:500])
-    if len(data) != header["length"]:
+    if len(data) != header.length:
         raise ProtocolError(f"chunk reply carries {len(data)} bytes, its header says"
-                            f" {header['length']} (truncated)")
-    if hashlib.sha256(data).hexdigest() != header["chunk_sha256"]:
-        raise ProtocolError(f"chunk at offset {header['offset']} does not match its sha256"
+                            f" {header.length} (truncated)")
+    if hashlib.sha256(data).hexdigest() != header.chunk_sha256:
+        raise ProtocolError(f"chunk at offset {header.offset} does not match its sha256"
                             " (corrupted in transit)")
     return Chunk(header, data)
 
@@ -240,13 +232,5 @@ def peek_request_id(payload: bytes) -> str | None:
 
 
 def _frame(header: ChunkHeader, data: bytes) -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = encode(header)
     return b"".join((_LEN.pack(len(head)), head, data))  # one copy of the chunk, not two
-
-
-def _json(data: bytes | str, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}") from exc
-    return v.obj(doc, what)

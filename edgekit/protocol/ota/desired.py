@@ -39,28 +39,36 @@ keeps on disk. ``revert: true`` (a rollout's way back) means: a device serving e
 ``model`` goes back to the model it ran before it (its own record, never a version someone
 else names); a device not serving it does nothing. Unknown keys are ignored, so minor
 additions stay readable by older devices.
+
+Each object is a msgspec Struct (:class:`DesiredDocument` and the objects it holds); the
+same classes encode the document on the host and decode it on the device. Every field is
+encoded, null included, except ``sources.mqtt.chunk_size``, ``sources.deltas`` and
+``transfer``, which are left out when unset: the bytes stay those of the documents written
+before they existed, so signatures over them do not change.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import re
 import secrets
-from typing import Any, NotRequired, TypedDict
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msgspec import UNSET, Meta, UnsetType
 
 from edgekit.errors import ProtocolError
 from edgekit.manifest import parse_version
-from edgekit.protocol import encode, is_valid_id, parse_topic
-from edgekit.protocol.ota import _validate as v
+from edgekit.protocol import encode, parse_topic
+from edgekit.protocol.codec import Document, decode
 from edgekit.protocol.ota._time import format_time, parse_time
-from edgekit.protocol.ota.shadow import SHADOW_DESIRED_SCHEMA, ShadowSpec, parse_shadow
+from edgekit.protocol.ota.shadow import SHADOW_DESIRED_SCHEMA, ShadowSpec
 from edgekit.protocol.ota.topics import ARTIFACTS_SCOPE
-from edgekit.protocol.ota.transfer import Transfer, parse_transfer
+from edgekit.protocol.ota.transfer import Transfer, check_transfer
 from edgekit.protocol.signed import seal
+from edgekit.protocol.topics import ID_PATTERN
 
 __all__ = [
     "DEFAULT_PROBATION",
@@ -68,11 +76,13 @@ __all__ = [
     "DESIRED_TTL_S",
     "MAX_ARTIFACT_BYTES",
     "ROLLBACK_TTL_S",
-    "DesiredDocument",
+    "SHA256_PATTERN",
     "DeltaSource",
+    "DesiredDocument",
     "DesiredModel",
     "MqttSource",
     "Probation",
+    "ShadowDesiredDocument",
     "Sources",
     "encode_desired",
     "make_desired",
@@ -85,44 +95,56 @@ DESIRED_SCHEMA = "edgekit.desired/2"
 MAX_ARTIFACT_BYTES = 4 * 1024**3
 DESIRED_TTL_S = 30 * 86400.0  # default life of a deploy's document (devices that join later)
 ROLLBACK_TTL_S = 86400.0  # default life of a document that allows a downgrade
+SHA256_PATTERN = "^[0-9a-f]{64}$"
 _MAX_TTL_S = 400 * 86400.0
-_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 _MAX_DEVICES = 10_000
 _MAX_DELTAS = 32
 
-
-class DesiredModel(TypedDict):
-    name: str
-    version: str
-    sha256: str | None  # of the .edgepkg file
-    size: int | None  # bytes of the .edgepkg file; a hard cap on the download
-    key_id: str | None  # the signer the package must have, or None
-
-
-class MqttSource(TypedDict):
-    request_topic: str  # where chunk requests go (edgekit.protocol.ota.chunks)
-    chunk_size: NotRequired[int]  # a suggestion; servers cap it
+_Sha256 = Annotated[str, Meta(pattern=SHA256_PATTERN)]
+_Size = Annotated[int, Meta(ge=1, le=MAX_ARTIFACT_BYTES)]
+_Id = Annotated[str, Meta(pattern=ID_PATTERN)]  # letters, digits, _ . -; at most 64
+_Topic = Annotated[str, Meta(min_length=1, max_length=1024)]
+_Url = Annotated[str, Meta(min_length=1, max_length=4096)]
+_Time = Annotated[str, Meta(min_length=1, max_length=64)]
+_Rate = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
-class DeltaSource(TypedDict):
+class DesiredModel(msgspec.Struct, kw_only=True, frozen=True):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    version: Annotated[str, Meta(min_length=1, max_length=64)]  # a dotted number
+    sha256: _Sha256 | None  # of the .edgepkg file
+    size: _Size | None  # bytes of the .edgepkg file; a hard cap on the download
+    # the signer the package must have, or None
+    key_id: Annotated[str, Meta(pattern="^[0-9a-f]{16}$")] | None = None
+
+
+class MqttSource(msgspec.Struct, kw_only=True, frozen=True):
+    request_topic: _Topic  # where chunk requests go (edgekit.protocol.ota.chunks)
+    # a suggestion; servers cap it (left out of the document when unset)
+    chunk_size: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] | UnsetType = UNSET
+
+
+class DeltaSource(msgspec.Struct, kw_only=True, frozen=True):
     """A delta (:mod:`edgekit.protocol.ota.delta`) that rebuilds the model from a package a
     device may keep; fetched like the package, by its own sha256."""
 
-    base_sha256: str  # the .edgepkg the delta starts from
-    sha256: str  # of the delta file
-    size: int  # bytes of the delta file; a hard cap on its download
-    request_topic: str | None  # where chunk requests for it go
-    url: str | None  # http(s) URL of the delta file
+    base_sha256: _Sha256  # the .edgepkg the delta starts from
+    sha256: _Sha256  # of the delta file
+    size: _Size  # bytes of the delta file; a hard cap on its download
+    request_topic: _Topic | None = None  # where chunk requests for it go
+    url: _Url | None = None  # http(s) URL of the delta file
 
 
-class Sources(TypedDict):
-    mqtt: MqttSource | None
-    url: str | None  # http(s) URL of the .edgepkg, fetched with Range requests
-    deltas: NotRequired[list[DeltaSource]]  # smaller ways to the same file, by base
+class Sources(msgspec.Struct, kw_only=True, frozen=True):
+    mqtt: MqttSource | None = None
+    url: _Url | None = None  # http(s) URL of the .edgepkg, fetched with Range requests
+    # smaller ways to the same file, by base (left out of the document when unset)
+    deltas: Annotated[list[DeltaSource], Meta(max_length=_MAX_DELTAS)] | None | UnsetType = \
+        UNSET
 
 
-class Probation(TypedDict):
+class Probation(msgspec.Struct, kw_only=True, frozen=True):
     """How a newly activated model is watched before it is committed.
 
     Probation passes after ``requests`` answered requests or ``seconds`` of serving, whichever
@@ -132,34 +154,51 @@ class Probation(TypedDict):
     percentile latency exceeds ``max_latency_ms`` (null: not checked).
     """
 
-    requests: int
-    seconds: float
-    max_error_rate: float
-    max_nonfinite_rate: float
-    max_latency_ms: float | None
+    requests: Annotated[int, Meta(ge=0, le=10_000_000)] = 20
+    seconds: Annotated[float, Meta(ge=0.0, le=30 * 86400.0)] = 30.0
+    max_error_rate: _Rate = 0.0
+    max_nonfinite_rate: _Rate = 0.0
+    max_latency_ms: Annotated[float, Meta(ge=0.0)] | None = None
 
 
-DEFAULT_PROBATION = Probation(requests=20, seconds=30.0, max_error_rate=0.0,
-                              max_nonfinite_rate=0.0, max_latency_ms=None)
+DEFAULT_PROBATION = Probation()
 
 
-class DesiredDocument(TypedDict):
-    schema: str
-    deployment: str  # an id, new for every deploy or rollback
-    issued: str  # ISO 8601, UTC; devices refuse documents older than the last one acted on
-    expires: str  # ISO 8601, UTC; devices refuse an expired document that changes the model
-    fleet: str  # the fleet it is for
-    devices: list[str] | None  # the devices it is for; None: every device of the fleet
+# msgspec lets a frozen Struct subclass the (unfrozen) Document base; mypy applies the
+# dataclass rule that forbids it, hence the ignores on these class lines.
+class DesiredDocument(Document, tag=DESIRED_SCHEMA,  # type: ignore[misc]
+                      frozen=True, omit_defaults=False):
+    """The desired document; :class:`ShadowDesiredDocument` is its shadow-evaluation form.
+
+    Decoding (:func:`parse_desired`) also checks the rules across fields (times, the kept
+    copy, sources, the window); every error names the field, e.g. ``desired.model.size``.
+    """
+
+    max_bytes: ClassVar[int] = _MAX_DOCUMENT_BYTES
+    deployment: _Id  # an id, new for every deploy or rollback
+    issued: _Time  # ISO 8601, UTC; devices refuse documents older than the last one acted on
+    expires: _Time  # ISO 8601, UTC; devices refuse an expired document that changes the model
+    fleet: _Id  # the fleet it is for
+    # the devices it is for; None: every device of the fleet
+    devices: Annotated[list[_Id], Meta(max_length=_MAX_DEVICES)] | None
     model: DesiredModel
     sources: Sources
-    allow_breaking: bool  # accept changed inputs/outputs when the manifest marks the change
-    allow_downgrade: bool  # a version not newer than the device's floor may install
-    allow_rename: bool  # a model of another name than the device's floor may install
-    revert: bool  # devices serving ``model`` go back to their own previous model
-    latency_budget_ms: float | None  # staging: mean latency on the golden samples, or None
-    probation: Probation
-    transfer: NotRequired[Transfer]  # thin links: rate cap and maintenance window
-    shadow: NotRequired[ShadowSpec]  # shadow evaluation instead of activation (schema differs)
+    allow_breaking: bool = False  # accept changed inputs/outputs the manifest marks as such
+    allow_downgrade: bool = False  # a version not newer than the device's floor may install
+    allow_rename: bool = False  # a model of another name than the device's floor may install
+    revert: bool = False  # devices serving ``model`` go back to their own previous model
+    # staging: mean latency on the golden samples, or None
+    latency_budget_ms: Annotated[float, Meta(ge=0.0)] | None = None
+    probation: Probation = msgspec.field(default_factory=Probation)
+    # thin links: rate cap and maintenance window (left out of the document when unset)
+    transfer: Transfer | None | UnsetType = UNSET
+
+
+class ShadowDesiredDocument(DesiredDocument,  # type: ignore[misc]
+                            tag=SHADOW_DESIRED_SCHEMA, kw_only=True, frozen=True):
+    """A desired document that asks for a shadow evaluation instead of an activation."""
+
+    shadow: ShadowSpec
 
 
 def new_deployment_id(now: dt.datetime | None = None) -> str:
@@ -183,7 +222,7 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
     ``ttl_s`` is how long it stays valid (default: :data:`ROLLBACK_TTL_S` for a document that
     allows a downgrade or reverts, else :data:`DESIRED_TTL_S`). ``transfer`` (thin links:
     :mod:`edgekit.protocol.ota.transfer`) is left out of the document when None; ``shadow``
-    (:mod:`edgekit.protocol.ota.shadow`) makes it a shadow evaluation, of schema
+    (:mod:`edgekit.protocol.ota.shadow`) makes it a :class:`ShadowDesiredDocument`, of schema
     :data:`~edgekit.protocol.ota.shadow.SHADOW_DESIRED_SCHEMA`.
 
     Raises:
@@ -192,30 +231,27 @@ def make_desired(*, deployment: str, fleet: str, name: str, version: str, sha256
     moment = (issued or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
     if ttl_s is None:
         ttl_s = ROLLBACK_TTL_S if (allow_downgrade or revert) else DESIRED_TTL_S
-    doc = {
-        "schema": DESIRED_SCHEMA,
+    fields: dict[str, Any] = {
         "deployment": deployment,
         "issued": format_time(moment),
         "expires": format_time(moment + dt.timedelta(seconds=ttl_s)),
         "fleet": fleet,
         "devices": sorted(set(devices)) if devices is not None else None,
-        "model": {"name": name, "version": version, "sha256": sha256, "size": size,
-                  "key_id": key_id},
-        "sources": {"mqtt": {"request_topic": request_topic} if request_topic else None,
-                    "url": url, **({"deltas": list(deltas)} if deltas else {})},
+        "model": DesiredModel(name=name, version=version, sha256=sha256, size=size,
+                              key_id=key_id),
+        "sources": Sources(mqtt=MqttSource(request_topic=request_topic) if request_topic
+                           else None, url=url, deltas=list(deltas) if deltas else UNSET),
         "allow_breaking": allow_breaking,
         "allow_downgrade": allow_downgrade,
         "allow_rename": allow_rename,
         "revert": revert,
         "latency_budget_ms": latency_budget_ms,
-        "probation": dict(probation or DEFAULT_PROBATION),
+        "probation": probation or DEFAULT_PROBATION,
+        "transfer": UNSET if transfer is None else transfer,
     }
-    if transfer is not None:
-        doc["transfer"] = dict(transfer)
-    if shadow is not None:
-        doc["schema"] = SHADOW_DESIRED_SCHEMA
-        doc["shadow"] = dict(shadow)
-    return parse_desired(doc)
+    doc = DesiredDocument(**fields) if shadow is None else \
+        ShadowDesiredDocument(**fields, shadow=shadow)
+    return parse_desired(encode(doc))
 
 
 def encode_desired(doc: DesiredDocument) -> bytes:
@@ -229,184 +265,91 @@ def seal_desired(doc: DesiredDocument, key: Ed25519PrivateKey) -> bytes:
     return seal(encode_desired(doc), key)
 
 
-def parse_desired(data: bytes | str | dict[str, Any]) -> DesiredDocument:
-    """Parse and validate a desired document; fill defaults (probation, optional keys).
+def parse_desired(data: bytes | str | Mapping[str, Any]) -> DesiredDocument:
+    """Decode and check a desired document (or a shadow one); absent optional fields get
+    their defaults (probation, the ``allow_*`` flags).
 
-    This reads the inner document only: a device checks the envelope's signature first.
+    This reads the inner document only: a device checks the envelope's signature first. A
+    mapping (a document already parsed as JSON) is encoded and decoded like the bytes.
 
     Raises:
-        ProtocolError: not JSON, not an object, another schema, or a field that is missing or
-            wrong; the message names the key, e.g. ``desired.model.size``.
+        ProtocolError: over 4 MiB, not JSON, another schema, or a field that is missing,
+            of the wrong type, out of range or against the rules across fields; the message
+            names the field, e.g. ``desired.model.size``.
     """
-    if isinstance(data, dict):
-        raw: Any = data
-    else:
-        if len(data) > _MAX_DOCUMENT_BYTES:
-            raise ProtocolError(f"desired document is {len(data)} bytes, over the limit of"
-                                f" {_MAX_DOCUMENT_BYTES}")
+    if isinstance(data, Mapping):
         try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"desired document is not valid JSON: {exc}",
-                                hint="publish the output of `edgekit deploy`") from exc
-    doc = v.obj(raw, "desired")
-    shadow = doc.get("schema") == SHADOW_DESIRED_SCHEMA
-    if doc.get("schema") != DESIRED_SCHEMA and not shadow:
-        raise ProtocolError(f"desired.schema: expected {DESIRED_SCHEMA!r},"
-                            f" found {doc.get('schema')!r}",
-                            hint=f"this device understands {DESIRED_SCHEMA} documents")
-    deployment = _id(doc, "deployment")
-    fleet = _id(doc, "fleet")
-    devices = v.strings(doc, "devices", "desired", nullable=True, max_items=_MAX_DEVICES)
-    if devices is not None and not all(is_valid_id(d) for d in devices):
-        raise ProtocolError("desired.devices: every entry must be a valid device id")
-    issued = v.text(doc, "issued", "desired", max_len=64)
-    expires = v.text(doc, "expires", "desired", max_len=64)
-    life = (parse_time(expires, "desired.expires")
-            - parse_time(issued, "desired.issued")).total_seconds()
-    if not 0 < life <= _MAX_TTL_S:
-        raise ProtocolError(f"desired.expires: {expires} must be after desired.issued and"
-                            f" within {_MAX_TTL_S / 86400:g} days of it")
-    allow_downgrade = v.boolean(doc, "allow_downgrade", "desired", default=False)
-    revert = v.boolean(doc, "revert", "desired", default=False)
-    model = _model(v.obj(v.field(doc, "model", "desired"), "desired.model"),
-                   kept_ok=allow_downgrade and not revert)
-    if revert and model["sha256"] is None:
-        raise ProtocolError("desired.model.sha256: a revert names the package it leaves")
-    sources = _sources(v.obj(v.field(doc, "sources", "desired"), "desired.sources"),
-                       need_one=model["sha256"] is not None and not revert)
-    if shadow and revert:
+            data = encode(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"desired: not a JSON document: {exc}") from None
+    doc = decode(data, DesiredDocument, where="desired", variants=(ShadowDesiredDocument,))
+    _check_times(doc)
+    _check_model(doc)
+    _check_sources(doc.sources, need_one=doc.model.sha256 is not None and not doc.revert)
+    if doc.transfer:
+        check_transfer(doc.transfer)
+    if isinstance(doc, ShadowDesiredDocument) and doc.revert:
         raise ProtocolError("desired.revert: a shadow evaluation never changes the model in"
                             " service, so it cannot revert one")
-    parsed = DesiredDocument(
-        schema=SHADOW_DESIRED_SCHEMA if shadow else DESIRED_SCHEMA,
-        deployment=deployment,
-        issued=issued,
-        expires=expires,
-        fleet=fleet,
-        devices=devices,
-        model=model,
-        sources=sources,
-        allow_breaking=v.boolean(doc, "allow_breaking", "desired", default=False),
-        allow_downgrade=allow_downgrade,
-        allow_rename=v.boolean(doc, "allow_rename", "desired", default=False),
-        revert=revert,
-        latency_budget_ms=v.number(doc, "latency_budget_ms", "desired", default=None,
-                                   nullable=True, low=0.0),
-        probation=_probation(doc.get("probation")),
-    )
-    transfer = parse_transfer(doc.get("transfer"))
-    if transfer is not None:
-        parsed["transfer"] = transfer
-    if shadow:
-        parsed["shadow"] = parse_shadow(doc.get("shadow"))
-    return parsed
+    return doc
 
 
-def _id(doc: dict[str, Any], key: str) -> str:
-    value: str = v.text(doc, key, "desired", max_len=64)
-    if not is_valid_id(value):
-        raise ProtocolError(f"desired.{key}: {value!r} is not a valid id",
-                            hint="use letters, digits, '_', '.' or '-'")
-    return value
+def _check_times(doc: DesiredDocument) -> None:
+    life = (parse_time(doc.expires, "desired.expires")
+            - parse_time(doc.issued, "desired.issued")).total_seconds()
+    if not 0 < life <= _MAX_TTL_S:
+        raise ProtocolError(f"desired.expires: {doc.expires} must be after desired.issued and"
+                            f" within {_MAX_TTL_S / 86400:g} days of it")
 
 
-def _model(doc: dict[str, Any], *, kept_ok: bool) -> DesiredModel:
-    where = "desired.model"
-    name = v.text(doc, "name", where, max_len=256)
-    version = v.text(doc, "version", where, max_len=64)
+def _check_model(doc: DesiredDocument) -> None:
+    where, model = "desired.model", doc.model
     try:
-        parse_version(version)
+        parse_version(model.version)
     except Exception as exc:
-        raise ProtocolError(f"{where}.version: {version!r} is not a dotted number") from exc
-    sha = v.sha256(doc, "sha256", where, nullable=True)
-    size = v.integer(doc, "size", where, low=1, high=MAX_ARTIFACT_BYTES, nullable=True)
-    if sha is None and not kept_ok:
+        raise ProtocolError(f"{where}.version: {model.version!r} is not a dotted number"
+                            ) from exc
+    if model.sha256 is None and not (doc.allow_downgrade and not doc.revert):
         raise ProtocolError(f"{where}.sha256: null is allowed only in a downgrade to a kept"
                             " copy (allow_downgrade)", hint="name the package's sha256")
-    if (sha is None) != (size is None):
+    if (model.sha256 is None) != (model.size is None):
         raise ProtocolError(f"{where}.size: must be null exactly when {where}.sha256 is null")
-    key_id = v.text(doc, "key_id", where, default=None, nullable=True, max_len=16)
-    if key_id is not None and not _KEY_ID_RE.match(key_id):
-        raise ProtocolError(f"{where}.key_id: expected 16 lowercase hex digits, found {key_id!r}")
-    return DesiredModel(name=name, version=version, sha256=sha, size=size, key_id=key_id)
+    if doc.revert and model.sha256 is None:
+        raise ProtocolError(f"{where}.sha256: a revert names the package it leaves")
 
 
-def _sources(doc: dict[str, Any], *, need_one: bool) -> Sources:
+def _check_sources(sources: Sources, *, need_one: bool) -> None:
     where = "desired.sources"
-    mqtt_doc = doc.get("mqtt")
-    mqtt: MqttSource | None = None
-    if mqtt_doc is not None:
-        m = v.obj(mqtt_doc, f"{where}.mqtt")
-        mqtt = MqttSource(request_topic=_request_topic(m, f"{where}.mqtt"))
-        chunk = v.integer(m, "chunk_size", f"{where}.mqtt", low=1024, high=16 * 1024 * 1024,
-                          default=None)
-        if chunk is not None:
-            mqtt["chunk_size"] = chunk
-    url = _url(doc, where)
-    if need_one and mqtt is None and url is None:
+    if sources.mqtt is not None:
+        _check_topic(sources.mqtt.request_topic, f"{where}.mqtt.request_topic")
+    if sources.url is not None:
+        _check_url(sources.url, f"{where}.url")
+    if need_one and sources.mqtt is None and sources.url is None:
         raise ProtocolError(f"{where}: names neither mqtt nor url, so the artifact cannot be had",
                             hint="give sources.mqtt.request_topic or sources.url")
-    sources = Sources(mqtt=mqtt, url=url)
-    if doc.get("deltas") is not None:
-        sources["deltas"] = _deltas(doc["deltas"], f"{where}.deltas")
-    return sources
+    for i, delta in enumerate(sources.deltas or []):
+        at = f"{where}.deltas[{i}]"
+        if delta.request_topic is not None:
+            _check_topic(delta.request_topic, f"{at}.request_topic")
+        if delta.url is not None:
+            _check_url(delta.url, f"{at}.url")
+        if delta.request_topic is None and delta.url is None:
+            raise ProtocolError(f"{at}: names neither request_topic nor url")
 
 
-def _request_topic(doc: dict[str, Any], where: str) -> str:
-    request_topic: str = v.text(doc, "request_topic", where, max_len=1024)
-    if any(c in request_topic for c in "+#\0") or request_topic.startswith("$"):
-        raise ProtocolError(f"{where}.request_topic: {request_topic!r} is not a topic"
-                            " one can publish to (wildcards, NUL or a leading '$')")
-    parts = parse_topic(request_topic)
+def _check_topic(topic: str, where: str) -> None:
+    if any(c in topic for c in "+#\0") or topic.startswith("$"):
+        raise ProtocolError(f"{where}: {topic!r} is not a topic one can publish to"
+                            " (wildcards, NUL or a leading '$')")
+    parts = parse_topic(topic)
     if parts is not None and parts.device != ARTIFACTS_SCOPE:
         # Inside the tree only artifact topics: a request must not land on a device's
         # status, predict or other topic.
-        raise ProtocolError(f"{where}.request_topic: {request_topic!r} is a device"
-                            f" topic; requests go to edgekit/v1/<fleet>/{ARTIFACTS_SCOPE}/...")
-    return request_topic
+        raise ProtocolError(f"{where}: {topic!r} is a device topic; requests go to"
+                            f" edgekit/v1/<fleet>/{ARTIFACTS_SCOPE}/...")
 
 
-def _url(doc: dict[str, Any], where: str) -> str | None:
-    url: str | None = v.text(doc, "url", where, default=None, nullable=True, max_len=4096)
-    if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ProtocolError(f"{where}.url: {url!r} is not an http:// or https:// URL")
-    return url
-
-
-def _deltas(value: Any, where: str) -> list[DeltaSource]:
-    if not isinstance(value, list) or len(value) > _MAX_DELTAS:
-        raise ProtocolError(f"{where}: expected a list of at most {_MAX_DELTAS} deltas")
-    out: list[DeltaSource] = []
-    for i, item in enumerate(value):
-        at = f"{where}[{i}]"
-        d = v.obj(item, at)
-        topic = _request_topic(d, at) if d.get("request_topic") is not None else None
-        url = _url(d, at)
-        if topic is None and url is None:
-            raise ProtocolError(f"{at}: names neither request_topic nor url")
-        out.append(DeltaSource(base_sha256=v.sha256(d, "base_sha256", at),
-                               sha256=v.sha256(d, "sha256", at),
-                               size=v.integer(d, "size", at, low=1, high=MAX_ARTIFACT_BYTES),
-                               request_topic=topic, url=url))
-    return out
-
-
-def _probation(value: Any) -> Probation:
-    if value is None:
-        return Probation(**DEFAULT_PROBATION)
-    where = "desired.probation"
-    doc = v.obj(value, where)
-    d = DEFAULT_PROBATION
-    return Probation(
-        requests=v.integer(doc, "requests", where, high=10_000_000, default=d["requests"]),
-        seconds=v.number(doc, "seconds", where, high=30 * 86400.0, default=d["seconds"]),
-        max_error_rate=v.number(doc, "max_error_rate", where, high=1.0,
-                                default=d["max_error_rate"]),
-        max_nonfinite_rate=v.number(doc, "max_nonfinite_rate", where, high=1.0,
-                                    default=d["max_nonfinite_rate"]),
-        max_latency_ms=v.number(doc, "max_latency_ms", where, default=d["max_latency_ms"],
-                                nullable=True),
-    )
+def _check_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProtocolError(f"{where}: {url!r} is not an http:// or https:// URL")

@@ -16,14 +16,13 @@ the device sends ``update.shadowed`` with a :class:`ShadowReport` in
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, TypedDict
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
 
 from edgekit.errors import ProtocolError
-from edgekit.protocol.codec import Document, decode, encode
-from edgekit.protocol.ota import _validate as v
+from edgekit.protocol.codec import Document, decode, encode, field_error
 
 __all__ = [
     "SHADOW_DESIRED_SCHEMA",
@@ -32,7 +31,6 @@ __all__ = [
     "ShadowReport",
     "ShadowSpec",
     "make_shadow",
-    "parse_shadow",
     "parse_shadow_report",
 ]
 
@@ -43,37 +41,28 @@ MAX_SHADOW_SECONDS = 7 * 86400.0
 _REPORT_MAX_BYTES = 16 * 1024
 
 
-class ShadowSpec(TypedDict):
-    requests: int  # shadowed requests that end the evaluation
-    sample: float  # share of live requests the candidate also runs (0 < sample <= 1)
-    seconds: float  # the longest it runs, whatever the count
+class ShadowSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """The ``shadow`` field of a shadow desired document; every field is always encoded."""
+
+    # shadowed requests that end the evaluation
+    requests: Annotated[int, Meta(ge=1, le=MAX_SHADOW_REQUESTS)]
+    # share of live requests the candidate also runs (0 < sample <= 1)
+    sample: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.2
+    # the longest it runs, whatever the count
+    seconds: Annotated[float, Meta(gt=0.0, le=MAX_SHADOW_SECONDS)] = 600.0
 
 
 def make_shadow(requests: int = 200, sample: float = 0.2, seconds: float = 600.0) -> ShadowSpec:
     """A checked ``shadow`` field.
 
     Raises:
-        ProtocolError: a value is out of range; the message names it.
+        ProtocolError: a value is out of range; the message names it (``desired.shadow.<key>``).
     """
-    return parse_shadow({"requests": requests, "sample": sample, "seconds": seconds})
-
-
-def parse_shadow(value: Any) -> ShadowSpec:
-    """Parse the ``shadow`` field of a desired document.
-
-    Raises:
-        ProtocolError: not an object, or a value out of range (named ``desired.shadow.<key>``).
-    """
-    where = "desired.shadow"
-    doc = v.obj(value, where)
-    requests = v.integer(doc, "requests", where, low=1, high=MAX_SHADOW_REQUESTS)
-    sample = v.number(doc, "sample", where, high=1.0, default=0.2)
-    if not sample > 0.0:
-        raise ProtocolError(f"{where}.sample: {sample} must be above 0 (and at most 1)")
-    seconds = v.number(doc, "seconds", where, high=MAX_SHADOW_SECONDS, default=600.0)
-    if not seconds > 0.0:
-        raise ProtocolError(f"{where}.seconds: {seconds} must be above 0")
-    return ShadowSpec(requests=requests, sample=sample, seconds=seconds)
+    spec = ShadowSpec(requests=requests, sample=float(sample), seconds=float(seconds))
+    try:
+        return msgspec.convert(msgspec.to_builtins(spec), ShadowSpec, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(field_error(str(exc), "desired.shadow")) from None
 
 
 _Rate = Annotated[float, Meta(ge=0.0, le=1.0)]

@@ -8,27 +8,34 @@
 artifact bytes; null: no cap); ``window`` is the maintenance window, ``HH:MM-HH:MM`` in the
 device's local time (a window whose end is not after its start runs over midnight; null:
 any time), outside which the device asks for no chunk. Both are optional and the whole
-object may be absent (older devices ignore it). A device combines them with its own
+object may be absent (older devices ignore it). :class:`Transfer` is the field's type; it is
+decoded with the desired document, which then checks the window (:func:`check_transfer`). A device combines them with its own
 ``ota.max_kbps`` and ``ota.maintenance_window`` (docs/ota.md, *Thin links*).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, TypedDict
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
 
 from edgekit.errors import ProtocolError
-from edgekit.protocol.ota import _validate as v
 
-__all__ = ["MAX_KBPS", "Transfer", "make_transfer", "parse_transfer", "parse_window"]
+__all__ = ["MAX_KBPS", "Transfer", "check_transfer", "make_transfer", "parse_window"]
 
 MAX_KBPS = 10_000_000  # 10 Gbit/s: anything above is no cap at all
 _WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
-class Transfer(TypedDict):
-    max_kbps: int | None  # chunk requests at most this many kbit/s of artifact bytes
-    window: str | None  # HH:MM-HH:MM, the device's local time
+class Transfer(msgspec.Struct, kw_only=True, frozen=True):
+    """The ``transfer`` of a desired document; both fields are always encoded."""
+
+    # chunk requests at most this many kbit/s of artifact bytes; None: no cap
+    max_kbps: Annotated[int, Meta(ge=1, le=MAX_KBPS)] | None = None
+    # HH:MM-HH:MM, the device's local time; None: any time
+    window: Annotated[str, Meta(min_length=1, max_length=16)] | None = None
 
 
 def parse_window(text: str, where: str = "window") -> tuple[int, int] | None:
@@ -68,18 +75,11 @@ def make_transfer(max_kbps: int | None, window: str | None, where: str = "window
     return Transfer(max_kbps=max_kbps, window=window or None)
 
 
-def parse_transfer(value: Any, where: str = "desired.transfer") -> Transfer | None:
-    """The ``transfer`` object of a desired document, or None when absent or null.
+def check_transfer(transfer: Transfer, where: str = "desired.transfer") -> None:
+    """The check decoding cannot make: ``window`` is a real window.
 
     Raises:
-        ProtocolError: a field is wrong; the message names it.
+        ProtocolError: ``window`` is not HH:MM-HH:MM, or empty (``<where>.window``).
     """
-    if value is None:
-        return None
-    doc = v.obj(value, where)
-    max_kbps = v.integer(doc, "max_kbps", where, low=1, high=MAX_KBPS, default=None,
-                         nullable=True)
-    window = v.text(doc, "window", where, default=None, nullable=True, max_len=16)
-    if window is not None:
-        parse_window(window, f"{where}.window")
-    return Transfer(max_kbps=max_kbps, window=window)
+    if transfer.window is not None:
+        parse_window(transfer.window, f"{where}.window")
