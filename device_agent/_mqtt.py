@@ -134,6 +134,8 @@ class MqttLink:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._acked: set[int] = set()
+        self._queued_mids: set[int] = set()  # sent from the queue, not acknowledged yet
+        self._queue_publishing = False  # the sender is inside publish(): its mid is unknown
         self._acked_lock = threading.Lock()
         self.session = outbox.counter(SESSION_COUNTER)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
@@ -251,9 +253,15 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
                     reason_code: mqtt.ReasonCode, properties: object) -> None:
+        # Only an acknowledgement of a message from the queue wakes the sender (a SQLite
+        # query): chunk requests are acknowledged many times a second during a download.
         with self._acked_lock:
-            self._acked.add(mid)
-        self._wake.set()
+            ours = self._queue_publishing or mid in self._queued_mids
+            if ours:
+                self._queued_mids.discard(mid)
+                self._acked.add(mid)
+        if ours:
+            self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
@@ -328,12 +336,31 @@ class MqttLink:
                             _ACK_TIMEOUT_S)
                 last_id = pending[0][0] - 1
                 pending.clear()
+                with self._acked_lock:
+                    self._queued_mids.clear()
             room = _SEND_WINDOW - len(pending)
             if room <= 0:
                 continue
             for msg in self.outbox.peek(last_id, room):
-                info = self._client.publish(msg.topic, msg.payload, qos=1)
+                info = self._publish_queued(msg.topic, msg.payload)
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                     break
                 pending.append((msg.id, info.mid, time.monotonic()))
                 last_id = msg.id
+
+    def _publish_queued(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """Publish a message of the queue and note its mid, so that its acknowledgement wakes
+        the sender (one that arrives before the mid is known is counted as ours)."""
+        with self._acked_lock:
+            self._queue_publishing = True
+        try:
+            info = self._client.publish(topic, payload, qos=1)
+        except BaseException:
+            with self._acked_lock:
+                self._queue_publishing = False
+            raise
+        with self._acked_lock:
+            self._queue_publishing = False
+            if info.mid not in self._acked:
+                self._queued_mids.add(info.mid)
+        return info
