@@ -14,8 +14,9 @@ In one run, on one machine, against one mosquitto:
    serves it in chunks. Measured: the time until every agent reports ``succeeded``, the
    download phase (deploy to the last agent's 100 %), chunk throughput (bytes the server sent
    / download phase) and its ratio to the raw throughput, the CPU time each agent process
-   spent from the deploy to its own 100 % (median; Linux), and the requests that failed
-   during the swap (must be 0).
+   spent from the deploy to its own 100 % (median; Linux) and its minor page faults over the
+   same span, the agents' RSS before the deploy, at their 100 % and after the update
+   (medians; Linux), and the requests that failed during the swap (must be 0).
 
     .venv/bin/python benchmarks/ota_bench.py [--agents 20] [--size-mb 20] [--json out.json]
     .venv/bin/python benchmarks/ota_bench.py --quick   # 2 agents, 1 MB, short probation
@@ -167,13 +168,46 @@ def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
             "mb_per_s": got["bytes"] / seconds / 1e6}
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere)."""
+def _stat_fields(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux ``/proc``; None elsewhere)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else \
+        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of a process so far (Linux ``/proc``; None elsewhere)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[7])
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a process in MB (Linux ``/proc``; None elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _spent(pairs: dict[str, tuple[Any, Any]], digits: int) -> float | None:
+    """Median over agents of (after - before), where both were read."""
+    values = sorted(b - a for a, b in pairs.values() if a is not None and b is not None)
+    return round(values[len(values) // 2], digits) if values else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return round(known[len(known) // 2], 1) if known else None
 
 
 # --------------------------------------------------------------------------- agents
@@ -276,6 +310,8 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
         downloaded: dict[str, float] = {}
         pids = {f"dev-{i:02d}": proc.pid for i, (proc, _) in enumerate(procs)}
         cpu: dict[str, tuple[float | None, float | None]] = {}
+        faults: dict[str, tuple[int | None, int | None]] = {}
+        rss_downloaded: dict[str, float | None] = {}
 
         def on_event(msg: mqtt.MQTTMessage) -> None:
             try:
@@ -290,23 +326,27 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
                 downloaded[device] = time.perf_counter()
                 if device in cpu:
                     cpu[device] = (cpu[device][0], cpu_seconds(pids[device]))
+                    faults[device] = (faults[device][0], minor_faults(pids[device]))
+                    rss_downloaded[device] = rss_mb(pids[device])
 
         host.subscribe(subscription("bench", "+", Kind.EVENTS), on_event)
         deployer = Deployer(host, "bench", doc, load_private_key(operator.private_path))
         deployer.discover()
+        rss_before = _median([rss_mb(pid) for pid in pids.values()])
+        faults.update({device: (minor_faults(pid), None) for device, pid in pids.items()})
         cpu.update({device: (cpu_seconds(pid), None) for device, pid in pids.items()})
         t0 = time.perf_counter()
         deployer.publish()
         result = deployer.wait(900)
         t_all = time.perf_counter() - t0
         time.sleep(1.0)  # requests right after the last swap
+        rss_after = _median([rss_mb(pid) for pid in pids.values()])
         stop.set()
         for c in clients:
             c.join(60)
         download_s = (max(downloaded.values()) - t0) if downloaded else float("nan")
         chunk_bytes = server.stats.bytes - served_before
         chunk_mb_s = chunk_bytes / download_s / 1e6
-        spent = sorted(b - a for a, b in cpu.values() if a is not None and b is not None)
         host.close()
         return {
             "agents": agents_n,
@@ -321,7 +361,11 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             "raw_broker_mb_per_s": round(raw["mb_per_s"], 2),
             "chunk_to_raw_ratio": round(chunk_mb_s / raw["mb_per_s"], 3),
             "raw_broker_before_agents_mb_per_s": round(raw_quiet["mb_per_s"], 2),
-            "agent_cpu_s_to_downloaded": round(spent[len(spent) // 2], 3) if spent else None,
+            "agent_cpu_s_to_downloaded": _spent(cpu, 3),
+            "agent_minor_faults_to_downloaded": _spent(faults, 0),
+            "agent_rss_mb_before_deploy": rss_before,
+            "agent_rss_mb_downloaded": _median(list(rss_downloaded.values())),
+            "agent_rss_mb_after_update": rss_after,
             "requests_ok": sum(c.ok for c in clients),
             "requests_failed": sum(c.failed for c in clients),
             "failure_samples": [e for c in clients for e in c.errors][:5],
@@ -364,6 +408,11 @@ def main() -> None:
         ("raw broker before the agents started (MB/s)",
          out["raw_broker_before_agents_mb_per_s"]),
         ("agent CPU s to its 100 % (median)", out["agent_cpu_s_to_downloaded"]),
+        ("agent minor page faults to its 100 % (median)",
+         out["agent_minor_faults_to_downloaded"]),
+        ("agent RSS MB: before deploy / at 100 % / after (medians)",
+         f"{out['agent_rss_mb_before_deploy']} / {out['agent_rss_mb_downloaded']} /"
+         f" {out['agent_rss_mb_after_update']}"),
         ("requests answered during the run", out["requests_ok"]),
         ("requests failed during the run", out["requests_failed"]),
     ]

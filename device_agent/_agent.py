@@ -32,7 +32,7 @@ from edgekit.runtimes import RuntimeOptions
 from ._events import EventSink
 from ._http import HttpApi
 from ._model import LoadedModel, Prediction, TrustPolicy
-from ._mqtt import MqttLink
+from ._mqtt import MqttLink, keep_large_buffers
 from ._mqtt_api import MqttApi
 from ._outbox import Outbox
 from ._predict import Observer, Predictor
@@ -245,6 +245,9 @@ class Agent:
             log.info("HTTP API on http://%s", self.http.address)
         address = broker_address(cfg.mqtt)
         if address is not None and self.outbox is not None:
+            # Artifact chunks arrive as 1 MiB messages: reuse their memory, do not fault it
+            # in again for every chunk.
+            keep_large_buffers()
             self.link = MqttLink(cfg, address, self.outbox, self.status.topic,
                                  self.status.encoded)
             self.mqtt_api = MqttApi(self.predictor, self.link, cfg.requests,

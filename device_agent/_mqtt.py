@@ -16,7 +16,9 @@ filter, and handed to the subscription's ``on_oversize`` callback when it has on
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -37,7 +39,7 @@ from ._limits import payload_cap
 from ._outbox import Outbox
 from .config import AgentConfig, BrokerAddress
 
-__all__ = ["MqttLink", "ThrottledLog"]
+__all__ = ["MqttLink", "ThrottledLog", "keep_large_buffers"]
 
 log = logging.getLogger("device_agent.mqtt")
 
@@ -48,6 +50,11 @@ SESSION_COUNTER = "mqtt.session"
 _SEND_WINDOW = 20  # messages in flight from the queue (paho's default in-flight limit)
 _ACK_TIMEOUT_S = 60.0  # a queued message unacknowledged this long on a live link is resent
 _MATCH_CACHE = 256  # topics whose matching filters are remembered (paho builds a matcher per test)
+# glibc's mallopt parameters (malloc.h) and the values the agent sets.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 64 * 1024 * 1024
+_TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,28 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
     except (OSError, AttributeError):
         pass
+
+
+def keep_large_buffers() -> bool:
+    """Let glibc's malloc keep freed large blocks for reuse instead of returning them to the
+    kernel; True when the setting was made (Linux with glibc), False elsewhere. Never raises.
+
+    Every MQTT message of an artifact chunk (1 MiB) is a fresh allocation in paho's reader
+    and decoder. Above glibc's mmap threshold each one is mmapped and unmapped on free, so
+    every chunk faults its 256 pages in again; with the threshold at 64 MiB (and the heap
+    trimmed only past 128 MiB free) the same memory is reused. It is process-wide, which is
+    why the agent sets it once where it starts.
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False  # not glibc (musl, macOS, Windows): its allocator has no such knobs
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and done
 
 
 class ThrottledLog:
@@ -105,6 +134,8 @@ class MqttLink:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._acked: set[int] = set()
+        self._queued_mids: set[int] = set()  # sent from the queue, not acknowledged yet
+        self._queue_publishing = False  # the sender is inside publish(): its mid is unknown
         self._acked_lock = threading.Lock()
         self.session = outbox.counter(SESSION_COUNTER)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
@@ -222,9 +253,15 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
                     reason_code: mqtt.ReasonCode, properties: object) -> None:
+        # Only an acknowledgement of a message from the queue wakes the sender (a SQLite
+        # query): chunk requests are acknowledged many times a second during a download.
         with self._acked_lock:
-            self._acked.add(mid)
-        self._wake.set()
+            ours = self._queue_publishing or mid in self._queued_mids
+            if ours:
+                self._queued_mids.discard(mid)
+                self._acked.add(mid)
+        if ours:
+            self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
@@ -299,12 +336,31 @@ class MqttLink:
                             _ACK_TIMEOUT_S)
                 last_id = pending[0][0] - 1
                 pending.clear()
+                with self._acked_lock:
+                    self._queued_mids.clear()
             room = _SEND_WINDOW - len(pending)
             if room <= 0:
                 continue
             for msg in self.outbox.peek(last_id, room):
-                info = self._client.publish(msg.topic, msg.payload, qos=1)
+                info = self._publish_queued(msg.topic, msg.payload)
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                     break
                 pending.append((msg.id, info.mid, time.monotonic()))
                 last_id = msg.id
+
+    def _publish_queued(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """Publish a message of the queue and note its mid, so that its acknowledgement wakes
+        the sender (one that arrives before the mid is known is counted as ours)."""
+        with self._acked_lock:
+            self._queue_publishing = True
+        try:
+            info = self._client.publish(topic, payload, qos=1)
+        except BaseException:
+            with self._acked_lock:
+                self._queue_publishing = False
+            raise
+        with self._acked_lock:
+            self._queue_publishing = False
+            if info.mid not in self._acked:
+                self._queued_mids.add(info.mid)
+        return info

@@ -183,6 +183,10 @@ class MqttDownload:
             except queue.Empty:
                 continue
             if self._receive(t, partial, payload):
+                if self._connected():
+                    # Refill the window first: a progress record waits on fsync (tens of ms
+                    # on a busy disk), and the chunks asked for arrive meanwhile.
+                    self._send(t)
                 throttle.update(t.done)
         throttle.update(t.done, final=True)
 
