@@ -180,8 +180,10 @@ def test_nodes_to_exclude_stay_in_float(packages: dict[str, Path], tmp_path: Pat
     calib, evald, _ = digits_split()
     out = tmp_path / "excluded.edgepkg"
     res = convert(trained_digits_cnn(),
+                  # no offline graph optimization: which level is kept is a timing race
+                  # (extended fuses Conv+Relu into FusedConv), not what this test is about
                   ConvertOptions(exporter="torchscript", quantize=mode, latency_runs=5,
-                                 nodes_to_exclude=[first]),
+                                 nodes_to_exclude=[first], optimize_graph=False),
                   output=out, calibration=calib, eval_data=evald)
     assert res.manifest.recipe["nodes_to_exclude"] == [first]
     model = graph(out)

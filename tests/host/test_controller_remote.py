@@ -76,6 +76,15 @@ def host(broker: Any) -> Iterator[HostClient]:
     client.close()
 
 
+def _subscribe(client: mqtt.Client, topic: str) -> None:
+    """Subscribe and return once the broker acknowledged it: the request is published by
+    another connection, which the broker may serve first."""
+    acked = threading.Event()
+    client.on_subscribe = lambda *_args: acked.set()
+    client.subscribe(topic, qos=1)
+    assert acked.wait(10), f"no SUBACK for {topic}"
+
+
 def _keys(tmp_path: Any) -> tuple[Any, Any]:
     pair = generate_keypair(tmp_path / "operator")
     return load_private_key(pair.private_path), load_public_key(pair.public_path)
@@ -100,7 +109,7 @@ def test_submit_request_skips_bad_replies(host: HostClient, paho_client: mqtt.Cl
             request_id=request.request_id, ok=True, rollout={"id": 3, "targets": []})), qos=1)
 
     paho_client.message_callback_add(rollout_request_topic(fleet), answer)
-    paho_client.subscribe(rollout_request_topic(fleet), qos=1)
+    _subscribe(paho_client, rollout_request_topic(fleet))
     with caplog.at_level("WARNING", logger="edgekit.controller.remote"):
         rollout = submit_request(host, request, key, timeout=30)
     assert rollout == {"id": 3, "targets": []}
@@ -124,7 +133,7 @@ def test_submit_request_raises_the_controllers_refusal(host: HostClient,
             qos=1)
 
     paho_client.message_callback_add(rollout_request_topic(fleet), answer)
-    paho_client.subscribe(rollout_request_topic(fleet), qos=1)
+    _subscribe(paho_client, rollout_request_topic(fleet))
     with pytest.raises(RemoteRolloutError) as caught:
         submit_request(host, request, key, timeout=30)
     assert caught.value.code == "UsageError" and caught.value.exit_code == 2
