@@ -7,7 +7,9 @@ quantized (dynamic int8, per channel, no float fallback):
 - plain: no correction;
 - split: the outlier input channels split off in float (``_onnx_outliers``), no scaling;
 - smoothed + split: the feed-forward input scaled SmoothQuant-style (``_onnx_smooth``), then
-  the split of what is left (the recipe).
+  the split of what is left;
+- trimmed recipe: the same, on the graph whose inputs are cut after the last position the
+  attention mask keeps (``_onnx_trim``, the recipe now).
 
 Each is timed against PyTorch eager (transformers' default attention) in interleaved runs,
 batch 1, one thread, like ``text_bench.py``, and scored by the min and mean cosine of its
@@ -35,6 +37,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 
 def _graphs(encoder: Any, calib: Any, seq_len: int) -> dict[str, bytes]:
+    import onnx
+
     from converters import ConvertOptions, convert
     from converters.targets._onnx_outliers import split_outlier_channels
     from converters.targets._onnx_quant import (
@@ -44,17 +48,23 @@ def _graphs(encoder: Any, calib: Any, seq_len: int) -> dict[str, bytes]:
         transformer_shape,
     )
     from converters.targets._onnx_smooth import DEFAULT_ALPHA, smooth_products
+    from converters.targets._onnx_trim import trim_padding
     from edgekit.artifact import open_package
 
     with tempfile.TemporaryDirectory(prefix="text-steps-") as tmp:
         path = Path(tmp) / "fp32.edgepkg"
         convert(encoder, ConvertOptions(name="encoder", exporter="torchscript",
-                                        optimize_graph=False, latency_runs=1),
+                                        optimize_graph=False, latency_runs=1,
+                                        trim_padding=False),
                 output=path, calibration=calib)
         fp32 = open_package(path).model_bytes()
     shape = transformer_shape(encoder)
     assert shape is not None
-    fused = preprocess(fuse_transformer(fp32, shape)[0]).model
+    fused_raw = fuse_transformer(fp32, shape)[0]
+    fused = preprocess(fused_raw).model
+    proto = onnx.load_from_string(fused_raw)
+    assert trim_padding(proto)
+    trimmed = preprocess(bytes(proto.SerializeToString())).model
 
     def quantized(model: bytes, split: bool) -> bytes:
         kept: list[str] = []
@@ -64,8 +74,10 @@ def _graphs(encoder: Any, calib: Any, seq_len: int) -> dict[str, bytes]:
         return quantize_dynamic_int8(model, per_channel=True, nodes_to_exclude=kept)
 
     smoothed = smooth_products(fused, calib, alpha=DEFAULT_ALPHA).model
+    smoothed_trimmed = smooth_products(trimmed, calib, alpha=DEFAULT_ALPHA).model
     return {"plain": quantized(fused, False), "split": quantized(fused, True),
-            "smoothed + split": quantized(smoothed, True)}
+            "smoothed + split": quantized(smoothed, True),
+            "trimmed recipe": quantized(smoothed_trimmed, True)}
 
 
 def main() -> int:

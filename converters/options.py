@@ -36,6 +36,7 @@ class ConvertOptions:
     float_fallback_cosine: float | None = field(default=None, metadata={"help": "ONNX int8: keep nodes in float until every calibration sample's output cosine to the float graph reaches this"})
     outlier_channels: int = field(default=4, metadata={"help": "ONNX dynamic int8 of a fused transformer with calibration data: per matrix product, up to this many input channels whose calibration range is 8x the median channel's stay in a float product (0: off)"})
     smooth_alpha: float = field(default=0.65, metadata={"help": "ONNX dynamic int8 of a fused transformer with calibration data: a matrix product after a layer normalization whose input has a channel 8x the median channel's range gets SmoothQuant scaling, this share of the spread moved to the weights (0: off)"})
+    trim_padding: bool = field(default=True, metadata={"help": "ONNX: a graph with an attention_mask input computes only up to the last position the mask keeps (kept when its outputs do not change on a padded example)"})
     name: str | None = field(default=None, metadata={"help": "artifact name (default: source file stem)"})
     version: str | None = field(default=None, metadata={"help": "dotted version (default: 0.1.0; the CLI takes the next patch from the registry)"})
     task: str = field(default="auto", metadata={"help": "auto, classification, regression, embedding"})

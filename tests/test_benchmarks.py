@@ -98,18 +98,19 @@ def test_estimate_bench_quick(tmp_path: Path) -> None:
 def test_text_bench_quick(tmp_path: Path) -> None:
     out = _run("text_bench.py", tmp_path=tmp_path)
     assert "## MiniLM intents (2 layers" in out
-    for variant in ("PyTorch eager fp32", "ONNX fp32", "ONNX fp32 fused", "ONNX int8 optimized",
+    for variant in ("PyTorch eager fp32", "PyTorch eager fp32, unpadded", "ONNX fp32",
+                    "ONNX fp32 fused", "ONNX int8 optimized", "ONNX int8, padding kept",
                     "student int8"):
         assert any(line.startswith(variant) for line in out.splitlines()), variant
     assert "head retrain (+2 intents): package" in out
     assert "'Attention': 2" in out
-    assert "goal int8 <= 0.25x eager" in out
+    assert "goal int8 <= 0.25x eager" in out and "against unpadded eager" in out
 
 
 def test_text_steps_bench_quick(tmp_path: Path) -> None:
     out = _run("text_steps_bench.py", tmp_path=tmp_path)
     assert "## int8 MiniLM corrections (2 layers" in out
-    for graph in ("plain", "split", "smoothed + split"):
+    for graph in ("plain", "split", "smoothed + split", "trimmed recipe"):
         assert any(line.startswith(f"{graph} ") for line in out.splitlines()), graph
 
 

@@ -139,6 +139,7 @@ class OnnxTarget(TargetBackend):
                     progress: Progress) -> bytes:
         mode = opts.quantize
         if mode == "fp16":
+            model = _trim_padding(model, feeds, opts, recipe, notes, progress)
             progress("converting to float16")
             recipe["graph_optimization"] = {
                 "applied": False,
@@ -146,8 +147,10 @@ class OnnxTarget(TargetBackend):
                           " kernels for float16 differ"}
             return Q.quantize_fp16(model)
         fixed: list[str] = []
+        if mode not in ("dynamic", "int8"):
+            model = _trim_padding(model, feeds, opts, recipe, notes, progress)
         if mode in ("dynamic", "int8"):
-            model = _prepare_int8(model, source, opts, recipe, notes, progress)
+            model = _prepare_int8(model, source, opts, feeds, recipe, notes, progress)
             if mode == "dynamic":
                 model = _smooth(model, opts, calibration, recipe, progress)
                 model, fixed = _split_outliers(model, opts, calibration, recipe, progress)
@@ -187,9 +190,11 @@ class OnnxTarget(TargetBackend):
 
 
 def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
-                  recipe: dict[str, Any], notes: list[str], progress: Progress) -> bytes:
-    """Fuse a BERT-like transformer (heads and hidden size from its config), then run the
-    quantization pre-processing; record both.
+                  feeds: dict[str, np.ndarray], recipe: dict[str, Any], notes: list[str],
+                  progress: Progress) -> bytes:
+    """Fuse a BERT-like transformer (heads and hidden size from its config), trim its
+    padding (:func:`_trim_padding`, after the fusion, whose patterns start at the graph
+    inputs), then run the quantization pre-processing; record all three.
 
     Raises:
         ConversionError: the transformer optimizer failed.
@@ -207,12 +212,41 @@ def _prepare_int8(model: bytes, source: LoadedSource, opts: ConvertOptions,
         if not fused:
             notes.append("the transformer optimizer fused nothing in this export (try"
                          " --exporter torchscript)")
+    model = _trim_padding(model, feeds, opts, recipe, notes, progress)
     progress("pre-processing for quantization")
     pre = Q.preprocess(model)
     recipe["preprocess"] = {"outcome": pre.outcome, "detail": pre.detail}
     if pre.outcome != "full":
         notes.append(f"quantization pre-processing: {pre.outcome} ({pre.detail})")
     return pre.model
+
+
+def _trim_padding(model: bytes, feeds: dict[str, np.ndarray], opts: ConvertOptions,
+                  recipe: dict[str, Any], notes: list[str], progress: Progress) -> bytes:
+    """For a graph with an ``attention_mask`` input, cut the inputs after the last position
+    the mask keeps (:mod:`._onnx_trim`), kept only when the outputs do not change on a
+    padded example; record what was done and why not."""
+    import onnx
+
+    from ._onnx_trim import check_trim, trim_padding
+
+    proto = onnx.load_from_string(model)
+    if not opts.trim_padding:
+        recipe["padding_trim"] = {"applied": False, "reason": "disabled"}
+        return model
+    cut = trim_padding(proto)
+    if not cut:
+        recipe["padding_trim"] = None
+        return model
+    progress(f"trimming padding after the attention mask ({', '.join(cut)})")
+    trimmed = bytes(proto.SerializeToString())
+    check = check_trim(model, trimmed, feeds)
+    recipe["padding_trim"] = {"applied": check.ok, "inputs": cut, "check": check.detail,
+                              "max_rel_diff": check.max_rel_diff}
+    if not check.ok:
+        notes.append(f"padding not trimmed: {check.detail}")
+        return model
+    return trimmed
 
 
 def _smooth(model: bytes, opts: ConvertOptions, calibration: Dataset | None,

@@ -44,6 +44,10 @@ from edgekit.signing import load_private_key
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
               show_default=True, help="PyTorch ONNX exporter; auto measures both, keeps the faster.")
+@click.option("--keep-padding", is_flag=True,
+              help="ONNX: compute every position of a text model's input. By default a graph"
+                   " with an attention_mask input stops after the last position the mask"
+                   " keeps, when its outputs do not change by it (recipe: padding_trim).")
 @click.option("--task", type=click.Choice(["auto", "classification", "regression", "embedding"]),
               default="auto", show_default=True)
 @click.option("--labels", "labels_csv", help="Comma-separated class names.")
@@ -79,7 +83,8 @@ from edgekit.signing import load_private_key
 def convert(source: str, target: str, quantize: str, per_tensor: bool, calibration_method: str,
             int8_io: bool, calibration: str | None, eval_path: str | None,
             estimate_path: str | None, estimate_method: str, weights: str | None,
-            input_shapes: tuple[str, ...], opset: int, exporter: str, task: str,
+            input_shapes: tuple[str, ...], opset: int, exporter: str, keep_padding: bool,
+            task: str,
             labels_csv: str | None, name: str | None, version: str | None,
             db_url: str | None, sign_key: str | None, atol: float, min_cosine: float, min_top1: float,
             strict: bool, variants_csv: str | None, max_accuracy_drop: float, threads: int,
@@ -108,7 +113,7 @@ def convert(source: str, target: str, quantize: str, per_tensor: bool, calibrati
         task=task, labels=labels_csv.split(",") if labels_csv else None, name=name,
         version=version, input_shapes=shapes, input_dtypes=dtypes, atol=atol,
         min_cosine=min_cosine, min_top1=min_top1, strict=strict, threads=threads,
-        estimate_method=estimate_method,
+        estimate_method=estimate_method, trim_padding=not keep_padding,
     ).validate()
     key = load_private_key(sign_key) if sign_key else None
     if variants_csv is not None:
