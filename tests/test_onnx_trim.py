@@ -171,3 +171,16 @@ def test_the_cli_trims_unless_told_to_keep_the_padding(tmp_path: Path, keep: boo
     assert res.exit_code == 0, res.output
     record = json.loads(res.stdout)["recipe"]["padding_trim"]
     assert record["applied"] is (not keep), record
+
+
+def test_a_trimmed_graph_converted_again_is_not_trimmed_twice(tmp_path: Path) -> None:
+    _, first = _convert(MaskedMean(), tmp_path / "first")
+    source = tmp_path / "trimmed.onnx"
+    source.write_bytes(open_package(first).model_bytes())
+    out = tmp_path / "again.edgepkg"
+    res = convert(str(source), ConvertOptions(latency_runs=2), output=out,
+                  calibration=_data())
+    assert res.manifest.recipe["padding_trim"] is None
+    got = _session(out).run(None, _short_with_bad_padding())[0]
+    np.testing.assert_allclose(got, _session(first).run(None, _short_with_bad_padding())[0],
+                               atol=1e-6)

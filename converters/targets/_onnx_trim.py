@@ -26,6 +26,7 @@ __all__ = ["MASK_INPUT", "TrimCheck", "check_trim", "padded_example", "trim_padd
 
 MASK_INPUT = "attention_mask"
 _PREFIX = "trim_padding"
+_INTEGER = (6, 7)  # onnx.TensorProto.INT32, INT64
 
 
 def _dims(value_info: Any) -> list[Any]:
@@ -36,16 +37,20 @@ def _dims(value_info: Any) -> list[Any]:
 
 def sequence_inputs(proto: Any) -> list[str]:
     """The graph inputs cut with the mask: the mask (a 2-D graph input named
-    ``attention_mask``) and every 2-D input whose sequence dimension is the mask's. Empty
-    when the graph has no such mask or its sequence dimension is unknown."""
+    ``attention_mask``) and every 2-D integer input (token ids, segment ids) whose sequence
+    dimension is the mask's. Empty when the graph has no such mask, its sequence dimension
+    is unknown, or the graph is trimmed already."""
     inputs = {i.name: i for i in proto.graph.input}
     if MASK_INPUT not in inputs:
         return []
     mask_dims = _dims(inputs[MASK_INPUT])
     if len(mask_dims) != 2 or mask_dims[1] is None:
         return []
+    if any(node.name.startswith(f"{_PREFIX}/") for node in proto.graph.node):
+        return []  # trimmed already (an ONNX source converted again)
     inits = {t.name for t in proto.graph.initializer}
     return [name for name, value in inputs.items() if name not in inits
+            and (name == MASK_INPUT or value.type.tensor_type.elem_type in _INTEGER)
             and len(_dims(value)) == 2 and _dims(value)[1] == mask_dims[1]]
 
 
@@ -150,19 +155,21 @@ def check_trim(before: bytes, after: bytes, feeds: dict[str, np.ndarray],
     output's largest magnitude (at least 1)."""
     import onnxruntime as ort
 
-    sessions = []
-    for model in (before, after):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        sessions.append(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]))
     worst = 0.0
-    for example in _examples(before, feeds):
-        try:
-            ref_out, got_out = (s.run(None, example) for s in sessions)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            line = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
-            return TrimCheck(False, None, f"onnxruntime failed on the trimmed graph: {line}")
+    try:
+        sessions = []
+        for model in (before, after):
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.intra_op_num_threads = 1
+            sessions.append(ort.InferenceSession(model, so,
+                                                 providers=["CPUExecutionProvider"]))
+        runs = [[s.run(None, example) for s in sessions]
+                for example in _examples(before, feeds)]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        line = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
+        return TrimCheck(False, None, f"onnxruntime failed on the graphs: {line}")
+    for ref_out, got_out in runs:
         for ref, got in zip(ref_out, got_out, strict=True):
             ref, got = np.asarray(ref), np.asarray(got)
             if ref.shape != got.shape:
