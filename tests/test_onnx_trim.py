@@ -184,3 +184,13 @@ def test_a_trimmed_graph_converted_again_is_not_trimmed_twice(tmp_path: Path) ->
     got = _session(out).run(None, _short_with_bad_padding())[0]
     np.testing.assert_allclose(got, _session(first).run(None, _short_with_bad_padding())[0],
                                atol=1e-6)
+
+
+def test_a_graph_with_a_fixed_batch_is_checked_at_that_batch(tmp_path: Path) -> None:
+    # A batch of two rows (the check's third example) cannot run on a batch-1 graph: only
+    # the examples it can run are used, and the rewrite is kept.
+    res, path = _convert(MaskedMean(), tmp_path, dynamic_batch=False)
+    record = res.manifest.recipe["padding_trim"]
+    assert record["applied"] is True, record
+    feeds = {k: v[1:2] for k, v in _short_with_bad_padding().items()}
+    assert np.isfinite(_session(path).run(None, feeds)[0]).all()

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MASK_INPUT", "TrimCheck", "check_trim", "padded_example", "trim_padding"]
+__all__ = ["MASK_INPUT", "TrimCheck", "batch_is_symbolic", "check_trim", "padded_example",
+           "trim_padding"]
 
 MASK_INPUT = "attention_mask"
 _PREFIX = "trim_padding"
@@ -49,9 +50,17 @@ def sequence_inputs(proto: Any) -> list[str]:
     if any(node.name.startswith(f"{_PREFIX}/") for node in proto.graph.node):
         return []  # trimmed already (an ONNX source converted again)
     inits = {t.name for t in proto.graph.initializer}
-    return [name for name, value in inputs.items() if name not in inits
-            and (name == MASK_INPUT or value.type.tensor_type.elem_type in _INTEGER)
-            and len(_dims(value)) == 2 and _dims(value)[1] == mask_dims[1]]
+    shapes = {name: _dims(value) for name, value in inputs.items() if name not in inits}
+    return [name for name, dims in shapes.items()
+            if (name == MASK_INPUT or inputs[name].type.tensor_type.elem_type in _INTEGER)
+            and len(dims) == 2 and dims[1] == mask_dims[1]]
+
+
+def batch_is_symbolic(proto: Any) -> bool:
+    """Whether the mask input's batch dimension is symbolic (rows of several lengths can
+    then be checked in one batch)."""
+    mask = next((i for i in proto.graph.input if i.name == MASK_INPUT), None)
+    return mask is not None and isinstance(_dims(mask)[0], str)
 
 
 def trim_padding(proto: Any) -> list[str]:
@@ -122,19 +131,15 @@ def padded_example(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _examples(model: bytes, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def _examples(feeds: dict[str, np.ndarray], batched: bool) -> list[dict[str, np.ndarray]]:
     """The example as given (its mask all ones where it keeps nothing: a synthetic one),
-    padded, and, with a symbolic batch dimension, both in one batch of rows of two lengths."""
-    import onnx
-
+    padded, and, when ``batched``, both in one batch of rows of two lengths."""
     base = dict(feeds)
     if not np.any(base[MASK_INPUT]):
         base[MASK_INPUT] = np.ones_like(base[MASK_INPUT])
     padded = padded_example(base)
     examples = [base, padded]
-    mask_input = next(i for i in onnx.load_from_string(model).graph.input
-                      if i.name == MASK_INPUT)
-    if mask_input.type.tensor_type.shape.dim[0].dim_param:
+    if batched:
         examples.append({k: np.concatenate([padded[k], base[k]]) for k in base})
     return examples
 
@@ -148,9 +153,10 @@ class TrimCheck:
     detail: str
 
 
-def check_trim(before: bytes, after: bytes, feeds: dict[str, np.ndarray],
-               rtol: float = 1e-4) -> TrimCheck:
-    """Run both graphs on the examples :func:`_examples` makes of ``feeds``; the rewrite is
+def check_trim(before: bytes, after: bytes, feeds: dict[str, np.ndarray], *,
+               batched: bool, rtol: float = 1e-4) -> TrimCheck:
+    """Run both graphs on the examples :func:`_examples` makes of ``feeds`` (``batched``:
+    :func:`batch_is_symbolic` of the graph); the rewrite is
     kept when every output has the same shape and differs by at most ``rtol`` of the
     output's largest magnitude (at least 1)."""
     import onnxruntime as ort
@@ -165,7 +171,7 @@ def check_trim(before: bytes, after: bytes, feeds: dict[str, np.ndarray],
             sessions.append(ort.InferenceSession(model, so,
                                                  providers=["CPUExecutionProvider"]))
         runs = [[s.run(None, example) for s in sessions]
-                for example in _examples(before, feeds)]
+                for example in _examples(feeds, batched)]
     except Exception as exc:  # onnxruntime raises its own exception types
         line = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
         return TrimCheck(False, None, f"onnxruntime failed on the graphs: {line}")

@@ -138,8 +138,9 @@ class OnnxTarget(TargetBackend):
                     feeds: dict[str, np.ndarray], recipe: dict[str, Any], notes: list[str],
                     progress: Progress) -> bytes:
         mode = opts.quantize
-        if mode == "fp16":
+        if mode not in ("dynamic", "int8"):  # the int8 modes trim after their fusion
             model = _trim_padding(model, feeds, opts, recipe, notes, progress)
+        if mode == "fp16":
             progress("converting to float16")
             recipe["graph_optimization"] = {
                 "applied": False,
@@ -147,8 +148,6 @@ class OnnxTarget(TargetBackend):
                           " kernels for float16 differ"}
             return Q.quantize_fp16(model)
         fixed: list[str] = []
-        if mode not in ("dynamic", "int8"):
-            model = _trim_padding(model, feeds, opts, recipe, notes, progress)
         if mode in ("dynamic", "int8"):
             model = _prepare_int8(model, source, opts, feeds, recipe, notes, progress)
             if mode == "dynamic":
@@ -228,19 +227,19 @@ def _trim_padding(model: bytes, feeds: dict[str, np.ndarray], opts: ConvertOptio
     padded example; record what was done and why not."""
     import onnx
 
-    from ._onnx_trim import check_trim, trim_padding
+    from ._onnx_trim import batch_is_symbolic, check_trim, trim_padding
 
-    proto = onnx.load_from_string(model)
     if not opts.trim_padding:
         recipe["padding_trim"] = {"applied": False, "reason": "disabled"}
         return model
+    proto = onnx.load_from_string(model)
     cut = trim_padding(proto)
     if not cut:
         recipe["padding_trim"] = None
         return model
     progress(f"trimming padding after the attention mask ({', '.join(cut)})")
     trimmed = bytes(proto.SerializeToString())
-    check = check_trim(model, trimmed, feeds)
+    check = check_trim(model, trimmed, feeds, batched=batch_is_symbolic(proto))
     recipe["padding_trim"] = {"applied": check.ok, "inputs": cut, "check": check.detail,
                               "max_rel_diff": check.max_rel_diff}
     if not check.ok:
