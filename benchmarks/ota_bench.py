@@ -16,9 +16,14 @@ In one run, on one machine, against one mosquitto:
    / download phase) and its ratio to the raw throughput, the CPU time each agent process
    spent from the deploy to its own 100 % (median; Linux) and its minor page faults over the
    same span, the agents' RSS before the deploy, at their 100 % and after the update
-   (medians; Linux), and the requests that failed during the swap (must be 0).
+   (medians; Linux), the CPU seconds of the agents together, of this process (server and
+   HTTP clients) and of the broker over the download phase (Linux), when the first, median
+   and last agent sent its first chunk request and reached 100 %, the HTTP requests' latency
+   (p50 / p95 / max) for 3 s before the raw test and from the deploy until all succeeded,
+   and the requests that failed during the swap (must be 0).
 
     .venv/bin/python benchmarks/ota_bench.py [--agents 20] [--size-mb 20] [--json out.json]
+        [--ota-nice N]   # the agents' ota.nice (default: the agent's own default)
     .venv/bin/python benchmarks/ota_bench.py --quick   # 2 agents, 1 MB, short probation
 
 ``--quick`` (what the test suite runs) checks the same things on a small fleet: every agent
@@ -205,6 +210,27 @@ def _spent(pairs: dict[str, tuple[Any, Any]], digits: int) -> float | None:
     return round(values[len(values) // 2], digits) if values else None
 
 
+def _spread(values: list[float]) -> list[float]:
+    """First, median and last of ``values`` (seconds), or [] when there are none."""
+    v = sorted(values)
+    return [round(v[0], 2), round(v[len(v) // 2], 2), round(v[-1], 2)] if v else []
+
+
+def _phase_cpu(pids: dict[str, int], broker_pid: int) -> dict[str, float | None]:
+    """CPU seconds so far of the agents together, this process and the broker."""
+    agents = [cpu_seconds(pid) for pid in pids.values()]
+    return {"agents": None if None in agents else sum(a for a in agents if a is not None),
+            "bench": cpu_seconds(os.getpid()), "broker": cpu_seconds(broker_pid)}
+
+
+def _latency_ms(clients: list[LoadClient], start: float, end: float) -> list[float]:
+    """p50, p95 and max (ms) of the requests sent between ``start`` and ``end``."""
+    values = sorted(d for c in clients for t, d in c.answered if start <= t < end)
+    if not values:
+        return []
+    return [round(1e3 * values[int(q * (len(values) - 1))], 1) for q in (0.5, 0.95, 1.0)]
+
+
 def _median(values: list[float | None]) -> float | None:
     known = sorted(v for v in values if v is not None)
     return round(known[len(known) // 2], 1) if known else None
@@ -223,6 +249,7 @@ class LoadClient(threading.Thread):
         self.ok = 0
         self.failed = 0
         self.errors: list[str] = []
+        self.answered: list[tuple[float, float]] = []  # (sent at, seconds to the answer)
         self.body = json.dumps({"inputs": {"x": np.random.default_rng(0).uniform(
             0, 1, size=(1, 64)).round(3).tolist()}}).encode()
 
@@ -230,21 +257,25 @@ class LoadClient(threading.Thread):
         while not self.stop.is_set():
             req = urllib.request.Request(self.url, data=self.body,
                                          headers={"Content-Type": "application/json"})
+            sent = time.perf_counter()
             try:
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     resp.read()
                 self.ok += 1
+                self.answered.append((sent, time.perf_counter() - sent))
             except (urllib.error.URLError, OSError) as exc:
                 self.failed += 1
                 self.errors.append(str(exc)[:200])
             self.stop.wait(0.2)
 
 
-def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path, intent_pub: Path
-                 ) -> list[tuple[subprocess.Popen[bytes], int]]:
+def start_agents(n: int, port: int, root: Path, v1: Path, pub: Path, intent_pub: Path,
+                 ota_nice: int | None = None) -> list[tuple[subprocess.Popen[bytes], int]]:
     agents = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKIT_")}
     env.update({"EDGEKIT_RUNTIME_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    if ota_nice is not None:
+        env["EDGEKIT_OTA_NICE"] = str(ota_nice)
     for i in range(n):
         http_port = free_port()
         folder = root / f"agent-{i:02d}"
@@ -280,7 +311,8 @@ def wait_healthy(agents: list[tuple[subprocess.Popen[bytes], int]], timeout: flo
 # --------------------------------------------------------------------------- run
 
 
-def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, Any]:
+def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
+        ota_nice: int | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ota-bench-"))
     broker, port = start_mosquitto(work)
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
@@ -293,11 +325,15 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
         v2 = build_package(work / "bench-2.edgepkg", "2.0.0", size_mb, 2, key)
         size = v2.stat().st_size
         raw_quiet = raw_throughput(port, size * agents_n, CHUNK)
-        procs = start_agents(agents_n, port, work, v1, keys.public_path, operator.public_path)
+        procs = start_agents(agents_n, port, work, v1, keys.public_path, operator.public_path,
+                             ota_nice)
         wait_healthy(procs, 300)
         clients = [LoadClient(f"http://127.0.0.1:{p}/predict", stop) for _, p in procs]
+        quiet_start = time.perf_counter()
         for c in clients:
             c.start()
+        time.sleep(3.0)  # the requests' latency with nothing else going on
+        quiet_end = time.perf_counter()
         raw = raw_throughput(port, size * agents_n, CHUNK)
         host = HostClient(f"mqtt://127.0.0.1:{port}").connect()
         server = ArtifactServer(host, fleets=["bench"])
@@ -308,6 +344,8 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             requests=20, seconds=probation_s, max_error_rate=0.0, max_nonfinite_rate=0.0,
             max_latency_ms=None))
         downloaded: dict[str, float] = {}
+        started: dict[str, float] = {}  # a device's `downloading` event at 0 %
+        phase_cpu: dict[str, float | None] = {}
         pids = {f"dev-{i:02d}": proc.pid for i, (proc, _) in enumerate(procs)}
         cpu: dict[str, tuple[float | None, float | None]] = {}
         faults: dict[str, tuple[int | None, int | None]] = {}
@@ -321,9 +359,14 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             data = payload.get("data") or {}
             progress = data.get("progress") or {}
             device = payload.get("device", "?")
-            if data.get("deployment") == doc.deployment and progress.get("percent") == 100.0 \
-                    and device not in downloaded:
+            if data.get("deployment") != doc.deployment:
+                return
+            if progress.get("percent") == 0.0 and device not in started:
+                started[device] = time.perf_counter()
+            if progress.get("percent") == 100.0 and device not in downloaded:
                 downloaded[device] = time.perf_counter()
+                if len(downloaded) == len(pids):
+                    phase_cpu.update(_phase_cpu(pids, broker.pid))
                 if device in cpu:
                     cpu[device] = (cpu[device][0], cpu_seconds(pids[device]))
                     faults[device] = (faults[device][0], minor_faults(pids[device]))
@@ -335,6 +378,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
         rss_before = _median([rss_mb(pid) for pid in pids.values()])
         faults.update({device: (minor_faults(pid), None) for device, pid in pids.items()})
         cpu.update({device: (cpu_seconds(pid), None) for device, pid in pids.items()})
+        phase_cpu_start = _phase_cpu(pids, broker.pid)
         t0 = time.perf_counter()
         deployer.publish()
         result = deployer.wait(900)
@@ -366,6 +410,13 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0) -> dict[str, A
             "agent_rss_mb_before_deploy": rss_before,
             "agent_rss_mb_downloaded": _median(list(rss_downloaded.values())),
             "agent_rss_mb_after_update": rss_after,
+            "first_request_s": _spread([t - t0 for t in started.values()]),
+            "downloaded_s": _spread([t - t0 for t in downloaded.values()]),
+            "phase_cpu_s": {k: None if phase_cpu.get(k) is None or v is None
+                            else round(phase_cpu[k] - v, 2)  # type: ignore[operator]
+                            for k, v in phase_cpu_start.items()},
+            "latency_ms_before": _latency_ms(clients, quiet_start, quiet_end),
+            "latency_ms_update": _latency_ms(clients, t0, t0 + t_all),
             "requests_ok": sum(c.ok for c in clients),
             "requests_failed": sum(c.failed for c in clients),
             "failure_samples": [e for c in clients for e in c.errors][:5],
@@ -389,12 +440,15 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--size-mb", type=float, default=20.0)
     parser.add_argument("--json", dest="json_path", help="Also write the results here.")
+    parser.add_argument("--ota-nice", type=int, default=None,
+                        help="the agents' ota.nice (default: the agent's default)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 agents, a 1 MB model, 1 s of probation")
     args = parser.parse_args()
     if args.quick:
         args.agents, args.size_mb = 2, 1.0
-    out = run(args.agents, args.size_mb, probation_s=1.0 if args.quick else 10.0)
+    out = run(args.agents, args.size_mb, probation_s=1.0 if args.quick else 10.0,
+              ota_nice=args.ota_nice)
     rows = [
         ("agents", out["agents"]),
         ("artifact size (MB)", round(out["artifact_bytes"] / 1e6, 2)),
@@ -413,6 +467,16 @@ def main() -> None:
         ("agent RSS MB: before deploy / at 100 % / after (medians)",
          f"{out['agent_rss_mb_before_deploy']} / {out['agent_rss_mb_downloaded']} /"
          f" {out['agent_rss_mb_after_update']}"),
+        ("first chunk request, s after the deploy (first / median / last agent)",
+         " / ".join(map(str, out["first_request_s"]))),
+        ("100 % reached, s after the deploy (first / median / last agent)",
+         " / ".join(map(str, out["downloaded_s"]))),
+        ("CPU s over the download phase: agents / server + clients / broker",
+         " / ".join(str(out["phase_cpu_s"][k]) for k in ("agents", "bench", "broker"))),
+        ("request latency ms p50 / p95 / max: 3 s before the raw test",
+         " / ".join(map(str, out["latency_ms_before"]))),
+        ("request latency ms p50 / p95 / max: deploy to all succeeded",
+         " / ".join(map(str, out["latency_ms_update"]))),
         ("requests answered during the run", out["requests_ok"]),
         ("requests failed during the run", out["requests_failed"]),
     ]

@@ -213,6 +213,9 @@ class OtaSection:
                                    " HH:MM-HH:MM (22:00-06:00 runs over midnight); wins over"
                                    " a desired document's transfer.window. Empty: any time.",
                                    check=_window, allows="empty or HH:MM-HH:MM")
+    nice: int = _opt(10, "Verify and stage a downloaded model this many nice steps below the"
+                     " agent's priority (Linux), so that requests to the model in service go"
+                     " first. 0: at the agent's priority.", ge=0, le=19)
 
 
 @dataclass

@@ -48,7 +48,7 @@ class UpdateRecord:
     deployment: str
     desired: dict[str, Any]  # the DesiredDocument being carried out
     step: str = JournalStep.QUEUED.value
-    offset: int = 0  # bytes of the partial download that are on disk and checked
+    offset: int = 0  # bytes of the partial download that are on disk (synced)
     source: str | None = None  # mqtt | http | kept
     package: str | None = None  # the downloaded (or kept) package, relative to the model folder
     sha256: str | None = None  # of that package, once it is whole

@@ -35,6 +35,7 @@ from .delta import fetch_delta
 from .download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from .errors import UpdateFailure
 from .journal import JournalStep, UpdateRecord
+from .priority import run_niced
 from .shadow import run_shadow
 from .throttle import Pace
 
@@ -90,9 +91,11 @@ class UpdateRun:
                 self._fetch()
             self._check_cancel()
             self._count_verify_attempt()
-            model = self._verify()
+            # The CPU-heavy steps yield to the requests the model in service answers.
+            nice = self.u.settings.nice
+            model = run_niced(self._verify, nice, "ota-verify")
             self._check_cancel()
-            self._stage(model)
+            run_niced(lambda: self._stage(model), nice, "ota-stage")
             self._check_cancel()
             if isinstance(self.doc, ShadowDesiredDocument):
                 run_shadow(self, model, self.doc.shadow)  # reports and drops the candidate; never activates
@@ -177,9 +180,10 @@ class UpdateRun:
             # A delta against a kept package first (device_agent/ota/delta.py); on any
             # failure it has said why and the package is downloaded.
             rebuilt = offset == 0 and fetch_delta(self, partial)
+            digest: str | None = None  # the whole file's sha256, when the transfer hashed it
             for i, source in enumerate([] if rebuilt else plan):
                 try:
-                    self._fetch_from(source, partial, offset)
+                    digest = self._fetch_from(source, partial, offset)
                     break
                 except UpdateFailure as failure:
                     if failure.reason != UpdateReason.DOWNLOAD_FAILED or i == len(plan) - 1:
@@ -195,7 +199,8 @@ class UpdateRun:
             partial.close()
             self.download = None
         # The whole file is on disk: check it is the artifact named, then give it its name.
-        digest = sha256_file(partial_path)
+        if digest is None:
+            digest = sha256_file(partial_path)
         if digest != sha:
             partial_path.unlink(missing_ok=True)
             raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
@@ -209,7 +214,9 @@ class UpdateRun:
         self.journal.step(JournalStep.VERIFYING, package=self.u.rel(target), sha256=sha)
         crash_point("verifying")
 
-    def _fetch_from(self, source: str, partial: PartialFile, offset: int) -> None:
+    def _fetch_from(self, source: str, partial: PartialFile, offset: int) -> str | None:
+        """Download from ``source``; returns the file's sha256 when the transfer computed it
+        from the bytes it wrote (over MQTT), else None."""
         sha, size = self.doc.model.sha256, self.doc.model.size
         assert sha is not None and size is not None
         self.record.source = source
@@ -226,7 +233,7 @@ class UpdateRun:
             http = HttpDownload(url, size, dl_settings, self.cancel)
             self.download = http
             http.run(partial, offset, self._progress)
-            return
+            return None
         mqtt_source = self.doc.sources.mqtt
         assert mqtt_source is not None
         download = self.u.mqtt_download(mqtt_source.request_topic, sha, size, dl_settings,
@@ -237,6 +244,7 @@ class UpdateRun:
             download.run(partial, offset, self._progress)
         finally:
             self.u.current_download = None
+        return download.digest
 
     def _progress(self, offset: int) -> None:
         self.journal.progress(offset)

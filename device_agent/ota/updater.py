@@ -32,9 +32,11 @@ import msgspec
 
 from edgekit.artifact import open_package, sha256_file
 from edgekit.errors import ArtifactError, EdgekitError
-from edgekit.protocol import MAX_UPDATE_MESSAGE, EventLevel
+from edgekit.protocol import MAX_UPDATE_MESSAGE, EventLevel, prepare
 from edgekit.protocol.ota import (
     DEFAULT_CHUNK_BYTES,
+    DESIRED_VARIANTS,
+    ChunkHeader,
     DesiredDocument,
     DesiredModel,
     UpdateEventData,
@@ -49,6 +51,7 @@ from edgekit.protocol.ota import (
     ota_reply_topic,
     parse_desired,
 )
+from edgekit.protocol.signed import SignedDocument
 from edgekit.signing import load_public_key
 
 from .._events import EventSink
@@ -67,7 +70,7 @@ if TYPE_CHECKING:
     from .._predict import Predictor
     from ..config import OtaSection
 
-__all__ = ["OtaSettings", "Updater"]
+__all__ = ["OtaSettings", "Updater", "prepare_decoders"]
 
 log = logging.getLogger("device_agent.ota")
 
@@ -89,6 +92,7 @@ class OtaSettings:
     allow_unsigned_intents: bool = False
     max_kbps: int = 0
     maintenance_window: str = ""
+    nice: int = 10
 
     @classmethod
     def from_config(cls, section: OtaSection) -> OtaSettings:
@@ -180,6 +184,7 @@ class Updater:
             link.subscribe(desired_topic(cfg.fleet, cfg.id),
                            lambda _t, p: self._on_desired("device", p))
             link.subscribe(ota_reply_topic(cfg.fleet, cfg.id), self._on_reply)
+        prepare_decoders()
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
         self._thread.start()
 
@@ -452,6 +457,15 @@ class Updater:
         return UpdateStatus(deployment=last.deployment, step=last.outcome,
                             model=_short(last.model), reason=last.reason or None,
                             message=last.message[:MAX_UPDATE_MESSAGE])
+
+
+def prepare_decoders() -> None:
+    """Make the decoders of what an update reads (the signed envelope, the desired document,
+    chunk replies) now: otherwise every device of a fleet makes them when the same deploy
+    arrives, before its first chunk request."""
+    prepare(SignedDocument)
+    prepare(DesiredDocument, variants=DESIRED_VARIANTS)
+    prepare(ChunkHeader)
 
 
 def _short(model: DesiredModel | Mapping[str, Any]) -> UpdateModel:

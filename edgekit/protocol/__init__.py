@@ -19,7 +19,7 @@ docs/protocol.md is the prose form. The device documents' names are re-exported 
 from __future__ import annotations
 
 from edgekit.protocol.arrays import MAX_ARRAY_BYTES, EncodedArray, decode_array, encode_array
-from edgekit.protocol.codec import Document, decode, encode, schema_of
+from edgekit.protocol.codec import Document, decode, encode, prepare, schema_of
 from edgekit.protocol.inference import (
     MAX_REQUEST_ID,
     MAX_TOPIC,
@@ -113,6 +113,7 @@ __all__ = [
     "fleet_topic",
     "is_valid_id",
     "parse_topic",
+    "prepare",
     "schema_of",
     "subscription",
     "topic",

@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "field_error",
+    "prepare",
     "schema_of",
 ]
 
@@ -79,6 +80,14 @@ def encode(doc: Document | Mapping[str, Any]) -> bytes:
 class _Absent(Document, tag="edgekit.absent/0"):
     """Never sent. Decoding through ``cls | _Absent`` makes msgspec require the tag field,
     which it treats as optional when a tagged Struct is decoded on its own."""
+
+
+def prepare(cls: type[Document], *, require_schema: bool = True,
+            variants: tuple[type[Document], ...] = ()) -> None:
+    """Build now the decoder :func:`decode` uses with these arguments. msgspec reads the
+    classes' annotations when a decoder is made (a few milliseconds for a large document):
+    a reader that must answer its first message quickly makes its decoders when it starts."""
+    _decoder((cls, *variants), require_schema)
 
 
 def _decoder(classes: tuple[type, ...], require_schema: bool) -> msgspec.json.Decoder[Any]:

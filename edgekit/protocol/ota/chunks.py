@@ -113,10 +113,15 @@ class ChunkHeader(Document, tag=CHUNK_SCHEMA, frozen=True):  # type: ignore[misc
 
 @dataclass(frozen=True)
 class Chunk:
-    """A decoded reply whose bytes match its ``chunk_sha256``."""
+    """A decoded reply; its bytes match its ``chunk_sha256`` unless it was decoded with
+    ``check=False`` (then :meth:`matches` tells)."""
 
     header: ChunkHeader
     data: bytes
+
+    def matches(self) -> bool:
+        """Whether the bytes are the ones the header's ``chunk_sha256`` names."""
+        return hashlib.sha256(self.data).hexdigest() == self.header.chunk_sha256
 
     @property
     def error(self) -> ChunkErrorInfo | None:
@@ -192,12 +197,15 @@ def encode_chunk_error(request_id: str, sha256: str, offset: int, code: ChunkErr
     return _frame(header, b"")
 
 
-def decode_chunk(payload: bytes) -> Chunk:
-    """Decode a reply and check its bytes against its ``chunk_sha256``.
+def decode_chunk(payload: bytes, *, check: bool = True) -> Chunk:
+    """Decode a reply and check its bytes against its ``chunk_sha256``. A reader that hashes
+    the whole artifact as it arrives may pass ``check=False`` and check a chunk only when
+    the whole does not match (one pass of sha256 over the bytes instead of two).
 
     Raises:
         ProtocolError: the frame is truncated, the header is not valid JSON or misses a field,
-            the byte count differs from ``length``, or the bytes do not match ``chunk_sha256``.
+            the byte count differs from ``length``, or (with ``check``) the bytes do not
+            match ``chunk_sha256``.
     """
     if len(payload) < _LEN.size:
         raise ProtocolError(f"chunk reply of {len(payload)} bytes is too short for its frame")
@@ -210,10 +218,11 @@ def decode_chunk(payload: bytes) -> Chunk:
     if len(data) != header.length:
         raise ProtocolError(f"chunk reply carries {len(data)} bytes, its header says"
                             f" {header.length} (truncated)")
-    if hashlib.sha256(data).hexdigest() != header.chunk_sha256:
+    chunk = Chunk(header, data)
+    if check and not chunk.matches():
         raise ProtocolError(f"chunk at offset {header.offset} does not match its sha256"
                             " (corrupted in transit)")
-    return Chunk(header, data)
+    return chunk
 
 
 def peek_request_id(payload: bytes) -> str | None:

@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_PROBATION",
     "DESIRED_SCHEMA",
     "DESIRED_TTL_S",
+    "DESIRED_VARIANTS",
     "MAX_ARTIFACT_BYTES",
     "ROLLBACK_TTL_S",
     "SHA256_PATTERN",
@@ -201,6 +202,10 @@ class ShadowDesiredDocument(DesiredDocument,  # type: ignore[misc]
     shadow: ShadowSpec
 
 
+# Documents that arrive on the desired topics besides DesiredDocument (their schema picks).
+DESIRED_VARIANTS: tuple[type[DesiredDocument], ...] = (ShadowDesiredDocument,)
+
+
 def new_deployment_id(now: dt.datetime | None = None) -> str:
     """A fresh deployment id, e.g. ``d20260131T120000-3f2a1c`` (time first, so ids sort)."""
     moment = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
@@ -282,7 +287,7 @@ def parse_desired(data: bytes | str | Mapping[str, Any]) -> DesiredDocument:
             data = encode(data)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"desired: not a JSON document: {exc}") from None
-    doc = decode(data, DesiredDocument, where="desired", variants=(ShadowDesiredDocument,))
+    doc = decode(data, DesiredDocument, where="desired", variants=DESIRED_VARIANTS)
     _check_times(doc)
     _check_model(doc)
     _check_sources(doc.sources, need_one=doc.model.sha256 is not None and not doc.revert)
