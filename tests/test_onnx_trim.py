@@ -107,20 +107,26 @@ def test_a_pooled_model_computes_only_the_kept_positions(tmp_path: Path, quantiz
     got = session.run(None, feeds)[0]  # would fail in Gather if a padded id were read
     clean = {"input_ids": np.where(feeds["attention_mask"] == 1, 7, 0).astype(np.int64),
              "attention_mask": feeds["attention_mask"]}
+    data = _data(seed=1)
+    quantized = quantize in ("dynamic", "int8")
+    if quantized:
+        # How far int8 lands from PyTorch on this small random model depends on the
+        # onnxruntime version; what the trim must keep is the quantized graph's own answer:
+        # the same conversion with its padding kept, fed the padding it can read.
+        _, kept_path = _convert(module, tmp_path / "kept", quantize=quantize, trim_padding=False)
+        kept = _session(kept_path)
+        np.testing.assert_allclose(got, kept.run(None, clean)[0], atol=1e-5)
+        np.testing.assert_allclose(session.run(None, data.inputs)[0],
+                                   kept.run(None, data.inputs)[0], atol=1e-5)
+        return
     with torch.no_grad():
         want = module(*(torch.from_numpy(clean[k]) for k in ("input_ids", "attention_mask")))
-    atol = {"none": 1e-5, "fp16": 5e-3}.get(quantize, 0.05)
+    atol = {"none": 1e-5, "fp16": 5e-3}[quantize]
     np.testing.assert_allclose(got, want.numpy(), atol=atol)
-    # every row of the data set, at its own lengths in one batch: the same as PyTorch, or
-    # for static int8, no further from it than the same conversion with its padding kept
-    data = _data(seed=1)
+    # every row of the data set, at its own lengths in one batch: the same as PyTorch
     with torch.no_grad():
         want = module(*(torch.from_numpy(data.inputs[k]) for k in ("input_ids", "attention_mask")))
     error = np.abs(session.run(None, data.inputs)[0] - want.numpy()).max()
-    if quantize == "int8":
-        _, kept = _convert(module, tmp_path / "kept", quantize=quantize, trim_padding=False)
-        atol = 1.5 * float(np.abs(_session(kept).run(None, data.inputs)[0]
-                                  - want.numpy()).max()) + 1e-3
     assert error <= atol, (error, atol)
 
 
