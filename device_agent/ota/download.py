@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
 
 from edgekit.errors import ProtocolError
 from edgekit.protocol.ota import (
@@ -57,6 +56,7 @@ Progress = Callable[[int], None]
 # the downloading thread's CPU on a fast link.)
 _SYNC_BYTES = 1024 * 1024
 _SYNC_SECONDS = 1.0
+_READ_BYTES = 1024 * 1024  # block size when a resumed download hashes what it has
 _MAX_CORRUPT = 20  # corrupted replies in a row before the transfer is given up
 
 
@@ -113,6 +113,28 @@ class PartialFile:
         os.close(self._fd)
 
 
+class _PrefixHash:
+    """sha256 of a partial file's bytes from the first on, extended as a download writes them
+    in order: the file's hash without reading it back. A resumed download starts by hashing
+    what the file already holds."""
+
+    def __init__(self, partial: PartialFile, end: int) -> None:
+        self._hash = hashlib.sha256()
+        offset = 0
+        while offset < end:
+            block = partial.read_at(offset, min(_READ_BYTES, end - offset))
+            if not block:
+                break
+            self._hash.update(block)
+            offset += len(block)
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 class _Throttle:
     """Calls ``progress`` for the prefix on disk every second or tenth of the file (at least
     a MiB), whichever comes first, and at the end."""
@@ -141,7 +163,7 @@ class _Transfer:
     next_offset: int  # the first byte not asked for yet
     last_progress: float
     check_each: bool  # check every chunk's sha256 on arrival
-    hasher: Any  # sha256 of bytes 0..done
+    hasher: _PrefixHash  # of bytes 0..done
     # past ``done``: offset -> (bytes, their chunk_sha256), until the prefix reaches them
     received: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     written: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, sha)
@@ -204,7 +226,7 @@ class MqttDownload:
         sha256 their header named)."""
         partial.truncate(start)
         t = _Transfer(done=start, next_offset=start, last_progress=time.monotonic(),
-                      check_each=check_each, hasher=self._hash_prefix(partial, start))
+                      check_each=check_each, hasher=_PrefixHash(partial, start))
         throttle = _Throttle(partial, progress, start)
         while t.done < self.size:
             if self.cancel.is_set():
@@ -228,22 +250,9 @@ class MqttDownload:
         return t.written
 
     @staticmethod
-    def _hash_prefix(partial: PartialFile, end: int) -> Any:
-        """sha256 of the bytes a resumed download already has (read back from the file)."""
-        hasher = hashlib.sha256()
-        offset = 0
-        while offset < end:
-            block = partial.read_at(offset, min(_SYNC_BYTES, end - offset))
-            if not block:
-                break
-            hasher.update(block)
-            offset += len(block)
-        return hasher
-
-    @staticmethod
     def _first_corrupt(partial: PartialFile, written: list[tuple[int, int, str]]) -> int | None:
         """The offset of the first chunk whose bytes on disk differ from its header's sha256."""
-        for offset, length, digest in sorted(written):
+        for offset, length, digest in written:  # in offset order: the order they were hashed
             if hashlib.sha256(partial.read_at(offset, length)).hexdigest() != digest:
                 return offset
         return None
@@ -370,15 +379,19 @@ class HttpDownload:
         self.cancel = cancel
         self.context = context
         self.stats = {"attempts": 0}
+        self.digest: str | None = None  # sha256 of the whole file, once it is downloaded
+        self._hash: _PrefixHash | None = None
 
     def run(self, partial: PartialFile, start: int, progress: Progress) -> None:
-        """Download bytes ``start..size`` into ``partial``.
+        """Download bytes ``start..size`` into ``partial`` and set :attr:`digest`, the whole
+        file's sha256 (the caller compares it with the one it was promised).
 
         Raises:
             UpdateFailure: too_large / sha256_mismatch (the server's file is not the size
                 named), download_failed (no progress for ``stall_timeout_s``), superseded.
         """
         partial.truncate(start)
+        self._hash = _PrefixHash(partial, start)
         throttle = _Throttle(partial, progress, start)
         done = start
         last_progress = time.monotonic()
@@ -404,6 +417,7 @@ class HttpDownload:
                 self.cancel.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         throttle.update(done, final=True)
+        self.digest = self._hash.hexdigest()
 
     def _attempt(self, partial: PartialFile, offset: int, throttle: _Throttle) -> int:
         request = urllib.request.Request(self.url, headers={"Range": f"bytes={offset}-"})
@@ -421,6 +435,7 @@ class HttpDownload:
                 # The server ignored the range: start over from the first byte.
                 offset = 0
                 partial.truncate(0)
+                self._hash = _PrefixHash(partial, 0)
             total = _total(response.headers, response.status)
             if total is not None and total != self.size:
                 reason = UpdateReason.TOO_LARGE if total > self.size else \
@@ -434,6 +449,8 @@ class HttpDownload:
                 if not block:
                     break
                 partial.write_at(offset, block)
+                assert self._hash is not None
+                self._hash.update(block)
                 offset += len(block)
                 throttle.update(offset)
                 self.settings.pace.wait(len(block), self.cancel)

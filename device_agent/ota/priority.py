@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 __all__ = ["run_niced", "thread_nice"]
@@ -49,18 +50,6 @@ def run_niced(fn: Callable[[], T], nice: int, name: str = "ota-work") -> T:
     result, or raise what it raised. ``nice`` 0 calls it here, in the caller's thread."""
     if nice <= 0 or thread_nice() is None:
         return fn()
-    outcome: dict[str, object] = {}
-
-    def body() -> None:
-        _lower_own_priority(nice)
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the caller, which raises it
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=body, name=name, daemon=True)
-    worker.start()
-    worker.join()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    with ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_lower_own_priority,
+                            initargs=(nice,)) as worker:
+        return worker.submit(fn).result()

@@ -92,10 +92,7 @@ class UpdateRun:
             self._check_cancel()
             self._count_verify_attempt()
             # The CPU-heavy steps yield to the requests the model in service answers.
-            nice = self.u.settings.nice
-            model = run_niced(self._verify, nice, "ota-verify")
-            self._check_cancel()
-            run_niced(lambda: self._stage(model), nice, "ota-stage")
+            model = run_niced(self._verify_and_stage, self.u.settings.nice)
             self._check_cancel()
             if isinstance(self.doc, ShadowDesiredDocument):
                 run_shadow(self, model, self.doc.shadow)  # reports and drops the candidate; never activates
@@ -180,7 +177,7 @@ class UpdateRun:
             # A delta against a kept package first (device_agent/ota/delta.py); on any
             # failure it has said why and the package is downloaded.
             rebuilt = offset == 0 and fetch_delta(self, partial)
-            digest: str | None = None  # the whole file's sha256, when the transfer hashed it
+            digest: str | None = None  # the whole file's sha256, as the transfer hashed it
             for i, source in enumerate([] if rebuilt else plan):
                 try:
                     digest = self._fetch_from(source, partial, offset)
@@ -199,7 +196,7 @@ class UpdateRun:
             partial.close()
             self.download = None
         # The whole file is on disk: check it is the artifact named, then give it its name.
-        if digest is None:
+        if digest is None:  # rebuilt from a delta
             digest = sha256_file(partial_path)
         if digest != sha:
             partial_path.unlink(missing_ok=True)
@@ -215,8 +212,8 @@ class UpdateRun:
         crash_point("verifying")
 
     def _fetch_from(self, source: str, partial: PartialFile, offset: int) -> str | None:
-        """Download from ``source``; returns the file's sha256 when the transfer computed it
-        from the bytes it wrote (over MQTT), else None."""
+        """Download from ``source``; returns the file's sha256, computed by the transfer from
+        the bytes it wrote."""
         sha, size = self.doc.model.sha256, self.doc.model.size
         assert sha is not None and size is not None
         self.record.source = source
@@ -233,7 +230,7 @@ class UpdateRun:
             http = HttpDownload(url, size, dl_settings, self.cancel)
             self.download = http
             http.run(partial, offset, self._progress)
-            return None
+            return http.digest
         mqtt_source = self.doc.sources.mqtt
         assert mqtt_source is not None
         download = self.u.mqtt_download(mqtt_source.request_topic, sha, size, dl_settings,
@@ -272,6 +269,12 @@ class UpdateRun:
                                 details={"needed": needed, "free": free, "reserve": reserve})
 
     # ---------------------------------------------------------------- verify, stage
+
+    def _verify_and_stage(self) -> LoadedModel:
+        model = self._verify()
+        self._check_cancel()
+        self._stage(model)
+        return model
 
     def _verify(self) -> LoadedModel:
         self.u.emit(UpdateStep.VERIFYING, self.record, "checking sha256, signature, version,"

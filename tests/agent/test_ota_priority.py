@@ -9,7 +9,9 @@ import threading
 
 import pytest
 
+from device_agent.config import load_config
 from device_agent.ota.priority import run_niced, thread_nice
+from edgekit.errors import ConfigError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
                            reason="per-thread nice values are a Linux feature")
@@ -63,3 +65,10 @@ def test_a_sandbox_that_refuses_setpriority_still_runs_the_step(
 
     monkeypatch.setattr(os, "setpriority", refuse)
     assert run_niced(lambda: 42, 10) == 42
+
+
+@pytest.mark.parametrize(("value", "words"), [("20", "outside 0..19"), ("-1", "outside 0..19"),
+                                              ("x", "not an integer")])
+def test_an_ota_nice_out_of_range_is_refused_naming_the_key(value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=rf"ota\.nice .*EDGEKIT_OTA_NICE.*{words}"):
+        load_config(env={"EDGEKIT_OTA_NICE": value})

@@ -15,11 +15,12 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from device_agent.ota.download import DownloadSettings, MqttDownload, PartialFile
+from device_agent.ota.download import DownloadSettings, HttpDownload, MqttDownload, PartialFile
 from edgekit.protocol.ota import encode_chunk, parse_request
 
 _REAL_SHA256 = hashlib.sha256
@@ -147,3 +148,44 @@ def test_another_artifact_is_not_downloaded_twice(tmp_path: Path) -> None:
     assert on_disk == other
     assert download.digest == hashlib.sha256(other).hexdigest() != SHA
     assert server.requests == [i * CHUNK for i in range(11)]
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    """The artifact; the first response stops half way (Content-Length promised more), and
+    every later one ignores the Range header (200 with the whole file)."""
+
+    served = 0
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(ARTIFACT)))
+        self.end_headers()
+        self.wfile.write(ARTIFACT[:len(ARTIFACT) // 2] if self.served == 1 else ARTIFACT)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_an_http_download_hashes_as_it_writes_through_a_cut_and_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HttpHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(hashlib, "sha256", _Counting)
+    _Counting.hashed = 0
+    try:
+        download = HttpDownload(f"http://127.0.0.1:{server.server_address[1]}/a",
+                                len(ARTIFACT), DownloadSettings(), threading.Event())
+        partial = PartialFile(tmp_path / "h.part", len(ARTIFACT))
+        try:
+            download.run(partial, 0, lambda _offset: None)
+        finally:
+            partial.close()
+    finally:
+        server.shutdown()
+    assert (tmp_path / "h.part").read_bytes() == ARTIFACT
+    assert _HttpHandler.served == 2
+    # The restart from byte 0 (the server ignored the range) threw the first hash away.
+    assert download.digest == SHA
+    # What the cut response wrote (hashed once, on its way to disk) plus the whole file.
+    assert _Counting.hashed == len(ARTIFACT) // 2 + len(ARTIFACT)
