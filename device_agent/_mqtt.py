@@ -131,6 +131,9 @@ class MqttLink:
         self.rejected: Counter[str] = Counter()  # oversized messages refused, per filter
         self._log = ThrottledLog(log)
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # this connection's subscriptions acknowledged
+        self._pending_subs: set[int] = set()
+        self._subs_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._acked: set[int] = set()
@@ -155,6 +158,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = _no_delay
         self._client = client
         self._keepalive = cfg.mqtt.keepalive_s
@@ -163,6 +167,12 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def subscribed(self) -> bool:
+        """Connected, and the broker has acknowledged every subscription made on connect:
+        a request published from now on reaches this agent."""
+        return self._connected.is_set() and self._subscribed.is_set()
 
     def subscribe(self, topic_filter: str, handler: Handler, *, max_bytes: int | None = None,
                   on_oversize: Handler | None = None) -> None:
@@ -229,13 +239,29 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self.address.url(), reason_code)
             return
+        # Subscribe before announcing ``online``: the broker handles one connection's packets
+        # in order, so whoever sees ``online`` can reach the agent's request topics.
+        with self._subs_lock:
+            self._subscribed.clear()
+            self._pending_subs.clear()
+            for topic_filter in self._routes:
+                result, mid = client.subscribe(topic_filter, qos=1)
+                if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subs.add(mid)
+            if not self._pending_subs:
+                self._subscribed.set()
         client.publish(self.status_topic, self._build_status(self.session, DeviceState.ONLINE,
                                                               None), qos=1, retain=True)
-        for topic_filter in self._routes:
-            client.subscribe(topic_filter, qos=1)
         self._connected.set()
         self._wake.set()
         log.info("connected to %s (session %d)", self.address.url(), self.session)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reason_codes: object, properties: object) -> None:
+        with self._subs_lock:
+            self._pending_subs.discard(mid)
+            if not self._pending_subs:
+                self._subscribed.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # paho calls this from inside its ``except OSError`` block: the cause is at hand.

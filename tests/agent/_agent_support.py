@@ -76,7 +76,8 @@ class Watcher:
         host, port = url.removeprefix("mqtt://").rsplit(":", 1)
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # connected and every filter acknowledged
+        self._pending: set[int] = set()
         self._filters = filters
         # A persistent session (fixed id, clean_session off) keeps the subscriptions and the
         # messages queued for it across a restart of a broker that persists sessions.
@@ -84,6 +85,7 @@ class Watcher:
                                   protocol=mqtt.MQTTv311, clean_session=not persistent)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
         self.client.connect_async(host, int(port), 30)
         self.client.loop_start()
@@ -93,9 +95,19 @@ class Watcher:
                     props: Any) -> None:
         if rc.is_failure:
             return
-        for f in self._filters:
-            client.subscribe(f, qos=1)
-        self._connected.set()
+        with self._lock:
+            self._connected.clear()
+            self._pending = {client.subscribe(f, qos=1)[1] for f in self._filters}
+            if not self._pending:
+                self._connected.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      props: Any) -> None:
+        # Messages published before the broker acknowledged a filter may never arrive.
+        with self._lock:
+            self._pending.discard(mid)
+            if not self._pending:
+                self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

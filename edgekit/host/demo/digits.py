@@ -131,10 +131,11 @@ def train_torch(model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int = 15,
     return model.eval()
 
 
-def keras_cnn() -> Any:
-    """The same CNN in Keras, channels last (8x8x1)."""
+def keras_cnn(seed: int = 0) -> Any:
+    """The same CNN in Keras, channels last (8x8x1), its initial weights drawn from ``seed``."""
     import keras
 
+    keras.utils.set_random_seed(seed)  # the layers draw their weights as they are built
     return keras.Sequential([
         keras.Input((8, 8, 1), name="x"),
         keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
