@@ -119,8 +119,12 @@ def _num_classes(m: Manifest) -> int | None:
 
 
 def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | None = None,
-               *, max_batch: int = 256, check_golden: bool = True) -> LoadedModel:
+               *, max_batch: int = 256, check_golden: bool = True,
+               sha256: str | None = None) -> LoadedModel:
     """Verify a package, load it into its runtime and check it against its golden samples.
+
+    ``sha256``: the file's, when the caller has just checked it (an update hashes the bytes
+    as it downloads them); else the file is hashed here.
 
     A package of several variants is measured first (:mod:`device_agent._variants`): the
     fastest variant that passes parity within the package's accuracy budget is loaded.
@@ -142,7 +146,7 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
         session = load_session(manifest, pkg.model_bytes(), options)
     model = LoadedModel(
         path=p,
-        sha256=sha256_file(p),
+        sha256=sha256 or sha256_file(p),
         manifest=manifest,
         session=session,
         validator=InputValidator(manifest.inputs, max_batch, f"{manifest.name} {manifest.version}"),

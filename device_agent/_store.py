@@ -110,8 +110,11 @@ class ModelStore:
             raise ArtifactError(f"{self.active_file}: malformed entry ({exc})") from exc
         return ActiveRecord(active, previous, activated)
 
-    def add(self, src: str | os.PathLike[str]) -> StoredPackage:
+    def add(self, src: str | os.PathLike[str], *, sha256: str | None = None) -> StoredPackage:
         """Copy a package into the folder (once per content) and return it there.
+
+        ``sha256``: the source's, when the caller has just computed it (a verified model's);
+        else the source is hashed here. A copy is hashed again either way.
 
         The package is opened (manifest parsed) but not verified; verify before activating.
         A staged download of this folder (``<sha256>.staged``) is moved, not copied.
@@ -122,7 +125,7 @@ class ModelStore:
         """
         source = Path(src)
         manifest = open_package(source).manifest
-        digest = sha256_file(source)
+        digest = sha256 or sha256_file(source)
         target = self.packages_dir / f"{manifest.name}-{manifest.version}-{digest[:12]}.edgepkg"
         staged = source.parent.resolve() == self.packages_dir.resolve() and \
             source.name == f"{digest}{STAGED_SUFFIX}"

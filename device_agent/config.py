@@ -216,6 +216,9 @@ class OtaSection:
     nice: int = _opt(10, "Verify and stage a downloaded model this many nice steps below the"
                      " agent's priority (Linux), so that requests to the model in service go"
                      " first. 0: at the agent's priority.", ge=0, le=19)
+    direct_io: bool = _opt(True, "Write a download to disk with O_DIRECT where the file system"
+                           " takes it (Linux), past the page cache: it does not push the"
+                           " model in service out of memory. Off: plain writes.")
 
 
 @dataclass

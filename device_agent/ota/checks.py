@@ -27,15 +27,21 @@ _LATENCY_RUNS = 5
 
 
 def verify_package_file(path: Path, doc: DesiredDocument, trust: TrustPolicy,
-                        options: RuntimeOptions, max_batch: int) -> LoadedModel:
+                        options: RuntimeOptions, max_batch: int, *,
+                        checked_sha256: str | None = None) -> LoadedModel:
     """sha256 of the file, the signature, and a load in the runtime (a second session).
+
+    ``checked_sha256``: the file's sha256 as this process computed it from the bytes it
+    wrote (a download that just ended); when it is the document's, the file is not read
+    and hashed again. The members' own hashes and the signature are checked either way.
 
     Raises:
         UpdateFailure: sha256_mismatch, unsigned, bad_signature, load_failed.
     """
     expected = doc.model.sha256
+    actual = None
     if expected is not None:
-        actual = sha256_file(path)
+        actual = checked_sha256 if checked_sha256 == expected else sha256_file(path)
         if actual != expected:
             raise UpdateFailure(UpdateReason.SHA256_MISMATCH,
                                 f"the downloaded file's sha256 is {actual[:16]}..., the desired"
@@ -56,7 +62,8 @@ def verify_package_file(path: Path, doc: DesiredDocument, trust: TrustPolicy,
                             f"the package is {manifest.name} {manifest.version}, the desired"
                             f" document names {doc_model.name} {doc_model.version}")
     try:
-        model = load_model(path, trust, options, max_batch=max_batch, check_golden=False)
+        model = load_model(path, trust, options, max_batch=max_batch, check_golden=False,
+                           sha256=actual)
     except SignatureError as exc:
         raise UpdateFailure(UpdateReason.BAD_SIGNATURE, exc.message, hint=exc.hint) from exc
     except (ArtifactError, RuntimeBackendError) as exc:

@@ -108,7 +108,7 @@ def _download(run: UpdateRun, entry: DeltaSource, path: Path) -> None:
     dl = DownloadSettings(chunk_bytes=settings.chunk_bytes, window=settings.window,
                           request_timeout_s=settings.request_timeout_s,
                           stall_timeout_s=min(settings.stall_timeout_s, _DELTA_STALL_S))
-    partial = PartialFile(path, entry.size)
+    partial = PartialFile(path, entry.size, direct=settings.direct_io)
     try:
         if entry.url is not None:
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import secrets
 import ssl
@@ -26,7 +25,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from pathlib import Path
 
 from edgekit.errors import ProtocolError
 from edgekit.protocol.ota import (
@@ -43,6 +41,7 @@ from edgekit.protocol.ota import (
 )
 
 from .errors import UpdateFailure
+from .partial import PartialFile
 from .throttle import Pace
 
 __all__ = ["DownloadSettings", "HttpDownload", "MqttDownload", "PartialFile"]
@@ -80,39 +79,6 @@ class DownloadSettings:
         return size
 
 
-class PartialFile:
-    """The file a download writes into; never longer than ``size``."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        self.size = size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._fd = fd
-
-    def truncate(self, offset: int) -> None:
-        os.ftruncate(self._fd, offset)
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
-
-    def write_at(self, offset: int, data: bytes) -> None:
-        """Raises: UpdateFailure: the bytes would go past the size cap (too_large)."""
-        if offset < 0 or offset + len(data) > self.size:
-            raise UpdateFailure(UpdateReason.TOO_LARGE,
-                                f"the server sent bytes up to {offset + len(data)}, past the"
-                                f" {self.size} bytes the desired document names")
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
-
-    def sync(self) -> None:
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 class _PrefixHash:
     """sha256 of a partial file's bytes from the first on, extended as a download writes them
     in order: the file's hash without reading it back. A resumed download starts by hashing
@@ -128,7 +94,7 @@ class _PrefixHash:
             self._hash.update(block)
             offset += len(block)
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
 
     def hexdigest(self) -> str:
@@ -165,7 +131,7 @@ class _Transfer:
     check_each: bool  # check every chunk's sha256 on arrival
     hasher: _PrefixHash  # of bytes 0..done
     # past ``done``: offset -> (bytes, their chunk_sha256), until the prefix reaches them
-    received: dict[int, tuple[bytes, str]] = field(default_factory=dict)
+    received: dict[int, tuple[bytes | memoryview, str]] = field(default_factory=dict)
     written: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, sha)
     pending: dict[str, tuple[ChunkRequest, float]] = field(default_factory=dict)
     retry: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) to ask again
@@ -318,14 +284,20 @@ class MqttDownload:
         if not chunk.data:
             t.retry.append((request.offset, request.length))
             return False
-        partial.write_at(request.offset, chunk.data)
         got = len(chunk.data)
+        if request.offset + got > self.size:
+            raise UpdateFailure(UpdateReason.TOO_LARGE,
+                                f"the server sent bytes up to {request.offset + got}, past the"
+                                f" {self.size} bytes the desired document names")
         if got < request.length:
             # The server capped the chunk: ask for the rest of this range.
             t.retry.append((request.offset + got, request.length - got))
+        # Kept until the prefix reaches them, then written and hashed in order: the file is
+        # written front to back (see partial.py).
         t.received[request.offset] = (chunk.data, chunk.header.chunk_sha256)
         while t.done in t.received:
             data, digest = t.received.pop(t.done)
+            partial.write_at(t.done, data)
             t.hasher.update(data)
             t.written.append((t.done, len(data), digest))
             t.done += len(data)

@@ -76,6 +76,9 @@ class UpdateRun:
         self.download: MqttDownload | HttpDownload | None = None
         self._last_progress_event = 0.0
         self._last_percent = -100.0
+        # The package's sha256 as this run computed it from the bytes it downloaded: the
+        # file is not hashed again to verify it (a restart, or a kept copy, hashes it).
+        self._downloaded_sha256: str | None = None
 
     # ---------------------------------------------------------------- driver
 
@@ -172,7 +175,7 @@ class UpdateRun:
         self.u.emit(UpdateStep.DOWNLOADING, self.record,
                     f"resuming at byte {offset} of {size}" if offset else f"{size} bytes to fetch",
                     source=plan[0], progress=(offset, size), details={"resume_from": offset})
-        partial = PartialFile(partial_path, size)
+        partial = PartialFile(partial_path, size, direct=self.u.settings.direct_io)
         try:
             # A delta against a kept package first (device_agent/ota/delta.py); on any
             # failure it has said why and the package is downloaded.
@@ -205,6 +208,7 @@ class UpdateRun:
                                 f" document names {sha[:16]}...")
         # Named by its sha256 (checked above), never by a field inside the unverified file;
         # the model folder gives it its readable name only after verification (_activate).
+        self._downloaded_sha256 = digest
         target = self.store.packages_dir / f"{sha}{STAGED_SUFFIX}"
         os.replace(partial_path, target)
         fsync_dir(target.parent)
@@ -282,7 +286,7 @@ class UpdateRun:
         path = self.u.abs(self.record.package)
         loader = self.slot.loader
         model = verify_package_file(path, self.doc, loader.trust, loader.options,
-                                    loader.max_batch)
+                                    loader.max_batch, checked_sha256=self._downloaded_sha256)
         serving = self.slot.current
         # The floor again, on the package itself (a resumed update too).
         self.u.gate.check_floor(self.doc, model.manifest.name, model.manifest.version)
@@ -301,7 +305,7 @@ class UpdateRun:
 
     def _activate(self, model: LoadedModel) -> None:
         try:
-            stored = self.store.add(model.path)
+            stored = self.store.add(model.path, sha256=model.sha256)
         except (OutputWriteError, ArtifactError) as exc:
             self._fail(UpdateFailure(UpdateReason.NO_SPACE if isinstance(exc, OutputWriteError)
                                      else UpdateReason.LOAD_FAILED, exc.message))

@@ -93,6 +93,7 @@ class OtaSettings:
     max_kbps: int = 0
     maintenance_window: str = ""
     nice: int = 10
+    direct_io: bool = True
 
     @classmethod
     def from_config(cls, section: OtaSection) -> OtaSettings:

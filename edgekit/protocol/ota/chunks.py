@@ -117,7 +117,7 @@ class Chunk:
     ``check=False`` (then :meth:`matches` tells)."""
 
     header: ChunkHeader
-    data: bytes
+    data: bytes | memoryview  # a view into the reply it was decoded from: no copy
 
     def matches(self) -> bool:
         """Whether the bytes are the ones the header's ``chunk_sha256`` names."""
@@ -214,7 +214,7 @@ def decode_chunk(payload: bytes, *, check: bool = True) -> Chunk:
         raise ProtocolError(f"chunk reply header length {header_len} does not fit the"
                             f" {len(payload)}-byte payload")
     header = decode(payload[_LEN.size:_LEN.size + header_len], ChunkHeader, where="chunk")
-    data = payload[_LEN.size + header_len:]
+    data = memoryview(payload)[_LEN.size + header_len:]
     if len(data) != header.length:
         raise ProtocolError(f"chunk reply carries {len(data)} bytes, its header says"
                             f" {header.length} (truncated)")
