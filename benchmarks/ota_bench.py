@@ -322,6 +322,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
     broker, port = start_mosquitto(work)
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     stop = threading.Event()
+    complete = [False]  # every agent succeeded
     try:
         keys = generate_keypair(work / "signing")
         key = load_private_key(keys.private_path)
@@ -387,6 +388,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
         t0 = time.perf_counter()
         deployer.publish()
         result = deployer.wait(900)
+        complete[0] = result.counts().get("succeeded", 0) == agents_n
         t_all = time.perf_counter() - t0
         time.sleep(1.0)  # requests right after the last swap
         rss_after = _median([rss_mb(pid) for pid in pids.values()])
@@ -437,6 +439,13 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
                 proc.kill()
         broker.terminate()
         broker.wait(10)
+        if not complete[0]:
+            # Keep what the agents logged: a run where an agent did not succeed is the one
+            # whose logs say why.
+            kept = Path(tempfile.mkdtemp(prefix="ota-bench-logs-"))
+            for log in work.glob("agent-*/agent.log"):
+                shutil.copy(log, kept / f"{log.parent.name}.log")
+            print(f"not every agent succeeded: their logs are in {kept}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ proves the runtime gives the outputs the converter recorded and warms the sessio
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,10 @@ class TrustPolicy:
         """Raises: UsageError: a key file is missing or not an Ed25519 public key."""
         return cls(tuple(load_public_key(p) for p in paths), allow_unsigned)
 
-    def verify(self, path: str | Path) -> VerifyReport:
-        """Check every member's sha256 and the signature.
+    def verify(self, path: str | Path, *, deferred: Collection[str] = ()) -> VerifyReport:
+        """Check every member's sha256 (but ``deferred``'s, which the caller reads with
+        :meth:`~edgekit.artifact.Package.read_member`, checked as they are read) and the
+        signature.
 
         Raises:
             ArtifactError: a member is missing or altered.
@@ -49,7 +52,7 @@ class TrustPolicy:
                 signature that does not match.
         """
         return verify_package(path, list(self.trusted_keys),
-                              require_signature=not self.allow_unsigned)
+                              require_signature=not self.allow_unsigned, deferred=deferred)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,8 +139,11 @@ def load_model(path: str | Path, trust: TrustPolicy, options: RuntimeOptions | N
             outputs on the golden samples are outside the manifest's tolerance.
     """
     p = Path(path)
-    report = trust.verify(p)
     pkg = open_package(p)
+    # The model member is checked as model_bytes() reads it (read_member compares it with the
+    # signed manifest before the runtime sees a byte), not inflated and hashed twice.
+    report = trust.verify(p, deferred=() if pkg.manifest.variants
+                          else (pkg.manifest.model_file,))
     manifest = pkg.manifest
     variant = None
     if manifest.variants:

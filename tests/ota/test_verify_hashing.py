@@ -1,7 +1,8 @@
 """After a download the package file is not hashed again: the download computed its sha256
 from the bytes it wrote, and verification, the loaded model and the model folder take that
 digest. A restart (no digest at hand) hashes the file; the members' hashes and the signature
-are checked either way, so a file changed on disk after the download is still refused.
+are checked either way, so a file changed on disk after the download is still refused. The
+model member is inflated and hashed once, as it is read for the runtime.
 
 Real signed packages (a ridge classifier on the digits, onnxruntime); the count of whole-file
 hashes is taken by wrapping ``sha256_file`` where the device's modules call it."""
@@ -17,12 +18,12 @@ import pytest
 from agent._digits import write_digits_package
 
 from device_agent import _model, _store
-from device_agent._model import TrustPolicy
+from device_agent._model import TrustPolicy, load_model
 from device_agent._store import ModelStore
 from device_agent.ota import checks
 from device_agent.ota.checks import verify_package_file
 from device_agent.ota.errors import UpdateFailure
-from edgekit.artifact import sha256_file
+from edgekit.artifact import Package, sha256_file, verify_package
 from edgekit.host.ota.deploy import desired_for_package
 from edgekit.host.ota.store import ArtifactStore
 from edgekit.protocol.ota import UpdateReason
@@ -107,3 +108,34 @@ def test_a_file_changed_after_the_download_is_refused_by_its_members_hashes(
         verify_package_file(changed, _doc(pkg), trust, RuntimeOptions(threads=1), 8,
                             checked_sha256=sha)
     assert caught.value.reason in (UpdateReason.LOAD_FAILED, UpdateReason.BAD_SIGNATURE)
+
+
+def test_the_model_member_is_inflated_and_hashed_once(signed: tuple[Path, TrustPolicy],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # verify_package hashes every member as a stream; the model is then read whole for the
+    # runtime, checked against the same signed manifest as it is read: once is enough.
+    pkg, trust = signed
+    streamed: list[str] = []
+    read: list[str] = []
+    real_check, real_read = Package.check_member, Package.read_member
+
+    def check_member(self: Package, name: str) -> None:
+        streamed.append(name)
+        real_check(self, name)
+
+    def read_member(self: Package, name: str) -> bytes:
+        read.append(name)
+        return real_read(self, name)
+
+    monkeypatch.setattr(Package, "check_member", check_member)
+    monkeypatch.setattr(Package, "read_member", read_member)
+    model = load_model(pkg, trust, RuntimeOptions(threads=1), check_golden=False)
+    model_file = model.manifest.model_file
+    others = sorted(set(model.manifest.files) - {model_file})
+    assert others and sorted(streamed) == others
+    assert read == [model_file]
+    # The whole package is still checked where nothing reads the model afterwards.
+    streamed.clear()
+    report = verify_package(pkg, list(trust.trusted_keys))
+    assert sorted(streamed) == sorted(model.manifest.files) and report.files_checked == len(
+        streamed)
