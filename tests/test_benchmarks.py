@@ -122,3 +122,11 @@ def test_shadow_bench_quick(tmp_path: Path) -> None:
     assert "p95 ratio (shadow / plain)" in out
     # Only the shadow blocks offer requests to the runner, and it compares some of them.
     assert re.search(r"shadowed [1-9]\d* of 600 offered", out), out
+
+
+def test_verify_bench_quick(tmp_path: Path) -> None:
+    out = _run("verify_bench.py", tmp_path=tmp_path)
+    rows = {line.rsplit(None, 2)[0]: line.split()[-2:] for line in out.splitlines()
+            if line.startswith(("before", "after a"))}
+    assert set(rows) == {"before", "after a download", "after a restart"}, out
+    assert rows["before"][1] == "1.00"
