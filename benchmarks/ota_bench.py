@@ -322,7 +322,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
     broker, port = start_mosquitto(work)
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     stop = threading.Event()
-    complete = [False]  # every agent succeeded
+    complete = False  # every agent succeeded
     try:
         keys = generate_keypair(work / "signing")
         key = load_private_key(keys.private_path)
@@ -388,7 +388,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
         t0 = time.perf_counter()
         deployer.publish()
         result = deployer.wait(900)
-        complete[0] = result.counts().get("succeeded", 0) == agents_n
+        complete = result.counts().get("succeeded", 0) == agents_n
         t_all = time.perf_counter() - t0
         time.sleep(1.0)  # requests right after the last swap
         rss_after = _median([rss_mb(pid) for pid in pids.values()])
@@ -439,7 +439,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
                 proc.kill()
         broker.terminate()
         broker.wait(10)
-        if not complete[0]:
+        if not complete:
             # Keep what the agents logged: a run where an agent did not succeed is the one
             # whose logs say why.
             kept = Path(tempfile.mkdtemp(prefix="ota-bench-logs-"))

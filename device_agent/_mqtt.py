@@ -131,8 +131,7 @@ class MqttLink:
         self.rejected: Counter[str] = Counter()  # oversized messages refused, per filter
         self._log = ThrottledLog(log)
         self._connected = threading.Event()
-        self._subscribed = threading.Event()  # this connection's subscriptions acknowledged
-        self._pending_subs: set[int] = set()
+        self._pending_subs: set[int] = set()  # this connection's SUBSCRIBEs not acknowledged
         self._subs_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -172,7 +171,8 @@ class MqttLink:
     def subscribed(self) -> bool:
         """Connected, and the broker has acknowledged every subscription made on connect:
         a request published from now on reaches this agent."""
-        return self._connected.is_set() and self._subscribed.is_set()
+        with self._subs_lock:
+            return self._connected.is_set() and not self._pending_subs
 
     def subscribe(self, topic_filter: str, handler: Handler, *, max_bytes: int | None = None,
                   on_oversize: Handler | None = None) -> None:
@@ -242,14 +242,11 @@ class MqttLink:
         # Subscribe before announcing ``online``: the broker handles one connection's packets
         # in order, so whoever sees ``online`` can reach the agent's request topics.
         with self._subs_lock:
-            self._subscribed.clear()
             self._pending_subs.clear()
             for topic_filter in self._routes:
                 result, mid = client.subscribe(topic_filter, qos=1)
                 if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._pending_subs.add(mid)
-            if not self._pending_subs:
-                self._subscribed.set()
         client.publish(self.status_topic, self._build_status(self.session, DeviceState.ONLINE,
                                                               None), qos=1, retain=True)
         self._connected.set()
@@ -260,8 +257,6 @@ class MqttLink:
                       reason_codes: object, properties: object) -> None:
         with self._subs_lock:
             self._pending_subs.discard(mid)
-            if not self._pending_subs:
-                self._subscribed.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # paho calls this from inside its ``except OSError`` block: the cause is at hand.

@@ -285,10 +285,6 @@ class MqttDownload:
             t.retry.append((request.offset, request.length))
             return False
         got = len(chunk.data)
-        if request.offset + got > self.size:
-            raise UpdateFailure(UpdateReason.TOO_LARGE,
-                                f"the server sent bytes up to {request.offset + got}, past the"
-                                f" {self.size} bytes the desired document names")
         if got < request.length:
             # The server capped the chunk: ask for the rest of this range.
             t.retry.append((request.offset + got, request.length - got))
