@@ -76,9 +76,9 @@ class UpdateRun:
         self.download: MqttDownload | HttpDownload | None = None
         self._last_progress_event = 0.0
         self._last_percent = -100.0
-        # The package's sha256 as this run computed it from the bytes it downloaded: the
-        # file is not hashed again to verify it (a restart, or a kept copy, hashes it).
-        self._downloaded_sha256: str | None = None
+        # The package's sha256 as this run computed it (from the bytes it downloaded, or
+        # finding a kept copy): the file is not hashed again to verify it (a restart is).
+        self._checked_sha256: str | None = None
 
     # ---------------------------------------------------------------- driver
 
@@ -142,8 +142,10 @@ class UpdateRun:
         if kept is not None:
             self.u.emit(UpdateStep.DOWNLOADING, self.record, "using the copy kept on disk",
                         source="kept", progress=(kept.stat().st_size, kept.stat().st_size))
+            # find_kept compared the copy with the document's sha256 when it names one.
+            self._checked_sha256 = doc_model.sha256 or sha256_file(kept)
             self.journal.step(JournalStep.VERIFYING, source="kept",
-                              package=self.u.rel(kept), sha256=sha256_file(kept))
+                              package=self.u.rel(kept), sha256=self._checked_sha256)
             crash_point("verifying")
             return
         if doc_model.sha256 is None or doc_model.size is None:
@@ -208,7 +210,7 @@ class UpdateRun:
                                 f" document names {sha[:16]}...")
         # Named by its sha256 (checked above), never by a field inside the unverified file;
         # the model folder gives it its readable name only after verification (_activate).
-        self._downloaded_sha256 = digest
+        self._checked_sha256 = digest
         target = self.store.packages_dir / f"{sha}{STAGED_SUFFIX}"
         os.replace(partial_path, target)
         fsync_dir(target.parent)
@@ -286,7 +288,7 @@ class UpdateRun:
         path = self.u.abs(self.record.package)
         loader = self.slot.loader
         model = verify_package_file(path, self.doc, loader.trust, loader.options,
-                                    loader.max_batch, checked_sha256=self._downloaded_sha256)
+                                    loader.max_batch, checked_sha256=self._checked_sha256)
         serving = self.slot.current
         # The floor again, on the package itself (a resumed update too).
         self.u.gate.check_floor(self.doc, model.manifest.name, model.manifest.version)
