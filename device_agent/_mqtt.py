@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from edgekit.errors import ProtocolError
 from edgekit.protocol import DeviceState, StatusPayload, decode
 
+from . import _paho
 from ._limits import payload_cap
 from ._outbox import Outbox
 from .config import AgentConfig, BrokerAddress
@@ -44,6 +45,9 @@ __all__ = ["MqttLink", "ThrottledLog", "keep_large_buffers"]
 log = logging.getLogger("device_agent.mqtt")
 
 Handler = Callable[[str, bytes], None]
+# A handler that takes the payload as read: a bytearray for a large message (see _paho.py),
+# to be read, not changed or kept past the bytes it needs.
+BufferHandler = Callable[[str, bytes | bytearray], None]
 StatusBuilder = Callable[[int, DeviceState, str | None], bytes]
 
 SESSION_COUNTER = "mqtt.session"
@@ -59,9 +63,10 @@ _TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024
 
 @dataclass(frozen=True)
 class _Route:
-    handler: Handler
+    handler: BufferHandler
     max_bytes: int
     on_oversize: Handler | None
+    buffer: bool  # the handler takes a bytearray as it was read (no copy to bytes)
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
@@ -142,7 +147,7 @@ class MqttLink:
         self.session = outbox.counter(SESSION_COUNTER)
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+        client = _paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                              protocol=mqtt.MQTTv311, clean_session=True)
         if address.username:
             client.username_pw_set(address.username, address.password or None)
@@ -182,9 +187,22 @@ class MqttLink:
         A payload over ``max_bytes`` (default: the cap of the topic's kind, see
         :func:`~device_agent._limits.payload_cap`) goes to ``on_oversize`` instead, if given,
         after it is counted and logged."""
-        cap = max_bytes if max_bytes is not None else payload_cap(topic_filter,
-                                                                  self._predict_max_bytes)
-        self._routes[topic_filter] = _Route(handler, cap, on_oversize)
+        self._route(topic_filter, _Route(handler, self._cap(topic_filter, max_bytes),  # type: ignore[arg-type]
+                                         on_oversize, buffer=False))
+
+    def subscribe_buffers(self, topic_filter: str, handler: BufferHandler, *,
+                          max_bytes: int | None = None) -> None:
+        """Like :meth:`subscribe`, for a handler that takes a large payload as it was read
+        from the socket (a bytearray, see :mod:`._paho`) instead of a copy of it."""
+        self._route(topic_filter, _Route(handler, self._cap(topic_filter, max_bytes), None,
+                                         buffer=True))
+
+    def _cap(self, topic_filter: str, max_bytes: int | None) -> int:
+        return max_bytes if max_bytes is not None else payload_cap(topic_filter,
+                                                                   self._predict_max_bytes)
+
+    def _route(self, topic_filter: str, route: _Route) -> None:
+        self._routes[topic_filter] = route
         self._matches = {}
         if self.connected:
             self._client.subscribe(topic_filter, qos=1)
@@ -286,9 +304,9 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
-        payload = bytes(message.payload)
+        payload: bytes | bytearray = message.payload
         for topic_filter, route in self._routes_for(message.topic):
-            handler = route.handler
+            handler: BufferHandler = route.handler
             if len(payload) > route.max_bytes:
                 self.rejected[topic_filter] += 1
                 self._log.warn("oversize " + topic_filter, "refused a %d-byte message on %s:"
@@ -297,9 +315,10 @@ class MqttLink:
                                self.rejected[topic_filter])
                 if route.on_oversize is None:
                     continue
-                handler = route.on_oversize
+                handler = route.on_oversize  # type: ignore[assignment]
             try:
-                handler(message.topic, payload)
+                handler(message.topic, payload if route.buffer or isinstance(payload, bytes)
+                        else bytes(payload))
             except Exception:
                 # Whatever arrives, the agent logs it and goes on.
                 log.exception("handler for %s failed on a message", message.topic)

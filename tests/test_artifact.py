@@ -176,3 +176,40 @@ def test_cli_keys_sign_verify_inspect(tmp_path: Path) -> None:
 def test_load_private_key_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not found"):
         load_private_key(tmp_path / "nope.key")
+
+
+def test_members_are_deflated_only_where_it_saves_a_tenth(tmp_path: Path, keys) -> None:
+    """Float32 weights (deflate saves ~7 % here) are stored, so a device reads them without
+    inflating; int8 weights of a trained-looking distribution and the small members are
+    deflated. Reading, verifying and re-signing work either way, and re-signing keeps each
+    member's compression."""
+    rng = np.random.default_rng(0)
+    float_weights = (rng.normal(size=400_000) / 8).astype(np.float32).tobytes()  # 1.6 MB
+    int8_weights = np.clip(np.round(rng.normal(size=1_600_000) * 20), -127, 127) \
+        .astype(np.int8).tobytes()
+    priv, pub, pair = keys
+    stored = make_package(tmp_path / "f.edgepkg", model=float_weights, sign_key=priv)
+    deflated = make_package(tmp_path / "q.edgepkg", model=int8_weights, sign_key=priv)
+    for path, weights, kind in [(stored, float_weights, zipfile.ZIP_STORED),
+                                (deflated, int8_weights, zipfile.ZIP_DEFLATED)]:
+        with zipfile.ZipFile(path) as zf:
+            assert zf.getinfo("model.onnx").compress_type == kind
+            assert zf.getinfo("manifest.json").compress_type == zipfile.ZIP_DEFLATED
+            assert zf.getinfo("golden.npz").compress_type == zipfile.ZIP_DEFLATED
+        assert open_package(path).model_bytes() == weights
+        assert verify_package(path, [pub]).files_checked >= 2
+    other = generate_keypair(tmp_path / "other")
+    sign_package(stored, load_private_key(other.private_path), out=tmp_path / "re.edgepkg")
+    with zipfile.ZipFile(tmp_path / "re.edgepkg") as zf:
+        assert zf.getinfo("model.onnx").compress_type == zipfile.ZIP_STORED
+    assert verify_package(tmp_path / "re.edgepkg", [load_public_key(other.public_path)]).signed
+
+
+def test_member_compression_judges_a_large_member_by_samples() -> None:
+    rng = np.random.default_rng(1)
+    noise = rng.bytes(3_000_000)
+    assert artifact.member_compression(noise) == zipfile.ZIP_STORED
+    assert artifact.member_compression(bytes(3_000_000)) == zipfile.ZIP_DEFLATED
+    assert artifact.member_compression(b"") == zipfile.ZIP_DEFLATED
+    half = noise[:1_500_000] + bytes(1_500_000)  # two samples of noise, two of zeros
+    assert artifact.member_compression(half) == zipfile.ZIP_DEFLATED

@@ -184,7 +184,7 @@ class Updater:
             link.subscribe(desired_topic(cfg.fleet), lambda _t, p: self._on_desired("fleet", p))
             link.subscribe(desired_topic(cfg.fleet, cfg.id),
                            lambda _t, p: self._on_desired("device", p))
-            link.subscribe(ota_reply_topic(cfg.fleet, cfg.id), self._on_reply)
+            link.subscribe_buffers(ota_reply_topic(cfg.fleet, cfg.id), self._on_reply)
         prepare_decoders()
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
         self._thread.start()
@@ -210,7 +210,7 @@ class Updater:
                 self._cancel.set()
         self._wake.set()
 
-    def _on_reply(self, _topic: str, payload: bytes) -> None:
+    def _on_reply(self, _topic: str, payload: bytes | bytearray) -> None:
         download = self.current_download
         if download is not None:
             download.deliver(payload)

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgekit.errors import EdgekitError, UsageError
 
@@ -29,6 +29,18 @@ __all__ = ["BrokerURL", "HostClient", "MessageCallback"]
 log = logging.getLogger("edgekit.host.mqtt_client")
 
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
+
+
+class _Client(mqtt.Client):
+    """paho's client, sending a packet through a view of it: paho slices the packet's
+    unsent rest (``packet[pos:]``) at every write, which copies a bytearray (a 1 MiB chunk
+    reply: a full copy for the first write and one more for each partial one) but not a
+    memoryview."""
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        return super()._packet_queue(command, memoryview(packet), mid, qos,  # type: ignore[arg-type]
+                                     info)
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,7 @@ class HostClient:
         """``username``/``password`` win over credentials in ``url``."""
         self.broker = BrokerURL.parse(url)
         self.client_id = client_id or f"edgekit-host-{uuid.uuid4().hex[:12]}"
-        self.paho = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        self.paho = _Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                 protocol=mqtt.MQTTv311, clean_session=True)
         self.paho.max_inflight_messages_set(max_inflight)
         self.paho.reconnect_delay_set(1, 30)

@@ -197,7 +197,7 @@ def encode_chunk_error(request_id: str, sha256: str, offset: int, code: ChunkErr
     return _frame(header, b"")
 
 
-def decode_chunk(payload: bytes, *, check: bool = True) -> Chunk:
+def decode_chunk(payload: bytes | bytearray, *, check: bool = True) -> Chunk:
     """Decode a reply and check its bytes against its ``chunk_sha256``. A reader that hashes
     the whole artifact as it arrives may pass ``check=False`` and check a chunk only when
     the whole does not match (one pass of sha256 over the bytes instead of two).
@@ -225,7 +225,7 @@ def decode_chunk(payload: bytes, *, check: bool = True) -> Chunk:
     return chunk
 
 
-def peek_request_id(payload: bytes) -> str | None:
+def peek_request_id(payload: bytes | bytearray) -> str | None:
     """The request id of a reply that :func:`decode_chunk` refused (to ask for it again at
     once instead of waiting for the request to time out), or None if even that is unreadable.
     The id is only a hint: nothing else of such a reply is trusted."""
