@@ -9,7 +9,10 @@ In one run, on one machine, against one mosquitto:
    fleet will download (agents x artifact size), in messages of the chunk size the agents
    ask for (``DEFAULT_CHUNK_BYTES``), QoS 1. The same figure measured before the agents
    start is printed too: the machine's load from other work swings it, which is why the
-   ratio uses the one next to the download.
+   ratio uses the one next to the download. So is a third, right after it, whose subscriber
+   is the agent's client (``device_agent._paho``: a large message read in place), with the
+   chunk throughput's ratio to it: the agents receive through that client, paho's own
+   subscriber through paho's reader.
 3. A fleet-wide deploy of v2 (a 20 MB package) is published; an in-process artifact server
    serves it in chunks. Measured: the time until every agent reports ``succeeded``, the
    download phase (deploy to the last agent's 100 %), chunk throughput (bytes the server sent
@@ -54,6 +57,7 @@ import paho.mqtt.client as mqtt
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agent._paho import Client as AgentClient
 from edgekit.artifact import golden_to_npz, write_package
 from edgekit.host.mqtt_client import HostClient
 from edgekit.host.ota.deploy import Deployer, desired_for_package
@@ -71,10 +75,19 @@ CHUNK = DEFAULT_CHUNK_BYTES  # the raw baseline moves messages of the size the a
 # --------------------------------------------------------------------------- setup
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, never one this process handed out already: an agent
+    binds its port only when it starts, so the kernel may offer the same one twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -139,8 +152,11 @@ def build_package(path: Path, version: str, size_mb: float, seed: int, key: Any)
 # --------------------------------------------------------------------------- raw broker
 
 
-def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
-    """Bytes per second a paho publisher/subscriber pair moves through the broker (QoS 1)."""
+def raw_throughput(port: int, total: int, chunk: int,
+                   subscriber: type[mqtt.Client] = mqtt.Client) -> dict[str, float]:
+    """Bytes per second a paho publisher/subscriber pair moves through the broker (QoS 1);
+    ``subscriber``: the subscriber's client class (paho's, or the agent's, which reads a large
+    message in place)."""
     topic = "bench/raw"
     got = {"bytes": 0}
     done = threading.Event()
@@ -150,7 +166,7 @@ def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
         if got["bytes"] >= total:
             done.set()
 
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-sub")
+    sub = subscriber(CallbackAPIVersion.VERSION2, client_id="bench-raw-sub")
     sub.on_message = on_message
     sub.connect("127.0.0.1", port)
     sub.subscribe(topic, qos=1)
@@ -171,6 +187,9 @@ def raw_throughput(port: int, total: int, chunk: int) -> dict[str, float]:
     for c in (pub, sub):
         c.disconnect()
         c.loop_stop()
+    if got["bytes"] < total:
+        raise RuntimeError(f"the raw test's subscriber ({subscriber.__module__}) received"
+                           f" {got['bytes']} of {total} bytes in {seconds:.0f} s")
     return {"bytes": float(got["bytes"]), "seconds": seconds,
             "mb_per_s": got["bytes"] / seconds / 1e6}
 
@@ -311,6 +330,11 @@ def wait_healthy(agents: list[tuple[subprocess.Popen[bytes], int]], timeout: flo
                 if time.monotonic() > deadline:
                     raise RuntimeError("agents did not become healthy") from None
                 time.sleep(0.2)
+    # An agent that could not bind its port exits at once; another process on that port
+    # would have answered for it above.
+    for proc, http_port in agents:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the agent for port {http_port} exited with {proc.returncode}")
 
 
 # --------------------------------------------------------------------------- run
@@ -341,6 +365,7 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
         time.sleep(3.0)  # the requests' latency with nothing else going on
         quiet_end = time.perf_counter()
         raw = raw_throughput(port, size * agents_n, CHUNK)
+        raw_direct = raw_throughput(port, size * agents_n, CHUNK, AgentClient)
         host = HostClient(f"mqtt://127.0.0.1:{port}").connect()
         server = ArtifactServer(host, fleets=["bench"])
         info = server.serve(v2)
@@ -412,6 +437,8 @@ def run(agents_n: int, size_mb: float, probation_s: float = 10.0,
             "raw_broker_mb_per_s": round(raw["mb_per_s"], 2),
             "chunk_to_raw_ratio": round(chunk_mb_s / raw["mb_per_s"], 3),
             "raw_broker_before_agents_mb_per_s": round(raw_quiet["mb_per_s"], 2),
+            "raw_broker_in_place_sub_mb_per_s": round(raw_direct["mb_per_s"], 2),
+            "chunk_to_raw_in_place_sub_ratio": round(chunk_mb_s / raw_direct["mb_per_s"], 3),
             "agent_cpu_s_to_downloaded": _spent(cpu, 3),
             "agent_minor_faults_to_downloaded": _spent(faults, 0),
             "agent_rss_mb_before_deploy": rss_before,
@@ -478,6 +505,9 @@ def main() -> None:
         ("chunk / raw ratio", out["chunk_to_raw_ratio"]),
         ("raw broker before the agents started (MB/s)",
          out["raw_broker_before_agents_mb_per_s"]),
+        ("raw broker, subscriber reading in place like the agents (MB/s)",
+         out["raw_broker_in_place_sub_mb_per_s"]),
+        ("chunk / that raw ratio", out["chunk_to_raw_in_place_sub_ratio"]),
         ("agent CPU s to its 100 % (median)", out["agent_cpu_s_to_downloaded"]),
         ("agent minor page faults to its 100 % (median)",
          out["agent_minor_faults_to_downloaded"]),

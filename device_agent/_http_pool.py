@@ -77,7 +77,8 @@ class PooledHTTPServer(HTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: Any, *, workers: int,
                  header_timeout_s: float, body_timeout_s: float) -> None:
-        super().__init__(address, handler)
+        # Everything server_close() needs exists before the bind: socketserver calls it when
+        # the bind fails (an address in use), and the caller then gets the OSError.
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.deadlines = Deadlines()
@@ -86,6 +87,7 @@ class PooledHTTPServer(HTTPServer):
             maxsize=_QUEUE_PER_WORKER * workers)
         self._workers = [threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
                          for i in range(workers)]
+        super().__init__(address, handler)
         for thread in self._workers:
             thread.start()
 

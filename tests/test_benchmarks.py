@@ -53,6 +53,9 @@ def test_ota_bench_quick(tmp_path: Path) -> None:
     assert rows["agents succeeded"] == "2 / 2"
     assert rows["requests failed during the run"] == "0"
     assert "chunk throughput (MB/s)" in out
+    # Both raw baselines ran (the script stops if a subscriber misses a byte).
+    assert float(rows["raw broker throughput (MB/s)"]) > 0
+    assert float(rows["raw broker, subscriber reading in place like the agents (MB/s)"]) > 0
 
 
 def test_ota_wire_bench_quick(tmp_path: Path) -> None:

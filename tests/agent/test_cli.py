@@ -144,3 +144,19 @@ def test_console_script_is_installed() -> None:
     assert script is not None
     result = run_agent_cli(["--version"])
     assert result.returncode == 0 and "edgekit-agent" in result.stdout
+
+
+def test_an_http_port_in_use_is_a_clear_error(models: Models, tmp_path: Path) -> None:
+    """The bind fails inside socketserver, which closes the server before the pool's own
+    state existed: that used to end in an AttributeError traceback instead of the message."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_agent_cli(["run", "--device-id", "d", "--model", str(models.unsigned_v1),
+                                "--allow-unsigned", "--model-dir", str(tmp_path / "m"),
+                                "--http", f"127.0.0.1:{port}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "another http.listen address" in result.stderr
+    assert "Traceback" not in result.stderr
