@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBLISH
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgekit.errors import EdgekitError, UsageError
@@ -31,16 +32,58 @@ log = logging.getLogger("edgekit.host.mqtt_client")
 MessageCallback = Callable[[mqtt.MQTTMessage], None]
 
 
+_SPLIT_BYTES = 64 * 1024  # a PUBLISH payload from this size on is sent from where it lies
+
+
+class _Parts:
+    """A PUBLISH as its header and its payload, which paho's writer slices as one buffer
+    (``packet[pos:]``, nothing else): the rest of the part ``pos`` falls in, as a view."""
+
+    __slots__ = ("_body", "_head")
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self._head = head
+        self._body = memoryview(body)
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._body)
+
+    def __getitem__(self, key: slice) -> memoryview:
+        start = key.start or 0
+        if start < len(self._head):
+            return memoryview(self._head)[start:]
+        return self._body[start - len(self._head):]
+
+
 class _Client(mqtt.Client):
-    """paho's client, sending a packet through a view of it: paho slices the packet's
-    unsent rest (``packet[pos:]``) at every write, which copies a bytearray (a 1 MiB chunk
-    reply: a full copy for the first write and one more for each partial one) but not a
-    memoryview."""
+    """paho's client, without its copies of what it sends.
+
+    paho copies a payload into a new packet, and slices the packet's unsent rest
+    (``packet[pos:]``) at every write, a copy of a bytearray: for a 1 MiB chunk reply, two
+    copies or more. Here a packet is queued as a view, and a PUBLISH of a ``bytes`` payload
+    of 64 KiB or more (MQTT 3.1.1) as its header and a view of the payload itself."""
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
         return super()._packet_queue(command, memoryview(packet), mid, qos,  # type: ignore[arg-type]
                                      info)
+
+    def _send_publish(self, mid: int, topic: bytes, payload: bytes | bytearray = b"",
+                      qos: int = 0, retain: bool = False, dup: bool = False,
+                      info: mqtt.MQTTMessageInfo | None = None,
+                      properties: Any = None) -> MQTTErrorCode:
+        if type(payload) is not bytes or len(payload) < _SPLIT_BYTES \
+                or not isinstance(topic, bytes) or self._protocol == mqtt.MQTTv5 \
+                or self._sock is None:
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info,
+                                         properties)
+        head = bytearray([PUBLISH | (int(dup) << 3) | (qos << 1) | int(retain)])
+        self._pack_remaining_length(head, 2 + len(topic) + (2 if qos else 0) + len(payload))
+        self._pack_str16(head, topic)
+        if qos:
+            head += mid.to_bytes(2, "big")
+        return mqtt.Client._packet_queue(self, PUBLISH, _Parts(bytes(head), payload),  # type: ignore[arg-type]
+                                         mid, qos, info)
 
 
 @dataclass(frozen=True)

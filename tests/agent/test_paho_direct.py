@@ -243,13 +243,20 @@ def test_a_malformed_large_publish_drops_the_connection(body: bytes) -> None:
         thread.join(15)
 
 
-def test_the_hosts_large_publishes_survive_partial_writes(broker: Any) -> None:
-    """The host's client sends a packet through a view of it (edgekit/host/mqtt_client.py);
-    with a send buffer of a few KiB every MiB goes out in hundreds of partial writes."""
-    with _session(broker.port, broker.url) as (got, host):
+@pytest.mark.parametrize("qos", [0, 1])
+def test_the_hosts_large_publishes_survive_partial_writes(broker: Any, qos: int) -> None:
+    """The host's client sends a large PUBLISH as its header and a view of its payload
+    (edgekit/host/mqtt_client.py); with a send buffer of a few KiB every MiB goes out in
+    hundreds of partial writes, and a QoS 0 one still reports itself published."""
+    with _session(broker.port, broker.url, qos) as (got, host):
         sock = host.paho.socket()
         assert sock is not None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sent = [os.urandom(size) for size in (1024 * 1024, 5, 3 * 1024 * 1024 + 1)]
-        _send_all(host, sent)
-        _check(got, sent, 1)
+        sizes = (1024 * 1024, 5, DIRECT_BYTES, 3 * 1024 * 1024 + 1, 200_000)
+        sent = [os.urandom(size) for size in sizes]
+        sent.append(bytes(bytearray(b"z" * 100_000)))
+        _send_all(host, sent, qos)  # waits for each to be published (acknowledged at QoS 1)
+        bytearray_payload = bytearray(os.urandom(DIRECT_BYTES))  # through paho's own path
+        host.publish(TOPIC, bytearray_payload, qos=qos, wait=60)
+        sent.append(bytes(bytearray_payload))
+        _check(got, sent, qos)
