@@ -45,8 +45,9 @@ __all__ = ["MqttLink", "ThrottledLog", "keep_large_buffers"]
 log = logging.getLogger("device_agent.mqtt")
 
 Handler = Callable[[str, bytes], None]
-# A handler that takes the payload as read: a bytearray for a large message (see _paho.py),
-# to be read, not changed or kept past the bytes it needs.
+# A handler that takes the payload as read: a bytearray for a large message (see _paho.py).
+# paho keeps no reference to it, so the handler may keep it; other routes may share it, so
+# no handler changes it.
 BufferHandler = Callable[[str, bytes | bytearray], None]
 StatusBuilder = Callable[[int, DeviceState, str | None], bytes]
 
