@@ -124,10 +124,14 @@ def _controller_config(work: Path, broker: str, db_url: str, release: KeyPair,
         "rollout.probation_requests": 10, "rollout.probation_seconds": 2.0,
         # The retrained candidate runs in shadow on the canary first. Under drift it
         # disagrees with the old model where the old one is wrong, so the gate asks for
-        # no loss of accuracy on the labelled live requests and only a loose agreement.
+        # no loss of accuracy on the labelled live requests and only a loose agreement:
+        # with the old model right on 0.24-0.35 of the drifted requests, the two agree on
+        # about 0.3 of them, and on 40 requests roughly one run in 10-20 falls below 0.2
+        # (0.175 was seen).
+        # 0.05 still stops a candidate that never agrees (one stuck on a class).
         "rollout.shadow_enabled": True, "rollout.shadow_requests": 40,
         "rollout.shadow_sample": 1.0, "rollout.shadow_timeout_s": 90.0,
-        "rollout.shadow_min_agreement": 0.2, "rollout.shadow_min_accuracy_delta": 0.0,
+        "rollout.shadow_min_agreement": 0.05, "rollout.shadow_min_accuracy_delta": 0.0,
         "rollout.shadow_min_labels": 20,
         "policy.enabled": True, "policy.metric": "accuracy", "policy.relative_drop": 0.1,
         "policy.min_labels": 30, "policy.consecutive": 3, "policy.interval_s": 4.0,
