@@ -306,8 +306,6 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: object,
                     message: mqtt.MQTTMessage) -> None:
         payload: bytes | bytearray = message.payload
-        # Routes other than buffer routes get bytes: one copy of a read buffer, shared.
-        plain: bytes | None = payload if isinstance(payload, bytes) else None
         for topic_filter, route in self._routes_for(message.topic):
             handler: BufferHandler = route.handler
             if len(payload) > route.max_bytes:
@@ -319,10 +317,9 @@ class MqttLink:
                 if route.on_oversize is None:
                     continue
                 handler = route.on_oversize  # type: ignore[assignment]
-            if not route.buffer and plain is None:
-                plain = bytes(payload)
             try:
-                handler(message.topic, payload if route.buffer else plain)  # type: ignore[arg-type]
+                handler(message.topic, payload if route.buffer or isinstance(payload, bytes)
+                        else bytes(payload))
             except Exception:
                 # Whatever arrives, the agent logs it and goes on.
                 log.exception("handler for %s failed on a message", message.topic)

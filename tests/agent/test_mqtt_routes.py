@@ -5,7 +5,6 @@ topic); a subscription made later must still get its messages. A real broker."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from pathlib import Path
@@ -120,36 +119,3 @@ def test_the_agent_subscribes_before_it_announces_online(broker: Any, tmp_path: 
     finally:
         link.stop(timeout=1.0)
         proxy.close()
-
-
-def test_a_buffer_route_gets_the_read_buffer_and_other_routes_bytes(broker: Any,
-                                                                    tmp_path: Path) -> None:
-    """A large message on a topic with both kinds of route: the buffer route gets the
-    bytearray it was read into, the others one shared bytes copy, all with the same bytes."""
-    cfg = load_config(env={}, overrides={"mqtt.broker": broker.url, "device.id": "d2",
-                                         "device.fleet": "routes", "model.allow_unsigned": True})
-    address = broker_address(cfg.mqtt)
-    assert address is not None
-    link = MqttLink(cfg, address, Outbox(tmp_path / "outbox.db", 100),
-                    "edgekit/v1/routes/d2/status", lambda _session, _state, _reason: b"{}")
-    topic = "edgekit/v1/routes/d2/reply/ota"
-    got: dict[str, list[Any]] = {"buffer": [], "plain": [], "wide": []}
-    link.subscribe_buffers(topic, lambda _t, p: got["buffer"].append(p))
-    link.subscribe("edgekit/v1/routes/d2/reply/+", lambda _t, p: got["plain"].append(p),
-                   max_bytes=1 << 20)
-    link.subscribe("edgekit/v1/routes/d2/reply/#", lambda _t, p: got["wide"].append(p),
-                   max_bytes=1 << 20)
-    link.start()
-    host = HostClient(broker.url).connect()
-    try:
-        wait_until(lambda: link.subscribed, 30, "the link to connect and subscribe")
-        payload = os.urandom(200_000)
-        host.publish(topic, payload, qos=1, wait=30)
-        wait_until(lambda: all(got.values()), 30, "the message on every route")
-        # The first delivery (a broker may deliver once per matching subscription).
-        buffer, plain, wide = got["buffer"][0], got["plain"][0], got["wide"][0]
-        assert type(buffer) is bytearray and buffer == payload
-        assert type(plain) is bytes and plain == payload and plain is wide
-    finally:
-        host.close()
-        link.stop(timeout=1.0)
